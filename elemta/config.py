@@ -1,0 +1,367 @@
+"""elemta.toml → typed, frozen, validated settings.
+
+Every mistake stops start-up with the file, the key, what is wrong and how to
+fix it (``ConfigError``). Secrets may be given as ``{ env = "NAME" }`` or
+``{ file = "path" }`` wherever a key is documented as a secret.
+"""
+
+from __future__ import annotations
+
+import difflib
+import ipaddress
+import os
+from pathlib import Path
+from typing import Annotated, Any, Literal, Mapping
+
+import pydantic
+import tomlkit
+import tomlkit.exceptions
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+DEFAULT_CONFIG = "elemta.toml"
+
+
+class ConfigError(Exception):
+    """A configuration mistake; ``str()`` is the message to show the operator."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = problems
+        super().__init__("\n".join(problems))
+
+
+def _resolve_secret(value: Any, info: pydantic.ValidationInfo) -> Any:
+    if isinstance(value, Mapping):
+        keys = set(value)
+        if keys == {"env"}:
+            name = value["env"]
+            if name not in os.environ:
+                raise ValueError(f"environment variable {name} is not set "
+                                 f"(export it or use {{ file = \"path\" }})")
+            return os.environ[name]
+        if keys == {"file"}:
+            base = (info.context or {}).get("base_dir", Path("."))
+            path = Path(base, value["file"])
+            try:
+                return path.read_text().rstrip("\r\n")
+            except OSError as e:
+                raise ValueError(f"cannot read secret file {path}: {e.strerror}") from None
+        raise ValueError('a secret is a string, { env = "NAME" } or { file = "path" }')
+    return value
+
+
+Secret = Annotated[pydantic.SecretStr, pydantic.BeforeValidator(_resolve_secret)]
+"""A string that may come from the environment or a file and never prints."""
+
+
+class _Settings(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def parse_hostport(value: str, what: str = "address") -> tuple[str, int]:
+    """``"127.0.0.1:25"`` / ``"[::1]:25"`` → (host, port)."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ValueError(f'{what} must be "host:port", got {value!r}')
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not host:
+        raise ValueError(f'{what} must name a host ("0.0.0.0:25" for all), got {value!r}')
+    p = int(port)
+    if not 0 <= p <= 65535:
+        raise ValueError(f"port must be 0..65535, got {p}")
+    return host, p
+
+
+class ServerSettings(_Settings):
+    hostname: str = "localhost"
+    state_dir: Path = Path(".elemta")
+    max_message_bytes: int = Field(26_214_400, gt=0)
+    max_recipients: int = Field(100, gt=0)
+    max_connections: int = Field(1000, gt=0)
+    max_connections_per_ip: int = Field(50, gt=0)
+    max_bad_commands: int = Field(20, gt=0)
+    command_timeout_seconds: float = Field(300.0, gt=0)
+    data_timeout_seconds: float = Field(600.0, gt=0)
+    shutdown_grace_seconds: float = Field(30.0, ge=0)
+    relay_networks: tuple[str, ...] = ()
+    bare_newline: Literal["reject", "normalize"] = "reject"
+    event_loop: Literal["asyncio", "uvloop"] = "asyncio"
+
+    @field_validator("hostname")
+    @classmethod
+    def _hostname(cls, v: str) -> str:
+        if not v or any(c.isspace() for c in v) or "/" in v:
+            raise ValueError(f"hostname must be a DNS name such as mx.example.com, got {v!r}")
+        return v
+
+    @field_validator("relay_networks")
+    @classmethod
+    def _networks(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        for net in v:
+            try:
+                ipaddress.ip_network(net, strict=False)
+            except ValueError:
+                raise ValueError(f"{net!r} is not a network (write 192.0.2.0/24 or 2001:db8::/32)") from None
+        return v
+
+
+class ListenerSettings(_Settings):
+    name: str
+    address: str
+    mode: Literal["smtp", "submission"] = "smtp"
+    tls: Literal["none", "starttls", "implicit"] = "starttls"
+    require_auth: bool | None = None
+    require_tls: bool | None = None
+    allow_plaintext_auth: bool = False
+    proxy_protocol: bool = False
+
+    @field_validator("address")
+    @classmethod
+    def _address(cls, v: str) -> str:
+        parse_hostport(v)
+        return v
+
+    @model_validator(mode="after")
+    def _submission_defaults(self) -> "ListenerSettings":
+        submission = self.mode == "submission"
+        if self.require_auth is None:
+            object.__setattr__(self, "require_auth", submission)
+        if self.require_tls is None:
+            object.__setattr__(self, "require_tls", submission and self.tls == "starttls")
+        if self.require_tls and self.tls == "none":
+            raise ValueError("require_tls = true needs tls = \"starttls\" or \"implicit\"")
+        return self
+
+    @property
+    def host(self) -> str:
+        return parse_hostport(self.address)[0]
+
+    @property
+    def port(self) -> int:
+        return parse_hostport(self.address)[1]
+
+
+class TLSSettings(_Settings):
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    min_version: Literal["1.2", "1.3"] = "1.2"
+    ciphers: str | None = None
+
+    @model_validator(mode="after")
+    def _pair(self) -> "TLSSettings":
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("set both cert_file and key_file, or neither "
+                             "(neither: a self-signed certificate is generated)")
+        return self
+
+
+class SpoolSettings(_Settings):
+    path: Path = Path("queue")
+    commit_threads: int = Field(8, ge=1, le=64)
+    memory_bytes: int = Field(262_144, ge=0)
+
+
+class MetricsSettings(_Settings):
+    enabled: bool = True
+    address: str = "127.0.0.1:9025"
+
+    @field_validator("address")
+    @classmethod
+    def _address(cls, v: str) -> str:
+        parse_hostport(v)
+        return v
+
+
+class LogSettings(_Settings):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["text", "json"] = "text"
+
+
+class DomainSettings(_Settings):
+    max_message_bytes: int | None = Field(None, gt=0)
+
+
+class PluginsSettings(_Settings):
+    enabled: tuple[str, ...] = ()
+    timeout_seconds: float = Field(30.0, gt=0)
+    timeouts: dict[str, float] = Field(default_factory=dict)
+    # [plugins.<name>] tables, validated later against each plugin's schema
+    tables: dict[str, dict[str, Any]] = Field(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _split_tables(cls, data: Any) -> Any:
+        if isinstance(data, Mapping):
+            known = {"enabled", "timeout_seconds", "timeouts"}
+            tables = {k: v for k, v in data.items() if k not in known and isinstance(v, Mapping)}
+            rest = {k: v for k, v in data.items() if k not in tables}
+            rest["tables"] = tables
+            return rest
+        return data
+
+    @field_validator("enabled")
+    @classmethod
+    def _unique(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        dupes = sorted({n for n in v if v.count(n) > 1})
+        if dupes:
+            raise ValueError(f"plugin listed twice: {', '.join(dupes)}")
+        return v
+
+    def timeout_for(self, plugin: str) -> float:
+        return self.timeouts.get(plugin, self.timeout_seconds)
+
+
+class Settings(_Settings):
+    server: ServerSettings = ServerSettings()
+    listeners: tuple[ListenerSettings, ...] = ()
+    tls: TLSSettings = TLSSettings()
+    spool: SpoolSettings = SpoolSettings()
+    metrics: MetricsSettings = MetricsSettings()
+    log: LogSettings = LogSettings()
+    domains: dict[str, DomainSettings] = Field(default_factory=dict)
+    plugins: PluginsSettings = PluginsSettings()
+    # where the file was read from; relative paths are relative to its folder
+    source: Path = Field(Path(DEFAULT_CONFIG), exclude=True)
+
+    @field_validator("listeners")
+    @classmethod
+    def _listeners(cls, v: tuple[ListenerSettings, ...]) -> tuple[ListenerSettings, ...]:
+        names = [lst.name for lst in v]
+        for n in names:
+            if names.count(n) > 1:
+                raise ValueError(f"two listeners are called {n!r}; names must be unique")
+        addrs = [parse_hostport(lst.address) for lst in v]
+        for a in addrs:
+            if a[1] and addrs.count(a) > 1:
+                raise ValueError(f"two listeners use {a[0]}:{a[1]}")
+        return v
+
+    @field_validator("domains")
+    @classmethod
+    def _domains(cls, v: dict[str, DomainSettings]) -> dict[str, DomainSettings]:
+        return {k.lower().rstrip("."): s for k, s in v.items()}
+
+    def resolve(self, path: Path) -> Path:
+        """A configured path, relative to the config file's folder."""
+        return path if path.is_absolute() else self.source.parent / path
+
+    @property
+    def local_domains(self) -> frozenset[str]:
+        return frozenset(self.domains)
+
+
+def _toml_path(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + str(part)
+    return out
+
+
+def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    """The settings class a validation error location points into."""
+    model: Any = Settings
+    for part in loc:
+        if isinstance(part, int) or model is None:
+            continue
+        fields = getattr(model, "model_fields", None)
+        if not fields or part not in fields:
+            return None
+        ann = fields[part].annotation
+        model = _inner_model(ann)
+    return model if isinstance(model, type) and issubclass(model, BaseModel) else None
+
+
+def _inner_model(ann: Any) -> Any:
+    if isinstance(ann, type) and issubclass(ann, BaseModel):
+        return ann
+    for arg in getattr(ann, "__args__", ()) or ():
+        m = _inner_model(arg)
+        if m is not None:
+            return m
+    return None
+
+
+def format_validation_error(err: pydantic.ValidationError, source: str,
+                            prefix: tuple[Any, ...] = (),
+                            model: type[BaseModel] | None = None) -> list[str]:
+    problems = []
+    for e in err.errors():
+        loc = tuple(p for p in e["loc"] if not (isinstance(p, str) and p.startswith("function-")))
+        key = _toml_path(prefix + loc)
+        if e["type"] == "extra_forbidden":
+            parent = (model if model is not None and len(loc) == 1
+                      else _model_at(loc[:-1]) if model is None else None)
+            hint = ""
+            if parent is not None:
+                close = difflib.get_close_matches(str(loc[-1]), list(parent.model_fields), 1, 0.6)
+                hint = (f'; did you mean "{close[0]}"?' if close else
+                        f"; valid keys here: {', '.join(k for k in parent.model_fields if k not in ('source', 'tables'))}")
+            problems.append(f"{source}: {key}: unknown key{hint}")
+        else:
+            msg = e["msg"].removeprefix("Value error, ")
+            if e["type"] == "missing":
+                msg = "this key is required"
+            elif e["type"] == "literal_error":
+                msg = f"got {e['input']!r}; {msg[0].lower()}{msg[1:]}"
+            problems.append(f"{source}: {key or '(top level)'}: {msg}")
+    return problems
+
+
+def load_settings(path: str | os.PathLike[str] = DEFAULT_CONFIG) -> Settings:
+    """Read and validate ``path``; raise :class:`ConfigError` naming every problem."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError([f"{p}: no such file (pass --config PATH, or copy the shipped "
+                           "elemta.toml)"]) from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError([f"{p}: cannot read: {e}"]) from None
+    return parse_settings(text, p)
+
+
+def parse_settings(text: str, source: Path) -> Settings:
+    try:
+        doc = tomlkit.parse(text).unwrap()
+    except tomlkit.exceptions.ParseError as e:
+        raise ConfigError([f"{source}:{e.line}:{e.col}: TOML syntax error: {e}"]) from None
+    doc["source"] = source
+    try:
+        return Settings.model_validate(doc, context={"base_dir": source.parent})
+    except pydantic.ValidationError as err:
+        raise ConfigError(format_validation_error(err, str(source))) from None
+
+
+def validate_plugin_tables(settings: Settings,
+                           schemas: Mapping[str, type[BaseModel]]) -> dict[str, BaseModel]:
+    """Validate every ``[plugins.<name>]`` table against the schema its plugin registered.
+
+    Plugins that registered a schema but have no table get its defaults.
+    """
+    problems: list[str] = []
+    out: dict[str, BaseModel] = {}
+    src = str(settings.source)
+    for name, table in settings.plugins.tables.items():
+        schema = schemas.get(name)
+        if schema is None:
+            close = difflib.get_close_matches(name, list(schemas), 1, 0.6)
+            hint = (f'; did you mean [plugins.{close[0]}]?' if close else
+                    "; no enabled plugin declares it (enable the plugin or remove the table)")
+            problems.append(f"{src}: [plugins.{name}]: unknown plugin table{hint}")
+            continue
+        try:
+            out[name] = schema.model_validate(table, context={"base_dir": settings.source.parent})
+        except pydantic.ValidationError as err:
+            problems.extend(format_validation_error(err, src, ("plugins", name), schema))
+    for name, schema in schemas.items():
+        if name not in out and name not in settings.plugins.tables:
+            try:
+                out[name] = schema()
+            except pydantic.ValidationError as err:
+                problems.extend(format_validation_error(err, src, ("plugins", name), schema))
+    if problems:
+        raise ConfigError(problems)
+    return out

@@ -1,0 +1,250 @@
+"""The Elemta plugin contract.
+
+Every stage of a message's life is a hook. A plugin implements a hook with a
+function of the same name decorated with :data:`elemta.hookimpl`; it may be
+``def`` or ``async def`` and may accept any subset of the arguments.
+
+Dispatch modes (the core's ``hookcall`` module walks the implementations itself,
+in ``[plugins] enabled`` order, built-ins last):
+
+* **first verdict wins** — implementations are awaited one after the other;
+  ``None`` asks the next one; the first verdict stops the stage. If none
+  answers, the stage's default applies.
+* **collect all** — every implementation runs (concurrently where stated) and
+  all non-``None`` results are kept.
+* **notify** — every implementation runs; results are ignored; an exception is
+  logged and does not change what the client is told.
+* **first answer wins** — like "first verdict wins" for hooks that return a
+  value rather than a verdict.
+
+A plugin that raises, exceeds its timeout (``[plugins] timeout_seconds``) or
+returns a value its stage does not allow makes the client get
+``451 4.3.0`` and a log line naming the plugin. It is never treated as a pass.
+
+The full reference with examples is ``docs/plugins.md``.
+"""
+
+from __future__ import annotations
+
+import ssl
+from typing import TYPE_CHECKING, Mapping
+
+import pluggy
+
+if TYPE_CHECKING:
+    import click
+    import prometheus_client
+    import pydantic
+
+    from .app import App
+    from .config import ListenerSettings
+    from .models import AuthResult, Credentials, Message, Recipient, Session, Transaction
+    from .spool.envelope import Envelope
+    from .verdicts import Verdict
+
+PROJECT = "elemta"
+
+hookspec = pluggy.HookspecMarker(PROJECT)
+hookimpl = pluggy.HookimplMarker(PROJECT)
+
+# --------------------------------------------------------------------- lifecycle
+
+
+@hookspec
+def register_config() -> Mapping[str, type[pydantic.BaseModel]] | None:
+    """Declare the schema of this plugin's configuration tables.
+
+    Return a mapping from section name to a pydantic model; ``[plugins.<name>]``
+    in ``elemta.toml`` is validated against it (unknown keys are errors) and the
+    result is available as ``app.plugin_settings(name)``. A table with no
+    registered schema is an error, so misspelled plugin names are caught.
+
+    Dispatch: collect all, at start-up and in ``elemta check-config``.
+    """
+
+
+@hookspec
+def register_commands(cli: click.Group) -> None:
+    """Add subcommands to the ``elemta`` command line (``cli.add_command(...)``).
+
+    Dispatch: notify, when the CLI starts.
+    """
+
+
+@hookspec
+def register_metrics(registry: prometheus_client.CollectorRegistry) -> None:
+    """Create this plugin's Prometheus metrics in the server's registry.
+
+    Dispatch: notify, once at start-up before ``startup``.
+    """
+
+
+@hookspec
+def startup(app: App) -> None:
+    """The server is starting: open connections, start background tasks.
+
+    Runs after configuration and metrics, before spool recovery and before any
+    listener accepts. An exception stops start-up with the plugin named.
+
+    Dispatch: notify (awaited in order); an exception is fatal.
+    """
+
+
+@hookspec
+def shutdown(app: App) -> None:
+    """The server is stopping: listeners are closed and sessions have ended.
+
+    Dispatch: notify (awaited in reverse order); exceptions are logged.
+    """
+
+
+@hookspec
+def tls_context(listener: ListenerSettings) -> ssl.SSLContext | None:
+    """Return the server TLS context for ``listener`` (STARTTLS or implicit TLS).
+
+    The built-in answers from ``[tls]`` certificate files (or a self-signed
+    certificate it generates on first start). A certificate plugin (ACME)
+    answers first to take over. Called at start-up and again on SIGHUP.
+
+    Dispatch: first answer wins.
+    """
+
+
+# ------------------------------------------------------------------ SMTP stages
+
+
+@hookspec
+def connect(session: Session) -> Verdict | None:
+    """A client connected; called before the ``220`` greeting.
+
+    ``Reject``/``TempFail`` answer the greeting with that reply: the client may
+    only QUIT (every other command gets ``503 5.5.1``). ``Disconnect`` replies and
+    closes. ``Accept`` greets at once and skips later ``connect`` plugins.
+    Headers on an ``Accept`` are added to every message of the session.
+
+    Dispatch: first verdict wins. Default: greet with ``220``.
+    """
+
+
+@hookspec
+def helo(session: Session, hostname: str) -> Verdict | None:
+    """HELO or EHLO ``hostname`` (``session.esmtp`` tells which).
+
+    A ``Reject`` or ``TempFail`` answers HELO/EHLO and the session stays without
+    a HELO name. Dispatch: first verdict wins. Default: ``250``.
+    """
+
+
+@hookspec
+def auth(session: Session, mechanism: str, credentials: Credentials) -> Verdict | None:
+    """AUTH ``mechanism`` with decoded ``credentials``: a datasource answers.
+
+    ``Accept`` authenticates the session as ``credentials.login`` (``235 2.7.0``),
+    ``Reject`` answers ``535 5.7.8`` (or the verdict's own 5xx), ``TempFail``
+    answers ``454 4.7.0``. With no answer at all the login fails: there is no
+    "accept everybody" default.
+
+    Dispatch: first answer wins. Default: ``535 5.7.8``.
+    """
+
+
+@hookspec
+def mail(session: Session, tx: Transaction, sender: str,
+         params: dict[str, str | None]) -> Verdict | None:
+    """MAIL FROM:<``sender``> with its ESMTP ``params`` (``""`` is the null sender).
+
+    The address syntax, SIZE and BODY/SMTPUTF8 have been checked by the core.
+    Dispatch: first verdict wins. Default: ``250 2.1.0``.
+    """
+
+
+@hookspec
+def rcpt(session: Session, tx: Transaction, recipient: Recipient,
+         params: dict[str, str | None]) -> Verdict | None:
+    """RCPT TO:<``recipient.address``> with its ESMTP ``params``.
+
+    ``Accept`` adds the recipient (``250 2.1.5``). The built-in relay policy
+    (``trylast``) accepts local domains and, for authenticated or
+    relay-permitted sessions, any domain; otherwise ``550 5.7.1``: the stage is
+    default-deny, so a plugin that knows a recipient is valid answers ``Accept``
+    and one that knows it is not answers ``Reject``.
+
+    Dispatch: first verdict wins. Default (no built-in): ``550 5.7.1``.
+    """
+
+
+@hookspec
+def message_auth(session: Session, tx: Transaction,
+                 message: Message) -> AuthResult | list[AuthResult] | None:
+    """End of DATA: authenticate the message (SPF, DKIM, ARC…).
+
+    Return one :class:`~elemta.models.AuthResult`, a list of them, or ``None``.
+    All implementations run **concurrently**; their results go to ``data`` and
+    into the one ``Authentication-Results`` header the core writes.
+
+    Dispatch: collect all, concurrently.
+    """
+
+
+@hookspec
+def data(session: Session, tx: Transaction, message: Message,
+         auth_results: list[AuthResult]) -> Verdict | None:
+    """End of DATA, after ``message_auth``: policy and content filters (DMARC…).
+
+    ``auth_results`` holds every ``message_auth`` result; a plugin may append its
+    own (DMARC adds its verdict) and they all go into Authentication-Results.
+    Allowed verdicts: ``Accept``, ``Reject``, ``TempFail``, ``Disconnect``,
+    ``Discard`` (``250``, never spooled) and ``Quarantine`` (``250``, spooled on
+    hold). Headers of every verdict so far are prepended to the message.
+
+    Dispatch: first verdict wins. Default: spool the message, then ``250 2.0.0``.
+    """
+
+
+@hookspec
+def received_header(session: Session, tx: Transaction, message: Message) -> str | None:
+    """Return the value of the ``Received:`` header to prepend (RFC 5321 §4.4).
+
+    The built-in writes the standard trace field with the TLS and AUTH facts; a
+    plugin answers first to replace it (for example to hide a submission
+    client's address) or returns ``""`` to add none.
+
+    Dispatch: first answer wins.
+    """
+
+
+@hookspec
+def authentication_results_header(session: Session, tx: Transaction, message: Message,
+                                  auth_results: list[AuthResult]) -> str | None:
+    """Return the value of the ``Authentication-Results:`` header (RFC 8601).
+
+    The built-in removes received Authentication-Results fields that carry this
+    server's authserv-id (forgeries) and writes one field naming this host, or
+    ``""`` (no header) when there are no results.
+
+    Dispatch: first answer wins.
+    """
+
+
+@hookspec
+def queued(session: Session, tx: Transaction, envelope: Envelope) -> None:
+    """The message is durably in the spool; ``250`` has not been sent yet.
+
+    Dispatch: notify. An exception is logged; the message stays accepted.
+    """
+
+
+@hookspec
+def disconnect(session: Session) -> None:
+    """The connection is closed (by either side). Dispatch: notify."""
+
+
+def hook_names() -> list[str]:
+    """Every hook name of the contract, sorted."""
+    import inspect
+    import sys
+
+    mod = sys.modules[__name__]
+    return [name for name, obj in inspect.getmembers(mod, inspect.isfunction)
+            if hasattr(obj, PROJECT + "_spec")]
+

@@ -1,0 +1,312 @@
+"""The objects hooks receive: session, transaction, recipient, message, auth results.
+
+They are plain mutable objects owned by the core; plugins read them and keep
+their own state in the typed ``stash`` each one carries.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, BinaryIO, Callable
+
+from .stash import Stash
+
+if TYPE_CHECKING:
+    from .config import ListenerSettings
+
+
+@dataclass(frozen=True, slots=True)
+class TLSInfo:
+    """Facts about an established TLS session."""
+
+    version: str
+    cipher: str
+    bits: int
+    implicit: bool  # True on an implicit-TLS (465-style) listener
+
+    def as_dict(self) -> dict[str, object]:
+        return {"version": self.version, "cipher": self.cipher, "bits": self.bits,
+                "implicit": self.implicit}
+
+
+@dataclass(frozen=True, slots=True)
+class Credentials:
+    """What a client sent with AUTH. ``password`` never appears in logs or ``repr``."""
+
+    mechanism: str
+    login: str
+    password: str = field(repr=False)
+
+
+class Session:
+    """One client connection, from accept to close.
+
+    ``helo`` is the HELO/EHLO argument (``None`` before HELO and again right after
+    STARTTLS), ``auth_user`` the authenticated identity, ``relay_allowed`` a flag a
+    plugin may set in ``connect`` (for example from a network allow-list) so that
+    the built-in relay policy lets the session send to any domain.
+    """
+
+    __slots__ = ("id", "peer", "local", "listener", "helo", "esmtp", "tls", "auth_user",
+                 "relay_allowed", "started", "transactions", "headers", "stash", "proxied")
+
+    def __init__(self, id: str, peer: tuple[str, int], local: tuple[str, int],
+                 listener: ListenerSettings) -> None:
+        self.id = id
+        self.peer = peer
+        self.local = local
+        self.listener = listener
+        self.helo: str | None = None
+        self.esmtp = False
+        self.tls: TLSInfo | None = None
+        self.auth_user: str | None = None
+        self.relay_allowed = False
+        self.started = time.time()
+        self.transactions = 0
+        self.headers: list[tuple[str, str]] = []  # from connect/helo verdicts
+        self.stash = Stash()
+        self.proxied = False
+
+    @property
+    def peer_ip(self) -> str:
+        return self.peer[0]
+
+    def __repr__(self) -> str:
+        return f"<Session {self.id} {self.peer[0]}:{self.peer[1]} on {self.listener.name}>"
+
+
+class Recipient:
+    """One RCPT TO: the address as given (without angle brackets) and its parameters."""
+
+    __slots__ = ("address", "params", "stash")
+
+    def __init__(self, address: str, params: dict[str, str | None] | None = None) -> None:
+        self.address = address
+        self.params = params or {}
+        self.stash = Stash()
+
+    @property
+    def domain(self) -> str:
+        return self.address.rpartition("@")[2].lower()
+
+    def __repr__(self) -> str:
+        return f"<Recipient {self.address}>"
+
+
+class Transaction:
+    """One mail transaction: MAIL FROM up to the end of DATA (or RSET).
+
+    ``id`` is the queue id the message will have in the spool. ``sender`` is ``""``
+    for the null reverse-path.
+    """
+
+    __slots__ = ("id", "sender", "mail_params", "recipients", "headers", "stash", "started")
+
+    def __init__(self, id: str, sender: str, mail_params: dict[str, str | None]) -> None:
+        self.id = id
+        self.sender = sender
+        self.mail_params = mail_params
+        self.recipients: list[Recipient] = []
+        self.headers: list[tuple[str, str]] = []  # from mail/rcpt verdicts
+        self.stash = Stash()
+        self.started = time.time()
+
+    @property
+    def sender_domain(self) -> str:
+        return self.sender.rpartition("@")[2].lower() if self.sender else ""
+
+    def __repr__(self) -> str:
+        return f"<Transaction {self.id} from <{self.sender}> to {len(self.recipients)}>"
+
+
+@dataclass(slots=True)
+class AuthResult:
+    """One message authentication result, as in an RFC 8601 resinfo.
+
+    ``method`` ("spf", "dkim", "dmarc", "arc"…), ``result`` ("pass", "fail",
+    "temperror"…), an optional ``reason`` and the ``properties`` to report
+    (``{"smtp.mailfrom": "example.com"}``). Property values should be domains or
+    tokens: the header writer quotes anything else.
+    """
+
+    method: str
+    result: str
+    reason: str | None = None
+    properties: dict[str, str] = field(default_factory=dict)
+
+
+class Message:
+    """The message received in DATA, spooled as it arrived.
+
+    The header section is parsed (``headers``); the body stays in the spool file
+    or buffer. Use :meth:`open` to stream it and :meth:`as_bytes` only when the
+    whole message is needed. Plugins add headers with :meth:`add_header` (they
+    are prepended when the message is committed) and can drop received header
+    fields with :meth:`remove_headers`.
+    """
+
+    __slots__ = ("_header_block", "_body", "_body_path", "size", "headers", "_removed",
+                 "added", "stash")
+
+    def __init__(self, header_block: bytes, body: bytes | None, body_path: str | None,
+                 size: int) -> None:
+        self._header_block = header_block
+        self._body = body
+        self._body_path = body_path
+        self.size = size
+        self.headers: list[tuple[str, str]] = parse_header_block(header_block)
+        self._removed: set[int] = set()
+        self.added: list[tuple[str, str]] = []
+        self.stash = Stash()
+
+    def header(self, name: str) -> str | None:
+        """The first header field called ``name`` (case-insensitive), unfolded."""
+        lname = name.lower()
+        for i, (n, v) in enumerate(self.headers):
+            if i not in self._removed and n.lower() == lname:
+                return v
+        return None
+
+    def get_all(self, name: str) -> list[str]:
+        lname = name.lower()
+        return [v for i, (n, v) in enumerate(self.headers)
+                if i not in self._removed and n.lower() == lname]
+
+    def add_header(self, name: str, value: str) -> None:
+        """Prepend ``name: value`` to the message when it is committed."""
+        check_header(name, value)
+        self.added.append((name, value))
+
+    def remove_headers(self, predicate: Callable[[str, str], bool]) -> int:
+        """Drop received header fields for which ``predicate(name, value)`` is true."""
+        n = 0
+        for i, (name, value) in enumerate(self.headers):
+            if i not in self._removed and predicate(name, value):
+                self._removed.add(i)
+                n += 1
+        return n
+
+    def header_bytes(self) -> bytes:
+        """The received header section, minus removed fields (no added ones)."""
+        if not self._removed:
+            return self._header_block
+        fields = split_header_fields(self._header_block)
+        out = [raw for i, raw in enumerate(fields) if i not in self._removed]
+        tail = self._header_block[sum(len(f) for f in fields):]
+        return b"".join(out) + tail
+
+    def open(self) -> BinaryIO:
+        """A binary file object over the received message (headers then body)."""
+        if self._body_path is None:
+            return io.BytesIO(self.header_bytes() + (self._body or b""))
+        return _ChainReader(self.header_bytes(), self._body_path)
+
+    def as_bytes(self) -> bytes:
+        with self.open() as f:
+            return f.read()
+
+    @property
+    def body_path(self) -> str | None:
+        return self._body_path
+
+    @property
+    def body(self) -> bytes | None:
+        return self._body
+
+
+def check_header(name: str, value: str) -> None:
+    """Refuse a header that would break the message or inject another field."""
+    if not name or any(c in name for c in ": \t\r\n") or not name.isascii():
+        raise ValueError(f"invalid header field name {name!r}")
+    for line in value.split("\r\n")[1:]:
+        if not line[:1] in (" ", "\t"):
+            raise ValueError(f"header {name} continuation lines must start with white space")
+    if "\n" in value.replace("\r\n", "") or "\r" in value.replace("\r\n", ""):
+        raise ValueError(f"header {name} value contains a bare CR or LF")
+
+
+def format_header(name: str, value: str) -> bytes:
+    return f"{name}: {value}\r\n".encode("utf-8", "surrogateescape")
+
+
+def split_header_fields(block: bytes) -> list[bytes]:
+    """Split a header section into raw fields (each with its continuation lines)."""
+    fields: list[bytes] = []
+    for line in block.splitlines(keepends=True):
+        if line in (b"\r\n", b"\n"):
+            break
+        if line[:1] in (b" ", b"\t") and fields:
+            fields[-1] += line
+        else:
+            fields.append(line)
+    return fields
+
+
+def parse_header_block(block: bytes) -> list[tuple[str, str]]:
+    out: list[tuple[str, str]] = []
+    for raw in split_header_fields(block):
+        name, sep, value = raw.partition(b":")
+        if not sep:
+            out.append(("", raw.decode("utf-8", "surrogateescape").strip()))
+            continue
+        text = value.decode("utf-8", "surrogateescape")
+        unfolded = " ".join(part.strip() for part in text.splitlines())
+        out.append((name.decode("ascii", "replace").strip(), unfolded.strip()))
+    return out
+
+
+class _ChainReader(io.RawIOBase):
+    """Read a bytes prefix, then a file: a received message whose body was spilled."""
+
+    def __init__(self, prefix: bytes, path: str) -> None:
+        self._prefix = memoryview(prefix)
+        self._pos = 0
+        self._file = open(path, "rb")
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:  # type: ignore[override]
+        if self._pos < len(self._prefix):
+            n = min(len(b), len(self._prefix) - self._pos)
+            b[:n] = self._prefix[self._pos:self._pos + n]
+            self._pos += n
+            return n
+        return self._file.readinto(b)
+
+    def close(self) -> None:
+        self._file.close()
+        super().close()
+
+
+def new_id() -> str:
+    """A unique, time-ordered identifier (queue ids, session ids): 20 characters."""
+    return _ID_FACTORY()
+
+
+_ALPHABET = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+
+
+def _id_factory() -> Callable[[], str]:
+    last = [0, 0]
+
+    def make() -> str:
+        t = time.time_ns() // 1000
+        if t <= last[0]:
+            t = last[0] + 1
+        last[0] = t
+        rnd = int.from_bytes(os.urandom(5), "big")
+        n = (t << 40) | rnd
+        chars = []
+        for _ in range(20):
+            chars.append(_ALPHABET[n & 31])
+            n >>= 5
+        return "".join(reversed(chars))
+
+    return make
+
+
+_ID_FACTORY = _id_factory()

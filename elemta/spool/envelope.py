@@ -1,0 +1,66 @@
+"""The envelope of a spooled message: everything but the content, as JSON.
+
+One file per message in the directory of its state. The runner rewrites it
+atomically as recipients are delivered, so per-recipient state survives crashes.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+FORMAT_VERSION = 1
+
+STATES = ("ready", "deferred", "hold", "failed")
+
+# per-recipient states
+PENDING, DELIVERED, FAILED = "pending", "delivered", "failed"
+
+
+@dataclass(slots=True)
+class RecipientState:
+    address: str
+    params: dict[str, str | None] = field(default_factory=dict)
+    state: str = PENDING
+    attempts: int = 0
+    last_error: str | None = None
+    updated_at: float | None = None
+
+
+@dataclass(slots=True)
+class Envelope:
+    id: str
+    sender: str
+    recipients: list[RecipientState]
+    received_at: float
+    size: int
+    mail_params: dict[str, str | None] = field(default_factory=dict)
+    peer: dict[str, Any] | None = None          # {"ip": ..., "port": ...}
+    helo: str | None = None
+    listener: str | None = None
+    tls: dict[str, Any] | None = None           # TLSInfo.as_dict()
+    auth: str | None = None                     # authenticated identity
+    attempts: int = 0
+    next_attempt_at: float | None = None
+    hold_reason: str | None = None
+    last_error: str | None = None
+    trace: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_json(self) -> bytes:
+        d = asdict(self)
+        d["version"] = FORMAT_VERSION
+        return json.dumps(d, separators=(",", ":"), ensure_ascii=False).encode("utf-8",
+                                                                              "surrogateescape")
+
+    @classmethod
+    def from_json(cls, raw: bytes | str) -> "Envelope":
+        d = json.loads(raw)
+        version = d.pop("version", None)
+        if version != FORMAT_VERSION:
+            raise ValueError(f"unsupported envelope format version {version!r}")
+        d["recipients"] = [RecipientState(**r) for r in d["recipients"]]
+        return cls(**d)
+
+    def pending(self) -> list[RecipientState]:
+        return [r for r in self.recipients if r.state == PENDING]

@@ -1,0 +1,1 @@
+"""pytest fixtures for Elemta and its plugins (the ``pytest11`` entry point)."""
