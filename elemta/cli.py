@@ -1,11 +1,205 @@
-"""The ``elemta`` command line."""
+"""The ``elemta`` command line: serve, check-config, plugins, queue, plugin commands."""
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import os
+import signal
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NoReturn
+
 import click
+
+from .config import DEFAULT_CONFIG, ConfigError, Settings, load_settings
+from .plugins import PluginLoadError
+
+log = logging.getLogger("elemta")
+
+
+@dataclass
+class CLIState:
+    config_path: Path = Path(DEFAULT_CONFIG)
+    _settings: Settings | None = field(default=None, repr=False)
+
+    @property
+    def settings(self) -> Settings:
+        if self._settings is None:
+            self._settings = load_or_exit(self.config_path)
+        return self._settings
+
+
+def fail(message: str, code: int = 2) -> NoReturn:
+    click.echo(f"elemta: {message}", err=True)
+    sys.exit(code)
+
+
+def load_or_exit(path: Path) -> Settings:
+    try:
+        return load_settings(path)
+    except ConfigError as e:
+        fail("configuration error:\n  " + "\n  ".join(e.problems))
+
+
+config_option = click.option(
+    "--config", "config_path", type=click.Path(path_type=Path), default=None,
+    help=f"Configuration file (default: ./{DEFAULT_CONFIG}).")
+
+
+def _state(config_path: Path | None) -> CLIState:
+    state: CLIState = click.get_current_context().ensure_object(CLIState)
+    if config_path is not None:
+        state.config_path = config_path
+        state._settings = None
+    return state
 
 
 @click.group()
+@config_option
 @click.version_option(package_name="elemta")
-def main() -> None:
+@click.pass_context
+def main(ctx: click.Context, config_path: Path | None) -> None:
     """Elemta: a plugin-driven mail filter pipeline server."""
+    ctx.obj = CLIState(config_path or Path(DEFAULT_CONFIG))
+
+
+@main.command()
+@config_option
+def serve(config_path: Path | None) -> None:
+    """Run the server until SIGTERM/SIGINT (SIGHUP reloads TLS certificates)."""
+    from .log import setup_logging
+
+    settings = _state(config_path).settings
+    setup_logging(settings.log)
+    if settings.server.event_loop == "uvloop":
+        try:
+            import uvloop
+        except ImportError:
+            fail('[server] event_loop = "uvloop" but uvloop is not installed '
+                 "(pip install uvloop, or set event_loop = \"asyncio\")")
+        uvloop.run(_serve(settings))
+    else:
+        asyncio.run(_serve(settings))
+
+
+async def _serve(settings: Settings) -> None:
+    from .app import App, StartupError
+
+    try:
+        app = App(settings)
+    except (ConfigError, PluginLoadError) as e:
+        fail(str(e) if isinstance(e, PluginLoadError) else
+             "configuration error:\n  " + "\n  ".join(e.problems))
+    try:
+        await app.start()
+    except StartupError as e:
+        fail(f"cannot start: {e}", 1)
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, app.reload_tls)
+    ready = os.environ.get("ELEMTA_READY_FILE")
+    if ready:
+        Path(ready).write_text(str(os.getpid()))
+    await stop.wait()
+    log.info("stopping (signal received)")
+    await app.stop()
+
+
+@main.command("check-config")
+@click.argument("path", type=click.Path(path_type=Path), required=False)
+def check_config(path: Path | None) -> None:
+    """Validate a configuration file (and the plugins it enables) without starting."""
+    from .app import App
+
+    state = _state(path)
+    settings = state.settings
+    try:
+        App(settings)
+    except PluginLoadError as e:
+        fail(str(e))
+    except ConfigError as e:
+        fail("configuration error:\n  " + "\n  ".join(e.problems))
+    click.echo(f"{state.config_path}: OK ({len(settings.listeners)} listeners, "
+               f"{len(settings.domains)} local domains, "
+               f"{len(settings.plugins.enabled)} plugins enabled)")
+
+
+@main.command()
+@config_option
+def plugins(config_path: Path | None) -> None:
+    """List installed and enabled plugins, their hooks and the call order per hook."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from .hookcall import HookCaller
+    from .hookspecs import hook_names
+    from .plugins import enabled_names, installed_plugins, make_plugin_manager, plugin_hooks
+
+    settings = _state(config_path).settings
+    installed = installed_plugins()
+    enabled = enabled_names(settings.plugins.enabled)
+    try:
+        pm, order = make_plugin_manager(enabled, source=str(settings.source), settings=settings)
+    except PluginLoadError as e:
+        fail(str(e))
+    console = Console(width=max(100, Console().width))
+    table = Table(title="Plugins")
+    for col in ("name", "version", "enabled", "hooks"):
+        table.add_column(col)
+    for name in sorted(set(installed) | set(order)):
+        info = installed.get(name)
+        builtin = name.startswith("elemta.default_")
+        version = info.version if info else ("built-in" if builtin else "module")
+        state = ("yes" if name in enabled else "built-in" if builtin else "no")
+        hooks = ", ".join(plugin_hooks(pm, name)) if name in order else ""
+        table.add_row(name, version or "?", state, hooks)
+    console.print(table)
+    caller = HookCaller(pm, order, settings.plugins.timeout_for)
+    calls = Table(title="Call order per hook")
+    calls.add_column("hook")
+    calls.add_column("plugins, in call order")
+    for hook in hook_names():
+        calls.add_row(hook, " → ".join(i.plugin for i in caller.impls(hook)) or "-")
+    console.print(calls)
+
+
+def _add_builtin_groups() -> None:
+    from .spool.cli import queue_group
+
+    main.add_command(queue_group)
+
+
+def _add_plugin_commands(argv: list[str]) -> None:
+    """Let enabled plugins add their commands (``register_commands``)."""
+    path = Path(DEFAULT_CONFIG)
+    for i, arg in enumerate(argv):
+        if arg == "--config" and i + 1 < len(argv):
+            path = Path(argv[i + 1])
+        elif arg.startswith("--config="):
+            path = Path(arg.split("=", 1)[1])
+    if not path.exists():
+        return
+    from .plugins import enabled_names, make_plugin_manager
+
+    try:
+        settings = load_settings(path)
+        pm, _ = make_plugin_manager(enabled_names(settings.plugins.enabled),
+                                    source=str(path), settings=settings)
+    except (ConfigError, PluginLoadError):
+        return  # the command itself reports the problem
+    pm.hook.register_commands(cli=main)
+
+
+def run(argv: list[str] | None = None) -> Any:
+    args = sys.argv[1:] if argv is None else argv
+    _add_builtin_groups()
+    _add_plugin_commands(args)
+    return main.main(args=args, prog_name="elemta")
+
+
+if __name__ == "__main__":
+    run()

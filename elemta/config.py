@@ -80,6 +80,7 @@ class ServerSettings(_Settings):
     max_connections: int = Field(1000, gt=0)
     max_connections_per_ip: int = Field(50, gt=0)
     max_bad_commands: int = Field(20, gt=0)
+    max_auth_failures: int = Field(3, gt=0)
     command_timeout_seconds: float = Field(300.0, gt=0)
     data_timeout_seconds: float = Field(600.0, gt=0)
     shutdown_grace_seconds: float = Field(30.0, ge=0)
@@ -113,7 +114,6 @@ class ListenerSettings(_Settings):
     require_auth: bool | None = None
     require_tls: bool | None = None
     allow_plaintext_auth: bool = False
-    proxy_protocol: bool = False
 
     @field_validator("address")
     @classmethod
@@ -184,7 +184,7 @@ class DomainSettings(_Settings):
 class PluginsSettings(_Settings):
     enabled: tuple[str, ...] = ()
     timeout_seconds: float = Field(30.0, gt=0)
-    timeouts: dict[str, float] = Field(default_factory=dict)
+    timeouts: dict[str, Annotated[float, Field(gt=0)]] = Field(default_factory=dict)
     # [plugins.<name>] tables, validated later against each plugin's schema
     tables: dict[str, dict[str, Any]] = Field(default_factory=dict)
 
@@ -327,12 +327,21 @@ def parse_settings(text: str, source: Path) -> Settings:
     try:
         doc = tomlkit.parse(text).unwrap()
     except tomlkit.exceptions.ParseError as e:
-        raise ConfigError([f"{source}:{e.line}:{e.col}: TOML syntax error: {e}"]) from None
+        raise ConfigError([f"{source}:{e.line}:{e.col}: TOML syntax error: "
+                           f"{str(e).split(' at line ')[0]}"]) from None
     doc["source"] = source
     try:
         return Settings.model_validate(doc, context={"base_dir": source.parent})
     except pydantic.ValidationError as err:
         raise ConfigError(format_validation_error(err, str(source))) from None
+
+
+def _strict(schema: type[BaseModel]) -> type[BaseModel]:
+    """The plugin's schema, refusing unknown keys even if the plugin forgot to."""
+    if schema.model_config.get("extra") == "forbid":
+        return schema
+    return type(schema.__name__, (schema,), {"model_config": {**schema.model_config,
+                                                              "extra": "forbid"}})
 
 
 def validate_plugin_tables(settings: Settings,
@@ -345,7 +354,7 @@ def validate_plugin_tables(settings: Settings,
     out: dict[str, BaseModel] = {}
     src = str(settings.source)
     for name, table in settings.plugins.tables.items():
-        schema = schemas.get(name)
+        schema = _strict(schemas[name]) if name in schemas else None
         if schema is None:
             close = difflib.get_close_matches(name, list(schemas), 1, 0.6)
             hint = (f'; did you mean [plugins.{close[0]}]?' if close else

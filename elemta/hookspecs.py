@@ -52,7 +52,7 @@ hookimpl = pluggy.HookimplMarker(PROJECT)
 
 @hookspec
 def register_config() -> Mapping[str, type[pydantic.BaseModel]] | None:
-    """Declare the schema of this plugin's configuration tables.
+    """Declare the schema of this plugin's configuration tables (``def`` only).
 
     Return a mapping from section name to a pydantic model; ``[plugins.<name>]``
     in ``elemta.toml`` is validated against it (unknown keys are errors) and the
@@ -65,7 +65,7 @@ def register_config() -> Mapping[str, type[pydantic.BaseModel]] | None:
 
 @hookspec
 def register_commands(cli: click.Group) -> None:
-    """Add subcommands to the ``elemta`` command line (``cli.add_command(...)``).
+    """Add subcommands to the ``elemta`` command line (``cli.add_command(...)``; ``def`` only).
 
     Dispatch: notify, when the CLI starts.
     """
@@ -73,7 +73,7 @@ def register_commands(cli: click.Group) -> None:
 
 @hookspec
 def register_metrics(registry: prometheus_client.CollectorRegistry) -> None:
-    """Create this plugin's Prometheus metrics in the server's registry.
+    """Create this plugin's Prometheus metrics in the server's registry (``def`` only).
 
     Dispatch: notify, once at start-up before ``startup``.
     """
@@ -117,10 +117,13 @@ def tls_context(listener: ListenerSettings) -> ssl.SSLContext | None:
 def connect(session: Session) -> Verdict | None:
     """A client connected; called before the ``220`` greeting.
 
-    ``Reject``/``TempFail`` answer the greeting with that reply: the client may
-    only QUIT (every other command gets ``503 5.5.1``). ``Disconnect`` replies and
-    closes. ``Accept`` greets at once and skips later ``connect`` plugins.
-    Headers on an ``Accept`` are added to every message of the session.
+    ``Reject`` answers the greeting with ``554`` and the verdict's enhanced code
+    and text (RFC 5321 §3.1): the client may then only QUIT (NOOP, RSET and HELP
+    are answered too; every other command gets ``503 5.5.1``). ``TempFail`` and
+    ``Disconnect`` answer ``421`` (or the ``Disconnect`` code) and close.
+    ``Accept`` greets at once and skips later ``connect`` plugins; headers on it
+    are added to every message of the session. A plugin failure here answers
+    ``421 4.3.0`` and closes, since a 451 is no valid greeting.
 
     Dispatch: first verdict wins. Default: greet with ``220``.
     """
@@ -139,10 +142,13 @@ def helo(session: Session, hostname: str) -> Verdict | None:
 def auth(session: Session, mechanism: str, credentials: Credentials) -> Verdict | None:
     """AUTH ``mechanism`` with decoded ``credentials``: a datasource answers.
 
-    ``Accept`` authenticates the session as ``credentials.login`` (``235 2.7.0``),
-    ``Reject`` answers ``535 5.7.8`` (or the verdict's own 5xx), ``TempFail``
-    answers ``454 4.7.0``. With no answer at all the login fails: there is no
-    "accept everybody" default.
+    ``Accept`` authenticates the session as ``credentials.login`` (``235 2.7.0``).
+    ``Reject`` answers ``535 5.7.8`` whatever its code, so that replies never
+    tell which part of the credentials was wrong. ``TempFail`` (and a plugin
+    failure) answers ``454 4.7.0``, the RFC 4954 temporary code. ``Disconnect``
+    replies and closes. With no answer at all the login fails: there is no
+    "accept everybody" default. After ``[server] max_auth_failures`` failures the
+    session is closed with ``421 4.7.0``.
 
     Dispatch: first answer wins. Default: ``535 5.7.8``.
     """
@@ -218,9 +224,10 @@ def authentication_results_header(session: Session, tx: Transaction, message: Me
                                   auth_results: list[AuthResult]) -> str | None:
     """Return the value of the ``Authentication-Results:`` header (RFC 8601).
 
-    The built-in removes received Authentication-Results fields that carry this
-    server's authserv-id (forgeries) and writes one field naming this host, or
-    ``""`` (no header) when there are no results.
+    Before this hook the core has removed received Authentication-Results fields
+    that carry this server's authserv-id (forgeries, RFC 8601 §5). The built-in
+    writes one field naming this host, one result per folded line, or ``""`` (no
+    header) when there are no results.
 
     Dispatch: first answer wins.
     """

@@ -189,6 +189,11 @@ class Message:
                 n += 1
         return n
 
+    @property
+    def modified(self) -> bool:
+        """True when received header fields were removed."""
+        return bool(self._removed)
+
     def header_bytes(self) -> bytes:
         """The received header section, minus removed fields (no added ones)."""
         if not self._removed:

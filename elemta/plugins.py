@@ -14,11 +14,14 @@ import importlib.metadata
 import os
 from dataclasses import dataclass
 from types import ModuleType
-from typing import Iterable, Sequence
+from typing import TYPE_CHECKING, Iterable, Sequence
 
 import pluggy
 
 from . import hookspecs
+
+if TYPE_CHECKING:
+    from .config import Settings
 
 ENTRY_POINT_GROUP = "elemta"
 ENV_OVERRIDE = "ELEMTA_LOAD_PLUGINS"
@@ -92,24 +95,32 @@ def _load(name: str, installed: dict[str, InstalledPlugin], source: str) -> obje
 
 def make_plugin_manager(enabled: Sequence[str], *, source: str = "elemta.toml",
                         extra: Iterable[tuple[str, object]] = (),
-                        builtins: Sequence[str] = DEFAULT_PLUGINS) -> tuple[pluggy.PluginManager, list[str]]:
+                        builtins: Sequence[str] = DEFAULT_PLUGINS,
+                        settings: Settings | None = None) -> tuple[pluggy.PluginManager, list[str]]:
     """Build the manager. Returns it and the call order of plugin names.
 
     ``extra`` registers already-imported plugin objects (tests, embedding) after
-    the enabled ones and before the built-ins.
+    the enabled ones and before the built-ins. A built-in module that needs the
+    server's settings defines ``make_plugin(settings)``; its result is registered
+    instead of the module, so several servers in one process never share state.
     """
     pm = pluggy.PluginManager(hookspecs.PROJECT)
     pm.add_hookspecs(hookspecs)
     installed = installed_plugins()
     order: list[str] = []
     for name in enabled:
-        pm.register(_load(name, installed, source), name=name)
+        _register(pm, _load(name, installed, source), name)
         order.append(name)
     for name, obj in extra:
-        pm.register(obj, name=name)
+        _register(pm, obj, name)
         order.append(name)
     for modname in builtins:
-        pm.register(importlib.import_module(modname), name=modname)
+        module = importlib.import_module(modname)
+        factory = getattr(module, "make_plugin", None)
+        if factory is not None and settings is not None:
+            pm.register(factory(settings), name=modname)
+        else:
+            pm.register(module, name=modname)
         order.append(modname)
     try:
         pm.check_pending()
@@ -119,6 +130,13 @@ def make_plugin_manager(enabled: Sequence[str], *, source: str = "elemta.toml",
             f"Hooks are: {', '.join(hookspecs.hook_names())}"
         ) from None
     return pm, order
+
+
+def _register(pm: pluggy.PluginManager, obj: object, name: str) -> None:
+    try:
+        pm.register(obj, name=name)
+    except pluggy.PluginValidationError as e:
+        raise PluginLoadError(f"plugin {name!r} cannot be loaded: {e}") from None
 
 
 def plugin_hooks(pm: pluggy.PluginManager, name: str) -> list[str]:

@@ -1,1 +1,116 @@
-"""pytest fixtures for Elemta and its plugins (the ``pytest11`` entry point)."""
+"""pytest fixtures for Elemta and its plugins (loaded through the ``pytest11`` entry point).
+
+``elemta_server`` starts a real server in the test's event loop, on free
+loopback ports, with a private spool and state directory::
+
+    async def test_greylist(elemta_server):
+        server = await elemta_server(plugins=[("greylist", my_plugin)],
+                                     config={"plugins": {"greylist": {"delay_seconds": 1}}})
+        async with aiosmtplib.SMTP("127.0.0.1", server.port("mx")) as client:
+            ...
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, AsyncIterator, Awaitable, Callable, Iterable
+
+import pytest
+import pytest_asyncio
+import tomlkit
+
+from ..app import App
+from ..config import Settings, load_settings
+
+
+def default_config(root: Path) -> dict[str, Any]:
+    """A complete test configuration: three listeners on free loopback ports."""
+    return {
+        "server": {"hostname": "mx.example.test", "state_dir": str(root / "state"),
+                   "shutdown_grace_seconds": 2.0},
+        "listeners": [
+            {"name": "mx", "address": "127.0.0.1:0", "mode": "smtp", "tls": "starttls"},
+            {"name": "submission", "address": "127.0.0.1:0", "mode": "submission",
+             "tls": "starttls"},
+            {"name": "smtps", "address": "127.0.0.1:0", "mode": "submission",
+             "tls": "implicit"},
+        ],
+        "spool": {"path": str(root / "queue")},
+        "metrics": {"address": "127.0.0.1:0"},
+        "log": {"level": "debug"},
+        "domains": {"example.test": {}},
+        "plugins": {"enabled": []},
+    }
+
+
+def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """Deep-merge ``override`` into a copy of ``base`` (lists are replaced)."""
+    out = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def write_config(root: Path, config: dict[str, Any] | None = None) -> Path:
+    """Write ``elemta.toml`` into ``root`` from the defaults plus ``config``."""
+    root.mkdir(parents=True, exist_ok=True)
+    path = root / "elemta.toml"
+    path.write_text(tomlkit.dumps(merge(default_config(root), config or {})))
+    return path
+
+
+@dataclass
+class RunningServer:
+    app: App
+    root: Path
+
+    @property
+    def settings(self) -> Settings:
+        return self.app.settings
+
+    def port(self, listener: str = "mx") -> int:
+        return self.app.listener_port(listener)
+
+    @property
+    def metrics_port(self) -> int:
+        assert self.app.metrics_server is not None
+        return self.app.metrics_server.port
+
+    @property
+    def spool_path(self) -> Path:
+        return self.app.spool.root
+
+
+ServerFactory = Callable[..., Awaitable[RunningServer]]
+
+
+@pytest_asyncio.fixture
+async def elemta_server(tmp_path: Path) -> AsyncIterator[ServerFactory]:
+    """Factory: ``await elemta_server(config=None, plugins=(), enabled=None)``."""
+    running: list[RunningServer] = []
+
+    async def start(config: dict[str, Any] | None = None,
+                    plugins: Iterable[tuple[str, object]] = (),
+                    enabled: list[str] | None = None) -> RunningServer:
+        root = tmp_path / f"server{len(running)}"
+        settings = load_settings(write_config(root, config))
+        app = App(settings, extra_plugins=plugins, enabled=enabled or [])
+        await app.start()
+        server = RunningServer(app, root)
+        running.append(server)
+        return server
+
+    yield start
+    for server in reversed(running):
+        await server.app.stop(grace=1)
+
+
+@pytest.fixture
+def elemta_config(tmp_path: Path) -> Callable[[dict[str, Any] | None], Path]:
+    """Factory writing a test ``elemta.toml`` and returning its path."""
+    return lambda config=None: write_config(tmp_path / "config", config)

@@ -1,0 +1,45 @@
+# `make serve`: virtualenv + core + every plugin (editable) + run on elemta.toml.
+# `make test`:  the same, plus test tools (swaks, Postfix's smtp-source), then the suite.
+
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+PLUGINS := $(wildcard plugins/*/pyproject.toml)
+APT_TEST_PACKAGES := swaks postfix
+
+.PHONY: serve test test-tools venv bench clean
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml $(PLUGINS)
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[test]' $(foreach p,$(PLUGINS),-e $(dir $(p)))
+	touch $@
+
+serve: venv
+	$(BIN)/elemta serve --config elemta.toml
+
+# Debian packages the tests drive: swaks (a real SMTP client) and Postfix's
+# smtp-source (load generator). Installed only when running as root.
+test-tools:
+	@missing=""; \
+	command -v swaks >/dev/null || missing="$$missing swaks"; \
+	command -v smtp-source >/dev/null || [ -x /usr/sbin/smtp-source ] || missing="$$missing postfix"; \
+	if [ -n "$$missing" ]; then \
+		if [ "$$(id -u)" = 0 ]; then \
+			echo "installing:$$missing"; \
+			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+		else \
+			echo "not root: cannot install$$missing (tests needing them skip, or fail under CI=true)"; \
+		fi; \
+	fi
+
+test: venv test-tools
+	PATH="$$PATH:/usr/sbin" $(BIN)/pytest -q -p no:cacheprovider
+
+bench: venv test-tools
+	PATH="$$PATH:/usr/sbin" $(BIN)/python bench/accept.py
+
+clean:
+	rm -rf $(VENV) .elemta build *.egg-info

@@ -1,0 +1,174 @@
+"""The server: wires configuration, plugins, spool, listeners and metrics.
+
+Start order: plugins (config schemas, metrics, ``startup``), spool recovery,
+TLS contexts, listeners, metrics HTTP. Stop order (SIGTERM): stop accepting,
+let sessions finish within ``shutdown_grace_seconds`` (idle ones are told
+``421`` at once), close what is left, finish in-flight spool commits, then run
+``shutdown`` hooks in reverse order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+from typing import Any, Iterable
+
+import pydantic
+
+from .config import ConfigError, ListenerSettings, Settings, validate_plugin_tables
+from .hookcall import HookCaller, HookFailure
+from .metrics import Metrics, MetricsServer
+from .plugins import enabled_names, make_plugin_manager
+from .smtp.context import SMTPContext
+from .smtp.protocol import ElemtaSMTP
+from .spool.store import Spool
+
+log = logging.getLogger("elemta")
+
+
+class StartupError(Exception):
+    """The server cannot start; ``str()`` says why and how to fix it."""
+
+
+class App:
+    """One Elemta server. ``await app.start()`` … ``await app.stop()``."""
+
+    def __init__(self, settings: Settings, *, extra_plugins: Iterable[tuple[str, object]] = (),
+                 enabled: list[str] | None = None) -> None:
+        self.settings = settings
+        names = enabled if enabled is not None else enabled_names(settings.plugins.enabled)
+        self.pm, self.plugin_order = make_plugin_manager(
+            names, source=str(settings.source), extra=extra_plugins, settings=settings)
+        self._plugin_settings = self._validate_plugin_config()
+        self.metrics = Metrics()
+        self.hooks = HookCaller(self.pm, self.plugin_order, settings.plugins.timeout_for,
+                                self.metrics.hook_duration)
+        spool = settings.spool
+        self.spool = Spool(settings.resolve(spool.path), commit_threads=spool.commit_threads,
+                           memory_bytes=spool.memory_bytes)
+        self.smtp = SMTPContext(settings, self.hooks, self.spool, self.metrics)
+        self.servers: dict[str, asyncio.base_events.Server] = {}
+        self.tls_contexts: dict[str, ssl.SSLContext] = {}
+        self.metrics_server: MetricsServer | None = None
+        self._started = False
+
+    def _validate_plugin_config(self) -> dict[str, pydantic.BaseModel]:
+        schemas: dict[str, type[pydantic.BaseModel]] = {}
+        for mapping in self.pm.hook.register_config():
+            if mapping:
+                schemas.update(mapping)
+        return validate_plugin_tables(self.settings, schemas)
+
+    def plugin_settings(self, name: str) -> Any:
+        """The validated ``[plugins.<name>]`` settings a plugin registered."""
+        return self._plugin_settings[name]
+
+    def listener_port(self, name: str) -> int:
+        """The bound port of a listener (useful when it was configured as port 0)."""
+        sock = self.servers[name].sockets[0]
+        return sock.getsockname()[1]
+
+    async def start(self) -> None:
+        self.pm.hook.register_metrics(registry=self.metrics.registry)
+        try:
+            await self.hooks.notify("startup", fatal=True, app=self)
+        except HookFailure as f:
+            raise StartupError(f"plugin {f.plugin} failed to start: {f.reason}") from None
+        counts = await asyncio.to_thread(self.spool.recover)
+        log.info("spool %s recovered: %s", self.spool.root,
+                 ", ".join(f"{k}={n}" for k, n in counts.items()))
+        self.metrics.bind_spool(self.spool.counts)
+        await self._load_tls()
+        for listener in self.settings.listeners:
+            await self._listen(listener)
+        if self.settings.metrics.enabled:
+            host, port = _hostport(self.settings.metrics.address)
+            self.metrics_server = MetricsServer(self.metrics, host, port, self.readiness)
+            await self.metrics_server.start()
+        self._started = True
+        log.info("elemta started: %s", ", ".join(
+            f"{lst.name}={lst.address}({lst.mode},{lst.tls})" for lst in self.settings.listeners))
+
+    async def _load_tls(self) -> None:
+        for listener in self.settings.listeners:
+            if listener.tls == "none":
+                continue
+            try:
+                _, ctx = await self.hooks.first("tls_context", (ssl.SSLContext,),
+                                                listener=listener)
+            except HookFailure as f:
+                raise StartupError(f"listener {listener.name}: TLS set-up failed in plugin "
+                                   f"{f.plugin}: {f.reason}") from None
+            if ctx is None:
+                raise StartupError(f"listener {listener.name} has tls = {listener.tls!r} but "
+                                   "no plugin provided a TLS context")
+            self.tls_contexts[listener.name] = ctx
+
+    async def _listen(self, listener: ListenerSettings) -> None:
+        loop = asyncio.get_running_loop()
+        tls = self.tls_contexts.get(listener.name)
+        ctx = self.smtp
+
+        def factory() -> ElemtaSMTP:
+            return ElemtaSMTP(ctx, listener, tls)
+
+        try:
+            server = await loop.create_server(
+                factory, listener.host, listener.port,
+                ssl=tls if listener.tls == "implicit" else None,
+                ssl_handshake_timeout=30 if listener.tls == "implicit" else None,
+                reuse_address=True, backlog=1024)
+        except OSError as e:
+            raise StartupError(f"listener {listener.name}: cannot listen on "
+                               f"{listener.address}: {e.strerror} (is another server using "
+                               "it? change [[listeners]] address)") from None
+        self.servers[listener.name] = server
+
+    def readiness(self) -> tuple[bool, str]:
+        if not self._started:
+            return False, "starting"
+        for name, server in self.servers.items():
+            if not server.is_serving():
+                return False, f"listener {name} is not serving"
+        if not self.spool.writable():
+            return False, "spool is not writable"
+        return True, "ready"
+
+    def reload_tls(self) -> bool:
+        """SIGHUP: load certificates again; established sessions keep theirs."""
+        static = self.pm.get_plugin("elemta.default_tls")
+        ok = static.reload() if static is not None else True
+        log.info("TLS certificates %s", "reloaded" if ok else "NOT reloaded (see errors above)")
+        return ok
+
+    async def stop(self, grace: float | None = None) -> None:
+        if grace is None:
+            grace = self.settings.server.shutdown_grace_seconds
+        for server in self.servers.values():
+            server.close()
+        for proto in list(self.smtp.sessions):
+            proto.shutdown_idle()
+        if not await self.smtp.wait_idle(grace):
+            log.warning("%d sessions still open after %.0fs; closing them",
+                        len(self.smtp.sessions), grace)
+            for proto in list(self.smtp.sessions):
+                proto.close()
+            await self.smtp.wait_idle(5)
+        for server in self.servers.values():
+            await server.wait_closed()
+        await self.spool.close()
+        if self.metrics_server is not None:
+            await self.metrics_server.stop()
+        await self.hooks.notify("shutdown", reverse=True, app=self)
+        self._started = False
+        log.info("elemta stopped")
+
+
+def _hostport(address: str) -> tuple[str, int]:
+    from .config import parse_hostport
+
+    return parse_hostport(address)
+
+
+__all__ = ["App", "ConfigError", "StartupError"]

@@ -1,0 +1,107 @@
+"""State shared by every SMTP session of one server: settings, hooks, spool, limits."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ..config import Settings
+    from ..hookcall import HookCaller
+    from ..metrics import Metrics
+    from ..spool.store import Spool
+    from .protocol import ElemtaSMTP
+
+log = logging.getLogger("elemta.smtp")
+
+
+class SMTPContext:
+    """What sessions share; also enforces the global and per-IP connection limits."""
+
+    def __init__(self, settings: Settings, hooks: HookCaller, spool: Spool,
+                 metrics: Metrics) -> None:
+        self.settings = settings
+        self.hostname = settings.server.hostname
+        self.hooks = hooks
+        self.spool = spool
+        self.metrics = metrics
+        self.sessions: set[ElemtaSMTP] = set()
+        self._per_ip: dict[str, int] = {}
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._label_cache: dict[str, tuple[object, object, object]] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def _labels(self, listener: str) -> tuple[object, object, object]:
+        cached = self._label_cache.get(listener)
+        if cached is None:
+            m = self.metrics
+            cached = (m.connections_total.labels(listener=listener),
+                      m.connections_active.labels(listener=listener),
+                      m.messages_received.labels(listener=listener))
+            self._label_cache[listener] = cached
+        return cached
+
+    def admit(self, proto: ElemtaSMTP) -> str | None:
+        """Count a new connection; return a 421 reply if it is over a limit."""
+        assert proto.conn is not None
+        server = self.settings.server
+        name = proto.listener.name
+        total, active, _ = self._labels(name)
+        total.inc()  # type: ignore[attr-defined]
+        ip = proto.conn.peer[0]
+        if len(self.sessions) >= server.max_connections:
+            self.metrics.connections_refused.labels(listener=name, reason="global_limit").inc()
+            log.warning("refused %s on %s: %d connections (max_connections)", ip, name,
+                        len(self.sessions))
+            return f"421 4.7.0 {self.hostname} Too many connections, try again later"
+        if self._per_ip.get(ip, 0) >= server.max_connections_per_ip:
+            self.metrics.connections_refused.labels(listener=name, reason="per_ip_limit").inc()
+            log.warning("refused %s on %s: too many connections from this address "
+                        "(max_connections_per_ip)", ip, name)
+            return f"421 4.7.0 {self.hostname} Too many connections from your address"
+        self._per_ip[ip] = self._per_ip.get(ip, 0) + 1
+        proto._counted_ip = ip
+        self.sessions.add(proto)
+        self._idle.clear()
+        active.inc()  # type: ignore[attr-defined]
+        return None
+
+    def release(self, proto: ElemtaSMTP) -> None:
+        """The connection is gone (called once, from connection_lost)."""
+        if proto not in self.sessions:
+            return
+        self.sessions.discard(proto)
+        ip = proto._counted_ip
+        if ip is not None:
+            n = self._per_ip.get(ip, 1) - 1
+            if n:
+                self._per_ip[ip] = n
+            else:
+                self._per_ip.pop(ip, None)
+        self._labels(proto.listener.name)[1].dec()  # type: ignore[attr-defined]
+        if not self.sessions:
+            self._idle.set()
+        if proto.conn is not None:
+            task = asyncio.get_running_loop().create_task(
+                self.hooks.notify("disconnect", session=proto.conn))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    def session_ended(self, proto: ElemtaSMTP) -> None:
+        """The command loop returned; make sure the transport goes away."""
+        if proto.transport is not None and not proto.transport.is_closing():
+            proto.close()
+
+    def count_received(self, listener: str, size: int) -> None:
+        self._labels(listener)[2].inc()  # type: ignore[attr-defined]
+        self.metrics.message_size.observe(size)
+
+    async def wait_idle(self, timeout: float) -> bool:
+        try:
+            async with asyncio.timeout(timeout):
+                await self._idle.wait()
+            return True
+        except TimeoutError:
+            return False
