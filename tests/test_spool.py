@@ -372,11 +372,11 @@ def test_without_an_empty_line_the_header_block_stops_at_the_cap_on_a_line_end(
 
 
 def test_an_empty_line_just_past_the_cap_does_not_end_the_header_block(tmp_path: Path) -> None:
-    content = b"A: " + b"a" * 93 + b"\r\n\r\nbody\r\n"  # the empty line ends at byte 101
+    content = b"A: " + b"a" * 94 + b"\r\n\r\nbody\r\n"  # the empty line ends at byte 101
     incoming = IncomingMessage(tmp_path, "Q", memory_bytes=1 << 20, header_cap_bytes=100)
     incoming.write(content)
 
-    assert incoming.parts().header_block == b"A: " + b"a" * 93 + b"\r\n"
+    assert incoming.parts().header_block == b"A: " + b"a" * 94 + b"\r\n"
 
 
 chunked_messages = st.tuples(

@@ -8,6 +8,7 @@ skipped, not reported as an error.
 from __future__ import annotations
 
 import datetime
+import os
 import re
 import time
 from pathlib import Path
@@ -52,6 +53,14 @@ def _text(value: str) -> Text:
     return Text(_CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", value))
 
 
+def _console() -> Console:
+    console = Console(highlight=False)
+    if not console.is_terminal and "COLUMNS" not in os.environ:
+        # Piped into grep or a file: one line per message, whatever its width.
+        console.width = 1000
+    return console
+
+
 def _age(since: float, now: float) -> str:
     seconds = max(0, int(now - since))
     for unit, length in (("d", 86400), ("h", 3600), ("m", 60)):
@@ -91,7 +100,7 @@ def list_messages(state: str | None) -> None:
         more = f" (+{len(env.recipients) - 1})" if len(env.recipients) > 1 else ""
         table.add_row(env.id, st, _age(env.received_at, now), decimal(env.size),
                       _text(_sender(env)), _text(first + more), str(env.attempts))
-    console = Console(highlight=False)
+    console = _console()
     if envelopes:
         console.print(table)
     where = f" in state {state}" if state else ""
@@ -110,7 +119,7 @@ def show_message(queue_id: str) -> None:
     except ValueError as e:
         raise click.ClickException(f"message {queue_id}: unreadable envelope: {e}") from None
     now = time.time()
-    console = Console(highlight=False)
+    console = _console()
 
     facts = Table.grid(padding=(0, 2))
     facts.add_column(style="bold", no_wrap=True)

@@ -48,6 +48,7 @@ _QUEUE_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _DIR_MODE = 0o700
 _FILE_MODE = 0o600
 _CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+_CONTENT_MISSING = "message content missing from the spool at start-up"
 
 
 class SpoolError(Exception):
@@ -140,51 +141,34 @@ class Spool:
 
         with os.scandir(self.messages_dir) as it:
             contents = {e.name for e in it}
+        # List every state first: envelopes moved to failed/ below must not be
+        # seen a second time.
+        listing: dict[str, list[str]] = {}
+        for state in STATES:
+            with os.scandir(self.root / state) as it:
+                listing[state] = [e.name for e in it]
         counts = dict.fromkeys(STATES, 0)
         referenced: set[str] = set()
         seen_in: dict[str, str] = {}
-        failed_dir = self.root / "failed"
-        for state in STATES:
-            state_dir = self.root / state
-            with os.scandir(state_dir) as it:
-                entries = [e.name for e in it]
-            for name in entries:
+        for state, names in listing.items():
+            for name in names:
                 if name.endswith(".json.corrupt"):
                     # kept for the operator, and so is its content
                     referenced.add(name.removesuffix(".json.corrupt"))
                     continue
                 if not name.endswith(".json"):
-                    log.warning("spool: ignoring unexpected file %s", state_dir / name)
+                    log.warning("spool: ignoring unexpected file %s", self.root / state / name)
                     continue
                 queue_id = name.removesuffix(".json")
-                path = state_dir / name
-                try:
-                    env = _parse_envelope(path.read_bytes(), queue_id)
-                except ValueError as e:
-                    target = failed_dir / f"{queue_id}.json.corrupt"
-                    os.replace(path, target)
-                    _fsync_dir(state_dir)
-                    _fsync_dir(failed_dir)
-                    referenced.add(queue_id)
-                    log.error("spool: unreadable envelope %s (%s); moved to %s", path, e, target)
-                    continue
-                if queue_id not in contents:
-                    env.last_error = "message content missing from the spool at start-up"
-                    target = failed_dir / name
-                    _write_durably(self.tmp_dir / f"{queue_id}.envelope", target, env.to_json())
-                    if state != "failed":
-                        os.unlink(path)
-                        _fsync_dir(state_dir)
-                    log.error("spool: message %s has an envelope in %s/ but no content; "
-                              "moved the envelope to failed/", queue_id, state)
-                    counts["failed"] += 1
+                referenced.add(queue_id)
+                final_state = self._recover_envelope(state, queue_id, queue_id in contents)
+                if final_state is None:
                     continue
                 if queue_id in seen_in:
                     log.error("spool: message %s has envelopes in both %s/ and %s/; "
-                              "resolve by hand", queue_id, seen_in[queue_id], state)
-                seen_in[queue_id] = state
-                referenced.add(queue_id)
-                counts[state] += 1
+                              "resolve by hand", queue_id, seen_in[queue_id], final_state)
+                seen_in[queue_id] = final_state
+                counts[final_state] += 1
 
         orphans = contents - referenced
         for name in orphans:
@@ -196,6 +180,32 @@ class Spool:
                      "file(s) from messages/", removed_tmp, len(orphans))
         self._counts = counts
         return dict(counts)
+
+    def _recover_envelope(self, state: str, queue_id: str, has_content: bool) -> str | None:
+        """Check one envelope at start-up; the state it ends up in, ``None`` if quarantined."""
+        path = self.root / state / f"{queue_id}.json"
+        failed_dir = self.root / "failed"
+        try:
+            env = _parse_envelope(path.read_bytes(), queue_id)
+        except ValueError as e:
+            target = failed_dir / f"{queue_id}.json.corrupt"
+            os.replace(path, target)
+            _fsync_dir(failed_dir)
+            _fsync_dir(path.parent)
+            log.error("spool: unreadable envelope %s (%s); moved to %s", path, e, target)
+            return None
+        if has_content:
+            return state
+        if state == "failed" and env.last_error == _CONTENT_MISSING:
+            return state  # found and reported at an earlier start-up
+        env.last_error = _CONTENT_MISSING
+        _write_durably(self.tmp_dir / f"{queue_id}.envelope", failed_dir / path.name, env.to_json())
+        if state != "failed":
+            os.unlink(path)
+            _fsync_dir(path.parent)
+        log.error("spool: message %s has an envelope in %s/ but no content; the envelope "
+                  "is now in failed/", queue_id, state)
+        return "failed"
 
     # ------------------------------------------------------------------ writing
 
