@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import resource
 import statistics
 import sys
 import tempfile
@@ -103,10 +104,16 @@ async def run_naive(root: Path, content: bytes, messages: int,
     return time.perf_counter() - start, latencies
 
 
-def describe(name: str, messages: int, elapsed: float, latencies: list[float]) -> str:
+def cpu_seconds() -> float:
+    # the whole process, commit threads included
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def describe(name: str, messages: int, elapsed: float, cpu: float, latencies: list[float]) -> str:
     q = statistics.quantiles(latencies, n=100)
-    return (f"{name:<14} {messages / elapsed:8.0f} msgs/s   commit latency p50 {q[49] * 1e3:6.2f} ms"
-            f"  p99 {q[98] * 1e3:6.2f} ms")
+    return (f"{name:<10} {messages / elapsed:6.0f} msgs/s  CPU {cpu / messages * 1e6:4.0f} us/msg  "
+            f"commit latency p50 {q[49] * 1e3:6.2f} ms  p99 {q[98] * 1e3:6.2f} ms")
 
 
 def main() -> int:
@@ -115,7 +122,7 @@ def main() -> int:
     ap.add_argument("--concurrency", type=int, default=50)
     ap.add_argument("--size", type=int, default=4096, help="message size in bytes")
     ap.add_argument("--threads", type=int, default=8, help="spool commit_threads")
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--uvloop", action="store_true")
     ap.add_argument("--dir", type=Path, default=None, help="where to create the test spools")
     args = ap.parse_args()
@@ -131,14 +138,18 @@ def main() -> int:
     group_rates, naive_rates = [], []
     for r in range(args.rounds):
         with tempfile.TemporaryDirectory(dir=args.dir, prefix="spool-bench-") as d:
+            cpu = cpu_seconds()
             elapsed, lat = runner(run_naive(Path(d) / "naive", content, messages, args.concurrency))
+            cpu = cpu_seconds() - cpu
             naive_rates.append(messages / elapsed)
-            print(describe(f"naive [{r + 1}]", messages, elapsed, lat))
+            print(describe(f"naive [{r + 1}]", messages, elapsed, cpu, lat))
+            cpu = cpu_seconds()
             elapsed, lat, spool = runner(run_group(Path(d) / "group", content, messages,
                                                    args.concurrency, args.threads))
+            cpu = cpu_seconds() - cpu
             group_rates.append(messages / elapsed)
-            print(describe(f"group [{r + 1}]", messages, elapsed, lat)
-                  + f"   {spool.stats.batches} batches, largest {spool.stats.largest_batch}")
+            print(describe(f"group [{r + 1}]", messages, elapsed, cpu, lat)
+                  + f"  {spool.stats.batches} batches, largest {spool.stats.largest_batch}")
     g, n = statistics.median(group_rates), statistics.median(naive_rates)
     print(f"median: group commit {g:.0f} msgs/s, naive {n:.0f} msgs/s ({g / n:.1f}x)")
     return 0

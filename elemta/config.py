@@ -250,6 +250,14 @@ class Settings(_Settings):
         return frozenset(self.domains)
 
 
+def suggest(word: str, choices: list[str]) -> list[str]:
+    """The choice the operator probably meant: a close spelling or a truncation."""
+    close = difflib.get_close_matches(word, choices, 1, 0.6)
+    if not close and len(word) >= 3:
+        close = [c for c in choices if c.startswith(word) or word.startswith(c)][:1]
+    return close
+
+
 def _toml_path(loc: tuple[Any, ...]) -> str:
     out = ""
     for part in loc:
@@ -296,7 +304,7 @@ def format_validation_error(err: pydantic.ValidationError, source: str,
                       else _model_at(loc[:-1]) if model is None else None)
             hint = ""
             if parent is not None:
-                close = difflib.get_close_matches(str(loc[-1]), list(parent.model_fields), 1, 0.6)
+                close = suggest(str(loc[-1]), list(parent.model_fields))
                 hint = (f'; did you mean "{close[0]}"?' if close else
                         f"; valid keys here: {', '.join(k for k in parent.model_fields if k not in ('source', 'tables'))}")
             problems.append(f"{source}: {key}: unknown key{hint}")
@@ -356,7 +364,7 @@ def validate_plugin_tables(settings: Settings,
     for name, table in settings.plugins.tables.items():
         schema = _strict(schemas[name]) if name in schemas else None
         if schema is None:
-            close = difflib.get_close_matches(name, list(schemas), 1, 0.6)
+            close = suggest(name, list(schemas))
             hint = (f'; did you mean [plugins.{close[0]}]?' if close else
                     "; no enabled plugin declares it (enable the plugin or remove the table)")
             problems.append(f"{src}: [plugins.{name}]: unknown plugin table{hint}")

@@ -19,6 +19,12 @@ class Verdict:
 
     headers: Headers = field(default=(), kw_only=True)
 
+    def __post_init__(self) -> None:
+        from .models import check_header
+
+        for name, value in self.headers:
+            check_header(name, value)
+
 
 @dataclass(frozen=True, slots=True)
 class Accept(Verdict):
@@ -36,6 +42,7 @@ class Reject(Verdict):
     text: str = "Rejected"
 
     def __post_init__(self) -> None:
+        Verdict.__post_init__(self)
         _check_reply(self, 500, 599)
 
 
@@ -48,6 +55,7 @@ class TempFail(Verdict):
     text: str = "Try again later"
 
     def __post_init__(self) -> None:
+        Verdict.__post_init__(self)
         _check_reply(self, 400, 499)
 
 
@@ -60,6 +68,7 @@ class Disconnect(Verdict):
     text: str = "Closing connection"
 
     def __post_init__(self) -> None:
+        Verdict.__post_init__(self)
         _check_reply(self, 400, 599)
 
 

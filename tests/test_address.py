@@ -411,17 +411,25 @@ def test_split_address(address: str, parts: tuple[str, str]) -> None:
     ("address", "expected"),
     [
         ("Postmaster", True),
+        ("POSTMASTER", True),
         ("postmaster@example.com", True),
-        ("POSTMASTER@example.com", True),
+        ("POSTMASTER@Example.COM", True),
         ('"postmaster"@example.com', True),
         ('"post\\master"@example.com', True),
+        ("postmaster@foreign.example", False),
         ("postmaster.x@example.com", False),
         ("abuse@example.com", False),
         ("", False),
     ],
 )
 def test_is_postmaster(address: str, expected: bool) -> None:
-    assert is_postmaster(address) is expected
+    assert is_postmaster(address, {"example.com"}) is expected
+
+
+def test_postmaster_at_a_domain_is_not_ours_unless_the_domain_is() -> None:
+    # Otherwise a relay check that trusts is_postmaster() is open to postmaster@anywhere.
+    assert is_postmaster("Postmaster")
+    assert not is_postmaster("postmaster@foreign.example")
 
 
 def test_path_error_reply_and_str() -> None:

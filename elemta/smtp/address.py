@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Container
 
 __all__ = [
     "MAX_ADDRESS_OCTETS",
@@ -183,13 +183,17 @@ def split_address(address: str) -> tuple[str, str]:
     return local, domain
 
 
-def is_postmaster(address: str) -> bool:
-    """Tell whether ``address`` is the postmaster mailbox: ``Postmaster`` alone
-    or ``postmaster@<any domain>``, in any case, quoted or not (RFC 5321 §4.5.1).
+def is_postmaster(address: str, domains: Container[str] = ()) -> bool:
+    """Tell whether ``address`` is a postmaster mailbox we must accept.
 
-    Whether the domain is one of ours is for the caller to decide.
+    ``Postmaster`` without a domain always is (RFC 5321 §4.1.1.3). With a
+    domain, the local part ``postmaster`` (any case, quoted or not) counts only
+    when the lower-cased domain is in ``domains``: a bare ``is_postmaster()``
+    check that took ``postmaster@<anywhere>`` would let anyone relay to it.
     """
-    local, _ = split_address(address)
+    local, domain = split_address(address)
+    if domain and domain.lower() not in domains:
+        return False
     if local.startswith('"'):
         local = re.sub(r"\\(.)", r"\1", local[1:-1])
     return local.lower() == "postmaster"
