@@ -32,8 +32,8 @@ each session sends about ten messages, then quits, and the next batch starts.
 Each batch start costs a few milliseconds of dead time, so that column is a
 slight lower bound.
 
-``--profile DIR``: after the rounds, one more Elemta run per concurrency under
-``py-spy record`` (200 Hz, on-CPU samples, raw collapsed stacks) writes
+``--profile DIR``: after the rounds, one more Elemta run per setting under
+``py-spy record`` (200 Hz, non-blocking, on-CPU samples, raw collapsed stacks) writes
 ``DIR/elemta-s<S>-r<R>.txt`` and prints where the samples went. Its
 throughput is not part of the table (the sampler slows the server down).
 """
@@ -140,6 +140,24 @@ def proc_cpu(pid: int) -> float:
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def thread_cpu(pid: int) -> tuple[float, float, float, float]:
+    """(user, sys) seconds of the main thread, then of all other threads together."""
+    main_u = main_s = rest_u = rest_s = 0.0
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except FileNotFoundError:
+            continue
+        u, s = int(fields[11]) / CLK_TCK, int(fields[12]) / CLK_TCK
+        if int(tid) == pid:
+            main_u, main_s = u, s
+        else:
+            rest_u += u
+            rest_s += s
+    return main_u, main_s, rest_u, rest_s
 
 
 def box_times() -> tuple[int, int]:
@@ -323,6 +341,7 @@ class Run:
     box_busy: float
     box_cpu_s: float
     accepted: int
+    threads_s: tuple[float, float, float, float] = (0.0, 0.0, 0.0, 0.0)
 
     @property
     def rate(self) -> float:
@@ -335,6 +354,11 @@ class Run:
     @property
     def client_us(self) -> float:
         return self.client_cpu_s / self.messages * 1e6
+
+    def thread_us(self) -> str:
+        """Event-loop thread user+sys / other threads user+sys, us per message."""
+        mu, ms, ru, rs = (x / self.messages * 1e6 for x in self.threads_s)
+        return f"{mu:.0f}+{ms:.0f} / {ru:.0f}+{rs:.0f}"
 
     @property
     def others(self) -> float:
@@ -371,15 +395,17 @@ class Bench:
             if profile is not None:
                 sampler = subprocess.Popen(
                     [str(Path(sys.executable).parent / "py-spy"), "record", "--pid",
-                     str(server.pid), "--rate", "200", "--format", "raw", "--threads",
+                     str(server.pid), "--rate", "200", "--format", "raw", "--threads", "--nonblocking",
                      "--output", str(profile)],
                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
                 time.sleep(1.0)  # let py-spy attach before the load starts
+            thr0 = thread_cpu(server.pid)
             cpu0, box0, cli0 = proc_cpu(server.pid), box_times(), children_cpu()
             t0 = time.perf_counter()
             send(commands)
             elapsed = time.perf_counter() - t0
             cpu1, box1, cli1 = proc_cpu(server.pid), box_times(), children_cpu()
+            thr1 = thread_cpu(server.pid)
             if sampler is not None:
                 sampler.send_signal(signal.SIGINT)
                 sampler.wait(60)
@@ -401,7 +427,8 @@ class Bench:
             busy = (box1[0] - box0[0]) / max(1, box1[1] - box0[1])
             box_cpu = (box1[0] - box0[0]) / CLK_TCK
             return Run(kind, sessions, per_session, rnd, self.messages, elapsed, cpu1 - cpu0,
-                       cli1 - cli0, busy, box_cpu, accepted)
+                       cli1 - cli0, busy, box_cpu, accepted,
+                       tuple(b - a for a, b in zip(thr0, thr1)))  # type: ignore[arg-type]
         finally:
             if sampler is not None and sampler.poll() is None:
                 sampler.kill()
@@ -482,63 +509,72 @@ def report(runs: list[Run], settings: list[tuple[int, int]], kinds: list[str]) -
                          f"{statistics.median(x.client_us for x in g):.0f} / "
                          f"{statistics.median(x.others for x in g):.2f}")
         print(f"| {kind} | " + " | ".join(cells) + " |")
+    header("Server CPU per message split by thread, us (median run): event-loop thread "
+           "user+sys / other threads user+sys")
+    for kind in kinds:
+        cells = []
+        for s, r in settings:
+            g = sorted(by[(kind, s, r)], key=lambda x: x.cpu_us)
+            cells.append(g[len(g) // 2].thread_us())
+        print(f"| {kind} | " + " | ".join(cells) + " |")
     return summary
 
 
 # ----------------------------------------------------------------------------- profile
 
 
-def summarize_profile(path: Path, top: int = 25) -> None:
+def summarize_profile(path: Path, top: int = 20) -> None:
     """Print where py-spy's samples went: per thread, per area, per function."""
-    self_counts: collections.Counter[str] = collections.Counter()
-    incl_elemta: collections.Counter[str] = collections.Counter()
-    areas: collections.Counter[str] = collections.Counter()
+    main_self: collections.Counter[str] = collections.Counter()
+    main_incl: collections.Counter[str] = collections.Counter()
+    main_areas: collections.Counter[str] = collections.Counter()
+    other_leaves: collections.Counter[str] = collections.Counter()
     threads: collections.Counter[str] = collections.Counter()
-    total = 0
-    main_thread = None
-    stacks = []
+    total = main = 0
     for line in path.read_text().splitlines():
-        stack, _, n = line.rpartition(" ")
-        if not n.isdigit():
+        stack, _, count = line.rpartition(" ")
+        if not count.isdigit():
             continue
+        n = int(count)
         frames = stack.split(";")
-        stacks.append((frames, int(n)))
-        threads[frames[0]] += int(n)
-    if not stacks:
+        thread = frames[0].split(": ", 1)[-1]
+        threads[thread.rstrip("_0123456789") or thread] += n
+        total += n
+        if thread != "MainThread":
+            other_leaves[_func(frames[-1])] += n
+            continue
+        main += n
+        main_self[_func(frames[-1])] += n
+        main_areas[_area(frames[-1])] += n
+        seen: set[str] = set()
+        for f in frames[1:]:
+            key = _func(f)
+            if key.startswith("elemta/") and key not in seen:
+                main_incl[key] += n
+                seen.add(key)
+    if not total:
         print(f"  {path}: no samples")
         return
-    # the event loop thread is the one whose stacks start in the CLI entry point
-    for frames, _ in stacks:
-        if any("_serve" in f or "run_forever" in f for f in frames[1:4]) or len(frames) > 1 and (
-                "<module>" in frames[1] and "elemta" in frames[1]):
-            main_thread = frames[0]
-            break
-    for frames, n in stacks:
-        total += n
-        if frames[0] != main_thread:
-            areas["spool commit threads (all frames)"] += n
-            continue
-        leaf = frames[-1]
-        self_counts[leaf] += n
-        areas[_area(leaf)] += n
-        seen = set()
-        for f in frames[1:]:
-            if "/elemta/" in f and f not in seen:
-                key = _func(f)
-                if key not in seen:
-                    incl_elemta[key] += n
-                    seen.add(key)
-    print(f"\n  profile {path}: {total} samples")
-    print("  by thread: " + ", ".join(f"{t} {n * 100 / total:.0f}%" for t, n in threads.most_common()))
-    print("  by area (self time, event-loop thread; other threads together):")
-    for a, n in areas.most_common():
-        print(f"    {n * 100 / total:5.1f}%  {a}")
-    print(f"  top {top} functions by self time (event-loop thread):")
-    for f, n in self_counts.most_common(top):
-        print(f"    {n * 100 / total:5.1f}%  {f}")
-    print(f"  elemta functions, inclusive (event-loop thread):")
-    for f, n in incl_elemta.most_common(top):
-        print(f"    {n * 100 / total:5.1f}%  {f}")
+
+    def pct(n: int, of: int) -> str:
+        return f"{n * 100 / of:5.1f}%"
+
+    print(f"\n  {path}: {total} on-CPU samples; by thread: "
+          + ", ".join(f"{t} {pct(n, total).strip()}" for t, n in threads.most_common()))
+    if main:
+        print(f"  event-loop thread, self time by area ({main} samples = 100%):")
+        for a, n in main_areas.most_common():
+            print(f"    {pct(n, main)}  {a}")
+        print(f"  event-loop thread, top {top} functions by self time:")
+        for f, n in main_self.most_common(top):
+            print(f"    {pct(n, main)}  {f}")
+        print(f"  event-loop thread, elemta functions by inclusive time:")
+        for f, n in main_incl.most_common(top):
+            print(f"    {pct(n, main)}  {f}")
+    if total > main:
+        print(f"  other threads, top functions by self time (% of all {total} samples):")
+        for f, n in other_leaves.most_common(10):
+            print(f"    {pct(n, total)}  {f}")
 
 
 def _func(frame: str) -> str:
@@ -558,8 +594,10 @@ def _area(frame: str) -> str:
         return "elemta"
     if "/aiosmtpd/" in frame:
         return "aiosmtpd"
-    if "/asyncio/" in frame or "uvloop" in frame:
-        return "asyncio / uvloop"
+    if "selectors.py" in frame or "uvloop" in frame or "runners.py" in frame:
+        return "event loop: poll and C code (uvloop: all of its loop)"
+    if "/asyncio/" in frame:
+        return "asyncio (Python)"
     for lib in ("prometheus_client", "pluggy", "pydantic", "logging", "email"):
         if f"/{lib}/" in frame or f"/{lib}.py" in frame:
             return lib

@@ -10,7 +10,6 @@ import asyncio
 import itertools
 import os
 import re
-import shutil
 import signal
 import socket
 import ssl
@@ -636,7 +635,7 @@ def test_shipped_config_runs(tmp_path: Path, start_server) -> None:
 
     async def starttls() -> str:
         client = aiosmtplib.SMTP(hostname="127.0.0.1", port=ports[2587], start_tls=False,
-                                 timeout=10)
+                                 timeout=10, local_hostname="client.example")
         await client.connect()
         try:
             await client.ehlo()
@@ -665,3 +664,29 @@ def test_shipped_config_runs(tmp_path: Path, start_server) -> None:
     assert (tmp_path / "queue" / "ready").is_dir()
     server.send_signal(signal.SIGTERM)
     assert server.wait(40) == 0, server.output()
+
+
+# ------------------------------------------------------------------ smtp-source load
+
+
+def test_smtp_source_load_is_all_queued(plain_server, require_tool) -> None:
+    path = require_tool("smtp-source")
+    port, spool = plain_server["port"], plain_server["spool"]
+    result = subprocess.run(
+        [path, "-s", "10", "-m", "300", "-l", "4000", "-f", "sender@client.example",
+         "-t", "user@example.test", "-M", "client.example", f"127.0.0.1:{port}"],
+        capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+    assert result.returncode == 0, result.stderr
+    ids = state_ids(spool)
+    assert len(ids) == 300 and set(ids.values()) == {"ready"}
+    for queue_id in ids:
+        assert (spool / "messages" / queue_id).stat().st_size >= 4000
+
+    # and it is told the truth about relaying
+    refused = subprocess.run(
+        [path, "-m", "1", "-f", "sender@client.example", "-t", "bob@elsewhere.example",
+         f"127.0.0.1:{port}"], capture_output=True, text=True, timeout=60,
+        stdin=subprocess.DEVNULL)
+    assert refused.returncode != 0
+    assert "550 5.7.1" in refused.stderr
+    assert len(state_ids(spool)) == 300

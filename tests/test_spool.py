@@ -423,7 +423,7 @@ def _rss_bytes() -> int:
 
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs /proc")
 async def test_a_20_mib_message_streams_through_without_growing_memory(spool: Spool) -> None:
-    chunk = b"".join(b"%063d\r\n" % i for i in range(1024))  # 64 KiB of CRLF lines
+    chunk = b"".join(b"%062d\r\n" % i for i in range(1024))  # 64 KiB of CRLF lines
     chunks = 20 * 16
     digest = hashlib.sha256(HEADERS)
     before = peak = _rss_bytes()

@@ -540,13 +540,6 @@ def test_reload_needs_a_context_from_server_context(tmp_path, ca):
 # ------------------------------------------------------- built-in plugin
 
 
-@pytest.fixture
-def fresh_default_tls(monkeypatch):
-    monkeypatch.setattr(default_tls, "_settings", None)
-    monkeypatch.setattr(default_tls, "_context", None)
-    return default_tls
-
-
 def settings_for(tmp_path: Path, tls: TLSSettings | None = None) -> Settings:
     return Settings(server=ServerSettings(hostname=HOSTNAME, state_dir=Path("state")),
                     tls=tls or TLSSettings(), source=tmp_path / "elemta.toml")
@@ -556,10 +549,10 @@ def listener(name: str, tls: str) -> ListenerSettings:
     return ListenerSettings(name=name, address="127.0.0.1:0", tls=tls)
 
 
-def test_hook_tls_context(fresh_default_tls, tmp_path):
+def test_hook_tls_context(tmp_path):
     pm = pluggy.PluginManager(hookspecs.PROJECT)
     pm.add_hookspecs(hookspecs)
-    pm.register(default_tls, name="elemta.default_tls")
+    pm.register(default_tls.make_plugin(settings_for(tmp_path)), name="elemta.default_tls")
     plugin_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
 
     class CertificatePlugin:
@@ -568,7 +561,6 @@ def test_hook_tls_context(fresh_default_tls, tmp_path):
             return plugin_ctx
 
     pm.register(CertificatePlugin(), name="acme")
-    default_tls.configure(settings_for(tmp_path))
 
     results = pm.hook.tls_context(listener=listener("mx", "starttls"))
 
@@ -576,18 +568,18 @@ def test_hook_tls_context(fresh_default_tls, tmp_path):
     assert isinstance(results[1], ssl.SSLContext)
 
 
-def test_default_tls_gives_no_context_to_plaintext_listeners(fresh_default_tls, tmp_path):
-    default_tls.configure(settings_for(tmp_path))
+def test_default_tls_gives_no_context_to_plaintext_listeners(tmp_path):
+    tls = default_tls.make_plugin(settings_for(tmp_path))
 
-    assert default_tls.tls_context(listener("plain", "none")) is None
+    assert tls.tls_context(listener("plain", "none")) is None
     assert not (tmp_path / "state").exists()
 
 
-def test_default_tls_shares_one_self_signed_context(fresh_default_tls, tmp_path):
-    default_tls.configure(settings_for(tmp_path))
+def test_default_tls_shares_one_self_signed_context(tmp_path):
+    tls = default_tls.make_plugin(settings_for(tmp_path))
 
-    starttls = default_tls.tls_context(listener("mx", "starttls"))
-    implicit = default_tls.tls_context(listener("smtps", "implicit"))
+    starttls = tls.tls_context(listener("mx", "starttls"))
+    implicit = tls.tls_context(listener("smtps", "implicit"))
 
     assert isinstance(starttls, ssl.SSLContext)
     assert implicit is starttls
@@ -595,14 +587,14 @@ def test_default_tls_shares_one_self_signed_context(fresh_default_tls, tmp_path)
 
 
 async def test_default_tls_uses_configured_files_relative_to_the_config(
-        fresh_default_tls, tmp_path, ca):
+        tmp_path, ca):
     leaf = issue(ca)
     (tmp_path / "certs").mkdir()
     write_pair(tmp_path / "certs", "mx", leaf)
-    default_tls.configure(settings_for(tmp_path, TLSSettings(
+    tls = default_tls.make_plugin(settings_for(tmp_path, TLSSettings(
         cert_file=Path("certs/mx.crt"), key_file=Path("certs/mx.key"))))
 
-    ctx = default_tls.tls_context(listener("mx", "implicit"))
+    ctx = tls.tls_context(listener("mx", "implicit"))
 
     async with echo_server(ctx) as (port, _):
         client = await connect(port, client_context(ca))
@@ -611,39 +603,34 @@ async def test_default_tls_uses_configured_files_relative_to_the_config(
     assert not (tmp_path / "state").exists()
 
 
-def test_default_tls_error_names_the_config_file_and_section(fresh_default_tls, tmp_path):
-    default_tls.configure(settings_for(tmp_path, TLSSettings(
+def test_default_tls_error_names_the_config_file_and_section(tmp_path):
+    tls = default_tls.make_plugin(settings_for(tmp_path, TLSSettings(
         cert_file=Path("missing.crt"), key_file=Path("missing.key"))))
 
     with pytest.raises(TLSConfigError) as error:
-        default_tls.tls_context(listener("mx", "starttls"))
+        tls.tls_context(listener("mx", "starttls"))
 
     assert str(error.value).startswith(
         f"{tmp_path / 'elemta.toml'}: [tls]: {tmp_path / 'missing.crt'}: no such file")
 
 
-def test_default_tls_must_be_configured_first(fresh_default_tls):
-    with pytest.raises(RuntimeError, match="configure"):
-        default_tls.tls_context(listener("mx", "starttls"))
+def test_default_tls_reload_before_any_tls_listener_is_a_no_op(tmp_path):
+    tls = default_tls.make_plugin(settings_for(tmp_path))
+
+    assert tls.reload() is True
 
 
-def test_default_tls_reload_before_any_tls_listener_is_a_no_op(fresh_default_tls, tmp_path):
-    default_tls.configure(settings_for(tmp_path))
-
-    assert default_tls.reload() is True
-
-
-async def test_default_tls_reload_switches_every_listener(fresh_default_tls, tmp_path, ca, caplog):
+async def test_default_tls_reload_switches_every_listener(tmp_path, ca, caplog):
     old, new = issue(ca), issue(ca)
     cert_file, key_file = write_pair(tmp_path, "mx", old)
-    default_tls.configure(settings_for(tmp_path, TLSSettings(cert_file=cert_file,
+    tls = default_tls.make_plugin(settings_for(tmp_path, TLSSettings(cert_file=cert_file,
                                                              key_file=key_file)))
-    starttls = default_tls.tls_context(listener("mx", "starttls"))
-    implicit = default_tls.tls_context(listener("smtps", "implicit"))
+    starttls = tls.tls_context(listener("mx", "starttls"))
+    implicit = tls.tls_context(listener("smtps", "implicit"))
     write_pair(tmp_path, "mx", new)
     caplog.set_level(logging.INFO, logger="elemta.tls")
 
-    assert default_tls.reload() is True
+    assert tls.reload() is True
 
     for ctx in (starttls, implicit):
         async with echo_server(ctx) as (port, _):
@@ -654,15 +641,15 @@ async def test_default_tls_reload_switches_every_listener(fresh_default_tls, tmp
 
 
 async def test_default_tls_failed_reload_is_logged_and_keeps_the_old_certificate(
-        fresh_default_tls, tmp_path, ca, caplog):
+        tmp_path, ca, caplog):
     old = issue(ca)
     cert_file, key_file = write_pair(tmp_path, "mx", old)
-    default_tls.configure(settings_for(tmp_path, TLSSettings(cert_file=cert_file,
+    tls = default_tls.make_plugin(settings_for(tmp_path, TLSSettings(cert_file=cert_file,
                                                              key_file=key_file)))
-    ctx = default_tls.tls_context(listener("mx", "starttls"))
+    ctx = tls.tls_context(listener("mx", "starttls"))
     cert_file.write_text("half-written")
 
-    assert default_tls.reload() is False
+    assert tls.reload() is False
 
     [record] = [r for r in caplog.records if r.levelno == logging.ERROR]
     assert "not reloaded" in record.getMessage() and str(cert_file) in record.getMessage()
@@ -673,11 +660,11 @@ async def test_default_tls_failed_reload_is_logged_and_keeps_the_old_certificate
 
 
 def test_default_tls_reload_keeps_a_valid_self_signed_certificate(
-        fresh_default_tls, tmp_path):
-    default_tls.configure(settings_for(tmp_path))
-    default_tls.tls_context(listener("mx", "starttls"))
+        tmp_path):
+    tls = default_tls.make_plugin(settings_for(tmp_path))
+    tls.tls_context(listener("mx", "starttls"))
     cert_file = tmp_path / "state" / "tls" / "selfsigned.crt"
     before = cert_file.read_bytes()
 
-    assert default_tls.reload() is True
+    assert tls.reload() is True
     assert cert_file.read_bytes() == before

@@ -32,7 +32,6 @@ import logging
 import os
 import re
 import shutil
-import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -322,6 +321,7 @@ class Spool:
             target_dir = self.root / job.state
             try:
                 os.rename(job.tmp_envelope, target_dir / f"{job.queue_id}.json")
+                job.created.remove(job.tmp_envelope)
                 by_dir.setdefault(target_dir, []).append(job)
             except OSError as e:
                 job.error = e
