@@ -24,7 +24,10 @@ Anything else aborts the benchmark.
 Server CPU per message is user+sys of the server process (all its threads,
 from ``/proc/PID/stat``) over the timed part. "busy" is the whole machine
 (``/proc/stat``), so the load generator's own CPU is in it; smtp-source's CPU
-per message is shown separately.
+per message is shown separately, and "others" is what every other process used
+meanwhile, in cores: on a shared machine, the interference to look at before
+trusting a round. The server's CPU is also split by thread (``/proc/PID/task``):
+the event-loop thread against the rest (Elemta's spool commit threads).
 
 ``--per-session 10``: smtp-source has no "messages per session" switch (``-r``
 is recipients), so it is run as consecutive batches of ``-d -s S -m S*10``:
@@ -32,10 +35,13 @@ each session sends about ten messages, then quits, and the next batch starts.
 Each batch start costs a few milliseconds of dead time, so that column is a
 slight lower bound.
 
-``--profile DIR``: after the rounds, one more Elemta run per setting under
-``py-spy record`` (200 Hz, non-blocking, on-CPU samples, raw collapsed stacks) writes
-``DIR/elemta-s<S>-r<R>.txt`` and prints where the samples went. Its
-throughput is not part of the table (the sampler slows the server down).
+``--profile DIR``: after the rounds, one more Elemta run per setting
+(``--profile-messages`` messages) under ``py-spy record --gil`` at 500 Hz
+writes ``DIR/elemta-s<S>-r<R>.txt`` (raw collapsed stacks) and prints where the
+samples went. A sample is taken of whichever thread holds the GIL, so it shows
+where Python's CPU goes, not time in system calls that release it (fsync,
+send, epoll); the per-thread user/sys split of the table covers those. Its
+throughput is not part of the table.
 """
 
 from __future__ import annotations
@@ -376,7 +382,8 @@ class Bench:
     shown: set[str] = field(default_factory=set)
 
     def run(self, kind: str, sessions: int, per_session: int, rnd: int,
-            profile: Path | None = None) -> Run:
+            profile: Path | None = None, messages: int | None = None) -> Run:
+        messages = self.messages if messages is None else messages
         workdir = Path(tempfile.mkdtemp(prefix=f"{kind}-", dir=self.root))
         server = SERVERS[kind](workdir, self.loop)
         sampler = None
@@ -386,7 +393,7 @@ class Bench:
             if self.warmup:
                 send(smtp_source_batches(self.smtp_source, server.port, self.warmup,
                                          sessions, per_session))
-            commands = smtp_source_batches(self.smtp_source, server.port, self.messages,
+            commands = smtp_source_batches(self.smtp_source, server.port, messages,
                                            sessions, per_session)
             before_accepted = server.accepted()
             if self.warmup and before_accepted is not None and before_accepted != self.warmup:
@@ -395,7 +402,7 @@ class Bench:
             if profile is not None:
                 sampler = subprocess.Popen(
                     [str(Path(sys.executable).parent / "py-spy"), "record", "--pid",
-                     str(server.pid), "--rate", "200", "--format", "raw", "--threads", "--nonblocking",
+                     str(server.pid), "--rate", "500", "--format", "raw", "--threads", "--gil",
                      "--output", str(profile)],
                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
                 time.sleep(1.0)  # let py-spy attach before the load starts
@@ -414,19 +421,19 @@ class Bench:
             if kind == "aiosmtpd":
                 total = server.final_count()  # type: ignore[attr-defined]
                 accepted = total - self.warmup
-                if total != self.warmup + self.messages:
+                if total != self.warmup + messages:
                     raise BenchError(f"aiosmtpd counted {total} messages, sent "
-                                     f"{self.warmup} + {self.messages}")
+                                     f"{self.warmup} + {messages}")
             else:
                 accepted = after_accepted - (before_accepted or 0)
-                if accepted != self.messages:
-                    raise BenchError(f"elemta: ready/ grew by {accepted}, sent {self.messages}")
+                if accepted != messages:
+                    raise BenchError(f"elemta: ready/ grew by {accepted}, sent {messages}")
             noise = server.stderr_text()
             if noise:
                 print(f"  [{kind} stderr] {noise[:500]}", file=sys.stderr)
             busy = (box1[0] - box0[0]) / max(1, box1[1] - box0[1])
             box_cpu = (box1[0] - box0[0]) / CLK_TCK
-            return Run(kind, sessions, per_session, rnd, self.messages, elapsed, cpu1 - cpu0,
+            return Run(kind, sessions, per_session, rnd, messages, elapsed, cpu1 - cpu0,
                        cli1 - cli0, busy, box_cpu, accepted,
                        tuple(b - a for a, b in zip(thr0, thr1)))  # type: ignore[arg-type]
         finally:
@@ -590,18 +597,14 @@ def _func(frame: str) -> str:
 
 
 def _area(frame: str) -> str:
-    if "/elemta/" in frame:
-        return "elemta"
-    if "/aiosmtpd/" in frame:
-        return "aiosmtpd"
-    if "selectors.py" in frame or "uvloop" in frame or "runners.py" in frame:
-        return "event loop: poll and C code (uvloop: all of its loop)"
-    if "/asyncio/" in frame:
-        return "asyncio (Python)"
-    for lib in ("prometheus_client", "pluggy", "pydantic", "logging", "email"):
-        if f"/{lib}/" in frame or f"/{lib}.py" in frame:
-            return lib
-    return "other (stdlib, C calls)"
+    """The package or module a frame is in: ``elemta``, ``aiosmtpd``, ``asyncio``, ``json``…"""
+    where = frame.partition(" (")[2].rsplit(":", 1)[0]
+    parts = where.split("/")
+    for anchor in ("elemta", "aiosmtpd", "asyncio", "uvloop"):
+        if anchor in parts:
+            return anchor
+    top = parts[-2] if len(parts) > 1 and parts[-2] not in ("", "lib") else parts[-1]
+    return top.removesuffix(".py")
 
 
 # ----------------------------------------------------------------------------- main
@@ -627,6 +630,8 @@ def main() -> int:
     ap.add_argument("--profile", type=Path, default=None,
                     help="after the rounds, profile one Elemta run per setting with py-spy "
                          "into this folder")
+    ap.add_argument("--profile-messages", type=int, default=10000,
+                    help="timed messages of a profiled run")
     ap.add_argument("--json", type=Path, default=None, help="write every run here")
     args = ap.parse_args()
 
@@ -669,7 +674,8 @@ def main() -> int:
             args.profile.mkdir(parents=True, exist_ok=True)
             for s, r in settings:
                 out = args.profile / f"elemta-s{s}-r{r}.txt"
-                run = bench.run("elemta", s, r, args.rounds, profile=out)
+                run = bench.run("elemta", s, r, args.rounds, profile=out,
+                                messages=args.profile_messages)
                 print(f"\n  profiled run s={s} r={r}: {run.rate:.0f} msgs/s under py-spy")
                 summarize_profile(out)
 

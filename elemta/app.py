@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import ssl
 from typing import Any, Iterable
 
 import pydantic
 
-from .config import ConfigError, ListenerSettings, Settings, validate_plugin_tables
+from .config import (ConfigError, ListenerSettings, Settings, parse_hostport,
+                     validate_plugin_tables)
 from .hookcall import HookCaller, HookFailure
 from .metrics import Metrics, MetricsServer
 from .plugins import enabled_names, make_plugin_manager
@@ -75,20 +77,41 @@ class App:
             await self.hooks.notify("startup", fatal=True, app=self)
         except HookFailure as f:
             raise StartupError(f"plugin {f.plugin} failed to start: {f.reason}") from None
-        counts = await asyncio.to_thread(self.spool.recover)
-        log.info("spool %s recovered: %s", self.spool.root,
-                 ", ".join(f"{k}={n}" for k, n in counts.items()))
-        self.metrics.bind_spool(self.spool.counts)
-        await self._load_tls()
-        for listener in self.settings.listeners:
-            await self._listen(listener)
-        if self.settings.metrics.enabled:
-            host, port = _hostport(self.settings.metrics.address)
-            self.metrics_server = MetricsServer(self.metrics, host, port, self.readiness)
-            await self.metrics_server.start()
+        try:
+            counts = await asyncio.to_thread(self.spool.recover)
+            log.info("spool %s recovered: %s", self.spool.root,
+                     ", ".join(f"{k}={n}" for k, n in counts.items()))
+            self.metrics.bind_spool(self.spool.counts)
+            await self._load_tls()
+            if self.settings.metrics.enabled:
+                host, port = parse_hostport(self.settings.metrics.address)
+                self.metrics_server = MetricsServer(self.metrics, host, port, self.readiness)
+                try:
+                    await self.metrics_server.start()
+                except OSError as e:
+                    raise StartupError(f"[metrics] address: cannot listen on "
+                                       f"{self.settings.metrics.address}: {_reason(e)} (is "
+                                       "another server using it? change [metrics] address)"
+                                       ) from None
+            for listener in self.settings.listeners:
+                await self._listen(listener)
+        except BaseException:
+            await self._abort_start()
+            raise
         self._started = True
         log.info("elemta started: %s", ", ".join(
             f"{lst.name}={lst.address}({lst.mode},{lst.tls})" for lst in self.settings.listeners))
+
+    async def _abort_start(self) -> None:
+        """Undo a half-finished start: close what opened, then run ``shutdown`` hooks."""
+        for server in self.servers.values():
+            server.close()
+        self.servers.clear()
+        if self.metrics_server is not None:
+            await self.metrics_server.stop()
+            self.metrics_server = None
+        await self.spool.close()
+        await self.hooks.notify("shutdown", reverse=True, app=self)
 
     async def _load_tls(self) -> None:
         for listener in self.settings.listeners:
@@ -121,7 +144,7 @@ class App:
                 reuse_address=True, backlog=1024)
         except OSError as e:
             raise StartupError(f"listener {listener.name}: cannot listen on "
-                               f"{listener.address}: {e.strerror} (is another server using "
+                               f"{listener.address}: {_reason(e)} (is another server using "
                                "it? change [[listeners]] address)") from None
         self.servers[listener.name] = server
 
@@ -147,6 +170,7 @@ class App:
             grace = self.settings.server.shutdown_grace_seconds
         for server in self.servers.values():
             server.close()
+        self.smtp.stopping = True
         for proto in list(self.smtp.sessions):
             proto.shutdown_idle()
         if not await self.smtp.wait_idle(grace):
@@ -165,10 +189,8 @@ class App:
         log.info("elemta stopped")
 
 
-def _hostport(address: str) -> tuple[str, int]:
-    from .config import parse_hostport
-
-    return parse_hostport(address)
+def _reason(e: OSError) -> str:
+    return os.strerror(e.errno) if e.errno else str(e)
 
 
 __all__ = ["App", "ConfigError", "StartupError"]

@@ -250,9 +250,6 @@ def test_serve_port_in_use(tmp_path: Path) -> None:
     assert "in use" in result.stderr
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "App.start does not turn the OSError of MetricsServer.start into a StartupError: a "
-    "[metrics] address already in use ends `elemta serve` with a Python traceback"))
 def test_serve_metrics_port_in_use(tmp_path: Path) -> None:
     with socket.socket() as holder:
         holder.bind(("127.0.0.1", 0))

@@ -499,10 +499,6 @@ async def test_sigterm_lets_data_in_progress_finish(plain_server) -> None:
     assert state_ids(spool) == {queue_id: "ready"}
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "ElemtaSMTP.shutdown_idle only spares a session that is inside a command (_busy); a "
-    "session with an open mail transaction (after RCPT, before DATA) is told 421 on SIGTERM "
-    "instead of being let finish within shutdown_grace_seconds"))
 async def test_sigterm_lets_open_transaction_finish(plain_server) -> None:
     server, port, spool = plain_server["server"], plain_server["port"], plain_server["spool"]
     busy = await _open_session(port, "EHLO busy.example", "MAIL FROM:<a@client.example>",

@@ -27,6 +27,7 @@ class SMTPContext:
         self.spool = spool
         self.metrics = metrics
         self.sessions: set[ElemtaSMTP] = set()
+        self.stopping = False  # graceful stop: close sessions as their transactions end
         self._per_ip: dict[str, int] = {}
         self._idle = asyncio.Event()
         self._idle.set()

@@ -156,8 +156,12 @@ class ElemtaSMTP(_AioSMTP):
             self.transport.close()
 
     def shutdown_idle(self) -> bool:
-        """Close the session if it is waiting for a command; used by graceful stop."""
-        if self._busy or self.transport is None:
+        """Close the session if it is between transactions; used by graceful stop.
+
+        A session inside a command or a mail transaction (after MAIL) is left to
+        finish; the command loop closes it when the transaction ends.
+        """
+        if self._busy or self.tx is not None or self.transport is None:
             return False
         self.reply("421 4.3.2 Service shutting down, closing connection")
         self.close()
@@ -268,6 +272,9 @@ class ElemtaSMTP(_AioSMTP):
                 self.reply("451 4.3.0 Internal error, please try again later")
             finally:
                 self._busy = False
+            if self.ctx.stopping and self.tx is None:
+                self.reply("421 4.3.2 Service shutting down, closing connection")
+                raise _Close
 
     async def _skip_long_line(self, consumed: int) -> None:
         reader = self._reader
@@ -288,6 +295,11 @@ class ElemtaSMTP(_AioSMTP):
     def _count_reject(self, stage: str, plugin: str | None, code: int) -> None:
         self.ctx.metrics.messages_rejected.labels(stage=stage, plugin=plugin or "core",
                                                   code=str(code)).inc()
+        conn, tx = self.conn, self.tx
+        log.info("session %s: %s refused with %d by %s (client=%s%s)",
+                 conn.id if conn else "-", stage, code, plugin or "core",
+                 conn.peer[0] if conn else "-",
+                 f" queue_id={tx.id} from=<{tx.sender}>" if tx is not None else "")
 
     def _verdict_reply(self, stage: str, plugin: str | None,
                        verdict: v.Reject | v.TempFail | v.Disconnect) -> None:

@@ -13,12 +13,13 @@ one state directory, and its content is then always in ``messages/``.
 Commit order for one message: content and envelope written to ``tmp/`` and
 fsynced; content linked into ``messages/`` and ``messages/`` fsynced; envelope
 renamed into its state directory and that directory fsynced. Only then does
-:meth:`Spool.commit` return and the SMTP layer answer 250. A crash before the
-last fsync leaves at worst an orphan content file or tmp leftovers, which
-:meth:`Spool.recover` removes; it never leaves an envelope without content.
+:meth:`Spool.commit` return and the SMTP layer answer 250. A crash before that
+leaves tmp leftovers and orphan content, which :meth:`Spool.recover` removes, or
+a complete message that was never acknowledged (the client sends it again: a
+duplicate, never a loss); never an envelope without its content.
 
-An fsync costs a few hundred microseconds here, and concurrent fsyncs of
-different files share journal commits, so commits are grouped: every commit
+An fsync costs from a few hundred microseconds to milliseconds, and concurrent
+fsyncs of different files share journal commits, so commits are grouped: every commit
 that arrives while a batch is on disk joins the next batch, whose files are
 fsynced in parallel and whose directories are fsynced once for all of them.
 At low load a batch is a single message and nothing waits for a timer.
