@@ -180,6 +180,30 @@ def children_cpu() -> float:
     return ru.ru_utime + ru.ru_stime
 
 
+def probe_disk(folder: Path, n: int = 100) -> tuple[float, float]:
+    """Median microseconds to create an empty file, and to create+write 4 KiB+fdatasync one."""
+    probe = Path(tempfile.mkdtemp(prefix="probe-", dir=folder))
+    create, durable = [], []
+    for i in range(n):  # the files stay until the benchmark's folder is removed
+        t = time.perf_counter()
+        os.close(os.open(probe / f"e{i}", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        create.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        fd = os.open(probe / f"d{i}", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        os.write(fd, b"x" * MESSAGE_BYTES)
+        os.fdatasync(fd)
+        os.close(fd)
+        durable.append(time.perf_counter() - t)
+    return statistics.median(create) * 1e6, statistics.median(durable) * 1e6
+
+
+def default_dir() -> Path | None:
+    # /tmp is often tmpfs (fsync is free there) or, on a shared build box, the most
+    # churned part of the disk; /var/tmp is on the disk a spool would use.
+    var_tmp = Path("/var/tmp")
+    return var_tmp if os.access(var_tmp, os.W_OK) else None
+
+
 def count_files(path: Path) -> int:
     with os.scandir(path) as it:
         return sum(1 for _ in it)
@@ -441,7 +465,9 @@ class Bench:
                 sampler.kill()
                 sampler.wait()
             server.stop()
-            shutil.rmtree(workdir, ignore_errors=True)
+            # The spool stays until the benchmark ends: deleting thousands of files
+            # makes the next run's file creations slower on some file systems
+            # (ext4 without a journal skips recently freed inodes one by one).
 
     def _show(self, kind: str, server: Server, sessions: int, per_session: int) -> None:
         key = f"{kind}-{sessions}-{per_session}"
@@ -575,7 +601,7 @@ def summarize_profile(path: Path, top: int = 20) -> None:
         print(f"  event-loop thread, top {top} functions by self time:")
         for f, n in main_self.most_common(top):
             print(f"    {pct(n, main)}  {f}")
-        print(f"  event-loop thread, elemta functions by inclusive time:")
+        print("  event-loop thread, elemta functions by inclusive time:")
         for f, n in main_incl.most_common(top):
             print(f"    {pct(n, main)}  {f}")
     if total > main:
@@ -625,8 +651,9 @@ def main() -> int:
                     help="messages per session, comma-separated (1, 10)")
     ap.add_argument("--servers", default="aiosmtpd,elemta")
     ap.add_argument("--uvloop", action="store_true", help="run both servers on uvloop")
-    ap.add_argument("--dir", type=Path, default=None,
-                    help="where the temporary spools go (put it on the disk a spool would use)")
+    ap.add_argument("--dir", type=Path, default=default_dir(),
+                    help="where the temporary spools go (default /var/tmp); put it on the disk "
+                         "a spool would use")
     ap.add_argument("--profile", type=Path, default=None,
                     help="after the rounds, profile one Elemta run per setting with py-spy "
                          "into this folder")
@@ -653,6 +680,12 @@ def main() -> int:
           f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}")
     runs: list[Run] = []
     with tempfile.TemporaryDirectory(prefix="elemta-accept-", dir=args.dir) as tmp:
+        create_us, durable_us = probe_disk(Path(tmp))
+        print(f"spools under {tmp}: creating a file takes {create_us:.0f} us, creating, "
+              f"writing {MESSAGE_BYTES} B and fdatasync {durable_us:.0f} us (medians)")
+        if create_us > 100:
+            print("  warning: creating a file is slow on this file system; Elemta creates two "
+                  "per message, so its figures depend on it (see docs/performance.md)")
         bench = Bench(smtp_source, args.messages, args.warmup, loop, Path(tmp))
         try:
             for rnd in range(args.rounds):

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import os
 import shutil
-from typing import Callable
+from typing import Callable, Iterator
 
 import pytest
+
+from .serverproc import ServerProcess, server_factory
 
 # Debian installs Postfix's tools (smtp-source, smtp-sink) in /usr/sbin, which
 # is often not on an unprivileged user's PATH.
@@ -37,3 +39,9 @@ def require_tool_or_skip(name: str) -> str:
 def require_tool() -> Callable[[str], str]:
     """``require_tool("swaks")`` → the tool's path (skips, or fails under CI=true)."""
     return require_tool_or_skip
+
+
+@pytest.fixture
+def start_server(tmp_path) -> "Iterator[Callable[..., ServerProcess]]":
+    """Factory: ``start_server(config_path, env=None)`` → a ready ``elemta serve`` process."""
+    yield from server_factory(tmp_path)

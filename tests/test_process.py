@@ -14,12 +14,11 @@ import signal
 import socket
 import ssl
 import subprocess
-import sys
 import time
 import urllib.request
 import uuid
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import aiosmtplib
 import pytest
@@ -29,106 +28,15 @@ from cryptography import x509
 from elemta.spool.envelope import STATES, Envelope
 from elemta.testing.fixtures import write_config
 
+from .serverproc import ServerProcess, elemta_command, free_port, listener
+
 REPO = Path(__file__).resolve().parent.parent
 SHIPPED_CONFIG = REPO / "elemta.toml"
-READY_TIMEOUT = 20.0
 HOSTNAME = "mx.example.test"
 QUEUED = re.compile(r"queued as ([A-Za-z0-9_-]+)")
 
 
 # ------------------------------------------------------------------ helpers
-
-
-def free_port() -> int:
-    """A TCP port that was free a moment ago (the listener config needs a fixed one)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def listener(name: str, port: int, mode: str = "smtp", tls: str = "none",
-             **extra: Any) -> dict[str, Any]:
-    return {"name": name, "address": f"127.0.0.1:{port}", "mode": mode, "tls": tls, **extra}
-
-
-def elemta_command(*args: str) -> list[str]:
-    return [sys.executable, "-m", "elemta", *args]
-
-
-class ServerProcess:
-    """``elemta serve --config PATH`` in a subprocess, ready once it wrote its PID."""
-
-    def __init__(self, config: Path, workdir: Path, env: dict[str, str] | None, n: int) -> None:
-        self.config = config
-        self.log_path = workdir / f"server-{n}.log"
-        self.ready_file = workdir / f"ready-{n}"
-        self.ready_file.unlink(missing_ok=True)
-        self._log = open(self.log_path, "wb")
-        full_env = {**os.environ, **(env or {}), "ELEMTA_READY_FILE": str(self.ready_file)}
-        full_env.pop("ELEMTA_LOAD_PLUGINS", None)
-        self.proc = subprocess.Popen(elemta_command("serve", "--config", str(config)),
-                                     cwd=workdir, env=full_env, stdin=subprocess.DEVNULL,
-                                     stdout=self._log, stderr=subprocess.STDOUT)
-        self._wait_ready()
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def output(self) -> str:
-        self._log.flush()
-        return self.log_path.read_text(errors="replace")
-
-    def _wait_ready(self) -> None:
-        deadline = time.monotonic() + READY_TIMEOUT
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                pytest.fail(f"elemta serve exited with status {self.proc.returncode} before "
-                            f"it was ready; its output:\n{self.output()}", pytrace=False)
-            try:
-                if self.ready_file.read_text().strip() == str(self.proc.pid):
-                    return
-            except FileNotFoundError:
-                pass
-            time.sleep(0.05)
-        self.kill()
-        pytest.fail(f"elemta serve did not write {self.ready_file} within {READY_TIMEOUT}s; "
-                    f"its output:\n{self.output()}", pytrace=False)
-
-    def send_signal(self, sig: int) -> None:
-        self.proc.send_signal(sig)
-
-    def wait(self, timeout: float) -> int:
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.kill()
-            pytest.fail(f"elemta serve did not exit within {timeout}s; its output:\n"
-                        f"{self.output()}", pytrace=False)
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:  # pragma: no cover - the kernel is stuck
-                pass
-        self._log.close()
-
-
-@pytest.fixture
-def start_server(tmp_path: Path) -> Iterator[Callable[..., ServerProcess]]:
-    """Factory: ``start_server(config_path, env=None)`` → a ready :class:`ServerProcess`."""
-    started: list[ServerProcess] = []
-
-    def start(config: Path, env: dict[str, str] | None = None) -> ServerProcess:
-        server = ServerProcess(config, tmp_path, env, len(started))
-        started.append(server)
-        return server
-
-    yield start
-    for server in started:
-        server.kill()
 
 
 def run_cli(*args: str, cwd: Path, timeout: float = 60) -> subprocess.CompletedProcess[str]:
