@@ -43,35 +43,37 @@ def load_or_exit(path: Path) -> Settings:
         fail("configuration error:\n  " + "\n  ".join(e.problems))
 
 
-config_option = click.option(
-    "--config", "config_path", type=click.Path(path_type=Path), default=None,
-    help=f"Configuration file (default: ./{DEFAULT_CONFIG}).")
-
-
-def _state(config_path: Path | None) -> CLIState:
-    state: CLIState = click.get_current_context().ensure_object(CLIState)
-    if config_path is not None:
-        state.config_path = config_path
+def _set_config(ctx: click.Context, param: click.Parameter, value: Path | None) -> None:
+    if value is not None:
+        state = ctx.ensure_object(CLIState)
+        state.config_path = value
         state._settings = None
-    return state
+
+
+config_option = click.option(
+    "--config", type=click.Path(path_type=Path), default=None, expose_value=False,
+    callback=_set_config, help=f"Configuration file (default: ./{DEFAULT_CONFIG}).")
+"""``--config`` accepted before or after any command name."""
+
+
+def _state() -> CLIState:
+    return click.get_current_context().ensure_object(CLIState)
 
 
 @click.group()
-@config_option
 @click.version_option(package_name="elemta")
-@click.pass_context
-def main(ctx: click.Context, config_path: Path | None) -> None:
+@config_option
+def main() -> None:
     """Elemta: a plugin-driven mail filter pipeline server."""
-    ctx.obj = CLIState(config_path or Path(DEFAULT_CONFIG))
 
 
 @main.command()
 @config_option
-def serve(config_path: Path | None) -> None:
+def serve() -> None:
     """Run the server until SIGTERM/SIGINT (SIGHUP reloads TLS certificates)."""
     from .log import setup_logging
 
-    settings = _state(config_path).settings
+    settings = _state().settings
     setup_logging(settings.log)
     if settings.server.event_loop == "uvloop":
         try:
@@ -111,11 +113,15 @@ async def _serve(settings: Settings) -> None:
 
 @main.command("check-config")
 @click.argument("path", type=click.Path(path_type=Path), required=False)
+@config_option
 def check_config(path: Path | None) -> None:
     """Validate a configuration file (and the plugins it enables) without starting."""
     from .app import App
 
-    state = _state(path)
+    state = _state()
+    if path is not None:
+        state.config_path = path
+        state._settings = None
     settings = state.settings
     try:
         App(settings)
@@ -130,7 +136,7 @@ def check_config(path: Path | None) -> None:
 
 @main.command()
 @config_option
-def plugins(config_path: Path | None) -> None:
+def plugins() -> None:
     """List installed and enabled plugins, their hooks and the call order per hook."""
     from rich.console import Console
     from rich.table import Table
@@ -139,7 +145,7 @@ def plugins(config_path: Path | None) -> None:
     from .hookspecs import hook_names
     from .plugins import enabled_names, installed_plugins, make_plugin_manager, plugin_hooks
 
-    settings = _state(config_path).settings
+    settings = _state().settings
     installed = installed_plugins()
     enabled = enabled_names(settings.plugins.enabled)
     try:

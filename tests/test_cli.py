@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import aiosmtplib
-import pytest
 
 from elemta.testing.fixtures import write_config
 
@@ -217,10 +216,6 @@ async def test_queue_show_unknown_id(elemta_server: Any, tmp_path: Path) -> None
     assert "Traceback" not in result.stderr
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "`--config` is accepted after `serve` and `plugins` but not after `queue <command>` "
-    "(nor `check-config`, which takes a positional PATH): `elemta queue list --config X` "
-    "fails with \"No such option '--config'\""))
 def test_queue_accepts_config_after_the_command(tmp_path: Path) -> None:
     path = write_config(tmp_path / "cfg")
     (tmp_path / "cfg" / "queue").mkdir()

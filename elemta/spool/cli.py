@@ -19,6 +19,7 @@ from rich.filesize import decimal
 from rich.table import Table
 from rich.text import Text
 
+from ..cli import config_option
 from ..config import DEFAULT_CONFIG, ConfigError, load_settings
 from .envelope import STATES, Envelope
 from .incoming import HEADER_CAP_BYTES
@@ -26,6 +27,7 @@ from .store import Spool
 
 
 @click.group("queue")
+@config_option
 def queue_group() -> None:
     """Inspect the messages in the spool."""
 
@@ -81,6 +83,7 @@ def _timestamp(t: float | None, now: float) -> str:
 
 
 @queue_group.command("list")
+@config_option
 @click.option("--state", type=click.Choice(STATES), help="Only messages in this state.")
 def list_messages(state: str | None) -> None:
     """List queued messages, oldest first."""
@@ -108,6 +111,7 @@ def list_messages(state: str | None) -> None:
 
 
 @queue_group.command("show")
+@config_option
 @click.argument("queue_id")
 def show_message(queue_id: str) -> None:
     """Show one message: envelope, recipients and header section."""
