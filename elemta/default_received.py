@@ -12,6 +12,7 @@ for SMTPUTF8 per RFC 6531). The authenticated identity itself is not disclosed.
 from __future__ import annotations
 
 import email.utils
+import time
 from datetime import datetime, timezone
 
 from .config import Settings
@@ -50,8 +51,19 @@ class ReceivedHeader:
             parts.append(f"(version={t.version} cipher={t.cipher} bits={t.bits})")
         if len(tx.recipients) == 1:
             parts.append(f"for <{tx.recipients[0].address}>")
-        date = email.utils.format_datetime(datetime.now(timezone.utc).replace(microsecond=0))
-        return "\r\n\t".join(parts) + f"; {date}"
+        return "\r\n\t".join(parts) + f"; {_date()}"
+
+
+_last_date: tuple[int, str] = (0, "")
+
+
+def _date() -> str:
+    """RFC 5322 date of this second (formatting it costs more than the rest of the header)."""
+    global _last_date
+    now = int(time.time())
+    if _last_date[0] != now:
+        _last_date = (now, email.utils.format_datetime(datetime.fromtimestamp(now, timezone.utc)))
+    return _last_date[1]
 
 
 def make_plugin(settings: Settings) -> ReceivedHeader:

@@ -82,6 +82,7 @@ class ElemtaSMTP(_AioSMTP):
         self._decode_data = False
         self._timeout_duration = ctx.settings.server.command_timeout_seconds
         self._timeout_handle: asyncio.TimerHandle | None = None
+        self._deadline = 0.0
         self._tls_handshake_okay = True
         self._tls_protocol = None
         self._original_transport = None
@@ -128,7 +129,21 @@ class ElemtaSMTP(_AioSMTP):
         finally:
             self.ctx.release(self)
 
+    def _reset_timeout(self, duration: float | None = None) -> None:
+        # Called for every command and DATA chunk: move a deadline instead of
+        # cancelling and re-creating a timer each time.
+        loop = self.loop
+        self._deadline = loop.time() + (duration or self._timeout_duration)
+        handle = self._timeout_handle
+        if handle is None or handle.cancelled() or handle.when() > self._deadline:
+            if handle is not None:
+                handle.cancel()
+            self._timeout_handle = loop.call_at(self._deadline, self._timeout_cb)
+
     def _timeout_cb(self) -> None:
+        if self.loop.time() < self._deadline:
+            self._timeout_handle = self.loop.call_at(self._deadline, self._timeout_cb)
+            return
         if self.transport is not None and not self.transport.is_closing():
             log.info("session %s: timeout, closing", self.conn.id if self.conn else "-")
             self.transport.write(b"421 4.4.2 " + self.hostname.encode() +
