@@ -119,7 +119,7 @@ ELEMTA_CONFIG = textwrap.dedent('''
     tls = "none"
 
     [spool]
-    path = "spool"
+    path = "spool"{spool_extra}
 
     [metrics]
     enabled = false
@@ -197,11 +197,29 @@ def probe_disk(folder: Path, n: int = 100) -> tuple[float, float]:
     return statistics.median(create) * 1e6, statistics.median(durable) * 1e6
 
 
+def code_version() -> str:
+    """The commit of the checkout being measured, with "+changes" if elemta/ is modified."""
+    repo = Path(__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(["git", "-C", str(repo), "rev-parse", "--short", "HEAD"],
+                              capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--", "elemta"],
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown (not a git checkout)"
+    return head + (" +changes in elemta/" if dirty else "")
+
+
 def default_dir() -> Path | None:
     # /tmp is often tmpfs (fsync is free there) or, on a shared build box, the most
     # churned part of the disk; /var/tmp is on the disk a spool would use.
     var_tmp = Path("/var/tmp")
     return var_tmp if os.access(var_tmp, os.W_OK) else None
+
+
+def py_spy() -> str:
+    local = Path(sys.executable).parent / "py-spy"
+    return str(local) if local.exists() else (shutil.which("py-spy") or "py-spy")
 
 
 def count_files(path: Path) -> int:
@@ -300,6 +318,8 @@ class Baseline(Server):
 class Elemta(Server):
     name = "elemta"
 
+    commit_threads: int | None = None
+
     def __init__(self, workdir: Path, loop: str) -> None:
         super().__init__(workdir, loop)
         self.config = workdir / "elemta.toml"
@@ -307,8 +327,10 @@ class Elemta(Server):
 
     def start(self) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
+        extra = ("" if self.commit_threads is None
+                 else f"\ncommit_threads = {self.commit_threads}")
         self.config.write_text(ELEMTA_CONFIG.format(loop=self.loop, port=self.port,
-                                                    domain=LOCAL_DOMAIN))
+                                                    domain=LOCAL_DOMAIN, spool_extra=extra))
         super().start()
 
     def command(self) -> list[str]:
@@ -424,11 +446,12 @@ class Bench:
                 raise BenchError(f"{kind}: {before_accepted} messages in the spool after a "
                                  f"warm-up of {self.warmup}")
             if profile is not None:
+                sampler_log = open(workdir / "py-spy.log", "wb")
                 sampler = subprocess.Popen(
-                    [str(Path(sys.executable).parent / "py-spy"), "record", "--pid",
-                     str(server.pid), "--rate", "500", "--format", "raw", "--threads", "--gil",
-                     "--output", str(profile)],
-                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                    [py_spy(), "record", "--pid", str(server.pid), "--rate", "500",
+                     "--format", "raw", "--threads", "--gil", "--output", str(profile)],
+                    stdout=sampler_log, stderr=subprocess.STDOUT)
+                sampler_log.close()
                 time.sleep(1.0)  # let py-spy attach before the load starts
             thr0 = thread_cpu(server.pid)
             cpu0, box0, cli0 = proc_cpu(server.pid), box_times(), children_cpu()
@@ -440,6 +463,9 @@ class Bench:
             if sampler is not None:
                 sampler.send_signal(signal.SIGINT)
                 sampler.wait(60)
+                if not profile.exists():  # type: ignore[union-attr]
+                    raise BenchError("py-spy wrote no profile:\n" + (workdir / "py-spy.log")
+                                     .read_text(errors="replace")[-2000:])
             after_accepted = server.accepted()
             server.stop()
             if kind == "aiosmtpd":
@@ -592,7 +618,7 @@ def summarize_profile(path: Path, top: int = 20) -> None:
     def pct(n: int, of: int) -> str:
         return f"{n * 100 / of:5.1f}%"
 
-    print(f"\n  {path}: {total} on-CPU samples; by thread: "
+    print(f"\n  {path}: {total} samples of the GIL holder; by thread: "
           + ", ".join(f"{t} {pct(n, total).strip()}" for t, n in threads.most_common()))
     if main:
         print(f"  event-loop thread, self time by area ({main} samples = 100%):")
@@ -642,15 +668,17 @@ def parse_ints(text: str) -> list[int]:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=3, help="rounds; each runs every server once per setting")
     ap.add_argument("--messages", type=int, default=5000, help="timed messages per run")
     ap.add_argument("--warmup", type=int, default=1000, help="unrecorded messages per run")
     ap.add_argument("--concurrency", type=parse_ints, default=[10, 100],
                     help="smtp-source sessions (-s), comma-separated")
     ap.add_argument("--per-session", type=parse_ints, default=[1],
                     help="messages per session, comma-separated (1, 10)")
-    ap.add_argument("--servers", default="aiosmtpd,elemta")
+    ap.add_argument("--servers", default="aiosmtpd,elemta", help="servers to run, comma-separated")
     ap.add_argument("--uvloop", action="store_true", help="run both servers on uvloop")
+    ap.add_argument("--commit-threads", type=int, default=None,
+                    help="Elemta's [spool] commit_threads (default: Elemta's default)")
     ap.add_argument("--dir", type=Path, default=default_dir(),
                     help="where the temporary spools go (default /var/tmp); put it on the disk "
                          "a spool would use")
@@ -667,17 +695,22 @@ def main() -> int:
         print("smtp-source not found: apt-get install postfix (it is in /usr/sbin)",
               file=sys.stderr)
         return 2
+    if args.profile is not None and shutil.which(py_spy()) is None:
+        print("--profile needs py-spy: .venv/bin/pip install py-spy", file=sys.stderr)
+        return 2
     kinds = [k for k in args.servers.split(",") if k]
     for k in kinds:
         if k not in SERVERS:
             ap.error(f"unknown server {k!r}; choose from {', '.join(SERVERS)}")
     loop = "uvloop" if args.uvloop else "asyncio"
+    Elemta.commit_threads = args.commit_threads
     settings = [(s, r) for r in args.per_session for s in args.concurrency]
 
     started = time.strftime("%Y-%m-%d %H:%M:%S %Z")
     print(f"accept benchmark, {started}: {args.messages} messages of {MESSAGE_BYTES} B per run "
           f"(+{args.warmup} warm-up), {args.rounds} rounds, event loop {loop}, "
-          f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}")
+          f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}, elemta at "
+          f"{code_version()}")
     runs: list[Run] = []
     with tempfile.TemporaryDirectory(prefix="elemta-accept-", dir=args.dir) as tmp:
         create_us, durable_us = probe_disk(Path(tmp))
@@ -716,7 +749,7 @@ def main() -> int:
           f"{os.getloadavg()[0]:.2f}")
     if args.json is not None:
         args.json.write_text(json.dumps({
-            "started": started, "loop": loop, "messages": args.messages,
+            "started": started, "code": code_version(), "loop": loop, "messages": args.messages,
             "warmup": args.warmup, "rounds": args.rounds, "summary": summary,
             "runs": [{**asdict(r), "rate": r.rate, "cpu_us": r.cpu_us, "others": r.others}
                      for r in runs]},

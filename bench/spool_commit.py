@@ -135,22 +135,27 @@ def main() -> int:
     messages = args.messages - args.messages % args.concurrency
     print(f"{messages} messages of {len(content)} bytes, {args.concurrency} concurrent "
           f"committers, {args.threads} commit threads, {'uvloop' if args.uvloop else 'asyncio'}")
-    group_rates, naive_rates = [], []
-    for r in range(args.rounds):
-        with tempfile.TemporaryDirectory(dir=args.dir, prefix="spool-bench-") as d:
-            cpu = cpu_seconds()
-            elapsed, lat = runner(run_naive(Path(d) / "naive", content, messages, args.concurrency))
-            cpu = cpu_seconds() - cpu
-            naive_rates.append(messages / elapsed)
-            print(describe(f"naive [{r + 1}]", messages, elapsed, cpu, lat))
-            cpu = cpu_seconds()
-            elapsed, lat, spool = runner(run_group(Path(d) / "group", content, messages,
-                                                   args.concurrency, args.threads))
-            cpu = cpu_seconds() - cpu
-            group_rates.append(messages / elapsed)
-            print(describe(f"group [{r + 1}]", messages, elapsed, cpu, lat)
-                  + f"  {spool.stats.batches} batches, largest {spool.stats.largest_batch}")
-    g, n = statistics.median(group_rates), statistics.median(naive_rates)
+    rates: dict[str, list[float]] = {"naive": [], "group": []}
+    # One directory for all rounds, removed at the end: on a file system mounted
+    # with -o discard, deleting a round's files slows the next round's fsyncs.
+    with tempfile.TemporaryDirectory(dir=args.dir, prefix="spool-bench-") as d:
+        for r in range(args.rounds):
+            # alternate the order so that drift in the disk's speed hits both alike
+            for variant in ("naive", "group") if r % 2 == 0 else ("group", "naive"):
+                root = Path(d) / f"{variant}{r}"
+                cpu = cpu_seconds()
+                extra = ""
+                if variant == "naive":
+                    elapsed, lat = runner(run_naive(root, content, messages, args.concurrency))
+                else:
+                    elapsed, lat, spool = runner(run_group(root, content, messages,
+                                                           args.concurrency, args.threads))
+                    extra = f"  {spool.stats.batches} batches, largest {spool.stats.largest_batch}"
+                cpu = cpu_seconds() - cpu
+                rates[variant].append(messages / elapsed)
+                print(describe(f"{variant} [{r + 1}]", messages, elapsed, cpu, lat) + extra,
+                      flush=True)
+    g, n = statistics.median(rates["group"]), statistics.median(rates["naive"])
     print(f"median: group commit {g:.0f} msgs/s, naive {n:.0f} msgs/s ({g / n:.1f}x)")
     return 0
 
