@@ -45,7 +45,7 @@ class App:
         self._plugin_settings = self._validate_plugin_config()
         self.metrics = Metrics()
         self.hooks = HookCaller(self.pm, self.plugin_order, settings.plugins.timeout_for,
-                                self.metrics.hook_duration)
+                                self.metrics.hook_duration if settings.metrics.enabled else None)
         spool = settings.spool
         self.spool = Spool(settings.resolve(spool.path), commit_threads=spool.commit_threads,
                            memory_bytes=spool.memory_bytes)

@@ -70,6 +70,8 @@ def remove_forged(message: Message, ours: str) -> int:
     The core calls this before the ``authentication_results_header`` hook, so a
     plugin that replaces the built-in header cannot forget it.
     """
+    if b"authentication-results" not in message.header_bytes().lower():
+        return 0  # the common case: no need to parse the header section
     ours = ours.lower()
     removed = message.remove_headers(
         lambda name, value: name.lower() == "authentication-results"

@@ -19,6 +19,7 @@ from .smtp.address import is_postmaster
 from .verdicts import Accept, Reject
 
 RELAY_DENIED = Reject(550, "5.7.1", "Relaying denied")
+ACCEPT = Accept()
 
 
 class RelayPolicy:
@@ -43,9 +44,9 @@ class RelayPolicy:
     @hookimpl(trylast=True)
     def rcpt(self, session: Session, recipient: Recipient) -> Accept | Reject:
         if recipient.domain in self.local_domains or is_postmaster(recipient.address):
-            return Accept()
+            return ACCEPT
         if self.may_relay(session):
-            return Accept()
+            return ACCEPT
         return RELAY_DENIED
 
 

@@ -83,13 +83,23 @@ class HookCaller:
         self._cache[hook] = result
         return result
 
-    async def _call(self, hook: str, impl: Impl, kwargs: dict[str, Any]) -> Any:
+    def _call_sync(self, hook: str, impl: Impl, kwargs: dict[str, Any]) -> Any:
+        """Call a plain ``def`` implementation (most built-ins): no coroutine, no timer."""
         start = time.perf_counter()
         try:
-            result = impl.function(*[kwargs[a] for a in impl.argnames])
-            if inspect.isawaitable(result):
-                async with asyncio.timeout(impl.timeout):
-                    result = await result
+            return impl.function(*[kwargs[a] for a in impl.argnames])
+        except Exception as e:
+            raise self._raised(hook, impl, e) from e
+        finally:
+            if impl.observe is not None:
+                impl.observe(time.perf_counter() - start)
+
+    async def _await(self, hook: str, impl: Impl, awaitable: Any) -> Any:
+        """Await an implementation's result under its timeout."""
+        start = time.perf_counter()
+        try:
+            async with asyncio.timeout(impl.timeout):
+                return await awaitable
         except TimeoutError:
             log.error("plugin %s timed out in hook %s after %.1fs", impl.plugin, hook,
                       impl.timeout)
@@ -97,13 +107,21 @@ class HookCaller:
         except asyncio.CancelledError:
             raise
         except Exception as e:
-            log.error("plugin %s raised in hook %s: %s: %s", impl.plugin, hook,
-                      type(e).__name__, e, exc_info=e)
-            raise HookFailure(hook, impl.plugin, f"{type(e).__name__}: {e}") from e
+            raise self._raised(hook, impl, e) from e
         finally:
             if impl.observe is not None:
                 impl.observe(time.perf_counter() - start)
+
+    async def _call(self, hook: str, impl: Impl, kwargs: dict[str, Any]) -> Any:
+        result = self._call_sync(hook, impl, kwargs)
+        if impl.is_async or inspect.isawaitable(result):
+            return await self._await(hook, impl, result)
         return result
+
+    def _raised(self, hook: str, impl: Impl, e: Exception) -> HookFailure:
+        log.error("plugin %s raised in hook %s: %s: %s", impl.plugin, hook,
+                  type(e).__name__, e, exc_info=e)
+        return HookFailure(hook, impl.plugin, f"{type(e).__name__}: {e}")
 
     def _bad_type(self, hook: str, impl: Impl, result: Any, allowed: str) -> HookFailure:
         log.error("plugin %s returned %r from hook %s; allowed: %s", impl.plugin, result,
@@ -115,7 +133,9 @@ class HookCaller:
                     **kwargs: Any) -> tuple[str | None, Any]:
         """First verdict (or answer) wins: ``(plugin, result)``, or ``(None, None)``."""
         for impl in self.impls(hook):
-            result = await self._call(hook, impl, kwargs)
+            result = self._call_sync(hook, impl, kwargs)
+            if impl.is_async or inspect.isawaitable(result):
+                result = await self._await(hook, impl, result)
             if result is None:
                 continue
             if not isinstance(result, allowed):

@@ -148,7 +148,7 @@ class Message:
     fields with :meth:`remove_headers`.
     """
 
-    __slots__ = ("_header_block", "_body", "_body_path", "size", "headers", "_removed",
+    __slots__ = ("_header_block", "_body", "_body_path", "size", "_headers", "_removed",
                  "added", "stash")
 
     def __init__(self, header_block: bytes, body: bytes | None, body_path: str | None,
@@ -157,10 +157,17 @@ class Message:
         self._body = body
         self._body_path = body_path
         self.size = size
-        self.headers: list[tuple[str, str]] = parse_header_block(header_block)
+        self._headers: list[tuple[str, str]] | None = None
         self._removed: set[int] = set()
         self.added: list[tuple[str, str]] = []
         self.stash = Stash()
+
+    @property
+    def headers(self) -> list[tuple[str, str]]:
+        """The received header fields as (name, unfolded value), parsed on first use."""
+        if self._headers is None:
+            self._headers = parse_header_block(self._header_block)
+        return self._headers
 
     def header(self, name: str) -> str | None:
         """The first header field called ``name`` (case-insensitive), unfolded."""

@@ -20,10 +20,11 @@ class Verdict:
     headers: Headers = field(default=(), kw_only=True)
 
     def __post_init__(self) -> None:
-        from .models import check_header
+        if self.headers:
+            from .models import check_header
 
-        for name, value in self.headers:
-            check_header(name, value)
+            for name, value in self.headers:
+                check_header(name, value)
 
 
 @dataclass(frozen=True, slots=True)

@@ -84,7 +84,7 @@ class SMTPContext:
         self._labels(proto.listener.name)[1].dec()  # type: ignore[attr-defined]
         if not self.sessions:
             self._idle.set()
-        if proto.conn is not None:
+        if proto.conn is not None and self.hooks.impls("disconnect"):
             task = asyncio.get_running_loop().create_task(
                 self.hooks.notify("disconnect", session=proto.conn))
             self._tasks.add(task)

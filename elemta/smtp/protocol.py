@@ -671,7 +671,7 @@ class ElemtaSMTP(_AioSMTP):
                 last = False
             except asyncio.IncompleteReadError:
                 raise _Close from None
-            chunk = carry + piece
+            chunk = carry + piece if carry else piece
             if last:
                 chunk = chunk[:-3]   # keep the CRLF that ends the last line
                 carry = b""
