@@ -581,3 +581,19 @@ async def test_plaintext_client_on_implicit_tls_port_is_dropped(elemta_server):
     data = await asyncio.wait_for(reader.read(100), 10)
     assert not data.startswith(b"250")
     writer.close()
+
+
+async def test_one_log_line_per_transaction_with_its_queue_id(elemta_server, caplog):
+    server = await elemta_server()
+    caplog.set_level("INFO", logger="elemta.smtp")
+    async with RawSMTP(server.port("mx")) as c:
+        await c.cmd("EHLO client.example")
+        reply = await c.send_message("a@b.example", ["u@example.test"], MSG)
+        await c.cmd("MAIL FROM:<a@b.example>")
+        await c.cmd("RCPT TO:<x@elsewhere.example>")
+    queue_id = reply.text.rsplit(" ", 1)[1]
+    lines = [r.getMessage() for r in caplog.records if queue_id in r.getMessage()]
+    assert len(lines) == 1
+    assert lines[0].startswith(f"{queue_id}: queued from=<a@b.example> nrcpt=1")
+    refused = [r.getMessage() for r in caplog.records if "rcpt refused with 550" in r.getMessage()]
+    assert len(refused) == 1 and "from=<a@b.example>" in refused[0]
