@@ -177,6 +177,35 @@ class LogSettings(_Settings):
     format: Literal["text", "json"] = "text"
 
 
+class DNSSettings(_Settings):
+    nameservers: tuple[str, ...] = ()
+    timeout_seconds: float = Field(5.0, gt=0)
+    attempts: int = Field(2, ge=1, le=10)
+    cache_max_entries: int = Field(10_000, ge=0)
+    min_ttl_seconds: int = Field(0, ge=0)
+    max_ttl_seconds: int = Field(86_400, ge=0)
+    negative_ttl_seconds: int = Field(900, ge=0)
+
+    @field_validator("nameservers")
+    @classmethod
+    def _nameservers(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        for ns in v:
+            host, _ = parse_hostport(ns, "a nameserver")
+            try:
+                ipaddress.ip_address(host)
+            except ValueError:
+                # a nameserver given by name would need DNS to be found
+                raise ValueError(f"a nameserver must be an IP address with a port, such as "
+                                 f'"127.0.0.1:53" or "[::1]:53", got {ns!r}') from None
+        return v
+
+    @model_validator(mode="after")
+    def _ttl_bounds(self) -> DNSSettings:
+        if self.min_ttl_seconds > self.max_ttl_seconds:
+            raise ValueError("min_ttl_seconds must not be larger than max_ttl_seconds")
+        return self
+
+
 class DomainSettings(_Settings):
     max_message_bytes: int | None = Field(None, gt=0)
 
@@ -218,6 +247,7 @@ class Settings(_Settings):
     spool: SpoolSettings = SpoolSettings()
     metrics: MetricsSettings = MetricsSettings()
     log: LogSettings = LogSettings()
+    dns: DNSSettings = DNSSettings()
     domains: dict[str, DomainSettings] = Field(default_factory=dict)
     plugins: PluginsSettings = PluginsSettings()
     # where the file was read from; relative paths are relative to its folder

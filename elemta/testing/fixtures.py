@@ -15,7 +15,7 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, AsyncIterator, Awaitable, Callable, Iterable
+from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable, Callable, Iterable, Iterator
 
 import pytest
 import pytest_asyncio
@@ -23,6 +23,9 @@ import tomlkit
 
 from ..app import App
 from ..config import Settings, load_settings
+
+if TYPE_CHECKING:
+    from .dns import ZoneServer
 
 
 def default_config(root: Path) -> dict[str, Any]:
@@ -114,3 +117,15 @@ async def elemta_server(tmp_path: Path) -> AsyncIterator[ServerFactory]:
 def elemta_config(tmp_path: Path) -> Callable[[dict[str, Any] | None], Path]:
     """Factory writing a test ``elemta.toml`` and returning its path."""
     return lambda config=None: write_config(tmp_path / "config", config)
+
+
+@pytest.fixture
+def dns_server() -> Iterator["ZoneServer"]:
+    """An authoritative DNS server on 127.0.0.1 (UDP and TCP) serving zones the test edits live.
+
+    See :class:`elemta.testing.dns.ZoneServer`; needs dnslib (a test dependency).
+    """
+    from .dns import ZoneServer
+
+    with ZoneServer() as server:
+        yield server
