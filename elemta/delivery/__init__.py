@@ -1,0 +1,1 @@
+"""Outbound delivery: what happens to a spooled message after the 250."""
