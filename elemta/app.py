@@ -24,6 +24,7 @@ from .metrics import Metrics, MetricsServer
 from .plugins import enabled_names, make_plugin_manager
 from .smtp.context import SMTPContext
 from .smtp.protocol import ElemtaSMTP
+from .delivery.runner import Runner
 from .spool.store import Spool
 
 log = logging.getLogger("elemta")
@@ -53,6 +54,7 @@ class App:
         self.servers: dict[str, asyncio.base_events.Server] = {}
         self.tls_contexts: dict[str, ssl.SSLContext] = {}
         self.metrics_server: MetricsServer | None = None
+        self.runner: Runner | None = None
         self._started = False
 
     def _validate_plugin_config(self) -> dict[str, pydantic.BaseModel]:
@@ -95,6 +97,9 @@ class App:
                                        ) from None
             for listener in self.settings.listeners:
                 await self._listen(listener)
+            if self.settings.delivery.enabled:
+                self.runner = Runner(self)
+                await self.runner.start()
         except BaseException:
             await self._abort_start()
             raise
@@ -104,6 +109,9 @@ class App:
 
     async def _abort_start(self) -> None:
         """Undo a half-finished start: close what opened, then run ``shutdown`` hooks."""
+        if self.runner is not None:
+            await self.runner.stop()
+            self.runner = None
         for server in self.servers.values():
             server.close()
         self.servers.clear()
@@ -181,6 +189,9 @@ class App:
             await self.smtp.wait_idle(5)
         for server in self.servers.values():
             await server.wait_closed()
+        if self.runner is not None:
+            await self.runner.stop(grace)
+            self.runner = None
         await self.spool.close()
         if self.metrics_server is not None:
             await self.metrics_server.stop()

@@ -206,6 +206,77 @@ class DNSSettings(_Settings):
         return self
 
 
+OutboundTLS = Literal["none", "opportunistic", "required", "verify"]
+
+
+class RouteSettings(_Settings):
+    """A static route: deliver a domain's mail to this host instead of its MX."""
+
+    host: str
+    tls: OutboundTLS = "opportunistic"
+    username: str | None = None
+    password: Secret | None = None
+    ca_file: Path | None = None
+
+    @field_validator("host")
+    @classmethod
+    def _host(cls, v: str) -> str:
+        parse_hostport(v, "host")
+        return v
+
+    @model_validator(mode="after")
+    def _credentials(self) -> "RouteSettings":
+        if (self.username is None) != (self.password is None):
+            raise ValueError("set both username and password, or neither")
+        if self.username is not None and self.tls == "none":
+            raise ValueError('AUTH needs TLS: set tls = "required" or "verify" for a route '
+                             "with credentials")
+        return self
+
+
+class DeliverySettings(_Settings):
+    enabled: bool = True
+    workers: int = Field(20, ge=1, le=1000)
+    max_per_destination: int = Field(10, ge=1)
+    helo_name: str | None = None
+    port: int = Field(25, ge=1, le=65535)
+    tls: OutboundTLS = "opportunistic"
+    retry_intervals_seconds: tuple[float, ...] = (300, 900, 1800, 3600, 14400, 28800, 86400)
+    bounce_after_seconds: float = Field(172_800, gt=0)
+    delay_notice_after_seconds: float = Field(0, ge=0)
+    connect_timeout_seconds: float = Field(30, gt=0)
+    command_timeout_seconds: float = Field(300, gt=0)
+    idle_connection_seconds: float = Field(10, ge=0)
+    routes: dict[str, RouteSettings] = Field(default_factory=dict)
+    mx_overrides: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("retry_intervals_seconds")
+    @classmethod
+    def _intervals(cls, v: tuple[float, ...]) -> tuple[float, ...]:
+        if not v or any(i <= 0 for i in v):
+            raise ValueError("give at least one retry interval, every one greater than 0")
+        return v
+
+    @field_validator("routes")
+    @classmethod
+    def _routes(cls, v: dict[str, RouteSettings]) -> dict[str, RouteSettings]:
+        return {k.lower().rstrip("."): r for k, r in v.items()}
+
+    @field_validator("mx_overrides")
+    @classmethod
+    def _overrides(cls, v: dict[str, str]) -> dict[str, str]:
+        out = {}
+        for name, target in v.items():
+            host, _ = parse_hostport(target, f"mx_overrides[{name!r}]")
+            try:
+                ipaddress.ip_address(host)
+            except ValueError:
+                raise ValueError(f"mx_overrides[{name!r}] must be an IP address with a port, "
+                                 f'such as "127.0.0.1:2526", got {target!r}') from None
+            out[name.lower().rstrip(".")] = target
+        return out
+
+
 class DomainSettings(_Settings):
     max_message_bytes: int | None = Field(None, gt=0)
 
@@ -248,6 +319,7 @@ class Settings(_Settings):
     metrics: MetricsSettings = MetricsSettings()
     log: LogSettings = LogSettings()
     dns: DNSSettings = DNSSettings()
+    delivery: DeliverySettings = DeliverySettings()
     domains: dict[str, DomainSettings] = Field(default_factory=dict)
     plugins: PluginsSettings = PluginsSettings()
     # where the file was read from; relative paths are relative to its folder

@@ -38,9 +38,11 @@ if TYPE_CHECKING:
 
     from .app import App
     from .config import ListenerSettings
-    from .models import AuthResult, Credentials, Message, Recipient, Session, Transaction
+    from .models import (AuthResult, Credentials, Message, Outcome, Recipient, Route, Session,
+                         Transaction)
+    from .spool.envelope import RecipientState
     from .spool.envelope import Envelope
-    from .verdicts import Verdict
+    from .verdicts import Discard, Verdict
 
 PROJECT = "elemta"
 
@@ -244,6 +246,72 @@ def queued(session: Session, tx: Transaction, envelope: Envelope) -> None:
 @hookspec
 def disconnect(session: Session) -> None:
     """The connection is closed (by either side). Dispatch: notify."""
+
+
+# -------------------------------------------------------------- delivery (runner)
+
+
+@hookspec
+def route(envelope: Envelope, recipient: RecipientState) -> Route | None:
+    """Decide how one pending recipient is delivered.
+
+    Return a :class:`~elemta.models.Route`. The built-in (``trylast``) answers
+    from ``[delivery.routes]`` (the recipient's domain, then ``"*"``) and
+    otherwise routes to the domain's MX over SMTP. Recipients with equal routes
+    are delivered together.
+
+    Dispatch: first answer wins.
+    """
+
+
+@hookspec
+def deliver(envelope: Envelope, route: Route, recipients: list[RecipientState],
+            content_path: str) -> list[Outcome] | None:
+    """Deliver the message at ``content_path`` to ``recipients`` along ``route``.
+
+    A transport answers for the routes it owns (``route.transport``) with one
+    :class:`~elemta.models.Outcome` per recipient, and ``None`` for the others.
+    The built-in SMTP transport answers for ``"smtp"``. A recipient without an
+    outcome, a transport that raises or times out, or a route no transport
+    claims is a temporary failure (``451 4.3.0``): the message stays queued.
+
+    Dispatch: first answer wins.
+    """
+
+
+@hookspec
+def delivered(envelope: Envelope, recipient: RecipientState, outcome: Outcome) -> None:
+    """A recipient was delivered; it will never be delivered again. Dispatch: notify."""
+
+
+@hookspec
+def deferred(envelope: Envelope, recipient: RecipientState,
+             outcome: Outcome) -> float | Discard | None:
+    """A recipient failed temporarily and will be retried.
+
+    Return a number of seconds to retry sooner or later than the configured
+    schedule (the smallest answer over the message's recipients wins), or
+    ``Discard`` to stop trying this recipient without a bounce.
+
+    Dispatch: collect all.
+    """
+
+
+@hookspec
+def bounced(envelope: Envelope, recipient: RecipientState, outcome: Outcome) -> None:
+    """A recipient failed for good (5xx, or the retry deadline passed). Dispatch: notify."""
+
+
+@hookspec
+def bounce(envelope: Envelope, outcomes: list[Outcome], message: bytes) -> bytes | Discard | None:
+    """A delivery status notification is about to be queued to ``envelope.sender``.
+
+    ``message`` is the RFC 3464 report built by the core. Return replacement
+    bytes, ``Discard`` to send none, or ``None`` to send it as it is. Never
+    called for the null sender: bounces are not bounced.
+
+    Dispatch: first answer wins.
+    """
 
 
 def hook_names() -> list[str]:

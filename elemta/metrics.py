@@ -61,6 +61,10 @@ class _SpoolCollector:
         yield family
 
 
+DELIVERY_DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60,
+                             300)
+
+
 class Metrics:
     """The server's metrics, in a registry of their own.
 
@@ -109,6 +113,16 @@ class Metrics:
         self.spool_commit = Histogram(
             "smtp_spool_commit_seconds", "Time to make a message durable before the 250 reply.",
             buckets=SPOOL_COMMIT_BUCKETS, registry=r)
+        self.messages_sent = Counter(
+            "smtp_messages_sent", "Recipients delivered, by recipient domain.",
+            ["domain"], registry=r)
+        self.delivery_duration = Histogram(
+            "smtp_delivery_duration_seconds",
+            "Time one delivery (one route, one connection's transaction) took.",
+            buckets=DELIVERY_DURATION_BUCKETS, registry=r)
+        self.delivery_attempts = Counter(
+            "smtp_delivery_attempts", "Recipient delivery attempts, by result "
+            "(delivered, deferred, failed).", ["result"], registry=r)
         self._spool = _SpoolCollector()
         r.register(self._spool)
         if process_metrics:

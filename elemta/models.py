@@ -322,3 +322,53 @@ def _id_factory() -> Callable[[], str]:
 
 
 _ID_FACTORY = _id_factory()
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """Where and how the runner delivers one recipient (the ``route`` hook's answer).
+
+    ``transport`` names the delivery method: ``"smtp"`` (the built-in outbound
+    SMTP transport) or one a transport plugin implements in ``deliver``.
+    Recipients with equal routes travel together: one SMTP transaction per
+    destination. For SMTP, ``destination`` is the domain whose MX is looked up,
+    or ``host`` (``"host:port"``) names a relay or smarthost that is used instead.
+    """
+
+    transport: str = "smtp"
+    destination: str = ""
+    host: str | None = None
+    tls: str = "opportunistic"
+    auth: tuple[str, str] | None = field(default=None, repr=False)
+    ca_file: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What became of one recipient in one delivery attempt (the ``deliver`` hook's answer).
+
+    ``code`` is the SMTP reply code (``250`` delivered, ``4xx`` try again later,
+    ``5xx`` failed for good), ``enhanced`` the RFC 3463 status, ``text`` the
+    reply or local error text, ``remote`` the host that answered, if any.
+    """
+
+    recipient: str
+    code: int
+    enhanced: str
+    text: str
+    remote: str | None = None
+
+    @property
+    def delivered(self) -> bool:
+        return 200 <= self.code < 300
+
+    @property
+    def temporary(self) -> bool:
+        return 400 <= self.code < 500
+
+    @property
+    def permanent(self) -> bool:
+        return self.code >= 500
+
+    def reply(self) -> str:
+        return f"{self.code} {self.enhanced} {self.text}"

@@ -31,6 +31,7 @@ DEFAULT_PLUGINS = (
     "elemta.default_received",
     "elemta.default_authres",
     "elemta.default_tls",
+    "elemta.default_transport",
 )
 
 

@@ -1,0 +1,237 @@
+"""Built-in routing and outbound SMTP transport.
+
+Routing (``route``): mail for a local domain goes to the ``local`` transport
+(a maildir or LMTP plugin delivers it; without one it stays queued rather than
+looping back to our own MX); otherwise a ``[delivery.routes]`` entry for the
+recipient's domain, then ``"*"``, names a relay or smarthost; otherwise the
+domain's MX is used.
+
+Transport (``deliver`` for ``transport = "smtp"``): MX lookup through the
+core's resolver, preference order with every host tried in turn, the domain's
+own addresses when it has no MX (RFC 5321 §5.1), an immediate bounce for a
+null MX (RFC 7505), opportunistic STARTTLS unless the route demands more,
+AUTH to smarthosts, connection reuse and a per-destination limit on
+concurrent connections.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import ipaddress
+import logging
+import time
+from dataclasses import dataclass
+
+from .config import Settings, parse_hostport
+from .dns import DNSError, NoData, NullMX, NXDomain, Resolver
+from .delivery.smtp_client import (SMTPConnection, SMTPError, Timeouts, TLSPolicy)
+from .hookspecs import hookimpl
+from .models import Outcome, Route
+from .spool.envelope import Envelope, RecipientState
+
+log = logging.getLogger("elemta.delivery")
+
+LOCAL = "local"
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    host: str   # the MX (or relay) name, for SNI, verification and logs
+    ip: str
+    port: int
+
+
+class DeliveryFailure(Exception):
+    """No host can be tried: the outcome applies to every recipient of the route."""
+
+    def __init__(self, code: int, enhanced: str, text: str) -> None:
+        super().__init__(text)
+        self.code, self.enhanced, self.text = code, enhanced, text
+
+
+class SMTPTransport:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.delivery = settings.delivery
+        self.local_domains = settings.local_domains
+        self.helo = self.delivery.helo_name or settings.server.hostname
+        self.resolver = Resolver(settings.dns)
+        self.timeouts = _timeouts(self.delivery.connect_timeout_seconds,
+                                  self.delivery.command_timeout_seconds)
+        self._idle: dict[tuple[str, int, str, str | None], list[tuple[SMTPConnection, float]]] = {}
+        self._limits: dict[tuple[str, int], asyncio.Semaphore] = {}
+
+    # ------------------------------------------------------------- routing
+
+    @hookimpl(trylast=True)
+    def route(self, envelope: Envelope, recipient: RecipientState) -> Route:
+        domain = recipient.address.rpartition("@")[2].lower().rstrip(".")
+        if domain in self.local_domains or not domain:
+            return Route(transport=LOCAL, destination=domain)
+        static = self.delivery.routes.get(domain) or self.delivery.routes.get("*")
+        if static is not None:
+            auth = None
+            if static.username is not None and static.password is not None:
+                auth = (static.username, static.password.get_secret_value())
+            return Route("smtp", destination=static.host, host=static.host, tls=static.tls,
+                         auth=auth, ca_file=str(static.ca_file) if static.ca_file else None)
+        return Route("smtp", destination=domain, tls=self.delivery.tls)
+
+    # ------------------------------------------------------------- delivery
+
+    @hookimpl(trylast=True)
+    async def deliver(self, envelope: Envelope, route: Route, recipients: list[RecipientState],
+                      content_path: str) -> list[Outcome] | None:
+        if route.transport != "smtp":
+            return None
+        addresses = [r.address for r in recipients]
+        try:
+            targets = await self.targets(route)
+        except DeliveryFailure as f:
+            return [Outcome(a, f.code, f.enhanced, f.text) for a in addresses]
+        last = Outcome("", 451, "4.4.1", f"no mail host of {route.destination} answered")
+        for target in targets:
+            try:
+                outcomes = await self._send(target, route, envelope, addresses, content_path)
+            except SMTPError as e:
+                last = Outcome("", e.code, e.enhanced or ("4.4.2" if e.temporary else "5.0.0"),
+                               e.text, target.host)
+                log.info("%s: %s[%s]:%d: %s %s", envelope.id, target.host, target.ip,
+                         target.port, e.code, e.text)
+                if not e.temporary and e.stage == "auth":
+                    break  # wrong credentials fail everywhere alike
+                continue
+            except OSError as e:
+                last = Outcome("", 451, "4.4.1", f"connect to {target.host}[{target.ip}]:"
+                               f"{target.port}: {e.strerror or e}", target.host)
+                log.info("%s: %s", envelope.id, last.text)
+                continue
+            if outcomes is not None:
+                return outcomes
+        return [Outcome(a, last.code, last.enhanced, last.text, last.remote) for a in addresses]
+
+    async def targets(self, route: Route) -> list[Target]:
+        """The hosts to try, in order, for one route."""
+        if route.host is not None:
+            host, port = parse_hostport(route.host, "route host")
+            return [Target(host, ip, port) for ip in await self._addresses(host)]
+        domain = route.destination
+        try:
+            mxs = [mx.host for mx in await self.resolver.mx(domain)]
+        except NullMX:
+            raise DeliveryFailure(556, "5.1.10",
+                                  f"{domain} does not accept mail (null MX)") from None
+        except NXDomain:
+            raise DeliveryFailure(550, "5.1.2", f"domain {domain} does not exist") from None
+        except NoData:
+            mxs = [domain]  # RFC 5321 §5.1: the implicit MX
+        except DNSError as e:
+            raise DeliveryFailure(451, "4.4.3", f"MX lookup for {domain} failed: "
+                                  f"{e.reason}") from None
+        targets: list[Target] = []
+        temp: DNSError | None = None
+        for mx in mxs:
+            override = self.delivery.mx_overrides.get(mx.lower().rstrip("."))
+            if override is not None:
+                ip, port = parse_hostport(override)
+                targets.append(Target(mx, ip, port))
+                continue
+            try:
+                targets.extend(Target(mx, ip, self.delivery.port)
+                               for ip in await self.resolver.addresses(mx))
+            except (NXDomain, NoData):
+                continue
+            except DNSError as e:
+                temp = e
+        if not targets:
+            if temp is not None:
+                raise DeliveryFailure(451, "4.4.3", f"address lookup for the mail hosts of "
+                                      f"{domain} failed: {temp.reason}")
+            raise DeliveryFailure(550, "5.4.4", f"no address for any mail host of {domain}")
+        return targets
+
+    async def _addresses(self, host: str) -> list[str]:
+        try:
+            ipaddress.ip_address(host)
+            return [host]
+        except ValueError:
+            pass
+        try:
+            return await self.resolver.addresses(host)
+        except (NXDomain, NoData):
+            raise DeliveryFailure(550, "5.4.4", f"relay host {host} has no address") from None
+        except DNSError as e:
+            raise DeliveryFailure(451, "4.4.3", f"address lookup for {host} failed: "
+                                  f"{e.reason}") from None
+
+    async def _send(self, target: Target, route: Route, envelope: Envelope,
+                    addresses: list[str], content_path: str) -> list[Outcome] | None:
+        limit = self._limits.get((target.ip, target.port))
+        if limit is None:
+            limit = self._limits[(target.ip, target.port)] = asyncio.Semaphore(
+                self.delivery.max_per_destination)
+        params = envelope.mail_params
+        async with limit:
+            for _ in range(2):  # a pooled connection may have died while idle
+                conn = await self._connection(target, route)
+                result = await conn.send(envelope.sender, addresses, content_path,
+                                         utf8="SMTPUTF8" in params,
+                                         eight_bit=params.get("BODY") == "8BITMIME",
+                                         size=envelope.size)
+                if not result.stale:
+                    break
+                await conn.close()
+            self._release(target, route, conn)
+        if all(r.temporary and r.local for r in result.results):
+            log.info("%s: %s[%s]:%d: %s", envelope.id, target.host, target.ip, target.port,
+                     result.results[0].text if result.results else "no reply")
+            return None  # the connection failed us: try the next host
+        remote = f"{target.host}[{target.ip}]:{target.port}"
+        return [Outcome(r.recipient, r.code, r.enhanced or _default_enhanced(r.code), r.text,
+                        remote) for r in result.results]
+
+    def _key(self, target: Target, route: Route) -> tuple[str, int, str, str | None]:
+        return (target.ip, target.port, route.tls, route.auth[0] if route.auth else None)
+
+    async def _connection(self, target: Target, route: Route) -> SMTPConnection:
+        idle = self._idle.get(self._key(target, route))
+        now = time.monotonic()
+        while idle:
+            conn, since = idle.pop()
+            if conn.usable and now - since < self.delivery.idle_connection_seconds:
+                return conn
+            await conn.close()
+        tls = TLSPolicy(route.tls, cafile=route.ca_file) if route.tls == "verify" \
+            else TLSPolicy(route.tls)
+        return await SMTPConnection.open(target.ip, target.port, mx_host=target.host,
+                                         helo=self.helo, tls=tls, auth=route.auth,
+                                         timeouts=self.timeouts)
+
+    def _release(self, target: Target, route: Route, conn: SMTPConnection) -> None:
+        if conn.usable and self.delivery.idle_connection_seconds > 0:
+            self._idle.setdefault(self._key(target, route), []).append((conn, time.monotonic()))
+        else:
+            asyncio.get_running_loop().create_task(conn.close())
+
+    @hookimpl(trylast=True)
+    async def shutdown(self) -> None:
+        conns = [c for idle in self._idle.values() for c, _ in idle]
+        self._idle.clear()
+        await asyncio.gather(*(c.close() for c in conns), return_exceptions=True)
+
+
+def _timeouts(connect: float, command: float) -> Timeouts:
+    """RFC 5321's per-step limits, capped by ``command_timeout_seconds``."""
+    defaults = Timeouts()
+    return Timeouts(**{f.name: min(getattr(defaults, f.name), command)
+                       for f in dataclasses.fields(Timeouts) if f.name != "connect_seconds"},
+                    connect_seconds=connect)
+
+
+def _default_enhanced(code: int) -> str:
+    return {2: "2.0.0", 4: "4.0.0"}.get(code // 100, "5.0.0")
+
+
+def make_plugin(settings: Settings) -> SMTPTransport:
+    return SMTPTransport(settings)

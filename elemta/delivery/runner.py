@@ -1,0 +1,351 @@
+"""The delivery runner: takes due messages from the spool and delivers them.
+
+The schedule is an in-memory heap rebuilt from the spool at start-up and fed by
+the spool's checkpoints (a message is handed to the runner only once its
+journal segment is checkpointed, so a crash can never resurrect a message the
+runner already delivered). Workers take due messages, ask the ``route`` hook
+where each pending recipient goes, group the recipients by route and hand
+each group to the ``deliver`` hook. The envelope is rewritten after every
+attempt, so per-recipient state survives crashes: a recipient delivered once
+is never delivered again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import itertools
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+from ..hookcall import HookFailure
+from ..models import Outcome, Route, new_id
+from ..spool.envelope import DELIVERED, FAILED, PENDING, Envelope, RecipientState
+from ..verdicts import Discard
+from . import dsn
+
+if TYPE_CHECKING:
+    from ..app import App
+
+log = logging.getLogger("elemta.delivery")
+
+NO_TRANSPORT = "no transport accepted this route"
+
+
+class Runner:
+    """Delivers what the spool holds; one per server."""
+
+    def __init__(self, app: App) -> None:
+        self.app = app
+        self.settings = app.settings.delivery
+        self.spool = app.spool
+        self.hooks = app.hooks
+        self.hostname = app.settings.server.hostname
+        self._heap: list[tuple[float, int, str]] = []
+        self._due: dict[str, float] = {}
+        self._seq = itertools.count()
+        self._wakeup = asyncio.Event()
+        self._busy: set[str] = set()
+        self._workers: list[asyncio.Task[None]] = []
+        self._unsubscribe: Any = None
+        self._stopping = False
+
+    # ------------------------------------------------------------- schedule
+
+    def schedule(self, queue_id: str, at: float) -> None:
+        """Deliver ``queue_id`` at ``at`` (epoch seconds); an earlier time wins."""
+        current = self._due.get(queue_id)
+        if current is not None and current <= at:
+            return
+        self._due[queue_id] = at
+        heapq.heappush(self._heap, (at, next(self._seq), queue_id))
+        self._wakeup.set()
+
+    def unschedule(self, queue_id: str) -> None:
+        self._due.pop(queue_id, None)  # its heap entry is skipped when popped
+
+    def _on_durable(self, entries: list[tuple[str, str]]) -> None:
+        now = time.time()
+        for queue_id, state in entries:
+            if state == "ready":
+                self.schedule(queue_id, now)
+
+    def rebuild(self) -> int:
+        """Fill the schedule from the spool (start-up only: this reads every envelope)."""
+        n = 0
+        now = time.time()
+        for state, env in self.spool.iter_envelopes("ready"):
+            self.schedule(env.id, now)
+            n += 1
+        for state, env in self.spool.iter_envelopes("deferred"):
+            self.schedule(env.id, env.next_attempt_at or now)
+            n += 1
+        return n
+
+    async def start(self) -> None:
+        n = self.rebuild()
+        self._unsubscribe = self.spool.on_durable(self._on_durable)
+        self._workers = [asyncio.create_task(self._worker(i), name=f"delivery-{i}")
+                         for i in range(self.settings.workers)]
+        log.info("delivery runner started: %d workers, %d messages scheduled",
+                 self.settings.workers, n)
+
+    async def stop(self, grace: float = 10.0) -> None:
+        self._stopping = True
+        self._wakeup.set()
+        if self._unsubscribe is not None:
+            self._unsubscribe()
+        if self._workers:
+            done, pending = await asyncio.wait(self._workers, timeout=grace)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+        self._workers = []
+
+    async def _next_due(self) -> str | None:
+        while not self._stopping:
+            now = time.time()
+            while self._heap:
+                at, _, queue_id = self._heap[0]
+                if self._due.get(queue_id) != at:
+                    heapq.heappop(self._heap)  # superseded or unscheduled
+                    continue
+                if queue_id in self._busy:
+                    heapq.heappop(self._heap)
+                    self._due.pop(queue_id, None)
+                    continue
+                if at > now:
+                    break
+                heapq.heappop(self._heap)
+                del self._due[queue_id]
+                return queue_id
+            timeout = (self._heap[0][0] - now) if self._heap else None
+            self._wakeup.clear()
+            try:
+                if timeout is None:
+                    await self._wakeup.wait()
+                else:
+                    await asyncio.wait_for(self._wakeup.wait(), max(timeout, 0.001))
+            except TimeoutError:
+                pass
+        return None
+
+    async def _worker(self, n: int) -> None:
+        while True:
+            queue_id = await self._next_due()
+            if queue_id is None:
+                return
+            self._busy.add(queue_id)
+            try:
+                await self.attempt(queue_id)
+            except Exception:
+                log.exception("%s: delivery attempt failed unexpectedly; retrying later", queue_id)
+                self.schedule(queue_id, time.time() + self.settings.retry_intervals_seconds[0])
+            finally:
+                self._busy.discard(queue_id)
+
+    # ------------------------------------------------------------- one attempt
+
+    async def attempt(self, queue_id: str) -> None:
+        try:
+            state, env = self.spool.load(queue_id)
+        except KeyError:
+            return  # deleted meanwhile
+        if state not in ("ready", "deferred"):
+            return  # held or failed: not ours
+        pending = env.pending()
+        if not pending:
+            self.spool.remove(queue_id, state)
+            return
+        env.attempts += 1
+        groups: dict[Route, list[RecipientState]] = {}
+        outcomes: dict[str, Outcome] = {}
+        for rcpt in pending:
+            try:
+                _, route = await self.hooks.first("route", (Route,), envelope=env, recipient=rcpt)
+            except HookFailure as f:
+                outcomes[rcpt.address] = Outcome(rcpt.address, 451, "4.3.0",
+                                                 f"routing failed in plugin {f.plugin}")
+                continue
+            if route is None:
+                outcomes[rcpt.address] = Outcome(rcpt.address, 451, "4.3.0", "no route")
+                continue
+            groups.setdefault(route, []).append(rcpt)
+        content = str(self.spool.message_path(queue_id))
+        results = await asyncio.gather(*(self._deliver(env, route, rcpts, content)
+                                         for route, rcpts in groups.items()))
+        for group in results:
+            for outcome in group:
+                outcomes[outcome.recipient] = outcome
+        await self._apply(state, env, pending, outcomes)
+
+    async def _deliver(self, env: Envelope, route: Route, rcpts: list[RecipientState],
+                       content: str) -> list[Outcome]:
+        start = time.perf_counter()
+        try:
+            _, answer = await self.hooks.first("deliver", (list,), envelope=env, route=route,
+                                               recipients=rcpts, content_path=content)
+        except HookFailure as f:
+            answer = None
+            text = f"delivery failed in plugin {f.plugin}"
+        else:
+            text = NO_TRANSPORT
+        metrics = self.app.metrics
+        metrics.delivery_duration.observe(time.perf_counter() - start)
+        by_rcpt = {o.recipient: o for o in answer or () if isinstance(o, Outcome)}
+        return [by_rcpt.get(r.address) or Outcome(r.address, 451, "4.3.0", text) for r in rcpts]
+
+    async def _apply(self, state: str, env: Envelope, pending: list[RecipientState],
+                     outcomes: dict[str, Outcome]) -> None:
+        now = time.time()
+        failed: list[tuple[RecipientState, Outcome]] = []
+        retry: list[tuple[RecipientState, Outcome]] = []
+        delays: list[float] = []
+        metrics = self.app.metrics
+        for rcpt in pending:
+            outcome = outcomes[rcpt.address]
+            rcpt.attempts += 1
+            rcpt.updated_at = now
+            rcpt.last_error = None if outcome.delivered else outcome.reply()
+            if outcome.delivered:
+                rcpt.state = DELIVERED
+                metrics.delivery_attempts.labels(result="delivered").inc()
+                metrics.messages_sent.labels(domain=_domain(rcpt.address)).inc()
+                log.info("%s: delivered to <%s> via %s: %s", env.id, rcpt.address,
+                         outcome.remote or "-", outcome.reply())
+            elif outcome.permanent:
+                rcpt.state = FAILED
+                failed.append((rcpt, outcome))
+                metrics.delivery_attempts.labels(result="failed").inc()
+                log.info("%s: failed for <%s> via %s: %s", env.id, rcpt.address,
+                         outcome.remote or "-", outcome.reply())
+            else:
+                retry.append((rcpt, outcome))
+                metrics.delivery_attempts.labels(result="deferred").inc()
+                log.info("%s: deferred for <%s> via %s: %s", env.id, rcpt.address,
+                         outcome.remote or "-", outcome.reply())
+        deadline = env.received_at + self.settings.bounce_after_seconds
+        for rcpt, outcome in retry:
+            if now >= deadline:
+                rcpt.state = FAILED
+                # RFC 3463 X.4.7: reported with the last temporary code, as Postfix does
+                expired = Outcome(rcpt.address, outcome.code, "4.4.7",
+                                  f"delivery time expired; last error: {outcome.reply()}",
+                                  outcome.remote)
+                failed.append((rcpt, expired))
+                continue
+            answers = await self._collect("deferred", envelope=env, recipient=rcpt,
+                                          outcome=outcome)
+            if any(isinstance(a, Discard) for a in answers):
+                rcpt.state = FAILED
+                rcpt.last_error = f"discarded by plugin after: {outcome.reply()}"
+                continue
+            delays.extend(float(a) for a in answers if isinstance(a, (int, float)))
+        env.last_error = next((o.reply() for _, o in retry + failed), None)
+        if failed:
+            # The DSN must be queued before the failures are recorded: a crash in
+            # between retries those recipients (a second DSN at worst), never
+            # loses the notice. Deliveries are recorded first, so that they are
+            # never repeated.
+            bounced = [r for r, _ in failed]
+            for rcpt in bounced:
+                rcpt.state = PENDING
+            self.spool.rewrite(env, state, state)
+            await self._bounce(env, failed, now)
+            for rcpt in bounced:
+                rcpt.state = FAILED
+        if env.pending():
+            interval = self._interval(env.attempts)
+            delay = min(delays) if delays else interval
+            env.next_attempt_at = now + max(delay, 0.0)
+            self.spool.rewrite(env, state, "deferred")
+            self.schedule(env.id, env.next_attempt_at)
+        else:
+            self.spool.remove(env.id, state)
+        for rcpt, outcome in failed:
+            await self.hooks.notify("bounced", envelope=env, recipient=rcpt, outcome=outcome)
+        for rcpt in pending:
+            if rcpt.state == DELIVERED:
+                await self.hooks.notify("delivered", envelope=env, recipient=rcpt,
+                                        outcome=outcomes[rcpt.address])
+
+    async def _collect(self, hook: str, **kwargs: Any) -> list[Any]:
+        try:
+            return [r for _, r in await self.hooks.collect(hook, (int, float, Discard), **kwargs)]
+        except HookFailure:
+            return []
+
+    def _interval(self, attempts: int) -> float:
+        intervals = self.settings.retry_intervals_seconds
+        return intervals[min(attempts, len(intervals)) - 1]
+
+    async def _bounce(self, env: Envelope, failed: list[tuple[RecipientState, Outcome]],
+                      now: float) -> None:
+        """Queue one DSN for this batch of failed recipients (never to the null sender)."""
+        if dsn.is_bounce(env):
+            log.info("%s: not bouncing a bounce (null sender)", env.id)
+            return
+        outcomes = [dsn.RecipientOutcome(
+            recipient=r.address, action="failed", status=o.enhanced, diagnostic=o.reply(),
+            remote_mta=o.remote,
+            last_attempt=now) for r, o in failed]
+        built = dsn.build_dsn(envelope=env, outcomes=outcomes, reporting_mta=self.hostname,
+                              original_headers=self.spool.message_path(env.id), now=now)
+        if built is None:
+            return
+        sender, recipients, message = built
+        try:
+            _, answer = await self.hooks.first("bounce", (bytes, Discard), envelope=env,
+                                               outcomes=[o for _, o in failed], message=message)
+        except HookFailure:
+            answer = None
+        if isinstance(answer, Discard):
+            log.info("%s: bounce suppressed by a plugin", env.id)
+            return
+        if answer is not None:
+            message = answer
+        bounce_id = new_id()
+        bounce_env = Envelope(id=bounce_id, sender=sender,
+                              recipients=[RecipientState(r) for r in recipients],
+                              received_at=now, size=len(message),
+                              mail_params=_bounce_params(message, sender, recipients),
+                              listener=None, trace=[{"bounce_of": env.id}])
+        await self.spool.commit_bytes(bounce_env, message)
+        log.info("%s: bounce %s queued to <%s> for %d recipient(s)", env.id, bounce_id,
+                 env.sender, len(failed))
+
+    # ------------------------------------------------------------- administration
+
+    def retry(self, queue_ids: list[str] | None = None) -> int:
+        """Deliver now: the given messages, or every deferred one."""
+        now = time.time()
+        n = 0
+        ids = queue_ids if queue_ids is not None else [
+            env.id for _, env in self.spool.iter_envelopes("deferred")]
+        for queue_id in ids:
+            try:
+                state, _ = self.spool.load(queue_id)
+            except KeyError:
+                continue
+            if state in ("ready", "deferred"):
+                self.schedule(queue_id, now)
+                n += 1
+        return n
+
+
+def _domain(address: str) -> str:
+    return address.rpartition("@")[2].lower() or "-"
+
+
+def _bounce_params(message: bytes, sender: str, recipients: list[str]) -> dict[str, str | None]:
+    params: dict[str, str | None] = {}
+    head = message.split(b"\r\n\r\n", 1)[0].lower()
+    if b"content-transfer-encoding: 8bit" in head:
+        params["BODY"] = "8BITMIME"
+    if not all(r.isascii() for r in recipients):
+        params["SMTPUTF8"] = None
+    return params
+
+
+__all__ = ["Runner", "PENDING"]
