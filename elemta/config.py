@@ -246,6 +246,7 @@ class DeliverySettings(_Settings):
     delay_notice_after_seconds: float = Field(0, ge=0)
     connect_timeout_seconds: float = Field(30, gt=0)
     command_timeout_seconds: float = Field(300, gt=0)
+    attempt_timeout_seconds: float = Field(3600, gt=0)
     idle_connection_seconds: float = Field(10, ge=0)
     routes: dict[str, RouteSettings] = Field(default_factory=dict)
     mx_overrides: dict[str, str] = Field(default_factory=dict)

@@ -74,8 +74,9 @@ class SMTPTransport:
             auth = None
             if static.username is not None and static.password is not None:
                 auth = (static.username, static.password.get_secret_value())
+            ca_file = str(self.settings.resolve(static.ca_file)) if static.ca_file else None
             return Route("smtp", destination=static.host, host=static.host, tls=static.tls,
-                         auth=auth, ca_file=str(static.ca_file) if static.ca_file else None)
+                         auth=auth, ca_file=ca_file)
         return Route("smtp", destination=domain, tls=self.delivery.tls)
 
     # ------------------------------------------------------------- delivery
@@ -95,12 +96,16 @@ class SMTPTransport:
             try:
                 outcomes = await self._send(target, route, envelope, addresses, content_path)
             except SMTPError as e:
-                last = Outcome("", e.code, e.enhanced or ("4.4.2" if e.temporary else "5.0.0"),
-                               e.text, target.host)
                 log.info("%s: %s[%s]:%d: %s %s", envelope.id, target.host, target.ip,
                          target.port, e.code, e.text)
-                if not e.temporary and e.stage == "auth":
-                    break  # wrong credentials fail everywhere alike
+                if e.stage == "auth":
+                    # Wrong relay credentials are the operator's to fix, not the
+                    # sender's fault: keep the mail queued (Postfix's soft bounce).
+                    last = Outcome("", 454, "4.7.0", f"authentication to {target.host} "
+                                   f"failed: {e.code} {e.text}", target.host)
+                    break
+                last = Outcome("", e.code, e.enhanced or ("4.4.2" if e.temporary else "5.0.0"),
+                               e.text, target.host)
                 continue
             except OSError as e:
                 last = Outcome("", 451, "4.4.1", f"connect to {target.host}[{target.ip}]:"
@@ -222,9 +227,13 @@ class SMTPTransport:
 
 
 def _timeouts(connect: float, command: float) -> Timeouts:
-    """RFC 5321's per-step limits, capped by ``command_timeout_seconds``."""
+    """RFC 5321's per-step limits, scaled so that the 5-minute ones become ``command``.
+
+    The final dot keeps its longer wait (10 minutes at the default 300 s).
+    """
     defaults = Timeouts()
-    return Timeouts(**{f.name: min(getattr(defaults, f.name), command)
+    scale = command / 300.0
+    return Timeouts(**{f.name: getattr(defaults, f.name) * scale
                        for f in dataclasses.fields(Timeouts) if f.name != "connect_seconds"},
                     connect_seconds=connect)
 

@@ -53,8 +53,11 @@ class HookCaller:
 
     def __init__(self, pm: pluggy.PluginManager, order: Sequence[str],
                  timeout_for: Callable[[str], float],
-                 histogram: Any | None = None) -> None:
+                 histogram: Any | None = None,
+                 hook_minimum_seconds: dict[str, float] | None = None) -> None:
         self.pm = pm
+        # a hook whose work has its own limits (deliver: connect, DATA…) gets at least this
+        self._hook_minimum = hook_minimum_seconds or {}
         self._rank = {name: i for i, name in enumerate(order)}
         self._timeout_for = timeout_for
         self._histogram = histogram
@@ -78,7 +81,8 @@ class HookCaller:
             observe = None
             if self._histogram is not None:
                 observe = self._histogram.labels(hook=hook, plugin=i.plugin_name).observe
-            impls.append(Impl(i, self._timeout_for(i.plugin_name), observe))
+            timeout = max(self._timeout_for(i.plugin_name), self._hook_minimum.get(hook, 0.0))
+            impls.append(Impl(i, timeout, observe))
         result = tuple(impls)
         self._cache[hook] = result
         return result
