@@ -204,8 +204,6 @@ async def test_acknowledged_messages_survive_sigkill(tmp_path: Path, start_serve
         content = spool / "messages" / queue_id
         assert content.is_file(), f"envelope {queue_id} without content"
         check_content(content, marker_of(content))
-    contents = set(os.listdir(spool / "messages"))
-    orphans = contents - set(envelopes)  # interrupted commits: recovery removes them
 
     # --- restart: recovery cleans up, nothing acknowledged is lost
     server2 = start_server(config)
@@ -213,11 +211,17 @@ async def test_acknowledged_messages_survive_sigkill(tmp_path: Path, start_serve
     contents_after = set(os.listdir(spool / "messages"))
     envelopes_after = state_ids(spool)
     assert contents_after == set(envelopes_after), "orphan content or missing content"
-    assert not orphans & contents_after
+    # Content without its envelope at the kill was either in the journal (recovery
+    # completes the message) or not (recovery removes it): every message is whole.
+    for queue_id in contents_after:
+        check_content(spool / "messages" / queue_id, marker_of(spool / "messages" / queue_id))
     for queue_id, marker in acked.items():
         assert envelopes_after.get(queue_id) in ("ready", "deferred"), queue_id
         check_content(spool / "messages" / queue_id, marker)
-    assert envelopes_after == envelopes, "recovery changed committed messages"
+    # Recovery keeps every visible message where it was and replays the journal:
+    # messages synced to it but not yet written out come back too (duplicates of
+    # unacknowledged ones at worst, never losses).
+    assert envelopes.items() <= envelopes_after.items(), "recovery lost or moved a message"
 
     listing = run_cli("--config", str(config), "queue", "list", cwd=tmp_path)
     assert listing.returncode == 0, listing.stderr
