@@ -19,6 +19,8 @@ import pydantic
 
 from .config import (ConfigError, ListenerSettings, Settings, parse_hostport,
                      validate_plugin_tables)
+from .control import (ControlError, ControlServer, SpoolLocked, lock_spool, socket_path,
+                      unlock_spool)
 from .hookcall import HookCaller, HookFailure
 from .metrics import Metrics, MetricsServer
 from .plugins import enabled_names, make_plugin_manager
@@ -45,8 +47,10 @@ class App:
             names, source=str(settings.source), extra=extra_plugins, settings=settings)
         self._plugin_settings = self._validate_plugin_config()
         self.metrics = Metrics()
-        self.hooks = HookCaller(self.pm, self.plugin_order, settings.plugins.timeout_for,
-                                self.metrics.hook_duration if settings.metrics.enabled else None)
+        self.hooks = HookCaller(
+            self.pm, self.plugin_order, settings.plugins.timeout_for,
+            self.metrics.hook_duration if settings.metrics.enabled else None,
+            hook_minimum_seconds={"deliver": settings.delivery.attempt_timeout_seconds})
         spool = settings.spool
         self.spool = Spool(settings.resolve(spool.path), commit_threads=spool.commit_threads,
                            memory_bytes=spool.memory_bytes)
@@ -55,6 +59,8 @@ class App:
         self.tls_contexts: dict[str, ssl.SSLContext] = {}
         self.metrics_server: MetricsServer | None = None
         self.runner: Runner | None = None
+        self.control: ControlServer | None = None
+        self._spool_lock: int | None = None
         self._started = False
 
     def _validate_plugin_config(self) -> dict[str, pydantic.BaseModel]:
@@ -74,10 +80,19 @@ class App:
         return sock.getsockname()[1]
 
     async def start(self) -> None:
+        try:
+            self._spool_lock = lock_spool(self.spool.root)
+        except SpoolLocked as e:
+            raise StartupError(f"[spool] path: {self.spool.root} is in use: {e} (is another "
+                               "elemta server running on this spool?)") from None
+        except OSError as e:
+            raise StartupError(f"[spool] path: cannot lock {self.spool.root}: "
+                               f"{_reason(e)}") from None
         self.pm.hook.register_metrics(registry=self.metrics.registry)
         try:
             await self.hooks.notify("startup", fatal=True, app=self)
         except HookFailure as f:
+            self._unlock_spool()
             raise StartupError(f"plugin {f.plugin} failed to start: {f.reason}") from None
         try:
             counts = await asyncio.to_thread(self.spool.recover)
@@ -100,6 +115,13 @@ class App:
             if self.settings.delivery.enabled:
                 self.runner = Runner(self)
                 await self.runner.start()
+            # without delivery, queue commands act through a runner that never starts
+            self.control = ControlServer(self.runner or Runner(self), socket_path(self.settings),
+                                         delivering=self.runner is not None)
+            try:
+                await self.control.start()
+            except ControlError as e:
+                raise StartupError(f"[server] state_dir: {e}") from None
         except BaseException:
             await self._abort_start()
             raise
@@ -109,6 +131,9 @@ class App:
 
     async def _abort_start(self) -> None:
         """Undo a half-finished start: close what opened, then run ``shutdown`` hooks."""
+        if self.control is not None:
+            await self.control.stop()
+            self.control = None
         if self.runner is not None:
             await self.runner.stop()
             self.runner = None
@@ -119,7 +144,13 @@ class App:
             await self.metrics_server.stop()
             self.metrics_server = None
         await self.spool.close()
+        self._unlock_spool()
         await self.hooks.notify("shutdown", reverse=True, app=self)
+
+    def _unlock_spool(self) -> None:
+        if self._spool_lock is not None:
+            unlock_spool(self._spool_lock)
+            self._spool_lock = None
 
     async def _load_tls(self) -> None:
         for listener in self.settings.listeners:
@@ -189,10 +220,14 @@ class App:
             await self.smtp.wait_idle(5)
         for server in self.servers.values():
             await server.wait_closed()
+        if self.control is not None:
+            await self.control.stop()
+            self.control = None
         if self.runner is not None:
             await self.runner.stop(grace)
             self.runner = None
         await self.spool.close()
+        self._unlock_spool()
         if self.metrics_server is not None:
             await self.metrics_server.stop()
         await self.hooks.notify("shutdown", reverse=True, app=self)

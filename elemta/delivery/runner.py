@@ -16,12 +16,16 @@ import asyncio
 import heapq
 import itertools
 import logging
+import os
+import re
 import time
 from typing import TYPE_CHECKING, Any
 
+from ..control import ADMIN_WAIT_SECONDS, AdminResult
 from ..hookcall import HookFailure
 from ..models import Outcome, Route, new_id
 from ..spool.envelope import DELIVERED, FAILED, PENDING, Envelope, RecipientState
+from ..spool.moves import StateConflict
 from ..verdicts import Discard
 from . import dsn
 
@@ -31,6 +35,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("elemta.delivery")
 
 NO_TRANSPORT = "no transport accepted this route"
+HELD_BY_ADMIN = "held by administrator"
+RETURNED_BY_ADMIN = "returned by the administrator"
 
 
 class Runner:
@@ -193,7 +199,9 @@ class Runner:
             text = NO_TRANSPORT
         metrics = self.app.metrics
         metrics.delivery_duration.observe(time.perf_counter() - start)
-        by_rcpt = {o.recipient: o for o in answer or () if isinstance(o, Outcome)}
+        if answer is not None:
+            text = "the transport gave no outcome for this recipient"
+        by_rcpt = {o.recipient: _checked(o) for o in answer or () if isinstance(o, Outcome)}
         return [by_rcpt.get(r.address) or Outcome(r.address, 451, "4.3.0", text) for r in rcpts]
 
     async def _apply(self, state: str, env: Envelope, pending: list[RecipientState],
@@ -258,7 +266,8 @@ class Runner:
         if env.pending():
             interval = self._interval(env.attempts)
             delay = min(delays) if delays else interval
-            env.next_attempt_at = now + max(delay, 0.0)
+            # the last attempt happens at the deadline, not an interval after it
+            env.next_attempt_at = min(now + max(delay, 0.0), max(deadline, now))
             self.spool.rewrite(env, state, "deferred")
             self.schedule(env.id, env.next_attempt_at)
         else:
@@ -290,8 +299,10 @@ class Runner:
             recipient=r.address, action="failed", status=o.enhanced, diagnostic=o.reply(),
             remote_mta=o.remote,
             last_attempt=now) for r, o in failed]
+        content = self.spool.message_path(env.id)
+        # a message in failed/ may have lost its content; returned, it is reported without
         built = dsn.build_dsn(envelope=env, outcomes=outcomes, reporting_mta=self.hostname,
-                              original_headers=self.spool.message_path(env.id), now=now)
+                              original_headers=content if content.exists() else b"", now=now)
         if built is None:
             return
         sender, recipients, message = built
@@ -316,22 +327,167 @@ class Runner:
                  env.sender, len(failed))
 
     # ------------------------------------------------------------- administration
+    #
+    # ``elemta queue`` commands, run on the event loop through the control socket
+    # (elemta/control.py), so they never interleave with a worker's own changes:
+    # a message is claimed (put in ``_busy``, which keeps every worker off it)
+    # before it is changed, and a message in delivery is waited for first.
 
-    def retry(self, queue_ids: list[str] | None = None) -> int:
-        """Deliver now: the given messages, or every deferred one."""
-        now = time.time()
-        n = 0
-        ids = queue_ids if queue_ids is not None else [
-            env.id for _, env in self.spool.iter_envelopes("deferred")]
+    async def _claim(self, queue_ids: list[str], result: AdminResult,
+                     wait: float = ADMIN_WAIT_SECONDS) -> list[str]:
+        """Take messages away from the workers; those still in delivery after ``wait`` are busy."""
+        ids = list(dict.fromkeys(queue_ids))
+        if any(self.spool.awaiting_checkpoint(i) for i in ids):
+            # Changed before its checkpoint, a message could come back from the
+            # journal after a crash: deleted mail delivered, released mail twice.
+            await self.spool.checkpoint()
+        deadline = time.monotonic() + wait
+        while any(i in self._busy for i in ids) and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        claimed = []
         for queue_id in ids:
+            if queue_id in self._busy:
+                result.busy.append(queue_id)
+            else:
+                self._busy.add(queue_id)
+                self.unschedule(queue_id)
+                claimed.append(queue_id)
+        return claimed
+
+    def _unclaim(self, queue_ids: list[str]) -> None:
+        """Give messages back to the workers, scheduled as their envelopes say."""
+        now = time.time()
+        for queue_id in queue_ids:
+            self._busy.discard(queue_id)
             try:
-                state, _ = self.spool.load(queue_id)
-            except KeyError:
+                state, env = self.spool.load(queue_id)
+            except (KeyError, ValueError):
                 continue
-            if state in ("ready", "deferred"):
+            if state == "ready":
                 self.schedule(queue_id, now)
-                n += 1
-        return n
+            elif state == "deferred":
+                self.schedule(queue_id, env.next_attempt_at or now)
+
+    async def hold(self, queue_ids: list[str], reason: str = HELD_BY_ADMIN) -> AdminResult:
+        """Keep messages from delivery until they are released."""
+        result = AdminResult()
+        claimed = await self._claim(queue_ids, result)
+        try:
+            for queue_id in claimed:
+                with result.recording(queue_id):
+                    if self.spool.hold(queue_id, reason):
+                        log.info("%s: held by the administrator", queue_id)
+        finally:
+            self._unclaim(claimed)
+        return result
+
+    async def release(self, queue_ids: list[str]) -> AdminResult:
+        """Put held messages back in the queue, due now."""
+        result = AdminResult()
+        claimed = await self._claim(queue_ids, result)
+        try:
+            for queue_id in claimed:
+                with result.recording(queue_id):
+                    self.spool.release(queue_id)
+                    log.info("%s: released by the administrator", queue_id)
+        finally:
+            self._unclaim(claimed)  # schedules the released ones for now
+        return result
+
+    async def retry(self, queue_ids: list[str] | None = None) -> AdminResult:
+        """Deliver now: the given messages, or every deferred one."""
+        result = AdminResult()
+        now = time.time()
+        if queue_ids is None:
+            # The names are enough: whatever is in deferred/ and not in
+            # delivery right now is in the schedule.
+            with os.scandir(self.spool.state_dir("deferred")) as it:
+                queue_ids = [e.name[:-5] for e in it if e.name.endswith(".json")]
+            for queue_id in queue_ids:
+                if queue_id not in self._busy:
+                    self.schedule(queue_id, now)
+                result.done.append(queue_id)
+            return result
+        for queue_id in dict.fromkeys(queue_ids):
+            with result.recording(queue_id):
+                state, _ = self.spool.load(queue_id)
+                if state == "hold":
+                    raise StateConflict("held: release it instead")
+                if state == "failed":
+                    raise StateConflict("in failed/, cannot be delivered")
+                # In delivery right now, or not yet handed to the runner (its
+                # checkpoint schedules it): due already either way.
+                if queue_id not in self._busy and not self.spool.awaiting_checkpoint(queue_id):
+                    self.schedule(queue_id, now)
+        return result
+
+    async def delete(self, queue_ids: list[str]) -> AdminResult:
+        """Remove messages without delivering them or telling anyone."""
+        result = AdminResult()
+        claimed = await self._claim(queue_ids, result)
+        try:
+            for queue_id in claimed:
+                with result.recording(queue_id):
+                    state = self.spool.delete(queue_id)
+                    log.info("%s: deleted by the administrator (was in %s/)", queue_id, state)
+        finally:
+            self._unclaim(claimed)
+        return result
+
+    async def bounce(self, queue_ids: list[str]) -> AdminResult:
+        """Fail every pending recipient, tell the sender with a DSN, remove the message."""
+        result = AdminResult()
+        claimed = await self._claim(queue_ids, result)
+        try:
+            for queue_id in claimed:
+                with result.recording(queue_id):
+                    await self._return(queue_id)
+        finally:
+            self._unclaim(claimed)
+        return result
+
+    async def _return(self, queue_id: str) -> None:
+        state, env = self.spool.load(queue_id)
+        now = time.time()
+        failed = [(rcpt, Outcome(rcpt.address, 550, "5.0.0", RETURNED_BY_ADMIN))
+                  for rcpt in env.pending()]
+        if failed:
+            env.last_error = failed[0][1].reply()
+            try:
+                await self._bounce(env, failed, now)
+            except OSError as e:
+                raise StateConflict(f"cannot queue the delivery status notification: {e}"
+                                    ) from None
+            for rcpt, outcome in failed:
+                rcpt.state = FAILED
+                rcpt.last_error = outcome.reply()
+                rcpt.updated_at = now
+        self.spool.remove(queue_id, state)
+        log.info("%s: returned to <%s> by the administrator for %d recipient(s)", queue_id,
+                 env.sender, len(failed))
+        for rcpt, outcome in failed:
+            await self.hooks.notify("bounced", envelope=env, recipient=rcpt, outcome=outcome)
+
+    def stats(self) -> dict[str, Any]:
+        """What only the running server knows: messages in delivery, the schedule."""
+        due = min(self._due.values(), default=None)
+        return {"counts": self.spool.counts(), "delivering": len(self._busy),
+                "scheduled": len(self._due), "next_due": due,
+                "workers": len(self._workers)}
+
+
+_STATUS = re.compile(r"[245]\.\d{1,3}\.\d{1,3}\Z")
+
+
+def _checked(outcome: Outcome) -> Outcome:
+    """A transport's outcome with a usable reply code and enhanced status."""
+    code = outcome.code if 200 <= outcome.code <= 599 else 451
+    enhanced = outcome.enhanced
+    if not isinstance(enhanced, str) or not _STATUS.match(enhanced) or enhanced[0] != str(code)[0]:
+        enhanced = f"{str(code)[0]}.0.0"
+    if code == outcome.code and enhanced == outcome.enhanced:
+        return outcome
+    return Outcome(outcome.recipient, code, enhanced, outcome.text, outcome.remote)
 
 
 def _domain(address: str) -> str:

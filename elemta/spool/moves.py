@@ -18,6 +18,10 @@ if TYPE_CHECKING:
     from .incoming import IncomingMessage
 
 
+class StateConflict(Exception):
+    """The message is in a state the operation does not apply to; ``str()`` says why."""
+
+
 class SpoolMoves:
     """Mixed into :class:`~elemta.spool.store.Spool`."""
 
@@ -79,3 +83,58 @@ class SpoolMoves:
             incoming.discard()
             raise
         await self.commit(incoming, envelope, state=state)  # type: ignore[attr-defined]
+
+    # ------------------------------------------------------------- administration
+    #
+    # What ``elemta queue`` does to one message. The caller makes sure nobody
+    # else acts on the message meanwhile: the running server claims it from its
+    # delivery runner, the command line holds the spool lock.
+
+    def _load(self, queue_id: str) -> tuple[str, Envelope]:
+        return self.load(queue_id)  # type: ignore[attr-defined]
+
+    def hold(self, queue_id: str, reason: str) -> bool:
+        """Keep a queued message from delivery; ``False`` if it was held already.
+
+        Raises ``KeyError`` for an unknown message, :class:`StateConflict` for
+        one in ``failed/``.
+        """
+        state, env = self._load(queue_id)
+        if state == "hold":
+            return False
+        if state not in ("ready", "deferred"):
+            raise StateConflict(f"in {state}/, not queued for delivery")
+        env.hold_reason = reason
+        self.rewrite(env, state, "hold")
+        return True
+
+    def release(self, queue_id: str) -> None:
+        """Put a held message back in ``ready/``, to be delivered now."""
+        state, env = self._load(queue_id)
+        if state != "hold":
+            raise StateConflict(f"not held (in {state}/)")
+        env.hold_reason = None
+        env.next_attempt_at = None
+        self.rewrite(env, "hold", "ready")
+
+    def make_due(self, queue_id: str, now: float) -> str:
+        """Make a queued message due at ``now``; its state.
+
+        For a spool no server runs on: the runner rebuilds its schedule from
+        ``next_attempt_at`` when it starts.
+        """
+        state, env = self._load(queue_id)
+        if state == "hold":
+            raise StateConflict("held: release it instead")
+        if state == "failed":
+            raise StateConflict("in failed/, cannot be delivered")
+        if state == "deferred" and (env.next_attempt_at is None or env.next_attempt_at > now):
+            env.next_attempt_at = now
+            self.rewrite(env, state, state)
+        return state
+
+    def delete(self, queue_id: str) -> str:
+        """Remove a message, whatever its state, without telling anyone; its state."""
+        state, _ = self._load(queue_id)
+        self.remove(queue_id, state)
+        return state
