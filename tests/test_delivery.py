@@ -387,3 +387,23 @@ async def test_hook_bounce(elemta_server, dns_server, origin):
     await asyncio.sleep(0.3)
     assert len(origin.messages) == 1
     assert b"Subject: Returned mail" in bounce.content
+
+
+async def test_delay_notice_is_sent_once_after_the_configured_time(elemta_server, dns_server,
+                                                                  origin):
+    async with Sink(data_reply="451 4.3.0 Busy") as sink:
+        dns_server.zone("remote.example")
+        dns_server.add("remote.example", "MX", "10 mx.remote.example.")
+        dns_server.add("mx.remote.example", "A", "127.0.0.1")
+        server = await elemta_server(delivery_config(
+            dns_server, retry_intervals_seconds=[0.3], delay_notice_after_seconds=0.5,
+            mx_overrides=overrides(mx_remote_example=sink, mx_origin_example=origin)))
+        queue_id = await submit(server, "alice@origin.example", ["bob@remote.example"])
+        [notice] = await origin.wait_for(1)
+        await asyncio.sleep(1.0)  # more attempts, but no second notice
+        state, env = envelope(server, queue_id)
+    assert len(origin.messages) == 1 and state == "deferred" and env["attempts"] >= 3
+    assert b"Subject: Delayed Mail (still being retried)" in notice.content
+    [fields] = parse_dsn(notice.content)
+    assert fields["Action"] == "delayed" and fields["Status"] == "4.3.0"
+    assert "Will-Retry-Until" in fields

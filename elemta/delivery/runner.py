@@ -264,6 +264,7 @@ class Runner:
             for rcpt in bounced:
                 rcpt.state = FAILED
         if env.pending():
+            await self._delay_notice(env, retry, now, deadline)
             interval = self._interval(env.attempts)
             delay = min(delays) if delays else interval
             # the last attempt happens at the deadline, not an interval after it
@@ -279,6 +280,17 @@ class Runner:
                 await self.hooks.notify("delivered", envelope=env, recipient=rcpt,
                                         outcome=outcomes[rcpt.address])
 
+    async def _delay_notice(self, env: Envelope, retry: list[tuple[RecipientState, Outcome]],
+                            now: float, deadline: float) -> None:
+        """Tell the sender once that delivery is late (``delay_notice_after_seconds``)."""
+        after = self.settings.delay_notice_after_seconds
+        late = [(r, o) for r, o in retry if r.state == PENDING]
+        if (not after or not late or now - env.received_at < after
+                or any("delay_notice" in t for t in env.trace)):
+            return
+        env.trace.append({"delay_notice": now})  # stored by the rewrite that follows
+        await self._bounce(env, late, now, action="delayed", will_retry_until=deadline)
+
     async def _collect(self, hook: str, **kwargs: Any) -> list[Any]:
         try:
             return [r for _, r in await self.hooks.collect(hook, (int, float, Discard), **kwargs)]
@@ -290,15 +302,19 @@ class Runner:
         return intervals[min(attempts, len(intervals)) - 1]
 
     async def _bounce(self, env: Envelope, failed: list[tuple[RecipientState, Outcome]],
-                      now: float) -> None:
-        """Queue one DSN for this batch of failed recipients (never to the null sender)."""
+                      now: float, action: str = "failed",
+                      will_retry_until: float | None = None) -> None:
+        """Queue one DSN for this batch of recipients (never to the null sender).
+
+        ``action`` is ``failed`` for a bounce, ``delayed`` for a delay notice.
+        """
         if dsn.is_bounce(env):
             log.info("%s: not bouncing a bounce (null sender)", env.id)
             return
         outcomes = [dsn.RecipientOutcome(
-            recipient=r.address, action="failed", status=o.enhanced, diagnostic=o.reply(),
-            remote_mta=o.remote,
-            last_attempt=now) for r, o in failed]
+            recipient=r.address, action=action, status=o.enhanced, diagnostic=o.reply(),
+            remote_mta=o.remote, last_attempt=now, will_retry_until=will_retry_until)
+            for r, o in failed]
         content = self.spool.message_path(env.id)
         # a message in failed/ may have lost its content; returned, it is reported without
         built = dsn.build_dsn(envelope=env, outcomes=outcomes, reporting_mta=self.hostname,
@@ -323,8 +339,9 @@ class Runner:
                               mail_params=_bounce_params(message, sender, recipients),
                               listener=None, trace=[{"bounce_of": env.id}])
         await self.spool.commit_bytes(bounce_env, message)
-        log.info("%s: bounce %s queued to <%s> for %d recipient(s)", env.id, bounce_id,
-                 env.sender, len(failed))
+        log.info("%s: %s %s queued to <%s> for %d recipient(s)", env.id,
+                 "bounce" if action == "failed" else "delay notice", bounce_id, env.sender,
+                 len(failed))
 
     # ------------------------------------------------------------- administration
     #
