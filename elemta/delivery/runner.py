@@ -179,12 +179,33 @@ class Runner:
                 continue
             groups.setdefault(route, []).append(rcpt)
         content = str(self.spool.message_path(queue_id))
-        results = await asyncio.gather(*(self._deliver(env, route, rcpts, content)
-                                         for route, rcpts in groups.items()))
-        for group in results:
+        unfinished = len(groups)
+        removed = False
+
+        async def deliver_group(route: Route, rcpts: list[RecipientState]) -> None:
+            nonlocal unfinished, removed
+            group = await self._deliver(env, route, rcpts, content)
+            unfinished -= 1
             for outcome in group:
                 outcomes[outcome.recipient] = outcome
-        await self._apply(state, env, pending, outcomes)
+            done = {o.recipient for o in group if o.delivered}
+            if not done:
+                return
+            # Record the deliveries before this task yields: until then no other
+            # task can run, not even one reusing the connection that carried them,
+            # so a crash can hardly fall between the remote 250 and this record.
+            for rcpt in rcpts:
+                if rcpt.address in done:
+                    rcpt.state = DELIVERED
+            if not unfinished and len(outcomes) == len(pending) and all(
+                    o.delivered for o in outcomes.values()):
+                self.spool.remove(env.id, state)
+                removed = True
+            else:
+                self.spool.rewrite(env, state, state)
+
+        await asyncio.gather(*(deliver_group(route, rcpts) for route, rcpts in groups.items()))
+        await self._apply(state, env, pending, outcomes, removed)
 
     async def _deliver(self, env: Envelope, route: Route, rcpts: list[RecipientState],
                        content: str) -> list[Outcome]:
@@ -205,7 +226,7 @@ class Runner:
         return [by_rcpt.get(r.address) or Outcome(r.address, 451, "4.3.0", text) for r in rcpts]
 
     async def _apply(self, state: str, env: Envelope, pending: list[RecipientState],
-                     outcomes: dict[str, Outcome]) -> None:
+                     outcomes: dict[str, Outcome], removed: bool = False) -> None:
         now = time.time()
         failed: list[tuple[RecipientState, Outcome]] = []
         retry: list[tuple[RecipientState, Outcome]] = []
@@ -271,7 +292,7 @@ class Runner:
             env.next_attempt_at = min(now + max(delay, 0.0), max(deadline, now))
             self.spool.rewrite(env, state, "deferred")
             self.schedule(env.id, env.next_attempt_at)
-        else:
+        elif not removed:
             self.spool.remove(env.id, state)
         for rcpt, outcome in failed:
             await self.hooks.notify("bounced", envelope=env, recipient=rcpt, outcome=outcome)
