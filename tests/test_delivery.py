@@ -6,6 +6,7 @@ import asyncio
 import json
 import ssl
 import time
+import urllib.request
 
 import pytest
 import trustme
@@ -407,3 +408,31 @@ async def test_delay_notice_is_sent_once_after_the_configured_time(elemta_server
     [fields] = parse_dsn(notice.content)
     assert fields["Action"] == "delayed" and fields["Status"] == "4.3.0"
     assert "Will-Retry-Until" in fields
+
+
+async def test_delivery_metrics(elemta_server, dns_server, origin):
+    async with Sink() as sink:
+        sink.rcpt_replies["nobody@remote.example"] = "550 5.1.1 No such user"
+        dns_server.zone("remote.example")
+        dns_server.add("remote.example", "MX", "10 mx.remote.example.")
+        dns_server.add("mx.remote.example", "A", "127.0.0.1")
+        server = await elemta_server(delivery_config(dns_server, mx_overrides=overrides(
+            mx_remote_example=sink, mx_origin_example=origin)))
+        queue_id = await submit(server, "alice@origin.example",
+                                ["bob@remote.example", "nobody@remote.example"])
+        await wait_gone(server, queue_id)
+        await origin.wait_for(1)
+        for _ in range(200):  # until the bounce itself has left the queue
+            counts = server.app.spool.counts()
+            if counts["ready"] == counts["deferred"] == 0:
+                break
+            await asyncio.sleep(0.02)
+        url = f"http://127.0.0.1:{server.metrics_port}/metrics"
+        body = (await asyncio.to_thread(lambda: urllib.request.urlopen(url).read())).decode()
+    assert 'smtp_messages_sent_total{domain="remote.example"} 1.0' in body
+    assert 'smtp_messages_sent_total{domain="origin.example"} 1.0' in body  # the bounce
+    assert 'smtp_delivery_attempts_total{result="delivered"} 2.0' in body
+    assert 'smtp_delivery_attempts_total{result="failed"} 1.0' in body
+    assert "smtp_delivery_duration_seconds_count 2.0" in body
+    assert 'elemta_spool_messages{state="ready"} 0.0' in body
+    assert 'elemta_spool_messages{state="deferred"} 0.0' in body
