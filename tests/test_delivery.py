@@ -268,6 +268,16 @@ class LocalTransport:
         return [Outcome(r.address, 250, "2.0.0", "stored") for r in recipients]
 
 
+class RefuseLocal:
+    """A transport that refuses every local recipient for good."""
+
+    @hookimpl
+    def deliver(self, envelope, route, recipients):
+        if route.transport == "local":
+            return [Outcome(r.address, 550, "5.1.1", "unknown user") for r in recipients]
+        return None
+
+
 async def test_hook_deliver(elemta_server, dns_server):
     local = LocalTransport()
     server = await elemta_server(delivery_config(dns_server), plugins=[("local", local)])
@@ -346,33 +356,19 @@ async def test_hook_deferred(elemta_server, dns_server):
 async def test_hook_bounced(elemta_server, dns_server, origin):
     seen = []
 
-    class Refuse:
-        @hookimpl
-        def deliver(self, envelope, route, recipients):
-            if route.transport == "local":
-                return [Outcome(r.address, 550, "5.1.1", "unknown user") for r in recipients]
-            return None
-
     class Watch:
         @hookimpl
         def bounced(self, envelope, recipient, outcome):
             seen.append((recipient.address, recipient.state, outcome.enhanced))
 
     server = await elemta_server(delivery_config(dns_server, mx_overrides=overrides(
-        mx_origin_example=origin)), plugins=[("refuse", Refuse()), ("watch", Watch())])
+        mx_origin_example=origin)), plugins=[("refuse", RefuseLocal()), ("watch", Watch())])
     await submit(server, "alice@origin.example", ["ghost@example.test"])
     await origin.wait_for(1)
     assert seen == [("ghost@example.test", "failed", "5.1.1")]
 
 
 async def test_hook_bounce(elemta_server, dns_server, origin):
-    class Refuse:
-        @hookimpl
-        def deliver(self, envelope, route, recipients):
-            if route.transport == "local":
-                return [Outcome(r.address, 550, "5.1.1", "unknown user") for r in recipients]
-            return None
-
     class Rewrite:
         @hookimpl
         def bounce(self, envelope, outcomes, message):
@@ -381,7 +377,7 @@ async def test_hook_bounce(elemta_server, dns_server, origin):
             return message.replace(b"Undelivered Mail Returned to Sender", b"Returned mail")
 
     server = await elemta_server(delivery_config(dns_server, mx_overrides=overrides(
-        mx_origin_example=origin)), plugins=[("refuse", Refuse()), ("rewrite", Rewrite())])
+        mx_origin_example=origin)), plugins=[("refuse", RefuseLocal()), ("rewrite", Rewrite())])
     await submit(server, "alice@origin.example", ["quiet@example.test"])
     await submit(server, "alice@origin.example", ["loud@example.test"])
     [bounce] = await origin.wait_for(1)
