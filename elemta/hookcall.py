@@ -88,14 +88,20 @@ class HookCaller:
         return result
 
     def _call_sync(self, hook: str, impl: Impl, kwargs: dict[str, Any]) -> Any:
-        """Call a plain ``def`` implementation (most built-ins): no coroutine, no timer."""
+        """Call an implementation; a plain ``def`` (most built-ins) needs no coroutine.
+
+        Its duration is observed here, unless it returned an awaitable: then
+        :meth:`_await` observes the whole call, once.
+        """
         start = time.perf_counter()
+        result: Any = None
         try:
-            return impl.function(*[kwargs[a] for a in impl.argnames])
+            result = impl.function(*[kwargs[a] for a in impl.argnames])
+            return result
         except Exception as e:
             raise self._raised(hook, impl, e) from e
         finally:
-            if impl.observe is not None:
+            if impl.observe is not None and not inspect.isawaitable(result):
                 impl.observe(time.perf_counter() - start)
 
     async def _await(self, hook: str, impl: Impl, awaitable: Any) -> Any:

@@ -13,7 +13,6 @@ import importlib
 import importlib.metadata
 import os
 from dataclasses import dataclass
-from types import ModuleType
 from typing import TYPE_CHECKING, Iterable, Sequence
 
 import pluggy
@@ -146,6 +145,3 @@ def plugin_hooks(pm: pluggy.PluginManager, name: str) -> list[str]:
         return []
     return sorted(c.name for c in pm.get_hookcallers(plugin) or ())
 
-
-def describe_module(obj: object) -> str:
-    return obj.__name__ if isinstance(obj, ModuleType) else type(obj).__qualname__

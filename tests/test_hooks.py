@@ -540,3 +540,19 @@ def test_verdict_headers_cannot_inject_fields():
     with pytest.raises(ValueError):
         Quarantine("x", headers=(("Bad Name", "v"),))
     assert Accept(headers=(("X-Test", "folded\r\n\tcontinuation"),)).headers
+
+
+async def test_an_async_hook_call_is_timed_once(elemta_server):
+    class Slow:
+        @hookimpl
+        async def mail(self):
+            await asyncio.sleep(0.05)
+
+    server = await elemta_server(plugins=[("slow", Slow())])
+    assert (await send(server)).code == 250
+    url = f"http://127.0.0.1:{server.metrics_port}/metrics"
+    body = (await asyncio.to_thread(lambda: urllib.request.urlopen(url).read())).decode()
+    assert 'smtp_hook_duration_seconds_count{hook="mail",plugin="slow"} 1.0' in body
+    total = float(body.split('smtp_hook_duration_seconds_sum{hook="mail",plugin="slow"} ')[1]
+                  .split()[0])
+    assert total >= 0.05

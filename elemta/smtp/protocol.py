@@ -200,7 +200,7 @@ class ElemtaSMTP(_AioSMTP):
         except (asyncio.CancelledError, ConnectionError):
             raise
         finally:
-            self._abort_tx()
+            self.tx = None
             self.ctx.session_ended(self)
 
     async def _greet(self, conn: Session) -> None:
@@ -322,9 +322,6 @@ class ElemtaSMTP(_AioSMTP):
         self.reply(v.reply_line(verdict))
         if isinstance(verdict, v.Disconnect):
             raise _Close
-
-    def _abort_tx(self) -> None:
-        self.tx = None
 
     # ---------------------------------------------------------------- commands
 
