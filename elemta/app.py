@@ -53,7 +53,7 @@ class App:
             hook_minimum_seconds={"deliver": settings.delivery.attempt_timeout_seconds})
         spool = settings.spool
         self.spool = Spool(settings.resolve(spool.path), commit_threads=spool.commit_threads,
-                           memory_bytes=spool.memory_bytes)
+                           memory_bytes=spool.memory_bytes, visible_on_commit=False)
         self.smtp = SMTPContext(settings, self.hooks, self.spool, self.metrics)
         self.servers: dict[str, asyncio.base_events.Server] = {}
         self.tls_contexts: dict[str, ssl.SSLContext] = {}

@@ -239,6 +239,9 @@ def authentication_results_header(session: Session, tx: Transaction, message: Me
 def queued(session: Session, tx: Transaction, envelope: Envelope) -> None:
     """The message is durably in the spool; ``250`` has not been sent yet.
 
+    Durable in the spool's journal: its files appear a moment later, and it
+    may be acted on in the spool only once those are durable too.
+
     Dispatch: notify. An exception is logged; the message stays accepted.
     """
 

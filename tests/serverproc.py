@@ -15,6 +15,23 @@ import pytest
 READY_TIMEOUT = 20.0
 
 
+def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, what: str = "condition") -> Any:
+    """Poll ``predicate`` until it returns something true; that value.
+
+    A 250 means the message is in the spool's journal; its files appear in the
+    spool directories a moment later, which is what this waits for.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"{what}: not true within {timeout} s (last value {value!r})",
+                        pytrace=False)
+        time.sleep(0.02)
+
+
 def free_port() -> int:
     """A TCP port that was free a moment ago (the listener config needs a fixed one)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:

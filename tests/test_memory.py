@@ -8,7 +8,7 @@ from pathlib import Path
 from elemta.testing.client import RawSMTP
 from elemta.testing.fixtures import write_config
 
-from .serverproc import free_port, listener
+from .serverproc import free_port, listener, wait_until
 
 MIB = 1 << 20
 
@@ -53,5 +53,7 @@ async def test_20_mib_message_grows_peak_rss_by_less_than_5_mib(tmp_path, start_
     growth_mib = (rss_peak_kib(server.pid) - before) / 1024
     assert growth_mib < 5, f"peak RSS grew by {growth_mib:.1f} MiB for a 20 MiB message"
     queue_id = reply.text.rsplit(" ", 1)[1]
-    stored = (tmp_path / "srv" / "queue" / "messages" / queue_id).stat().st_size
+    spool = tmp_path / "srv" / "queue"
+    wait_until(lambda: (spool / "ready" / f"{queue_id}.json").exists(), what="envelope written")
+    stored = (spool / "messages" / queue_id).stat().st_size
     assert stored > sent

@@ -15,11 +15,13 @@ MSG = b"Subject: test\r\n\r\nhello\r\n.\r\n"
 
 
 def spooled(server, state: str = "ready") -> list[dict]:
+    server.app.spool.wait_written()  # a 250 means "journaled"; the files follow
     d = server.spool_path / state
     return [json.loads(p.read_bytes()) for p in sorted(d.glob("*.json"))]
 
 
 def content(server, queue_id: str) -> bytes:
+    server.app.spool.wait_written()
     return (server.spool_path / "messages" / queue_id).read_bytes()
 
 

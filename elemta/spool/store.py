@@ -19,8 +19,9 @@ be written fails as a whole (every caller gets the ``OSError``, the client a
 again, so a torn batch can only ever be the last thing in a segment.
 
 **Materialization.** A background thread then writes each message's files
-the way the rest of Elemta reads them: the content to ``tmp/`` renamed into
-``messages/``, the envelope to ``tmp/`` renamed into its state directory. No
+the way the rest of Elemta reads them: the content straight into
+``messages/`` (content without an envelope is invisible to readers), then the
+envelope to ``tmp/`` renamed into its state directory. No
 fsync: the journal still holds the message. By default (``visible_on_commit``)
 the commit returns once its files are in place too, so that a 250 still means
 "in the directories", and the journal thread is already writing the next batch
@@ -513,6 +514,21 @@ class Spool(SpoolMoves):
             self._cond.notify()
         await asyncio.wrap_future(done)
 
+    def wait_written(self, timeout: float = 10.0) -> None:
+        """Block until every acknowledged message's files are in the spool directories.
+
+        Without ``visible_on_commit`` a 250 means "in the journal" and the
+        files follow a moment later; this waits for that moment (tests, tools
+        that read the directories). It only needs the spool's own threads, so
+        it may be called on the event loop. Raises ``TimeoutError``.
+        """
+        if self._bg_thread is None or self._crashed:
+            return
+        done = threading.Event()
+        self._bg_queue.put(("barrier", done, None))
+        if not done.wait(timeout):
+            raise TimeoutError(f"spool write-out did not catch up within {timeout} s")
+
     def on_durable(self, callback: DurableCallback) -> Callable[[], None]:
         """Call ``callback([(queue_id, state), …])`` on the event loop for every checkpoint.
 
@@ -858,6 +874,8 @@ class Spool(SpoolMoves):
                         with self._backlog:
                             self._backlog_bytes -= held
                             self._backlog.notify()
+                elif kind == "barrier":  # every batch queued before it is written out
+                    arg.set()
                 elif kind == "sealed":  # its messages are all written out by now
                     checkpointer.submit(self._checkpoint_task, arg, None)
                 elif kind == "retry":
@@ -903,8 +921,11 @@ class Spool(SpoolMoves):
         for job in jobs:
             queue_id = job.queue_id
             try:
-                path = f"{tmp}/{queue_id}.content"
-                fd = os.open(path, _TMP_FLAGS, _FILE_MODE)
+                # Straight under its final name: content without an envelope
+                # is invisible to every reader, the envelope goes in last (by
+                # rename, so it is never seen half-written), and until the
+                # checkpoint a crash replays both from the journal.
+                fd = os.open(f"{messages}/{queue_id}", _TMP_FLAGS, _FILE_MODE)
                 try:
                     if job.body_path is None:
                         body = job.body
@@ -915,7 +936,6 @@ class Spool(SpoolMoves):
                                            job.content_offset, job.content_length)
                 finally:
                     os.close(fd)
-                os.rename(path, f"{messages}/{queue_id}")
                 path = f"{tmp}/{queue_id}.envelope"
                 fd = os.open(path, _TMP_FLAGS, _FILE_MODE)
                 try:
