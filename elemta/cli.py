@@ -173,6 +173,41 @@ def plugins() -> None:
     console.print(calls)
 
 
+def current_settings() -> Settings:
+    """For plugin commands: the server settings of the configuration in use (``--config``).
+
+    Exits with a message saying what is wrong when the file is missing or invalid.
+    """
+    return _state().settings
+
+
+def plugin_settings(name: str) -> Any:
+    """For plugin commands: the validated ``[plugins.<name>]`` settings of the configuration.
+
+    The enabled plugins declare their schemas as at start-up; a mistake in the
+    file exits with the same message ``elemta check-config`` gives.
+    """
+    from .config import validate_plugin_tables
+    from .plugins import enabled_names, make_plugin_manager
+
+    settings = _state().settings
+    try:
+        pm, _ = make_plugin_manager(enabled_names(settings.plugins.enabled),
+                                    source=str(settings.source), settings=settings)
+        schemas: dict[str, Any] = {}
+        for mapping in pm.hook.register_config():
+            if mapping:
+                schemas.update(mapping)
+        validated = validate_plugin_tables(settings, schemas)
+    except PluginLoadError as e:
+        fail(str(e))
+    except ConfigError as e:
+        fail("configuration error:\n  " + "\n  ".join(e.problems))
+    if name not in validated:
+        fail(f"{settings.source}: plugin {name!r} is not enabled; add it to [plugins] enabled")
+    return validated[name]
+
+
 def _add_builtin_groups() -> None:
     from .spool.cli import queue_group
 

@@ -10,7 +10,7 @@ import io
 import os
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, BinaryIO, Callable
+from typing import TYPE_CHECKING, BinaryIO, Callable, Iterable
 
 from .stash import Stash
 
@@ -79,18 +79,43 @@ class Session:
 
 
 class Recipient:
-    """One RCPT TO: the address as given (without angle brackets) and its parameters."""
+    """One RCPT TO: the address as given (without angle brackets) and its parameters.
 
-    __slots__ = ("address", "params", "stash")
+    ``deliver_to`` is ``None`` (deliver to ``address``) unless a plugin called
+    :meth:`rewrite`.
+    """
+
+    __slots__ = ("address", "params", "stash", "deliver_to")
 
     def __init__(self, address: str, params: dict[str, str | None] | None = None) -> None:
         self.address = address
         self.params = params or {}
         self.stash = Stash()
+        self.deliver_to: tuple[str, ...] | None = None
 
     @property
     def domain(self) -> str:
         return self.address.rpartition("@")[2].lower()
+
+    def rewrite(self, addresses: Iterable[str]) -> None:
+        """Spool this recipient as ``addresses`` instead (aliases, redirects, forwards).
+
+        Each becomes a recipient of its own in the envelope, delivered and
+        retried on its own, with ``original`` set to this address; an address
+        that appears twice in a message (two aliases naming the same mailbox)
+        is spooled once. Include ``self.address`` to keep a copy for it. Only
+        the final list counts: call it again to replace it.
+        """
+        out: list[str] = []
+        for a in addresses:
+            if not isinstance(a, str) or a.count("@") < 1 or not a.rpartition("@")[0] \
+                    or not a.rpartition("@")[2] or any(c in a for c in "<> \t\r\n"):
+                raise ValueError(f"rewrite: {a!r} is not a mail address (local@domain)")
+            out.append(a)
+        if not out:
+            raise ValueError("rewrite: at least one address is needed (reject the recipient "
+                             "to refuse it)")
+        self.deliver_to = tuple(out)
 
     def __repr__(self) -> str:
         return f"<Recipient {self.address}>"

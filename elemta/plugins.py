@@ -1,7 +1,8 @@
 """The plugin manager factory: built-ins, entry points, the enabled list, order.
 
 Plugins are installed packages exposing an entry point in the group ``elemta``
-(``[project.entry-points.elemta] greylist = "elemta_greylist"``). Only those
+(``[project.entry-points.elemta] greylist = "elemta_greylist"``, a module, or
+``"elemta_greylist:Greylist"``, a class instantiated once per server). Only those
 named in ``[plugins] enabled`` are loaded, in that order; built-ins come last.
 An entry may also be an importable module path (``"mysite.policy"``) for a
 plugin that is not packaged.
@@ -72,6 +73,10 @@ def _load(name: str, installed: dict[str, InstalledPlugin], source: str) -> obje
             obj: object = importlib.import_module(modname)
             for part in filter(None, attr.split(".")):
                 obj = getattr(obj, part)
+            if isinstance(obj, type):
+                # a plugin class: one instance per server, so that two servers
+                # in one process (tests, embedding) never share its state
+                obj = obj()
         except Exception as e:
             raise PluginLoadError(
                 f"{source}: [plugins] enabled: plugin {name!r} is installed but failed to "

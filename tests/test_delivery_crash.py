@@ -38,7 +38,7 @@ from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from elemta.testing.fixtures import write_config
 
-from .serverproc import free_port, listener
+from elemta.testing.process import free_port, listener
 
 MESSAGES = 400
 SUBMITTERS = 8

@@ -8,7 +8,7 @@ from pathlib import Path
 from elemta.testing.client import RawSMTP
 from elemta.testing.fixtures import write_config
 
-from .serverproc import free_port, listener, wait_until
+from elemta.testing.process import free_port, listener, wait_until
 
 MIB = 1 << 20
 

@@ -28,7 +28,7 @@ from cryptography import x509
 from elemta.spool.envelope import STATES, Envelope
 from elemta.testing.fixtures import write_config
 
-from .serverproc import ServerProcess, elemta_command, free_port, listener, wait_until
+from elemta.testing.process import ServerProcess, elemta_command, free_port, listener, wait_until
 
 REPO = Path(__file__).resolve().parent.parent
 SHIPPED_CONFIG = REPO / "elemta.toml"

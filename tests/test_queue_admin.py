@@ -31,7 +31,7 @@ from elemta.testing.client import RawSMTP
 from elemta.testing.fixtures import write_config
 from elemta.testing.sink import Sink
 
-from .serverproc import free_port, listener
+from elemta.testing.process import free_port, listener
 
 REFUSE = "451 4.3.0 Try again later"
 

@@ -36,7 +36,7 @@ from elemta.delivery.smtp_client import (
     TLSPolicy,
 )
 
-from .conftest import require_tool_or_skip
+from elemta.testing.process import require_tool_or_skip
 
 MX = "mx.example.test"
 HELO = "client.example.org"

@@ -779,8 +779,7 @@ class ElemtaSMTP(_AioSMTP):
     def _envelope(self, conn: Session, tx: Transaction, size: int,
                   hold_reason: str | None) -> Envelope:
         return Envelope(
-            id=tx.id, sender=tx.sender,
-            recipients=[RecipientState(r.address, dict(r.params)) for r in tx.recipients],
+            id=tx.id, sender=tx.sender, recipients=envelope_recipients(tx.recipients),
             received_at=time.time(), size=size, mail_params=dict(tx.mail_params),
             peer={"ip": conn.peer[0], "port": conn.peer[1]}, helo=conn.helo,
             listener=self.listener.name, tls=conn.tls.as_dict() if conn.tls else None,
@@ -823,3 +822,22 @@ _COMMANDS: dict[str, Callable[[ElemtaSMTP, str | None], Awaitable[None]]] = {
     name[5:]: getattr(ElemtaSMTP, name) for name in dir(ElemtaSMTP)
     if name.startswith("smtp_") and name[5:].isupper()
 }
+
+
+def envelope_recipients(recipients: list[Recipient]) -> list[RecipientState]:
+    """The envelope's recipients: rewritten ones expanded, each address once."""
+    out: list[RecipientState] = []
+    seen: set[str] = set()
+    for r in recipients:
+        if r.deliver_to is None:
+            key = r.address.lower()
+            if key not in seen:
+                seen.add(key)
+                out.append(RecipientState(r.address, dict(r.params)))
+            continue
+        for a in r.deliver_to:
+            key = a.lower()
+            if key not in seen:
+                seen.add(key)
+                out.append(RecipientState(a, dict(r.params), original=r.address))
+    return out

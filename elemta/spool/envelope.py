@@ -26,6 +26,7 @@ class RecipientState:
     attempts: int = 0
     last_error: str | None = None
     updated_at: float | None = None
+    original: str | None = None     # the RCPT TO address this one was rewritten from
 
 
 @dataclass(slots=True)

@@ -122,6 +122,26 @@ def elemta_config(tmp_path: Path) -> Callable[[dict[str, Any] | None], Path]:
 
 
 @pytest.fixture
+def require_tool() -> Callable[[str], str]:
+    """``require_tool("swaks")`` → the tool's path (skips, or fails under ``CI=true``)."""
+    from .process import require_tool_or_skip
+
+    return require_tool_or_skip
+
+
+@pytest.fixture
+def start_server(tmp_path: Path) -> Iterator[Callable[..., Any]]:
+    """Factory: ``start_server(config_path, env=None)`` → a ready ``elemta serve`` subprocess.
+
+    See :class:`elemta.testing.process.ServerProcess`; every process is killed
+    at the end of the test.
+    """
+    from .process import server_factory
+
+    yield from server_factory(tmp_path)
+
+
+@pytest.fixture
 def dns_server() -> Iterator["ZoneServer"]:
     """An authoritative DNS server on 127.0.0.1 (UDP and TCP) serving zones the test edits live.
 

@@ -1,8 +1,14 @@
-"""``elemta serve`` as a subprocess, for tests that need a real server process."""
+"""``elemta serve`` as a subprocess, for tests that need a real server process.
+
+Also the helpers such tests need: :func:`free_port`, :func:`listener` (a
+``[[listeners]]`` entry), :func:`wait_until`, :func:`find_tool` and
+:func:`require_tool_or_skip` for external programs (swaks, smtp-source).
+"""
 
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -13,6 +19,31 @@ from typing import Any, Callable, Iterator
 import pytest
 
 READY_TIMEOUT = 20.0
+
+# Debian installs Postfix's tools (smtp-source, smtp-sink) in /usr/sbin, which
+# is often not on an unprivileged user's PATH.
+_EXTRA_DIRS = ("/usr/sbin", "/sbin", "/usr/local/sbin", "/usr/lib/postgresql")
+
+
+def find_tool(name: str) -> str | None:
+    """The path of an external program, looking in the sbin folders too."""
+    found = shutil.which(name)
+    if found is None:
+        found = shutil.which(name, path=os.pathsep.join(_EXTRA_DIRS))
+    return found
+
+
+def require_tool_or_skip(name: str, package: str | None = None) -> str:
+    """The path of ``name``; skip the test if it is missing, or fail under ``CI=true``."""
+    path = find_tool(name)
+    if path is not None:
+        return path
+    package = package or ("postfix" if name.startswith("smtp-") else name)
+    reason = (f"{name} is not installed (install it with `make test-tools`, or "
+              f"`apt-get install {package}`)")
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(f"CI=true and a required tool is missing: {reason}", pytrace=False)
+    pytest.skip(reason)
 
 
 def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, what: str = "condition") -> Any:
