@@ -1,11 +1,10 @@
 # `make serve`: virtualenv + core + every plugin (editable) + run on elemta.toml.
-# `make test`:  the same, plus test tools (swaks, Postfix's smtp-source), then the suite.
+# `make test`:  the same, plus test tools (swaks, Postfix's smtp-source, PostgreSQL), then the suite.
 
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 PLUGINS := $(wildcard plugins/*/pyproject.toml)
-APT_TEST_PACKAGES := swaks postfix
 
 .PHONY: serve test test-tools venv bench clean
 
@@ -20,12 +19,14 @@ $(VENV)/.installed: pyproject.toml $(PLUGINS)
 serve: venv
 	$(BIN)/elemta serve --config elemta.toml
 
-# Debian packages the tests drive: swaks (a real SMTP client) and Postfix's
-# smtp-source (load generator). Installed only when running as root.
+# Debian packages the tests drive: swaks (a real SMTP client), Postfix's
+# smtp-source (load generator) and PostgreSQL (the datasource plugin's tests
+# start their own server from its binaries). Installed only when running as root.
 test-tools:
 	@missing=""; \
 	command -v swaks >/dev/null || missing="$$missing swaks"; \
 	command -v smtp-source >/dev/null || [ -x /usr/sbin/smtp-source ] || missing="$$missing postfix"; \
+	command -v initdb >/dev/null || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing="$$missing postgresql"; \
 	if [ -n "$$missing" ]; then \
 		if [ "$$(id -u)" = 0 ]; then \
 			echo "installing:$$missing"; \

@@ -141,6 +141,25 @@ def start_server(tmp_path: Path) -> Iterator[Callable[..., Any]]:
     yield from server_factory(tmp_path)
 
 
+@pytest.fixture(scope="session")
+def postgresql_server() -> Iterator[Any]:
+    """One PostgreSQL server for the test session; see :mod:`elemta.testing.postgres`."""
+    from .postgres import PostgresServer
+
+    server = PostgresServer()
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def postgresql(postgresql_server: Any) -> str:
+    """The DSN of a fresh, empty PostgreSQL database on a loopback server."""
+    return postgresql_server.new_database()
+
+
 @pytest.fixture
 def dns_server() -> Iterator["ZoneServer"]:
     """An authoritative DNS server on 127.0.0.1 (UDP and TCP) serving zones the test edits live.

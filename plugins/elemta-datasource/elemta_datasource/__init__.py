@@ -1,0 +1,10 @@
+"""elemta-datasource: hosted domains, mailboxes, aliases and routing rules.
+
+Enable it with ``[plugins] enabled = ["datasource"]``; see README.md.
+"""
+
+from .directory import Domain, Lookup, Rule
+from .plugin import DatasourcePlugin, make_backend
+from .settings import DatasourceSettings
+
+__all__ = ["DatasourcePlugin", "DatasourceSettings", "Domain", "Lookup", "Rule", "make_backend"]

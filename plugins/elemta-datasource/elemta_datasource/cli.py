@@ -1,0 +1,245 @@
+"""``elemta domains|mailboxes|aliases|rules``: edit the directory, whatever the backend.
+
+The commands act on the backend the configuration names (``--config``), the
+same one the running server reads; the server sees a change once its lookup
+cache expires (``cache_seconds``, 10 s by default).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from typing import Any, Awaitable, Callable
+
+import click
+
+from .directory import (BackendUnavailable, DirectoryError, Domain, Rule, check_rule,
+                        normalize_address, normalize_domain, normalize_target)
+
+
+def _with_backend(op: Callable[[Any], Awaitable[Any]]) -> Any:
+    from elemta.cli import current_settings, plugin_settings
+
+    from .plugin import make_backend
+
+    settings = plugin_settings("datasource")
+    backend = make_backend(settings, current_settings())
+
+    async def run() -> Any:
+        await backend.open()
+        try:
+            return await op(backend)
+        finally:
+            await backend.close()
+
+    try:
+        return asyncio.run(run())
+    except (DirectoryError, BackendUnavailable) as e:
+        click.echo(f"elemta: {e}", err=True)
+        sys.exit(1)
+
+
+def _checked(fn: Callable[[str], str], value: str) -> str:
+    try:
+        return fn(value)
+    except DirectoryError as e:
+        raise click.BadParameter(str(e)) from None
+
+
+def add_commands(cli: click.Group) -> None:
+    for group in (domains, mailboxes, aliases, rules):
+        if group.name not in cli.commands:
+            cli.add_command(group)
+
+
+# ------------------------------------------------------------------ domains
+
+
+@click.group()
+def domains() -> None:
+    """Hosted domains (elemta-datasource)."""
+
+
+@domains.command("add")
+@click.argument("name")
+@click.option("--catch-all", metavar="ADDRESS", help="Deliver mail for unknown users here.")
+@click.option("--max-message-bytes", type=click.IntRange(min=1), default=None,
+              help="Refuse larger messages for this domain (552 5.3.4).")
+@click.option("--accept-unknown", is_flag=True,
+              help="Accept any local part (default: unknown users get 550 5.1.1).")
+@click.option("--update", is_flag=True, help="Change the settings of an existing domain.")
+def domains_add(name: str, catch_all: str | None, max_message_bytes: int | None,
+                accept_unknown: bool, update: bool) -> None:
+    """Host the domain NAME."""
+    d = Domain(_checked(normalize_domain, name), not accept_unknown,
+               _checked(normalize_target, catch_all) if catch_all else None, max_message_bytes)
+    _with_backend(lambda b: b.add_domain(d, replace=update))
+    click.echo(f"domain {d.name} {'updated' if update else 'added'}")
+
+
+@domains.command("list")
+def domains_list() -> None:
+    """List hosted domains and their settings."""
+    rows = _with_backend(lambda b: b.list_domains())
+    for d in rows:
+        extra = []
+        if not d.reject_unknown:
+            extra.append("accept-unknown")
+        if d.catch_all:
+            extra.append(f"catch-all={d.catch_all}")
+        if d.max_message_bytes:
+            extra.append(f"max-message-bytes={d.max_message_bytes}")
+        click.echo(f"{d.name}\t{' '.join(extra)}".rstrip())
+    click.echo(f"{len(rows)} domain{'s' if len(rows) != 1 else ''}", err=True)
+
+
+@domains.command("remove")
+@click.argument("name")
+def domains_remove(name: str) -> None:
+    """Stop hosting NAME (its mailboxes and aliases are removed too; mail stays on disk)."""
+    n = _checked(normalize_domain, name)
+    if not _with_backend(lambda b: b.remove_domain(n)):
+        click.echo(f"elemta: domain {n} is not hosted (see `elemta domains list`)", err=True)
+        sys.exit(1)
+    click.echo(f"domain {n} removed")
+
+
+# ------------------------------------------------------------------ mailboxes
+
+
+@click.group()
+def mailboxes() -> None:
+    """Mailboxes of hosted domains (elemta-datasource)."""
+
+
+@mailboxes.command("add")
+@click.argument("address")
+def mailboxes_add(address: str) -> None:
+    """Create the mailbox ADDRESS (its domain must be hosted)."""
+    a = _checked(normalize_address, address)
+    _with_backend(lambda b: b.add_mailbox(a))
+    click.echo(f"mailbox {a} added")
+
+
+@mailboxes.command("list")
+@click.option("--domain", default=None, help="Only this domain's mailboxes.")
+def mailboxes_list(domain: str | None) -> None:
+    """List mailboxes."""
+    d = _checked(normalize_domain, domain) if domain else None
+    rows = _with_backend(lambda b: b.list_mailboxes(d))
+    for a in rows:
+        click.echo(a)
+    click.echo(f"{len(rows)} mailbox{'es' if len(rows) != 1 else ''}", err=True)
+
+
+@mailboxes.command("remove")
+@click.argument("address")
+def mailboxes_remove(address: str) -> None:
+    """Remove the mailbox ADDRESS (its stored mail stays on disk)."""
+    a = _checked(normalize_address, address)
+    if not _with_backend(lambda b: b.remove_mailbox(a)):
+        click.echo(f"elemta: there is no mailbox {a} (see `elemta mailboxes list`)", err=True)
+        sys.exit(1)
+    click.echo(f"mailbox {a} removed")
+
+
+# ------------------------------------------------------------------ aliases
+
+
+@click.group()
+def aliases() -> None:
+    """Aliases and distribution lists (elemta-datasource)."""
+
+
+@aliases.command("add")
+@click.argument("address")
+@click.argument("targets", nargs=-1, required=True)
+def aliases_add(address: str, targets: tuple[str, ...]) -> None:
+    """Deliver mail for ADDRESS to TARGETS (mailboxes, other aliases, outside addresses)."""
+    a = _checked(normalize_address, address)
+    ts = [_checked(normalize_target, t) for t in targets]
+    _with_backend(lambda b: b.add_alias(a, ts))
+    click.echo(f"alias {a} → {', '.join(ts)}")
+
+
+@aliases.command("list")
+@click.option("--domain", default=None, help="Only this domain's aliases.")
+def aliases_list(domain: str | None) -> None:
+    """List aliases, one line per target."""
+    d = _checked(normalize_domain, domain) if domain else None
+    rows = _with_backend(lambda b: b.list_aliases(d))
+    for a, t in rows:
+        click.echo(f"{a}\t{t}")
+    click.echo(f"{len(rows)} alias target{'s' if len(rows) != 1 else ''}", err=True)
+
+
+@aliases.command("remove")
+@click.argument("address")
+@click.argument("target", required=False)
+def aliases_remove(address: str, target: str | None) -> None:
+    """Remove the alias ADDRESS, or only its TARGET."""
+    a = _checked(normalize_address, address)
+    t = _checked(normalize_target, target) if target else None
+    n = _with_backend(lambda b: b.remove_alias(a, t))
+    if not n:
+        click.echo(f"elemta: there is no alias {a}{f' → {t}' if t else ''} "
+                   "(see `elemta aliases list`)", err=True)
+        sys.exit(1)
+    click.echo(f"alias {a}: {n} target{'s' if n != 1 else ''} removed")
+
+
+# ------------------------------------------------------------------ rules
+
+
+@click.group()
+def rules() -> None:
+    """Routing rules: forward, redirect, reject, quarantine (elemta-datasource)."""
+
+
+@rules.command("set")
+@click.argument("pattern")
+@click.argument("action", type=click.Choice(["forward", "redirect", "reject", "quarantine"]))
+@click.option("--target", "targets", multiple=True,
+              help="forward/redirect: an address, or @domain to keep the local part.")
+@click.option("--code", type=int, default=None, help="reject: the reply code (default 550).")
+@click.option("--enhanced", default=None, help="reject: the enhanced status (default 5.7.1).")
+@click.option("--text", default=None, help="reject: the reply text; quarantine: the reason.")
+def rules_set(pattern: str, action: str, targets: tuple[str, ...], code: int | None,
+              enhanced: str | None, text: str | None) -> None:
+    """Set the rule for PATTERN (a domain or an address), replacing any."""
+    try:
+        rule = check_rule(Rule(pattern, action, targets, code, enhanced, text))  # type: ignore[arg-type]
+    except DirectoryError as e:
+        raise click.UsageError(str(e)) from None
+    _with_backend(lambda b: b.set_rule(rule))
+    click.echo(f"rule {rule.pattern}: {_describe(rule)}")
+
+
+@rules.command("list")
+def rules_list() -> None:
+    """List routing rules."""
+    rows = _with_backend(lambda b: b.list_rules())
+    for r in rows:
+        click.echo(f"{r.pattern}\t{_describe(r)}")
+    click.echo(f"{len(rows)} rule{'s' if len(rows) != 1 else ''}", err=True)
+
+
+@rules.command("remove")
+@click.argument("pattern")
+def rules_remove(pattern: str) -> None:
+    """Remove the rule for PATTERN."""
+    from .directory import normalize_pattern
+
+    p = _checked(normalize_pattern, pattern)
+    if not _with_backend(lambda b: b.remove_rule(p)):
+        click.echo(f"elemta: there is no rule for {p} (see `elemta rules list`)", err=True)
+        sys.exit(1)
+    click.echo(f"rule {p} removed")
+
+
+def _describe(rule: Rule) -> str:
+    if rule.action in ("forward", "redirect"):
+        return f"{rule.action} to {', '.join(rule.targets)}"
+    if rule.action == "reject":
+        return f"reject {rule.code} {rule.enhanced} {rule.text}"
+    return f"quarantine ({rule.text})"

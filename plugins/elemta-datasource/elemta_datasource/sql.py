@@ -1,0 +1,492 @@
+"""SQLite (embedded, the default) and PostgreSQL (psycopg 3, async) backends.
+
+Both use the same tables, created and migrated on first start: the
+``elemta_schema`` table holds the version and every migration runs once, in
+order, in one transaction. SQLite runs on one dedicated thread (the event loop
+never waits on disk); PostgreSQL uses a psycopg connection pool. A database
+that cannot be reached raises :class:`BackendUnavailable`, which the ``rcpt``
+stage answers with ``451 4.3.0``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sqlite3
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from .directory import BackendUnavailable, DirectoryError, Domain, Lookup, Rule
+
+log = logging.getLogger("elemta.datasource")
+
+# (version, statements). Append only: never edit a migration that shipped.
+MIGRATIONS: tuple[tuple[int, tuple[str, ...]], ...] = (
+    (1, (
+        """CREATE TABLE domains (
+               name TEXT PRIMARY KEY,
+               reject_unknown BOOLEAN NOT NULL DEFAULT TRUE,
+               catch_all TEXT,
+               max_message_bytes BIGINT)""",
+        """CREATE TABLE mailboxes (
+               address TEXT PRIMARY KEY,
+               domain TEXT NOT NULL REFERENCES domains(name) ON DELETE CASCADE)""",
+        "CREATE INDEX mailboxes_domain ON mailboxes(domain)",
+        """CREATE TABLE aliases (
+               address TEXT NOT NULL,
+               target TEXT NOT NULL,
+               domain TEXT NOT NULL REFERENCES domains(name) ON DELETE CASCADE,
+               PRIMARY KEY (address, target))""",
+        "CREATE INDEX aliases_domain ON aliases(domain)",
+        """CREATE TABLE rules (
+               pattern TEXT PRIMARY KEY,
+               action TEXT NOT NULL CHECK (action IN ('forward','redirect','reject','quarantine')),
+               targets TEXT NOT NULL DEFAULT '',
+               code INTEGER,
+               enhanced TEXT,
+               text TEXT)""",
+    )),
+)
+SCHEMA_VERSION = MIGRATIONS[-1][0]
+
+_LOOKUP_SQL = (
+    "SELECT name, reject_unknown, catch_all, max_message_bytes FROM domains WHERE name = ?",
+    "SELECT 1 FROM mailboxes WHERE address = ?",
+    "SELECT address, target FROM aliases WHERE address IN (?, ?) ORDER BY target",
+    "SELECT pattern, action, targets, code, enhanced, text FROM rules WHERE pattern IN (?, ?, ?)",
+)
+
+
+def _domain(row: Sequence[Any] | None) -> Domain | None:
+    if row is None:
+        return None
+    return Domain(row[0], bool(row[1]), row[2], row[3])
+
+
+def _rule(row: Sequence[Any]) -> Rule:
+    targets = tuple(t for t in row[2].split(",") if t)
+    return Rule(row[0], row[1], targets, row[3], row[4], row[5])
+
+
+def _lookup_from(domain_row, mailbox_row, alias_rows, rule_rows, address: str, base: str,
+                 domain: str) -> Lookup:
+    d = _domain(domain_row)
+    if d is None:
+        return Lookup(None)
+    exact = tuple(t for a, t in alias_rows if a == address)
+    aliases = exact or tuple(t for a, t in alias_rows if a == base)
+    by_pattern = {r[0]: _rule(r) for r in rule_rows}
+    rules = tuple(by_pattern[p] for p in dict.fromkeys((address, base, domain)) if p in by_pattern)
+    return Lookup(d, mailbox_row is not None, aliases, rules)
+
+
+class SQLBackend:
+    """The queries, written once with ``?`` placeholders."""
+
+    placeholder = "?"
+
+    def sql(self, text: str) -> str:
+        return text if self.placeholder == "?" else text.replace("?", self.placeholder)
+
+    # subclasses: run one function in a transaction
+    async def _tx(self, fn: Callable[[Any], Any]) -> Any:
+        raise NotImplementedError
+
+    # -------------------------------------------------------------- lookups
+
+    async def lookup(self, address: str, base: str, domain: str) -> Lookup:
+        q = [self.sql(s) for s in _LOOKUP_SQL]
+
+        def run(cur: Any) -> Lookup:
+            cur.execute(q[0], (domain,))
+            domain_row = cur.fetchone()
+            if domain_row is None:
+                return Lookup(None)
+            cur.execute(q[1], (base,))
+            mailbox = cur.fetchone()
+            cur.execute(q[2], (address, base))
+            aliases = cur.fetchall()
+            cur.execute(q[3], (address, base, domain))
+            rules = cur.fetchall()
+            return _lookup_from(domain_row, mailbox, aliases, rules, address, base, domain)
+
+        return await self._tx(run)
+
+    async def get_domain(self, name: str) -> Domain | None:
+        q = self.sql(_LOOKUP_SQL[0])
+
+        def run(cur: Any) -> Domain | None:
+            cur.execute(q, (name,))
+            return _domain(cur.fetchone())
+
+        return await self._tx(run)
+
+    # -------------------------------------------------------------- editing
+
+    async def add_domain(self, domain: Domain, *, replace: bool = False) -> None:
+        def run(cur: Any) -> None:
+            cur.execute(self.sql("SELECT 1 FROM domains WHERE name = ?"), (domain.name,))
+            if cur.fetchone() is not None:
+                if not replace:
+                    raise DirectoryError(f"domain {domain.name} exists already "
+                                         "(use --update to change its settings)")
+                cur.execute(self.sql("UPDATE domains SET reject_unknown = ?, catch_all = ?, "
+                                     "max_message_bytes = ? WHERE name = ?"),
+                            (domain.reject_unknown, domain.catch_all, domain.max_message_bytes,
+                             domain.name))
+                return
+            cur.execute(self.sql("INSERT INTO domains (name, reject_unknown, catch_all, "
+                                 "max_message_bytes) VALUES (?, ?, ?, ?)"),
+                        (domain.name, domain.reject_unknown, domain.catch_all,
+                         domain.max_message_bytes))
+
+        await self._tx(run)
+
+    async def remove_domain(self, name: str) -> bool:
+        def run(cur: Any) -> bool:
+            # explicit, so that it does not depend on SQLite's foreign_keys pragma
+            cur.execute(self.sql("DELETE FROM mailboxes WHERE domain = ?"), (name,))
+            cur.execute(self.sql("DELETE FROM aliases WHERE domain = ?"), (name,))
+            cur.execute(self.sql("DELETE FROM domains WHERE name = ?"), (name,))
+            return cur.rowcount > 0
+
+        return await self._tx(run)
+
+    async def list_domains(self) -> list[Domain]:
+        def run(cur: Any) -> list[Domain]:
+            cur.execute("SELECT name, reject_unknown, catch_all, max_message_bytes FROM domains "
+                        "ORDER BY name")
+            return [_domain(r) for r in cur.fetchall()]  # type: ignore[misc]
+
+        return await self._tx(run)
+
+    def _require_domain(self, cur: Any, address: str) -> str:
+        domain = address.rpartition("@")[2]
+        cur.execute(self.sql("SELECT 1 FROM domains WHERE name = ?"), (domain,))
+        if cur.fetchone() is None:
+            raise DirectoryError(f"{domain} is not a hosted domain; add it first with "
+                                 f"`elemta domains add {domain}`")
+        return domain
+
+    async def add_mailbox(self, address: str) -> None:
+        def run(cur: Any) -> None:
+            domain = self._require_domain(cur, address)
+            cur.execute(self.sql("SELECT 1 FROM mailboxes WHERE address = ?"), (address,))
+            if cur.fetchone() is not None:
+                raise DirectoryError(f"mailbox {address} exists already")
+            cur.execute(self.sql("INSERT INTO mailboxes (address, domain) VALUES (?, ?)"),
+                        (address, domain))
+
+        await self._tx(run)
+
+    async def remove_mailbox(self, address: str) -> bool:
+        def run(cur: Any) -> bool:
+            cur.execute(self.sql("DELETE FROM mailboxes WHERE address = ?"), (address,))
+            return cur.rowcount > 0
+
+        return await self._tx(run)
+
+    async def list_mailboxes(self, domain: str | None = None) -> list[str]:
+        def run(cur: Any) -> list[str]:
+            if domain is None:
+                cur.execute("SELECT address FROM mailboxes ORDER BY domain, address")
+            else:
+                cur.execute(self.sql("SELECT address FROM mailboxes WHERE domain = ? "
+                                     "ORDER BY address"), (domain,))
+            return [r[0] for r in cur.fetchall()]
+
+        return await self._tx(run)
+
+    async def add_alias(self, address: str, targets: list[str]) -> None:
+        def run(cur: Any) -> None:
+            domain = self._require_domain(cur, address)
+            for target in targets:
+                cur.execute(self.sql("SELECT 1 FROM aliases WHERE address = ? AND target = ?"),
+                            (address, target))
+                if cur.fetchone() is None:
+                    cur.execute(self.sql("INSERT INTO aliases (address, target, domain) "
+                                         "VALUES (?, ?, ?)"), (address, target, domain))
+
+        await self._tx(run)
+
+    async def remove_alias(self, address: str, target: str | None = None) -> int:
+        def run(cur: Any) -> int:
+            if target is None:
+                cur.execute(self.sql("DELETE FROM aliases WHERE address = ?"), (address,))
+            else:
+                cur.execute(self.sql("DELETE FROM aliases WHERE address = ? AND target = ?"),
+                            (address, target))
+            return cur.rowcount
+
+        return await self._tx(run)
+
+    async def list_aliases(self, domain: str | None = None) -> list[tuple[str, str]]:
+        def run(cur: Any) -> list[tuple[str, str]]:
+            if domain is None:
+                cur.execute("SELECT address, target FROM aliases ORDER BY address, target")
+            else:
+                cur.execute(self.sql("SELECT address, target FROM aliases WHERE domain = ? "
+                                     "ORDER BY address, target"), (domain,))
+            return [(r[0], r[1]) for r in cur.fetchall()]
+
+        return await self._tx(run)
+
+    async def set_rule(self, rule: Rule) -> None:
+        def run(cur: Any) -> None:
+            cur.execute(self.sql("DELETE FROM rules WHERE pattern = ?"), (rule.pattern,))
+            cur.execute(self.sql("INSERT INTO rules (pattern, action, targets, code, enhanced, "
+                                 "text) VALUES (?, ?, ?, ?, ?, ?)"),
+                        (rule.pattern, rule.action, ",".join(rule.targets), rule.code,
+                         rule.enhanced, rule.text))
+
+        await self._tx(run)
+
+    async def remove_rule(self, pattern: str) -> bool:
+        def run(cur: Any) -> bool:
+            cur.execute(self.sql("DELETE FROM rules WHERE pattern = ?"), (pattern,))
+            return cur.rowcount > 0
+
+        return await self._tx(run)
+
+    async def list_rules(self) -> list[Rule]:
+        def run(cur: Any) -> list[Rule]:
+            cur.execute("SELECT pattern, action, targets, code, enhanced, text FROM rules "
+                        "ORDER BY pattern")
+            return [_rule(r) for r in cur.fetchall()]
+
+        return await self._tx(run)
+
+
+# ---------------------------------------------------------------- SQLite
+
+
+class SQLiteBackend(SQLBackend):
+    """An SQLite file, created on first use; one connection on one thread."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self._pool: ThreadPoolExecutor | None = None
+        self._conn: sqlite3.Connection | None = None
+
+    async def open(self) -> None:
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="datasource-sqlite")
+        try:
+            await self._run(self._connect)
+        except sqlite3.Error as e:
+            raise BackendUnavailable(f"SQLite database {self.path}: {e}") from None
+        except OSError as e:
+            raise BackendUnavailable(f"SQLite database {self.path}: {e.strerror or e}") from None
+
+    def _connect(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        conn = sqlite3.connect(self.path, timeout=5.0, isolation_level=None)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=FULL")
+        conn.execute("PRAGMA foreign_keys=ON")
+        conn.execute("PRAGMA busy_timeout=5000")
+        self._conn = conn
+        self._migrate(conn)
+
+    def _migrate(self, conn: sqlite3.Connection) -> None:
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            conn.execute("CREATE TABLE IF NOT EXISTS elemta_schema (version INTEGER NOT NULL)")
+            row = conn.execute("SELECT MAX(version) FROM elemta_schema").fetchone()
+            current = row[0] or 0
+            if current > SCHEMA_VERSION:
+                raise sqlite3.DatabaseError(
+                    f"schema version {current} is newer than this elemta-datasource "
+                    f"understands ({SCHEMA_VERSION}); upgrade the plugin")
+            for version, statements in MIGRATIONS:
+                if version > current:
+                    for stmt in statements:
+                        conn.execute(stmt)
+                    conn.execute("INSERT INTO elemta_schema (version) VALUES (?)", (version,))
+                    log.info("datasource: %s migrated to schema version %d", self.path, version)
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+
+    async def _run(self, fn: Callable[[], Any]) -> Any:
+        if self._pool is None:
+            raise BackendUnavailable("the SQLite backend is closed")
+        return await asyncio.get_running_loop().run_in_executor(self._pool, fn)
+
+    async def _tx(self, fn: Callable[[Any], Any]) -> Any:
+        def run() -> Any:
+            conn = self._conn
+            if conn is None:
+                raise BackendUnavailable(f"SQLite database {self.path} is not open")
+            cur = conn.cursor()
+            cur.execute("BEGIN")
+            try:
+                result = fn(cur)
+            except BaseException:
+                cur.execute("ROLLBACK")
+                raise
+            cur.execute("COMMIT")
+            return result
+
+        try:
+            return await self._run(run)
+        except sqlite3.Error as e:
+            raise BackendUnavailable(f"SQLite database {self.path}: {e}") from None
+
+    async def close(self) -> None:
+        if self._pool is None:
+            return
+
+        def shut() -> None:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+
+        await self._run(shut)
+        self._pool.shutdown(wait=True)
+        self._pool = None
+
+
+# ---------------------------------------------------------------- PostgreSQL
+
+
+class PostgresBackend(SQLBackend):
+    """PostgreSQL through psycopg 3's async connection pool."""
+
+    placeholder = "%s"
+
+    def __init__(self, dsn: str, pool_size: int = 4, timeout: float = 5.0) -> None:
+        self.dsn = dsn
+        self.pool_size = pool_size
+        self.timeout = timeout
+        self._pool: Any = None
+
+    async def open(self) -> None:
+        from psycopg_pool import AsyncConnectionPool
+
+        pool = AsyncConnectionPool(self.dsn, min_size=1, max_size=self.pool_size,
+                                   timeout=self.timeout, open=False,
+                                   kwargs={"connect_timeout": max(1, int(self.timeout))})
+        try:
+            await pool.open(wait=True, timeout=self.timeout)
+        except Exception as e:
+            await pool.close()
+            raise BackendUnavailable(f"PostgreSQL: {_pg_reason(e)}") from None
+        self._pool = pool
+        await self._migrate()
+
+    async def _migrate(self) -> None:
+        import psycopg
+
+        try:
+            async with self._pool.connection() as conn:
+                async with conn.transaction():
+                    # one migrator at a time across servers sharing the database
+                    await conn.execute("SELECT pg_advisory_xact_lock(7406131)")
+                    await conn.execute("CREATE TABLE IF NOT EXISTS elemta_schema "
+                                       "(version INTEGER NOT NULL)")
+                    cur = await conn.execute("SELECT MAX(version) FROM elemta_schema")
+                    current = (await cur.fetchone())[0] or 0
+                    if current > SCHEMA_VERSION:
+                        raise BackendUnavailable(
+                            f"PostgreSQL schema version {current} is newer than this "
+                            f"elemta-datasource understands ({SCHEMA_VERSION}); upgrade the plugin")
+                    for version, statements in MIGRATIONS:
+                        if version > current:
+                            for stmt in statements:
+                                await conn.execute(stmt)
+                            await conn.execute("INSERT INTO elemta_schema (version) VALUES (%s)",
+                                               (version,))
+                            log.info("datasource: PostgreSQL migrated to schema version %d",
+                                     version)
+        except psycopg.Error as e:
+            raise BackendUnavailable(f"PostgreSQL: {_pg_reason(e)}") from None
+
+    async def lookup(self, address: str, base: str, domain: str) -> Lookup:
+        """The hot path, natively async: four indexed queries on one pooled connection."""
+        import psycopg
+
+        if self._pool is None:
+            raise BackendUnavailable("the PostgreSQL backend is closed")
+        q = [self.sql(s) for s in _LOOKUP_SQL]
+        try:
+            async with self._pool.connection(timeout=self.timeout) as conn:
+                cur = await conn.execute(q[0], (domain,))
+                domain_row = await cur.fetchone()
+                if domain_row is None:
+                    return Lookup(None)
+                mailbox = await (await conn.execute(q[1], (base,))).fetchone()
+                aliases = await (await conn.execute(q[2], (address, base))).fetchall()
+                rules = await (await conn.execute(q[3], (address, base, domain))).fetchall()
+        except (psycopg.Error, OSError) as e:
+            raise BackendUnavailable(f"PostgreSQL: {_pg_reason(e)}") from None
+        except Exception as e:
+            if type(e).__name__ == "PoolTimeout":
+                raise BackendUnavailable(f"PostgreSQL: no connection within {self.timeout} s "
+                                         f"({e})") from None
+            raise
+        return _lookup_from(domain_row, mailbox, aliases, rules, address, base, domain)
+
+    async def _tx(self, fn: Callable[[Any], Any]) -> Any:
+        """Run an editing function (CLI, cold path) in one transaction."""
+        import psycopg
+
+        if self._pool is None:
+            raise BackendUnavailable("the PostgreSQL backend is closed")
+        try:
+            async with self._pool.connection(timeout=self.timeout) as conn:
+                async with conn.transaction():
+                    cur = _SyncCursor(conn.cursor())
+                    return await cur.run(fn)
+        except DirectoryError:
+            raise
+        except (psycopg.Error, OSError) as e:
+            raise BackendUnavailable(f"PostgreSQL: {_pg_reason(e)}") from None
+        except Exception as e:
+            if type(e).__name__ == "PoolTimeout":
+                raise BackendUnavailable(f"PostgreSQL: no connection within {self.timeout} s "
+                                         f"({e})") from None
+            raise
+
+    async def close(self) -> None:
+        if self._pool is not None:
+            await self._pool.close()
+            self._pool = None
+
+
+class _SyncCursor:
+    """Runs the editing functions, written against a DB-API cursor, on an async psycopg cursor.
+
+    ``fn(cur)`` runs in a worker thread; each ``execute``/``fetchone``/
+    ``fetchall`` is handed back to the event loop and awaited there. Only the
+    cold editing path uses it (lookups are natively async).
+    """
+
+    def __init__(self, cur: Any) -> None:
+        self._cur = cur
+
+    async def run(self, fn: Callable[[Any], Any]) -> Any:
+        # Run fn in a worker thread and hand each cursor call back to the loop.
+        loop = asyncio.get_running_loop()
+        cur = self._cur
+
+        class Proxy:
+            rowcount = -1
+
+            def execute(self, q: str, params: Sequence[Any] = ()) -> None:
+                asyncio.run_coroutine_threadsafe(cur.execute(q, params), loop).result()
+                self.rowcount = cur.rowcount
+
+            def fetchone(self) -> Any:
+                return asyncio.run_coroutine_threadsafe(cur.fetchone(), loop).result()
+
+            def fetchall(self) -> Any:
+                return asyncio.run_coroutine_threadsafe(cur.fetchall(), loop).result()
+
+        return await asyncio.to_thread(fn, Proxy())
+
+
+def _pg_reason(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__

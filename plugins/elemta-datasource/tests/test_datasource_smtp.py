@@ -1,0 +1,180 @@
+"""The datasource answering the rcpt and data stages of a real server, and routing."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+from elemta.testing.client import RawSMTP
+from elemta.testing.process import free_port
+from elemta.testing.sink import Sink
+from elemta_datasource.directory import Domain, Rule, check_rule
+from elemta_datasource.sql import SQLiteBackend
+
+MSG = b"Subject: t\r\n\r\nhello\r\n.\r\n"
+
+
+async def directory(path: Path) -> None:
+    b = SQLiteBackend(path)
+    await b.open()
+    await b.add_domain(Domain("example.test"))
+    await b.add_domain(Domain("small.test", max_message_bytes=200))
+    await b.add_domain(Domain("catch.test", catch_all="postmaster@catch.test"))
+    for box in ("alice@example.test", "bob@example.test", "suspect@example.test",
+                "u@small.test", "postmaster@catch.test"):
+        await b.add_mailbox(box)
+    await b.add_alias("team@example.test", ["alice@example.test", "bob@example.test",
+                                            "carol@partner.example"])
+    await b.set_rule(check_rule(Rule("suspect@example.test", "quarantine", text="manual review")))
+    await b.set_rule(check_rule(Rule("spam@example.test", "reject", code=550, enhanced="5.7.1",
+                                     text="Go away")))
+    await b.close()
+
+
+async def start(elemta_server, tmp_path: Path, extra: dict | None = None, **ds):
+    db = tmp_path / "ds.sqlite3"
+    await directory(db)
+    config = {
+        "domains": {},   # every hosted domain comes from the datasource
+        "plugins": {"datasource": {"sqlite_path": str(db), "cache_seconds": 0.2, **ds}},
+        **(extra or {}),
+    }
+    return await elemta_server(config, enabled=["datasource"])
+
+
+def spooled(server, state: str = "ready") -> list[dict]:
+    server.app.spool.wait_written()
+    d = server.spool_path / state
+    return [json.loads(p.read_bytes()) for p in sorted(d.glob("*.json"))]
+
+
+async def test_rcpt_answers_from_the_directory(elemta_server, tmp_path) -> None:
+    server = await start(elemta_server, tmp_path)
+    async with RawSMTP(server.port("mx")) as c:
+        await c.cmd("EHLO client.example")
+        assert (await c.cmd("MAIL FROM:<s@origin.example>")).code == 250
+        assert (await c.cmd("RCPT TO:<alice@example.test>")).code == 250
+        assert (await c.cmd("RCPT TO:<Bob+News@Example.Test>")).code == 250
+        r = await c.cmd("RCPT TO:<nobody@example.test>")
+        assert (r.code, r.enhanced) == (550, "5.1.1") and "User unknown" in r.text
+        r = await c.cmd("RCPT TO:<spam@example.test>")
+        assert (r.code, r.enhanced) == (550, "5.7.1") and r.text.endswith("Go away")
+        r = await c.cmd("RCPT TO:<x@elsewhere.example>")
+        assert (r.code, r.enhanced) == (550, "5.7.1"), "not ours: the relay policy refuses"
+        assert (await c.cmd("RCPT TO:<team@example.test>")).code == 250
+        assert (await c.cmd("RCPT TO:<anyone@catch.test>")).code == 250
+        assert (await c.cmd("DATA")).code == 354
+        await c.send(MSG)
+        assert (await c.read_reply()).code == 250
+    [env] = spooled(server)
+    got = [(r["address"], r["original"]) for r in env["recipients"]]
+    assert got == [
+        ("alice@example.test", None),
+        ("Bob+News@Example.Test", None),
+        # alice already is a recipient: spooled once
+        ("bob@example.test", "team@example.test"),
+        ("carol@partner.example", "team@example.test"),
+        ("postmaster@catch.test", "anyone@catch.test"),
+    ]
+
+
+async def test_quarantine_rule_holds_the_message(elemta_server, tmp_path) -> None:
+    server = await start(elemta_server, tmp_path)
+    async with RawSMTP(server.port("mx")) as c:
+        await c.cmd("EHLO client.example")
+        assert (await c.send_message("s@origin.example", ["suspect@example.test"], MSG)).code \
+            == 250
+    assert spooled(server) == []
+    [env] = spooled(server, "hold")
+    assert env["hold_reason"] == "suspect@example.test: manual review"
+
+
+async def test_per_domain_size_limit(elemta_server, tmp_path) -> None:
+    server = await start(elemta_server, tmp_path)
+    async with RawSMTP(server.port("mx")) as c:
+        await c.cmd("EHLO client.example")
+        await c.cmd("MAIL FROM:<s@origin.example> SIZE=5000")
+        r = await c.cmd("RCPT TO:<u@small.test>")
+        assert (r.code, r.enhanced) == (552, "5.3.4") and "200 bytes" in r.text
+        assert (await c.cmd("RCPT TO:<alice@example.test>")).code == 250, "others unaffected"
+        await c.cmd("RSET")
+        await c.cmd("MAIL FROM:<s@origin.example>")
+        assert (await c.cmd("RCPT TO:<u@small.test>")).code == 250
+        assert (await c.cmd("DATA")).code == 354
+        await c.send(b"Subject: big\r\n\r\n" + b"x" * 400 + b"\r\n.\r\n")
+        r = await c.read_reply()
+        assert (r.code, r.enhanced) == (552, "5.3.4")
+        assert (await c.send_message("s@origin.example", ["u@small.test"], MSG)).code == 250
+
+
+async def test_datasource_down_is_451_never_accept(elemta_server) -> None:
+    dsn = f"postgresql://postgres@127.0.0.1:{free_port()}/elemta"
+    server = await elemta_server({
+        "domains": {},
+        "plugins": {"datasource": {"backend": "postgresql", "postgresql_dsn": dsn,
+                                   "lookup_timeout_seconds": 1}},
+    }, enabled=["datasource"])
+    async with RawSMTP(server.port("mx")) as c:
+        await c.cmd("EHLO client.example")
+        await c.cmd("MAIL FROM:<s@origin.example>")
+        for rcpt in ("alice@example.test", "x@elsewhere.example"):
+            r = await c.cmd(f"RCPT TO:<{rcpt}>")
+            assert (r.code, r.enhanced) == (451, "4.3.0"), str(r)
+        assert (await c.cmd("DATA")).code == 554
+
+
+async def test_postgresql_backend_serves_the_mx(elemta_server, postgresql) -> None:
+    from elemta_datasource.sql import PostgresBackend
+
+    b = PostgresBackend(postgresql)
+    await b.open()
+    await b.add_domain(Domain("example.test"))
+    await b.add_mailbox("alice@example.test")
+    await b.close()
+    server = await elemta_server({
+        "domains": {},
+        "plugins": {"datasource": {"backend": "postgresql", "postgresql_dsn": postgresql}},
+    }, enabled=["datasource"])
+    async with RawSMTP(server.port("mx")) as c:
+        await c.cmd("EHLO client.example")
+        await c.cmd("MAIL FROM:<s@origin.example>")
+        assert (await c.cmd("RCPT TO:<alice@example.test>")).code == 250
+        assert (await c.cmd("RCPT TO:<bob@example.test>")).code == 550
+
+
+async def test_changes_show_after_the_cache_expires(elemta_server, tmp_path) -> None:
+    server = await start(elemta_server, tmp_path)
+    async with RawSMTP(server.port("mx")) as c:
+        await c.cmd("EHLO client.example")
+        await c.cmd("MAIL FROM:<s@origin.example>")
+        assert (await c.cmd("RCPT TO:<new@example.test>")).code == 550
+        b = SQLiteBackend(tmp_path / "ds.sqlite3")
+        await b.open()
+        await b.add_mailbox("new@example.test")
+        await b.close()
+        assert (await c.cmd("RCPT TO:<new@example.test>")).code == 550, "cached for 0.2 s"
+        await asyncio.sleep(0.3)
+        assert (await c.cmd("RCPT TO:<new@example.test>")).code == 250
+
+
+async def test_local_recipients_never_reach_the_smtp_transport(elemta_server, tmp_path) -> None:
+    async with Sink() as sink:
+        server = await start(elemta_server, tmp_path, extra={
+            "delivery": {"enabled": True, "workers": 2, "retry_intervals_seconds": [30],
+                         "routes": {"*": {"host": f"127.0.0.1:{sink.port}", "tls": "none"}}},
+        })
+        async with RawSMTP(server.port("mx")) as c:
+            await c.cmd("EHLO client.example")
+            r = await c.send_message("s@origin.example", ["team@example.test"], MSG)
+            assert r.code == 250
+        await server.app.spool.checkpoint()
+        [got] = await sink.wait_for(1)
+        assert got.recipients == ["carol@partner.example"], "only the outside alias target"
+        await asyncio.sleep(0.3)
+        assert len(sink.messages) == 1
+        # without a local transport the mailboxes' copies wait in the queue
+        [env] = spooled(server, "deferred")
+        states = {r["address"]: r["state"] for r in env["recipients"]}
+        assert states == {"alice@example.test": "pending", "bob@example.test": "pending",
+                          "carol@partner.example": "delivered"}
