@@ -176,6 +176,38 @@ async def test_hook_rcpt(elemta_server):
         assert (await c.cmd("RCPT TO:<real@example.test>")).code == 250
 
 
+async def test_rcpt_rewrite_spools_the_final_recipients(elemta_server):
+    class Aliases:
+        @hookimpl
+        def rcpt(self, recipient):
+            if recipient.address == "team@example.test":
+                recipient.rewrite(["alice@example.test", "bob@example.test",
+                                   "carol@partner.example"])
+                return Accept()
+            if recipient.address == "broken@example.test":
+                recipient.rewrite(["not an address"])
+            return None
+
+    server = await elemta_server(plugins=[("aliases", Aliases())])
+    async with RawSMTP(server.port("mx")) as c:
+        await c.cmd("EHLO client.example")
+        await c.cmd("MAIL FROM:<a@b.example>")
+        assert (await c.cmd("RCPT TO:<Alice@example.test>")).code == 250
+        assert (await c.cmd("RCPT TO:<team@example.test>")).code == 250
+        r = await c.cmd("RCPT TO:<broken@example.test>")
+        assert (r.code, r.enhanced) == (451, "4.3.0"), "a bad rewrite is a plugin failure"
+        assert (await c.cmd("RCPT TO:<alice@example.test>")).code == 250
+        assert (await c.cmd("DATA")).code == 354
+        await c.send(MSG)
+        assert (await c.read_reply()).code == 250
+    [env] = spooled(server)
+    assert [(r["address"], r["original"]) for r in env["recipients"]] == [
+        ("Alice@example.test", None),           # the second alice is the same mailbox
+        ("bob@example.test", "team@example.test"),
+        ("carol@partner.example", "team@example.test"),
+    ]
+
+
 async def test_hook_message_auth(elemta_server):
     class SPF:
         @hookimpl
