@@ -390,7 +390,8 @@ def show_message(queue_id: str, as_json: bool) -> None:
     for column in ("Address", "State", "Attempts", "Last error"):
         rcpts.add_column(column, overflow="fold")
     for r in env.recipients:
-        rcpts.add_row(_text(r.address), r.state, str(r.attempts), _text(r.last_error or ""))
+        address = r.address if r.original is None else f"{r.address} (for {r.original})"
+        rcpts.add_row(_text(address), r.state, str(r.attempts), _text(r.last_error or ""))
     console.print()
     console.print(rcpts)
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import sys
 from pathlib import Path
 
 from elemta.testing.client import RawSMTP
@@ -77,6 +79,8 @@ async def test_rcpt_answers_from_the_directory(elemta_server, tmp_path) -> None:
         ("carol@partner.example", "team@example.test"),
         ("postmaster@catch.test", "anyone@catch.test"),
     ]
+    shown = await cli(str(server.root / "elemta.toml"), "queue", "show", env["id"])
+    assert "carol@partner.example (for team@example.test)" in shown
 
 
 async def test_quarantine_rule_holds_the_message(elemta_server, tmp_path) -> None:
@@ -88,6 +92,25 @@ async def test_quarantine_rule_holds_the_message(elemta_server, tmp_path) -> Non
     assert spooled(server) == []
     [env] = spooled(server, "hold")
     assert env["hold_reason"] == "suspect@example.test: manual review"
+    await server.app.spool.checkpoint()
+    config = str(server.root / "elemta.toml")
+    listing = await cli(config, "queue", "list", "--state", "hold")
+    assert env["id"] in listing and "1 message in state hold" in listing
+    assert "manual review" in await cli(config, "queue", "show", env["id"])
+    await cli(config, "queue", "release", env["id"])
+    [released] = spooled(server)
+    assert released["id"] == env["id"] and released["hold_reason"] is None
+
+
+async def cli(config: str, *args: str) -> str:
+    """The real command line, against the running server's control socket."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "elemta", "--config", config, *args,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, "COLUMNS": "200"})
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 0, err.decode()
+    return out.decode()
 
 
 async def test_per_domain_size_limit(elemta_server, tmp_path) -> None:
