@@ -247,6 +247,14 @@ def test_orcpt_becomes_original_recipient_xtext_decoded():
     assert block["Original-Recipient"] == "rfc822; Bob+Lists@Example.COM"
 
 
+def test_a_rewritten_recipient_reports_the_address_the_sender_wrote():
+    env = envelope("alice@example.org",
+                   RecipientState("bob@example.com", original="team@example.com"))
+    (block,) = parse_dsn(build([failed()], env))
+    assert block["Original-Recipient"] == "rfc822; team@example.com"
+    assert block["Final-Recipient"] == "rfc822; bob@example.com"
+
+
 def test_original_recipient_given_in_the_outcome_wins():
     (block,) = parse_dsn(build([failed(original_recipient="rfc822;alias@example.com")]))
     assert block["Original-Recipient"] == "rfc822; alias@example.com"

@@ -290,6 +290,9 @@ def _original_recipient_field(outcome: RecipientOutcome,
     orcpt = outcome.original_recipient
     if orcpt is None and recipient is not None:
         orcpt = recipient.params.get("ORCPT")
+        if not orcpt and recipient.original is not None:
+            # rewritten (alias, redirect): the sender knows the address it wrote
+            return _address_field(recipient.original)
     if not orcpt:
         return None
     addr_type, sep, value = orcpt.partition(";")
