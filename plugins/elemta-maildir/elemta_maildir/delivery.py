@@ -1,0 +1,159 @@
+"""One recipient, one mailbox: the rules of a Maildir delivery and their reply codes.
+
+:meth:`Maildirs.deliver` blocks (file I/O); the plugin runs it in a thread.
+It never raises for a delivery problem: every result is an
+:class:`~elemta.models.Outcome`, and a failure is never a loss (4xx keeps the
+message queued).
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+from elemta.models import Outcome
+from elemta.spool.envelope import Envelope, RecipientState
+
+from . import store
+from .layout import Layout, Mailbox, UnsafeAddress, folder_name
+from .settings import MaildirSettings
+
+log = logging.getLogger("elemta.maildir")
+
+_NO_SPACE = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
+
+
+class Maildirs:
+    """Every mailbox of one server, as ``[plugins.maildir]`` lays them out."""
+
+    def __init__(self, settings: MaildirSettings, resolve: Callable[[Path], Path],
+                 hostname: str) -> None:
+        self.settings = settings
+        self.hostname = hostname
+        self.layout = Layout(settings.path, resolve, settings.recipient_delimiter, hostname)
+        self.usage = store.UsageCache()
+
+    def deliver(self, envelope: Envelope, recipient: RecipientState, content_path: str,
+                content_size: int) -> Outcome:
+        """Deliver the spooled message to one recipient's mailbox; its outcome.
+
+        250 delivered (or found already delivered), 552 5.2.2 larger than the
+        quota, 550 5.1.3 unsafe address, 452 4.2.2 mailbox full, 452 4.3.1 disk
+        full, 450 4.2.1 mailbox missing (``create_mailboxes = false``), 451 4.3.0
+        any other file system error.
+        """
+        address = recipient.address
+        try:
+            box = self.layout.mailbox(address)
+        except UnsafeAddress as e:
+            return self._failed(envelope, address, 550, "5.1.3", f"unsafe mailbox name: {e}")
+        try:
+            return self._deliver(envelope, recipient, box, content_path, content_size)
+        except store.MailboxMissing:
+            log.warning("%s: maildir %s for <%s> does not exist and create_mailboxes is off; "
+                        "create it (cur/, new/, tmp/) or set create_mailboxes = true",
+                        envelope.id, box.root, address)
+            return Outcome(address, 450, "4.2.1", f"mailbox of <{box.address}> is not "
+                           "available yet")
+        except OSError as e:
+            # the path goes to the log only: a reply may end up in a bounce
+            reason = e.strerror or str(e)
+            log.warning("%s: maildir delivery to <%s> failed: %s (%s)", envelope.id, address,
+                        reason, e.filename or box.root)
+            if e.errno in _NO_SPACE:
+                return Outcome(address, 452, "4.3.1", f"insufficient storage for the mailbox "
+                               f"of <{box.address}>: {reason}")
+            return Outcome(address, 451, "4.3.0", f"cannot write to the mailbox of "
+                           f"<{box.address}>: {reason}")
+
+    def _deliver(self, envelope: Envelope, recipient: RecipientState, box: Mailbox,
+                 content_path: str, content_size: int) -> Outcome:
+        settings = self.settings
+        address = recipient.address
+        if not store.is_maildir(box.root):
+            if not settings.create_mailboxes:
+                raise store.MailboxMissing(box.root)
+            store.make_maildir(box.root, settings.dir_mode, settings.fsync)
+        folder = self._folder(box)
+        head = store.trace_headers(envelope.sender, address, recipient.original)
+        size = len(head) + content_size
+        name = store.base_name(envelope.id, envelope.received_at, address, self.hostname, size)
+
+        # The runner counts the attempt in progress before calling deliver, so an
+        # envelope at 1 has had no attempt recorded before this one.
+        repeated = recipient.attempts > 0 or envelope.attempts > 1
+        folders = [folder] if folder == box.root else [folder, box.root]
+        found = store.find_delivered(folders, name, scan_cur=repeated)
+        if found is not None:
+            if settings.fsync and found.parent.name == "new":
+                store.fsync_dir(found.parent)  # a crash may have beaten the first fsync
+            log.info("%s: <%s> already delivered to %s", envelope.id, address, found)
+            return Outcome(address, 250, "2.0.0", "already delivered to the mailbox")
+
+        refusal = self._check_quota(envelope, box, address, size)
+        if refusal is not None:
+            return refusal
+        path = store.write_message(content_path, folder, name, head, size,
+                                   file_mode=settings.file_mode, fsync=settings.fsync)
+        try:
+            if not store.append_maildirsize(box.root, size):
+                self.usage.added(box.root, size)
+        except OSError as e:  # delivered all the same; Dovecot recalculates the file
+            log.warning("%s: cannot update %s: %s", envelope.id, box.root / store.MAILDIRSIZE,
+                        e.strerror or e)
+        log.info("%s: delivered to <%s> in %s", envelope.id, address, path)
+        where = f" folder {folder.name}" if folder != box.root else ""
+        return Outcome(address, 250, "2.0.0", f"delivered to the mailbox of "
+                       f"<{box.address}>{where}")
+
+    def _folder(self, box: Mailbox) -> Path:
+        """The INBOX, or the Maildir++ folder ``.detail`` as ``detail_folder`` says."""
+        mode = self.settings.detail_folder
+        if box.detail is None or mode == "off":
+            return box.root
+        name = folder_name(box.detail)
+        if name is None:
+            return box.root
+        folder = box.root / name
+        if store.is_maildir(folder):
+            return folder
+        if mode == "create":
+            store.make_maildir(folder, self.settings.dir_mode, self.settings.fsync, folder=True)
+            return folder
+        return box.root
+
+    def _check_quota(self, envelope: Envelope, box: Mailbox, address: str,
+                     size: int) -> Outcome | None:
+        quota = store.read_maildirsize(box.root)
+        if quota is None:
+            limit = self.settings.quotas.get(box.address, self.settings.quota_bytes)
+            if not limit:
+                return None
+            used, count = self.usage.usage(box.root)
+            quota = store.Quota(limit, 0, used, count, "config")
+        if quota.limit_bytes and size > quota.limit_bytes:
+            return self._failed(envelope, address, 552, "5.2.2",
+                                f"message of {size} bytes is larger than the mailbox quota of "
+                                f"<{box.address}> ({quota.limit_bytes} bytes)")
+        if quota.limit_bytes and quota.used_bytes + size > quota.limit_bytes:
+            return self._failed(envelope, address, 452, "4.2.2",
+                                f"mailbox of <{box.address}> is full ({quota.used_bytes} of "
+                                f"{quota.limit_bytes} bytes used, the message needs {size})")
+        if quota.limit_count and quota.used_count + 1 > quota.limit_count:
+            return self._failed(envelope, address, 452, "4.2.2",
+                                f"mailbox of <{box.address}> is full ({quota.used_count} of "
+                                f"{quota.limit_count} messages)")
+        return None
+
+    def _failed(self, envelope: Envelope, address: str, code: int, enhanced: str,
+                text: str) -> Outcome:
+        log.info("%s: maildir delivery to <%s> refused: %d %s %s", envelope.id, address, code,
+                 enhanced, text)
+        return Outcome(address, code, enhanced, text)
+
+
+def stat_size(path: str) -> int:
+    return os.stat(path).st_size
