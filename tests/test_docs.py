@@ -308,3 +308,50 @@ def test_toml_example_parses_or_shows_its_real_error(doc, code, output):
         assert output.rstrip("\n") == str(e), (
             f"{doc}: the error shown after this example is not what Elemta says:\n{e}"
         )
+
+
+# ------------------------------------------------------------------ plugin READMEs
+
+PLUGIN_DIRS = sorted(p.parent for p in (ROOT / "plugins").glob("*/pyproject.toml"))
+README_SECTIONS = ["## Safe default", "## Configuration", "## Hooks used", "## Things to know"]
+
+
+def test_repository_has_plugins():
+    assert len(PLUGIN_DIRS) >= 3
+
+
+@pytest.mark.parametrize("plugin_dir", PLUGIN_DIRS, ids=lambda p: p.name)
+def test_plugin_readme_has_the_common_shape_and_every_key(plugin_dir):
+    import importlib.metadata
+    import tomllib
+
+    readme = (plugin_dir / "README.md").read_text()
+    assert readme.startswith(f"# {plugin_dir.name}\n"), "title: the distribution name"
+    headings = [line for line in readme.splitlines() if line.startswith("## ")]
+    assert headings == README_SECTIONS, f"{plugin_dir.name}/README.md sections"
+    config = readme.split("## Configuration", 1)[1].split("## Hooks used", 1)[0]
+    assert re.search(r"^\| ?key ?\| ?type ?\| ?default ?\| ?meaning ?\|", config, re.M), \
+        "the configuration table has key | type | default | meaning columns"
+    documented = set(re.findall(r"^\| `([a-z_]+)` \|", config, re.M))
+
+    meta = tomllib.loads((plugin_dir / "pyproject.toml").read_text())
+    [(name, target)] = meta["project"]["entry-points"]["elemta"].items()
+    [ep] = [e for e in importlib.metadata.entry_points(group="elemta") if e.name == name]
+    assert ep.value == target, f"{plugin_dir.name} is installed (pip install -e {plugin_dir})"
+    obj = ep.load()
+    plugin = obj() if isinstance(obj, type) else obj
+    schemas = plugin.register_config()
+    assert name in schemas, f"the plugin registers its [plugins.{name}] table"
+    keys = set(schemas[name].model_fields)
+    assert keys - documented == set(), f"undocumented keys in {plugin_dir.name}/README.md"
+    assert documented - keys == set(), "documented keys that do not exist"
+
+    hooks = plugin_hooks_of(plugin)
+    used = readme.split("## Hooks used", 1)[1].split("## Things to know", 1)[0]
+    for hook in hooks:
+        assert re.search(rf"`{hook}[`(]", used), f"hook {hook} is not described under 'Hooks used'"
+
+
+def plugin_hooks_of(plugin) -> list[str]:
+    names = set(hookspecs.hook_names())
+    return sorted(n for n in dir(plugin) if n in names and callable(getattr(plugin, n)))

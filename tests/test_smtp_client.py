@@ -1244,3 +1244,217 @@ async def test_delivery_to_postfix_smtp_sink(tmp_path, unused_tcp_port):
     finally:
         proc.terminate()
         await proc.wait()
+
+
+# ------------------------------------------------------------------ LMTP (RFC 2033)
+
+
+class LMTPRecorder(Recorder):
+    """:class:`Recorder` for aiosmtpd's LMTP server: after the dot, one reply per recipient.
+
+    ``lmtp_replies`` maps an address to its end-of-data reply (250 when absent).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lmtp_replies: dict[str, str] = {}
+
+    async def handle_EHLO(self, server, session, envelope, hostname, responses):
+        kept = await super().handle_EHLO(server, session, envelope, hostname, responses)
+        self.commands[-1] = "LHLO"  # aiosmtpd's LMTP answers LHLO through this hook
+        return kept
+
+    async def handle_DATA(self, server, session, envelope):
+        await super().handle_DATA(server, session, envelope)
+        replies = [self.lmtp_replies.get(r, f"250 2.0.0 <{r}> saved") for r in envelope.rcpt_tos]
+        for reply in replies[:-1]:
+            await server.push(reply)
+        return replies[-1]
+
+
+@pytest.fixture
+async def lmtp_unix(
+        tmp_path: Path) -> AsyncIterator[Callable[..., Awaitable[tuple[LMTPRecorder, str]]]]:
+    """``await lmtp_unix(pipelining=True)`` → (recorder, socket path) of aiosmtpd's LMTP server."""
+    from aiosmtpd.lmtp import LMTP
+
+    servers: list[asyncio.AbstractServer] = []
+
+    async def start(pipelining: bool = True) -> tuple[LMTPRecorder, str]:
+        recorder = LMTPRecorder()
+        recorder.pipelining = pipelining
+        path = str(tmp_path / f"lmtp{len(servers)}.sock")
+
+        def factory() -> LMTP:
+            recorder.connections += 1
+            return LMTP(recorder, hostname=MX, enable_SMTPUTF8=True)
+
+        servers.append(await asyncio.get_running_loop().create_unix_server(factory, path))
+        return recorder, path
+
+    yield start
+    for server in servers:
+        server.close()
+
+
+async def test_lmtp_lhlo_and_one_reply_per_accepted_recipient_in_rcpt_order(scripted):
+    seen: list[bytes] = []
+
+    async def script(reader, writer):
+        writer.write(b"220 lmtp.example.test LMTP ready\r\n")
+        seen.append(await reader.readline())
+        writer.write(b"250-lmtp.example.test\r\n250-PIPELINING\r\n250-STARTTLS\r\n"
+                     b"250-AUTH PLAIN\r\n250 ENHANCEDSTATUSCODES\r\n")
+        for _ in range(6):  # MAIL, four RCPTs and DATA in one batch
+            seen.append(await reader.readline())
+        writer.write(b"250 2.1.0 ok\r\n250 2.1.5 ok\r\n550 5.1.1 <b@example.test> unknown\r\n"
+                     b"250 2.1.5 ok\r\n250 2.1.5 ok\r\n354 go\r\n")
+        seen.append(await reader.readuntil(b"\r\n.\r\n"))
+        writer.write(b"250 2.0.0 <a@example.test> saved\r\n"
+                     b"452 4.2.2 <c@example.test> mailbox full\r\n"
+                     b"550 5.2.1 <d@example.test> mailbox disabled\r\n")
+        await command(reader, b"QUIT")
+        writer.write(b"221 bye\r\n")
+
+    port = await scripted(script)
+    async with await SMTPConnection.open_lmtp("127.0.0.1", port, lhlo=HELO,
+                                               timeouts=FAST) as conn:
+        assert conn.remote == f"lmtp:127.0.0.1:{port}" and conn.lmtp
+        result = await conn.send(SENDER, [f"{x}@example.test" for x in "abcd"], MESSAGE)
+    assert seen[0] == f"LHLO {HELO}\r\n".encode()
+    assert seen[1].startswith(b"MAIL FROM:") and seen[6] == b"DATA\r\n"  # no STARTTLS, no AUTH
+    assert seen[7] == MESSAGE + b".\r\n"
+    assert [(r.code, r.enhanced, r.stage) for r in result.results] == [
+        (250, "2.0.0", "end_of_data"), (550, "5.1.1", "rcpt"), (452, "4.2.2", "end_of_data"),
+        (550, "5.2.1", "end_of_data")]
+    assert result.results[2].text == "<c@example.test> mailbox full"
+    assert result.remote == f"lmtp:127.0.0.1:{port}"
+
+
+@pytest.mark.parametrize("pipelining", [True, False])
+async def test_lmtp_over_a_unix_socket_carries_several_messages(lmtp_unix, pipelining):
+    recorder, path = await lmtp_unix(pipelining=pipelining)
+    recorder.lmtp_replies["full@example.test"] = "452 4.2.2 <full@example.test> over quota"
+    content = b"Subject: x\r\n\r\n.dot\r\n\xc3\xa9\r\n"
+    async with await SMTPConnection.open_lmtp(path=path, lhlo=HELO, timeouts=FAST) as conn:
+        assert conn.remote == f"lmtp:unix:{path}" and conn.pipelining == pipelining
+        first = await conn.send(SENDER, ["ok@example.test", "full@example.test"], content,
+                                eight_bit=True)
+        second = await conn.send(SENDER, ["ok@example.test"], MESSAGE)
+        assert conn.transactions == 2 and conn.usable
+    assert [r.code for r in first.results] == [250, 452]
+    assert second.results[0].delivered
+    assert recorder.connections == 1
+    assert recorder.commands[:2] == ["LHLO", "MAIL"] and "RSET" not in recorder.commands
+    assert recorder.messages[0].content == content
+    assert recorder.messages[0].mail_options == ["SIZE=24", "BODY=8BITMIME"]
+
+
+async def test_lmtp_a_connection_lost_between_replies_keeps_the_replies_already_read(scripted):
+    async def script(reader, writer):
+        writer.write(b"220 lmtp\r\n")
+        await command(reader, b"LHLO ")
+        writer.write(b"250-lmtp\r\n250 PIPELINING\r\n")
+        for _ in range(5):
+            await reader.readline()
+        writer.write(b"250 ok\r\n250 ok\r\n250 ok\r\n250 ok\r\n354 go\r\n")
+        await reader.readuntil(b"\r\n.\r\n")
+        writer.write(b"250 2.0.0 <a@example.test> saved\r\n")
+        await writer.drain()
+
+    port = await scripted(script)
+    conn = await SMTPConnection.open_lmtp("127.0.0.1", port, lhlo=HELO, timeouts=FAST)
+    result = await conn.send(SENDER, ["a@example.test", "b@example.test", "c@example.test"],
+                             MESSAGE)
+    assert result.results[0].delivered and not result.results[0].local
+    assert [(r.code, r.enhanced, r.local) for r in result.results[1:]] == [
+        (451, "4.4.2", True)] * 2
+    assert "may be sent more than once" in result.results[1].text
+    assert not conn.usable
+    await conn.close()
+
+
+async def test_lmtp_a_refused_lhlo_is_an_error_without_helo_fallback(scripted):
+    after: list[bytes] = []
+
+    async def script(reader, writer):
+        writer.write(b"220 lmtp\r\n")
+        await command(reader, b"LHLO ")
+        writer.write(b"500 5.5.1 unrecognized command\r\n")
+        after.append(await reader.readline())
+
+    port = await scripted(script)
+    with pytest.raises(SMTPError) as caught:
+        await SMTPConnection.open_lmtp("127.0.0.1", port, lhlo=HELO, timeouts=FAST)
+    assert (caught.value.code, caught.value.stage) == (500, "lhlo")
+    await asyncio.sleep(0.05)
+    assert after == [b""]  # no HELO: the connection was closed
+
+
+async def test_lmtp_a_354_although_every_recipient_failed_drops_the_connection(scripted):
+    rest: list[bytes] = []
+
+    async def script(reader, writer):
+        writer.write(b"220 lmtp\r\n")
+        await command(reader, b"LHLO ")
+        writer.write(b"250-lmtp\r\n250 PIPELINING\r\n")
+        for _ in range(3):
+            await reader.readline()
+        writer.write(b"250 ok\r\n550 5.1.1 unknown\r\n354 go\r\n")
+        rest.append(await reader.read())
+
+    port = await scripted(script)
+    conn = await SMTPConnection.open_lmtp("127.0.0.1", port, lhlo=HELO, timeouts=FAST)
+    result = await conn.send(SENDER, ["gone@example.test"], MESSAGE)
+    assert (result.results[0].code, result.results[0].stage) == (550, "rcpt")
+    assert not conn.usable
+    await conn.close()
+    await asyncio.sleep(0.05)
+    assert rest == [b""]  # neither content nor a dot whose replies could not be counted
+
+
+async def test_lmtp_a_missing_socket_or_refused_port_is_a_temporary_connect_error(
+        tmp_path, unused_tcp_port):
+    missing = str(tmp_path / "no-such.sock")
+    with pytest.raises(SMTPError) as caught:
+        await SMTPConnection.open_lmtp(path=missing, lhlo=HELO, timeouts=FAST)
+    assert (caught.value.code, caught.value.enhanced, caught.value.stage) == (451, "4.4.1",
+                                                                            "connect")
+    assert caught.value.text.startswith(f"connect to lmtp:unix:{missing}: ")
+    with pytest.raises(SMTPError) as caught:
+        await SMTPConnection.open_lmtp("127.0.0.1", unused_tcp_port, lhlo=HELO, timeouts=FAST)
+    assert caught.value.temporary and caught.value.enhanced == "4.4.1"
+
+
+async def test_lmtp_needs_either_a_host_or_a_socket_path():
+    with pytest.raises(ValueError):
+        await SMTPConnection.open_lmtp(lhlo=HELO)
+    with pytest.raises(ValueError):
+        await SMTPConnection.open_lmtp("127.0.0.1", 24, path="/run/lmtp", lhlo=HELO)
+
+
+async def test_lmtp_delivery_to_postfix_smtp_sink(tmp_path):
+    smtp_sink = require_tool_or_skip("smtp-sink")
+    path = tmp_path / "sink.sock"
+    user = ["-u", "root"] if os.geteuid() == 0 else []
+    proc = await asyncio.create_subprocess_exec(
+        smtp_sink, *user, "-L", f"unix:{path}", "100",
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                conn = await SMTPConnection.open_lmtp(path=str(path), lhlo=HELO, timeouts=FAST)
+                break
+            except SMTPError:
+                if time.monotonic() > deadline or proc.returncode is not None:
+                    raise
+                await asyncio.sleep(0.05)
+        for _ in range(3):
+            result = await conn.send(SENDER, ["a@example.test", "b@example.test"], MESSAGE)
+            assert [(r.code, r.stage) for r in result.results] == [(250, "end_of_data")] * 2
+        await conn.close()
+        assert conn.transactions == 3
+    finally:
+        proc.terminate()
+        await proc.wait()

@@ -1,9 +1,14 @@
 """The outbound SMTP client: one connection to one address of an MX host, reused for many messages.
 
+The same client speaks LMTP (RFC 2033) to a local delivery agent such as
+Dovecot, over TCP or a unix socket: :meth:`SMTPConnection.open_lmtp`.
+
 The caller has already resolved the MX and picked an address; this module never
-resolves names (``ip`` must be an IP literal), so every lookup goes through the
-one shared resolver. ``mx_host`` is the name the certificate is checked
-against, the SNI, and the name in logs and results (``mx.example[192.0.2.1]:25``).
+resolves the names of mail hosts (``ip`` must be an IP literal), so every lookup
+goes through the one shared resolver (an LMTP server's host name, a local
+service, is left to the operating system). ``mx_host`` is the name the
+certificate is checked against, the SNI, and the name in logs and results
+(``mx.example[192.0.2.1]:25``).
 
 It is a small client of its own on asyncio streams rather than a wrapper around
 aiosmtplib. aiosmtplib does not pipeline (four round trips per message instead
@@ -52,6 +57,13 @@ Behaviour worth knowing:
   short ones (:meth:`Timeouts.uniform`).
 * Credentials are sent only over TLS unless ``allow_plaintext_auth`` is set, and
   no command or reply of the AUTH exchange is ever logged.
+* **LMTP** (:meth:`SMTPConnection.open_lmtp`): LHLO instead of EHLO (and no HELO
+  fallback), never STARTTLS or AUTH, a TCP address or a unix socket, and after
+  the final dot one reply per accepted recipient, in RCPT order (RFC 2033
+  §4.2), so each recipient gets its own end-of-data result. A connection lost
+  in the middle of those replies leaves the recipients already answered with
+  their reply and makes the others temporary. Everything else (pipelining,
+  BODY/SMTPUTF8/SIZE, content encoding, reuse, timeouts) is as for SMTP.
 
 A connection is for one task at a time: ``send`` must not be called again before
 the previous call returned.
@@ -82,13 +94,14 @@ __all__ = [
     "SMTPError",
     "TLSPolicy",
     "Timeouts",
+    "lmtp_remote",
 ]
 
 log = logging.getLogger("elemta.delivery.smtp")
 
 TLSMode = Literal["none", "opportunistic", "required", "verify"]
-Stage = Literal["connect", "greeting", "ehlo", "starttls", "auth", "rset", "mail", "rcpt", "data",
-                "end_of_data"]
+Stage = Literal["connect", "greeting", "ehlo", "lhlo", "starttls", "auth", "rset", "mail", "rcpt",
+                "data", "end_of_data"]
 Content = Union[bytes, bytearray, memoryview, str, "os.PathLike[str]", BinaryIO]
 _Body = bytes | bytearray | memoryview | BinaryIO
 
@@ -161,7 +174,8 @@ class RecipientResult:
     """The outcome for one recipient.
 
     ``code``/``enhanced``/``text`` are the server's reply at ``stage`` (``rcpt``
-    for a rejected recipient, ``end_of_data`` for a delivered one), or, when
+    for a rejected recipient, ``end_of_data`` for a delivered one: under LMTP
+    the reply for this recipient alone), or, when
     ``local`` is true, a reply this client made up because the server never gave
     one (lost connection, timeout, SMTPUTF8 or SIZE refusal). ``text`` joins the
     lines of a multi-line reply with a space.
@@ -415,10 +429,15 @@ def _client_context(verify: bool, cafile: str | None) -> ssl.SSLContext:
 
 
 class SMTPConnection:
-    """An open, greeted (and, as the policy says, encrypted and authenticated) SMTP session."""
+    """An open, greeted (and, as the policy says, encrypted and authenticated) SMTP session.
+
+    Or, made by :meth:`open_lmtp`, an LMTP session (``lmtp`` is true; ``path``
+    is the unix socket, if it is one).
+    """
 
     def __init__(self, ip: str, port: int, *, mx_host: str, helo: str, tls: TLSPolicy,
-                 timeouts: Timeouts, local_address: str | None = None) -> None:
+                 timeouts: Timeouts, local_address: str | None = None, lmtp: bool = False,
+                 path: str | None = None) -> None:
         self.ip = ip
         self.port = port
         self.mx_host = mx_host
@@ -426,7 +445,9 @@ class SMTPConnection:
         self.policy = tls
         self.timeouts = timeouts
         self.local_address = local_address
-        self.remote = f"{mx_host}[{ip}]:{port}"
+        self.lmtp = lmtp
+        self.path = path
+        self.remote = lmtp_remote(ip, port, path) if lmtp else f"{mx_host}[{ip}]:{port}"
         #: EHLO keywords (upper case) and their parameters; empty after HELO.
         self.extensions: dict[str, str] = {}
         self.tls: TLSInfo | None = None
@@ -479,13 +500,43 @@ class SMTPConnection:
             raise
         return conn
 
+    @classmethod
+    async def open_lmtp(cls, host: str | None = None, port: int = 24, *, path: str | None = None,
+                        lhlo: str, timeouts: Timeouts | None = None) -> SMTPConnection:
+        """Connect to the LMTP server at ``host``:``port`` or unix socket ``path``, then LHLO.
+
+        LMTP serves a delivery agent on this host or a trusted network: no
+        STARTTLS, no AUTH. ``host`` may be a name: the operating system resolves
+        it (``/etc/hosts``, a container's service name), since it names a local
+        service rather than a mail domain. Raises :class:`SMTPError` as
+        :meth:`open` does; a missing or refused socket is ``451 4.4.1``.
+        """
+        if (host is None) == (path is None):
+            raise ValueError("give an LMTP server's host (and port) or its unix socket path")
+        conn = cls(host or "", port if path is None else 0, mx_host=host or path or "",
+                   helo=lhlo, tls=TLSPolicy("none"), timeouts=timeouts or Timeouts(),
+                   lmtp=True, path=path)
+        try:
+            await conn._start()
+        except _Lost as lost:
+            conn._abort()
+            raise conn._lost_error(lost, conn._stage) from None
+        except BaseException:
+            conn._abort()
+            raise
+        return conn
+
     async def _start(self) -> None:
         self._stage = "connect"
         try:
             async with asyncio.timeout(self.timeouts.connect_seconds):
-                self._reader, self._writer = await asyncio.open_connection(
-                    self.ip, self.port, limit=_READ_BYTES,
-                    local_addr=(self.local_address, 0) if self.local_address else None)
+                if self.path is not None:
+                    self._reader, self._writer = await asyncio.open_unix_connection(
+                        self.path, limit=_READ_BYTES)
+                else:
+                    self._reader, self._writer = await asyncio.open_connection(
+                        self.ip, self.port, limit=_READ_BYTES,
+                        local_addr=(self.local_address, 0) if self.local_address else None)
         except TimeoutError:
             raise SMTPError(451, "4.4.1", f"connect to {self.remote}: timed out",
                             stage="connect", local=True) from None
@@ -500,8 +551,11 @@ class SMTPConnection:
         await self._ehlo()
 
     async def _ehlo(self) -> None:
-        self._stage = "ehlo"
         helo = self.helo.encode("idna" if not self.helo.isascii() else "ascii")
+        if self.lmtp:
+            await self._lhlo(helo)
+            return
+        self._stage = "ehlo"
         self._write(b"EHLO " + helo + b"\r\n")
         reply = await self._read_reply(self.timeouts.ehlo_seconds, "sending EHLO")
         if reply.code == 250:
@@ -514,6 +568,15 @@ class SMTPConnection:
         if reply.code != 250:
             raise reply.error("ehlo")
         self.extensions = {}
+
+    async def _lhlo(self, name: bytes) -> None:
+        # RFC 2033 §4.1: LHLO is the only greeting; there is no HELO to fall back to.
+        self._stage = "lhlo"
+        self._write(b"LHLO " + name + b"\r\n")
+        reply = await self._read_reply(self.timeouts.ehlo_seconds, "sending LHLO")
+        if reply.code != 250:
+            raise reply.error("lhlo")
+        self.extensions = _extensions(reply.lines[1:])
 
     async def _starttls(self) -> None:
         mode = self.policy.mode
@@ -736,6 +799,11 @@ class SMTPConnection:
                 return self._result(results, stale=not answered)
             stage = "end_of_data"
             if not accepted:
+                if self.lmtp:
+                    # RFC 2033 §4.2 forbids this 354, and how many replies a dot
+                    # would get is anyone's guess: the connection cannot go on.
+                    self._abort()
+                    return self._result(results)
                 # RFC 2920 §3.1: DATA was accepted although no recipient was;
                 # end the empty transaction without sending the content.
                 self._write(b".\r\n")
@@ -743,11 +811,15 @@ class SMTPConnection:
                 return self._result(results)
             await self._send_content(content)
             dot_sent = True
-            final = await self._read_reply(self.timeouts.data_done_seconds, "sending end of data")
+            if self.lmtp:
+                await self._lmtp_replies(rcpts, accepted, results)
+            else:
+                final = await self._read_reply(self.timeouts.data_done_seconds,
+                                               "sending end of data")
+                for index in accepted:
+                    results[index] = final.result(rcpts[index], "end_of_data")
             self._needs_rset = False
             self.transactions += 1
-            for index in accepted:
-                results[index] = final.result(rcpts[index], "end_of_data")
             return self._result(results)
         except _Lost as lost:
             if dot_sent:
@@ -757,6 +829,18 @@ class SMTPConnection:
                 if result is None:
                     results[index] = error.result_for(rcpts[index])
             return self._result(results, stale=not answered)
+
+    async def _lmtp_replies(self, rcpts: list[str], accepted: list[int],
+                            results: list[RecipientResult | None]) -> None:
+        """RFC 2033 §4.2: one reply per accepted recipient, in RCPT order, each its own result.
+
+        Each is recorded as it arrives, so a connection lost halfway keeps the
+        replies already read.
+        """
+        for index in accepted:
+            reply = await self._read_reply(self.timeouts.data_done_seconds,
+                                           f"waiting for the reply for <{rcpts[index]}>")
+            results[index] = reply.result(rcpts[index], "end_of_data")
 
     def _refusal(self, sender: str, rcpts: list[str], utf8: bool,
                  size: int | None) -> list[RecipientResult] | None:
@@ -930,6 +1014,13 @@ class SMTPConnection:
         tail = " timed out" if lost.timed_out else ""
         return SMTPError(451, "4.4.2", f"{verb} {self.remote}{tail} while {lost}",
                          stage=stage, local=True)
+
+
+def lmtp_remote(host: str, port: int, path: str | None) -> str:
+    """An LMTP server's name in results and logs: ``lmtp:unix:/path`` or ``lmtp:host:port``."""
+    if path is not None:
+        return f"lmtp:unix:{path}"
+    return f"lmtp:[{host}]:{port}" if ":" in host else f"lmtp:{host}:{port}"
 
 
 def _extensions(lines: list[str]) -> dict[str, str]:
