@@ -17,7 +17,6 @@ concurrent connections.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import ipaddress
 import logging
 import time
@@ -25,7 +24,8 @@ from dataclasses import dataclass
 
 from .config import Settings, parse_hostport
 from .dns import DNSError, NoData, NullMX, NXDomain, Resolver
-from .delivery.smtp_client import (SMTPConnection, SMTPError, Timeouts, TLSPolicy)
+from .delivery.smtp_client import (SMTPConnection, SMTPError, Timeouts, TLSPolicy,
+                                   default_enhanced)
 from .hookspecs import hookimpl
 from .models import Outcome, Route
 from .spool.envelope import Envelope, RecipientState
@@ -57,7 +57,7 @@ class SMTPTransport:
         self.local_domains = settings.local_domains
         self.helo = self.delivery.helo_name or settings.server.hostname
         self.resolver = Resolver(settings.dns)
-        self.timeouts = _timeouts(self.delivery.connect_timeout_seconds,
+        self.timeouts = Timeouts.scaled(self.delivery.connect_timeout_seconds,
                                   self.delivery.command_timeout_seconds)
         self._idle: dict[tuple[str, int, str, str | None], list[tuple[SMTPConnection, float]]] = {}
         self._limits: dict[tuple[str, int], asyncio.Semaphore] = {}
@@ -193,7 +193,7 @@ class SMTPTransport:
                      result.results[0].text if result.results else "no reply")
             return None  # the connection failed us: try the next host
         remote = f"{target.host}[{target.ip}]:{target.port}"
-        return [Outcome(r.recipient, r.code, r.enhanced or _default_enhanced(r.code), r.text,
+        return [Outcome(r.recipient, r.code, r.enhanced or default_enhanced(r.code), r.text,
                         remote) for r in result.results]
 
     def _key(self, target: Target, route: Route) -> tuple[str, int, str, str | None]:
@@ -226,20 +226,7 @@ class SMTPTransport:
         await asyncio.gather(*(c.close() for c in conns), return_exceptions=True)
 
 
-def _timeouts(connect: float, command: float) -> Timeouts:
-    """RFC 5321's per-step limits, scaled so that the 5-minute ones become ``command``.
 
-    The final dot keeps its longer wait (10 minutes at the default 300 s).
-    """
-    defaults = Timeouts()
-    scale = command / 300.0
-    return Timeouts(**{f.name: getattr(defaults, f.name) * scale
-                       for f in dataclasses.fields(Timeouts) if f.name != "connect_seconds"},
-                    connect_seconds=connect)
-
-
-def _default_enhanced(code: int) -> str:
-    return {2: "2.0.0", 4: "4.0.0"}.get(code // 100, "5.0.0")
 
 
 def make_plugin(settings: Settings) -> SMTPTransport:

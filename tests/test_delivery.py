@@ -329,6 +329,9 @@ async def test_hook_delivered(elemta_server, dns_server):
                                  plugins=[("local", LocalTransport()), ("watch", Watch())])
     queue_id = await submit(server, "a@origin.example", ["u1@example.test"])
     await wait_gone(server, queue_id)
+    async with asyncio.timeout(5):  # delivered comes last, after the envelope is removed
+        while not seen:
+            await asyncio.sleep(0.01)
     assert seen == [("a@origin.example", "u1@example.test", "delivered", 250)]
 
 

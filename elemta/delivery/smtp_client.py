@@ -94,6 +94,7 @@ __all__ = [
     "SMTPError",
     "TLSPolicy",
     "Timeouts",
+    "default_enhanced",
     "lmtp_remote",
 ]
 
@@ -165,8 +166,26 @@ class Timeouts:
         """The same limit for every step (tests, probes)."""
         return cls(**{f.name: seconds for f in dataclasses.fields(cls)})
 
+    @classmethod
+    def scaled(cls, connect: float, command: float) -> Timeouts:
+        """RFC 5321's per-step limits scaled so that the 5-minute ones become ``command``.
+
+        The wait after the final dot keeps its longer share (10 minutes at
+        300 s): that is when the server delivers (Sieve, quota checks, filters).
+        """
+        defaults = cls()
+        scale = command / 300.0
+        return cls(**{f.name: getattr(defaults, f.name) * scale
+                      for f in dataclasses.fields(cls) if f.name != "connect_seconds"},
+                   connect_seconds=connect)
+
 
 # ------------------------------------------------------------------ results
+
+
+def default_enhanced(code: int) -> str:
+    """An enhanced status for a reply that had none (RFC 3463 class only)."""
+    return {2: "2.0.0", 4: "4.0.0"}.get(code // 100, "5.0.0")
 
 
 @dataclass(frozen=True, slots=True)

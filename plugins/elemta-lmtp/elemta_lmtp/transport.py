@@ -14,11 +14,11 @@ did not complete) and closed after :data:`IDLE_SECONDS` without a message.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import time
 
-from elemta.delivery.smtp_client import DeliveryResult, SMTPConnection, SMTPError, Timeouts
+from elemta.delivery.smtp_client import (DeliveryResult, SMTPConnection, SMTPError, Timeouts,
+                                         default_enhanced)
 from elemta.models import Outcome
 from elemta.spool.envelope import Envelope
 
@@ -38,7 +38,7 @@ class LMTPTransport:
         self.target = target
         self.remote = target.remote
         self.lhlo = lhlo
-        self.timeouts = scaled_timeouts(settings.connect_timeout_seconds,
+        self.timeouts = Timeouts.scaled(settings.connect_timeout_seconds,
                                         settings.command_timeout_seconds)
         self._limit = asyncio.Semaphore(settings.max_connections)
         self._idle: list[tuple[SMTPConnection, float]] = []
@@ -59,7 +59,7 @@ class LMTPTransport:
                 return self._failed(envelope, addresses, error)
         outcomes = []
         for r in result.results:
-            outcome = Outcome(r.recipient, r.code, r.enhanced or _default_enhanced(r.code),
+            outcome = Outcome(r.recipient, r.code, r.enhanced or default_enhanced(r.code),
                               r.text, self.remote)
             # the runner logs every outcome at info already
             log.debug("%s: <%s> %s: %s (%s)", envelope.id, r.recipient, self.remote,
@@ -173,18 +173,4 @@ _STAGES = {"connect": "connecting", "greeting": "at the greeting", "lhlo": "at L
            "end_of_data": "after DATA"}
 
 
-def scaled_timeouts(connect: float, command: float) -> Timeouts:
-    """RFC 5321's per-step limits scaled so that the 5-minute ones become ``command``.
 
-    The wait after the final dot keeps its longer share (10 minutes at 300 s):
-    that is when the server runs its delivery (Sieve, quota checks).
-    """
-    defaults = Timeouts()
-    scale = command / 300.0
-    return Timeouts(**{f.name: getattr(defaults, f.name) * scale
-                       for f in dataclasses.fields(Timeouts) if f.name != "connect_seconds"},
-                    connect_seconds=connect)
-
-
-def _default_enhanced(code: int) -> str:
-    return {2: "2.0.0", 4: "4.0.0"}.get(code // 100, "5.0.0")

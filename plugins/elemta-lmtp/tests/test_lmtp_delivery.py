@@ -66,6 +66,12 @@ class Watch:
     def __init__(self) -> None:
         self.outcomes: list[tuple[str, str, int, str, str | None]] = []
 
+    async def settled(self, n: int, timeout: float = 5.0) -> None:
+        """Wait for ``n`` outcomes: delivered/bounced come after the envelope is rewritten."""
+        async with asyncio.timeout(timeout):
+            while len(self.outcomes) < n:
+                await asyncio.sleep(0.01)
+
     def _record(self, fate: str, recipient, outcome) -> None:
         if recipient.address.endswith("@example.test"):
             self.outcomes.append((fate, recipient.address, outcome.code, outcome.text,
@@ -109,6 +115,7 @@ async def test_lmtp_delivery_over_a_unix_socket_is_byte_exact(elemta_server, soc
                                 mail_options=["BODY=8BITMIME"])
         [got] = await lmtp.wait_for(1)
         await wait_gone(server, queue_id)
+        await watch.settled(1)
     assert got.recipient == "bob@example.test" and got.sender == SENDER
     assert got.content.endswith(b"\r\n" + content) and got.content.startswith(b"Received: ")
     assert "BODY=8BITMIME" in got.mail_options
@@ -162,6 +169,7 @@ async def test_lmtp_each_recipient_gets_its_own_reply_after_data(elemta_server):
         assert "452 4.2.2" in env["recipients"][1]["last_error"]
         [bounce] = await origin.wait_for(1)
         await wait_gone(server, queue_id)  # the retry delivers the deferred one
+        await watch.settled(4)
     assert lmtp.delivered("ok@example.test") == [lmtp.stored[0].content]  # never redelivered
     assert len(lmtp.delivered("later@example.test")) == 1
     assert lmtp.delivered("gone@example.test") == []
@@ -185,6 +193,7 @@ async def test_lmtp_a_recipient_refused_at_rcpt_bounces_with_that_reply(elemta_s
         queue_id = await submit(server, ["ghost@example.test", "bob@example.test"])
         [bounce] = await origin.wait_for(1)
         await wait_gone(server, queue_id)
+        await watch.settled(2)
     assert [s.recipient for s in lmtp.stored] == ["bob@example.test"]
     assert sorted(o[:4] for o in watch.outcomes) == [
         ("bounced", "ghost@example.test", 550, "<ghost@example.test> Unknown user"),
