@@ -247,6 +247,11 @@ def test_orcpt_becomes_original_recipient_xtext_decoded():
     assert block["Original-Recipient"] == "rfc822; Bob+Lists@Example.COM"
 
 
+def test_a_local_delivery_agent_is_no_dns_name():
+    (block,) = parse_dsn(build([failed(remote_mta="lmtp:unix:/run/dovecot/lmtp")]))
+    assert block["Remote-MTA"] == "x-local; lmtp:unix:/run/dovecot/lmtp"
+
+
 def test_a_rewritten_recipient_reports_the_address_the_sender_wrote():
     env = envelope("alice@example.org",
                    RecipientState("bob@example.com", original="team@example.com"))
@@ -377,7 +382,7 @@ def test_control_characters_in_diagnostic_cannot_inject_fields_or_parts():
     (block,) = parse_dsn(raw)
     assert block["Action"] == "failed"
     assert "X-Injected" not in block
-    assert block["Remote-MTA"] == "dns; mx.example.com Action: delivered"
+    assert block["Remote-MTA"] == "x-local; mx.example.com Action: delivered"
     assert block["Diagnostic-Code"].startswith("smtp; 550 no X-Injected: yes Final-Recipient:")
     text = text_part(raw)
     for bad in ("\x00", "\x1b", "\u202e", "\u2028", "\x85", "\r"):

@@ -410,7 +410,7 @@ def _status_part(envelope: Envelope, reported: list[RecipientOutcome],
             ("Status", outcome.status),
         ]
         if outcome.remote_mta:
-            fields.append(("Remote-MTA", f"dns; {_host_text(outcome.remote_mta)}"))
+            fields.append(("Remote-MTA", _mta_field(outcome.remote_mta)))
         if outcome.diagnostic:
             diagnostic = _ascii_text(_truncated(outcome.diagnostic))
             fields.append(("Diagnostic-Code",
@@ -532,6 +532,23 @@ def _ascii_text(text: str) -> str:
 def _diagnostic_type(diagnostic: str) -> str:
     """RFC 3464 §2.3.6: ``smtp`` only for an SMTP reply; local errors get our own type."""
     return "smtp" if _SMTP_REPLY.match(diagnostic.lstrip()) else "X-Elemta"
+
+
+# a host name, optionally with the address and port a transport reports after it
+_DNS_NAME = re.compile(r"^([A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?)(?:\[[0-9A-Fa-f.:]+\])?"
+                       r"(?::\d+)?$")
+
+
+def _mta_field(remote: str) -> str:
+    """``dns; mx.example.net`` for a host (``mx.example.net[192.0.2.1]:25``); else another type.
+
+    A local delivery agent is no DNS name (``lmtp:unix:/run/dovecot/lmtp``),
+    and RFC 3464 §2.3.5 wants the name type to say what the name is.
+    """
+    m = _DNS_NAME.match(_host_text(remote))
+    if m is not None:
+        return f"dns; {m.group(1)}"
+    return f"x-local; {_ascii_text(remote.strip())}"
 
 
 def _host_text(name: str) -> str:

@@ -96,7 +96,12 @@ ServerFactory = Callable[..., Awaitable[RunningServer]]
 
 @pytest_asyncio.fixture
 async def elemta_server(tmp_path: Path) -> AsyncIterator[ServerFactory]:
-    """Factory: ``await elemta_server(config=None, plugins=(), enabled=None)``."""
+    """Factory: ``await elemta_server(config=None, plugins=(), enabled=None)``.
+
+    ``enabled`` lists installed plugins to load (entry-point names), in order;
+    by default the config's ``[plugins] enabled`` (empty unless ``config`` sets
+    it). ``plugins`` adds plugin objects after them, before the built-ins.
+    """
     running: list[RunningServer] = []
 
     async def start(config: dict[str, Any] | None = None,
@@ -104,7 +109,9 @@ async def elemta_server(tmp_path: Path) -> AsyncIterator[ServerFactory]:
                     enabled: list[str] | None = None) -> RunningServer:
         root = tmp_path / f"server{len(running)}"
         settings = load_settings(write_config(root, config))
-        app = App(settings, extra_plugins=plugins, enabled=enabled or [])
+        # the config's [plugins] enabled, or the argument; never ELEMTA_LOAD_PLUGINS
+        names = list(settings.plugins.enabled) if enabled is None else enabled
+        app = App(settings, extra_plugins=plugins, enabled=names)
         await app.start()
         server = RunningServer(app, root)
         running.append(server)
