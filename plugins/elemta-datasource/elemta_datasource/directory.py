@@ -304,12 +304,14 @@ class TTLCache:
 
     def get(self, key: object) -> object | None:
         hit = self._data.get(key)
-        if hit is None:
-            return None
-        if hit[0] < time.monotonic():
-            del self._data[key]
-            return None
+        if hit is None or hit[0] < time.monotonic():
+            return None   # an expired entry stays for get_stale() until evicted
         return hit[1]
+
+    def get_stale(self, key: object) -> object | None:
+        """The last answer for ``key``, however old (for when the backend is down)."""
+        hit = self._data.get(key)
+        return None if hit is None else hit[1]
 
     def put(self, key: object, value: object) -> None:
         if self.seconds <= 0:

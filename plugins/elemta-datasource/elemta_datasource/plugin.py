@@ -118,13 +118,20 @@ class DatasourcePlugin:
         return result
 
     async def hosted(self, domain: str) -> bool:
+        """Whether ``domain`` is hosted; while the backend is down, the last answer known."""
         key = ("d", domain)
         hit = self._cache.get(key)
         if hit is not None:
             return hit  # type: ignore[return-value]
-        backend = await self._ensure_open()
-        found = await asyncio.wait_for(backend.get_domain(domain),
-                                       self.settings.lookup_timeout_seconds) is not None
+        try:
+            backend = await self._ensure_open()
+            found = await asyncio.wait_for(backend.get_domain(domain),
+                                           self.settings.lookup_timeout_seconds) is not None
+        except (BackendUnavailable, TimeoutError):
+            stale = self._cache.get_stale(key)
+            if stale is None:
+                raise
+            return stale  # type: ignore[return-value]
         self._cache.put(key, found)
         return found
 
@@ -184,7 +191,9 @@ class DatasourcePlugin:
         domain = recipient.address.rpartition("@")[2].lower().rstrip(".")
         if not domain:
             return None
-        # BackendUnavailable propagates: the runner keeps the recipient queued (451)
+        # Unknown while the backend is down (and never answered for this domain):
+        # BackendUnavailable propagates and the runner keeps the recipient queued
+        # (451) rather than guess between our mailboxes and the domain's MX.
         if await self.hosted(domain):
             return Route(transport=self.settings.transport, destination=domain)
         return None

@@ -201,3 +201,23 @@ async def test_local_recipients_never_reach_the_smtp_transport(elemta_server, tm
         states = {r["address"]: r["state"] for r in env["recipients"]}
         assert states == {"alice@example.test": "pending", "bob@example.test": "pending",
                           "carol@partner.example": "delivered"}
+
+
+async def test_route_uses_the_last_answer_while_the_backend_is_down(elemta_server,
+                                                                   tmp_path) -> None:
+    import pytest
+
+    from elemta.spool.envelope import RecipientState
+    from elemta_datasource.directory import BackendUnavailable
+
+    server = await start(elemta_server, tmp_path, cache_seconds=0.1)
+    plugin = server.app.pm.get_plugin("datasource")
+    local = await plugin.route(recipient=RecipientState("alice@example.test"))
+    assert (local.transport, local.destination) == ("local", "example.test")
+    assert await plugin.route(recipient=RecipientState("x@elsewhere.example")) is None
+    await plugin.backend.close()          # the database is gone from now on
+    await asyncio.sleep(0.2)              # and the cached answers have expired
+    assert await plugin.route(recipient=RecipientState("bob@example.test")) == local
+    assert await plugin.route(recipient=RecipientState("y@elsewhere.example")) is None
+    with pytest.raises(BackendUnavailable):  # never seen: neither local nor remote is safe
+        await plugin.route(recipient=RecipientState("z@never-seen.example"))
