@@ -35,6 +35,33 @@ class Maildirs:
         self.hostname = hostname
         self.layout = Layout(settings.path, resolve, settings.recipient_delimiter, hostname)
         self.usage = store.UsageCache()
+        # address → mailbox, and the Maildirs seen complete: both are pure
+        # functions of the name or change only when an operator removes a
+        # mailbox (a failed write forgets it, and the next attempt checks again)
+        self._mailboxes: dict[str, Mailbox] = {}
+        self._known: set[Path] = set()
+
+    def deliver_all(self, envelope: Envelope, recipients: list[RecipientState],
+                    content_path: str) -> list[Outcome]:
+        """Deliver to every recipient, in order; one outcome each. Never raises."""
+        try:
+            size = os.stat(content_path).st_size
+        except OSError as e:
+            log.warning("%s: cannot read the spooled message %s: %s", envelope.id,
+                        content_path, e.strerror or e)
+            return [Outcome(r.address, 451, "4.3.0", "the spooled message cannot be read")
+                    for r in recipients]
+        outcomes = []
+        for r in recipients:
+            try:
+                outcomes.append(self.deliver(envelope, r, content_path, size))
+            except Exception:
+                # a bug, not a mailbox problem: keep the message and say where it broke
+                log.exception("%s: maildir delivery to <%s> failed unexpectedly", envelope.id,
+                              r.address)
+                outcomes.append(Outcome(r.address, 451, "4.3.0", "local delivery failed; see "
+                                        "the server log"))
+        return outcomes
 
     def deliver(self, envelope: Envelope, recipient: RecipientState, content_path: str,
                 content_size: int) -> Outcome:
@@ -46,10 +73,16 @@ class Maildirs:
         any other file system error.
         """
         address = recipient.address
-        try:
-            box = self.layout.mailbox(address)
-        except UnsafeAddress as e:
-            return self._failed(envelope, address, 550, "5.1.3", f"unsafe mailbox name: {e}")
+        box = self._mailboxes.get(address)
+        if box is None:
+            try:
+                box = self.layout.mailbox(address)
+            except UnsafeAddress as e:
+                return self._failed(envelope, address, 550, "5.1.3",
+                                    f"unsafe mailbox name: {e}")
+            if len(self._mailboxes) >= 100_000:
+                self._mailboxes.clear()
+            self._mailboxes[address] = box
         try:
             return self._deliver(envelope, recipient, box, content_path, content_size)
         except store.MailboxMissing:
@@ -59,6 +92,7 @@ class Maildirs:
             return Outcome(address, 450, "4.2.1", f"mailbox of <{box.address}> is not "
                            "available yet")
         except OSError as e:
+            self._known.discard(box.root)
             # the path goes to the log only: a reply may end up in a bounce
             reason = e.strerror or str(e)
             log.warning("%s: maildir delivery to <%s> failed: %s (%s)", envelope.id, address,
@@ -73,10 +107,12 @@ class Maildirs:
                  content_path: str, content_size: int) -> Outcome:
         settings = self.settings
         address = recipient.address
-        if not store.is_maildir(box.root):
-            if not settings.create_mailboxes:
-                raise store.MailboxMissing(box.root)
-            store.make_maildir(box.root, settings.dir_mode, settings.fsync)
+        if box.root not in self._known:
+            if not store.is_maildir(box.root):
+                if not settings.create_mailboxes:
+                    raise store.MailboxMissing(box.root)
+                store.make_maildir(box.root, settings.dir_mode, settings.fsync)
+            self._known.add(box.root)
         folder = self._folder(box)
         head = store.trace_headers(envelope.sender, address, recipient.original)
         size = len(head) + content_size
@@ -104,10 +140,11 @@ class Maildirs:
         except OSError as e:  # delivered all the same; Dovecot recalculates the file
             log.warning("%s: cannot update %s: %s", envelope.id, box.root / store.MAILDIRSIZE,
                         e.strerror or e)
-        log.info("%s: delivered to <%s> in %s", envelope.id, address, path)
+        # the runner logs the outcome at info; the file is for debugging
+        log.debug("%s: delivered to <%s> in %s", envelope.id, address, path)
         where = f" folder {folder.name}" if folder != box.root else ""
         return Outcome(address, 250, "2.0.0", f"delivered to the mailbox of "
-                       f"<{box.address}>{where}")
+                       f"<{box.address}>{where}", "maildir")
 
     def _folder(self, box: Mailbox) -> Path:
         """The INBOX, or the Maildir++ folder ``.detail`` as ``detail_folder`` says."""
@@ -155,5 +192,3 @@ class Maildirs:
         return Outcome(address, code, enhanced, text)
 
 
-def stat_size(path: str) -> int:
-    return os.stat(path).st_size

@@ -1,7 +1,7 @@
 """Maildir files: names, creation, the tmp/ → new/ write, quota usage (blocking I/O).
 
 Everything here blocks; the plugin calls it from a worker thread. Nothing
-reads a message into memory: content is copied in 1 MiB chunks.
+reads a message into memory: the kernel copies the content (``sendfile``).
 """
 
 from __future__ import annotations
@@ -171,11 +171,11 @@ def write_message(content_path: str, folder: Path, name: str, head: bytes, size:
         try:
             os.fchmod(fd, file_mode)
             written = _write_all(fd, head)
-            with open(content_path, "rb", buffering=0) as src:
-                buf = bytearray(CHUNK)
-                view = memoryview(buf)
-                while n := src.readinto(buf):
-                    written += _write_all(fd, view[:n])
+            src = os.open(content_path, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                written += _copy_all(src, fd)
+            finally:
+                os.close(src)
             if written != size:
                 raise OSError(f"the spooled message is {written - len(head)} bytes, expected "
                               f"{size - len(head)}: it changed while it was copied")
@@ -194,6 +194,14 @@ def write_message(content_path: str, folder: Path, name: str, head: bytes, size:
     if fsync:
         fsync_dir(folder / "new")
     return new
+
+
+def _copy_all(src: int, dst: int) -> int:
+    """Copy ``src`` from its start to ``dst`` in the kernel (``sendfile``); bytes copied."""
+    total = 0
+    while n := os.sendfile(dst, src, total, CHUNK):
+        total += n
+    return total
 
 
 def _write_all(fd: int, data: bytes | memoryview) -> int:
