@@ -35,6 +35,7 @@ class Maildirs:
         self.hostname = hostname
         self.layout = Layout(settings.path, resolve, settings.recipient_delimiter, hostname)
         self.usage = store.UsageCache()
+        self.dir_syncer = store.DirSyncer()
         # address → mailbox, and the Maildirs seen complete: both are pure
         # functions of the name or change only when an operator removes a
         # mailbox (a failed write forgets it, and the next attempt checks again)
@@ -133,7 +134,8 @@ class Maildirs:
         if refusal is not None:
             return refusal
         path = store.write_message(content_path, folder, name, head, size,
-                                   file_mode=settings.file_mode, fsync=settings.fsync)
+                                   file_mode=settings.file_mode, fsync=settings.fsync,
+                                   dir_syncer=self.dir_syncer)
         try:
             if not store.append_maildirsize(box.root, size):
                 self.usage.added(box.root, size)

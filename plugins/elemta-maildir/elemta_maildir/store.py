@@ -111,6 +111,60 @@ def _mkdir(path: Path, mode: int) -> bool:
     return True
 
 
+class DirSyncer:
+    """Group commit for directory fsyncs: one fsync covers every rename made before it began.
+
+    Concurrent deliveries into one ``new/`` each need the directory synced after
+    their rename. A caller whose rename happened before a sync that is still
+    running waits for the *next* one; whoever finds no sync running starts one
+    and thereby serves everybody who renamed before it started.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._dirs: dict[str, _DirState] = {}
+
+    def sync(self, path: Path) -> None:
+        key = str(path)
+        with self._lock:
+            state = self._dirs.get(key)
+            if state is None:
+                state = self._dirs[key] = _DirState()
+        with state.cond:
+            target = state.started + 1      # a sync that starts from now on covers us
+            while state.done < target:
+                if not state.running:
+                    state.running = True
+                    state.started += 1
+                    generation = state.started
+                    state.cond.release()
+                    error: OSError | None = None
+                    try:
+                        fsync_dir(path)
+                    except OSError as e:
+                        error = e
+                    finally:
+                        state.cond.acquire()
+                        state.running = False
+                        if error is None:
+                            state.done = max(state.done, generation)
+                        state.cond.notify_all()
+                    if error is not None:
+                        raise error
+                else:
+                    state.cond.wait()
+
+
+class _DirState:
+    __slots__ = ("cond", "running", "started", "done")
+
+    def __init__(self) -> None:
+        self.cond = threading.Condition(threading.Lock())
+        self.running = False
+        self.started = 0   # syncs begun
+        self.done = 0      # the latest sync finished without an error
+
+
 def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
@@ -153,7 +207,7 @@ def find_delivered(folders: list[Path], name: str, scan_cur: bool) -> Path | Non
 
 
 def write_message(content_path: str, folder: Path, name: str, head: bytes, size: int, *,
-                  file_mode: int, fsync: bool) -> Path:
+                  file_mode: int, fsync: bool, dir_syncer: DirSyncer | None = None) -> Path:
     """Write ``head`` + the spooled content to ``tmp/name``, then move it to ``new/name``.
 
     The file is created exclusively (a stale one of the same name, left by a
@@ -192,7 +246,10 @@ def write_message(content_path: str, folder: Path, name: str, head: bytes, size:
             pass
         raise
     if fsync:
-        fsync_dir(folder / "new")
+        if dir_syncer is None:
+            fsync_dir(folder / "new")
+        else:
+            dir_syncer.sync(folder / "new")
     return new
 
 

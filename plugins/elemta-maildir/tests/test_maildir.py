@@ -419,3 +419,40 @@ def test_settings_refuse_unknown_keys_and_placeholders():
     with pytest.raises(pydantic.ValidationError, match="user@domain"):
         MaildirSettings(quotas={"bob": 1})
     assert MaildirSettings(quotas={"Bob@Example.TEST": 5}).quotas == {"bob@example.test": 5}
+
+
+def test_directory_fsyncs_are_shared_by_concurrent_deliveries(tmp_path, monkeypatch):
+    """Every caller returns after an fsync that began after it called; fewer fsyncs than calls."""
+    import threading
+    import time as _time
+
+    from elemta_maildir import store
+
+    calls: list[tuple[float, float]] = []
+    real = store.fsync_dir
+
+    def slow_fsync(path):
+        start = _time.monotonic()
+        _time.sleep(0.02)
+        real(path)
+        calls.append((start, _time.monotonic()))
+
+    monkeypatch.setattr(store, "fsync_dir", slow_fsync)
+    syncer = store.DirSyncer()
+    asked: list[tuple[float, float]] = []
+
+    def worker():
+        t = _time.monotonic()
+        syncer.sync(tmp_path)
+        asked.append((t, _time.monotonic()))
+
+    threads = [threading.Thread(target=worker) for _ in range(12)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert len(asked) == 12
+    assert len(calls) < 12, "concurrent callers share fsyncs"
+    for t_ask, t_back in asked:
+        assert any(start >= t_ask and end <= t_back for start, end in calls), \
+            "a caller returned without an fsync that started after its request"
