@@ -136,8 +136,15 @@ class DatasourcePlugin:
         return found
 
     async def resolve(self, address: str) -> Resolution:
-        return await resolve(self.lookup, address, self.settings.recipient_delimiter,
-                             self.settings.max_alias_depth)
+        """The whole resolution, cached as one entry: a hit costs one dictionary lookup."""
+        key = ("r", address)
+        hit = self._cache.get(key)
+        if hit is not None:
+            return hit  # type: ignore[return-value]
+        result = await resolve(self.lookup, address, self.settings.recipient_delimiter,
+                               self.settings.max_alias_depth)
+        self._cache.put(key, result)
+        return result
 
     # -------------------------------------------------------------- SMTP stages
 
