@@ -282,6 +282,55 @@ async def test_an_unwritable_mailbox_defers_until_it_is_fixed(elemta_server):
     assert split_delivered(path)[1].endswith(message("broken"))
 
 
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 256 KiB tmpfs: a real full disk (ENOSPC). Needs root, as CI has."""
+    import os
+    import subprocess
+
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k,mode=0700", "tmpfs", str(mnt)],
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(f"cannot mount a tmpfs for the disk-full test: {r.stderr.strip()}")
+        pytest.skip(f"cannot mount a tmpfs: {r.stderr.strip()}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+async def test_a_full_disk_defers_and_delivers_once_there_is_room(elemta_server, small_disk):
+    server = await start(elemta_server, retry=60,
+                         path=str(small_disk / "{domain}" / "{user}" / "Maildir"))
+    filler = small_disk / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT)   # fill the disk to the last block
+    try:
+        while True:
+            os.write(fd, b"x" * 4096)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+    big = message("full", b"y" * 64_000 + b"\r\n")
+    queue_id = await submit(server, "alice@example.test", ["bob@example.test"], on_the_wire(big))
+    env = await wait_deferred(server, queue_id)
+    assert env["recipients"][0]["last_error"].startswith("452 4.3.1 insufficient storage")
+    assert (server.spool_path / "messages" / queue_id).exists(), "the message is kept"
+    box = small_disk / DOMAIN / "bob" / "Maildir"
+    assert files(box) == [] and files(box, "tmp") == [], "no partial file is left"
+
+    filler.unlink()
+    await server.app.runner.retry([queue_id])
+    await wait_gone(server, queue_id)
+    [path] = files(box)
+    assert split_delivered(path)[1].endswith(big)
+
+
 async def test_a_missing_mailbox_defers_when_creation_is_off(elemta_server):
     server = await start(elemta_server, retry=60, create_mailboxes=False)
     queue_id = await submit(server, "alice@example.test", ["bob@example.test"],
