@@ -39,8 +39,16 @@ _SECRET_IN_TEXT = re.compile(
     re.IGNORECASE)
 
 
+# Every match of _SECRET_IN_TEXT contains one of these (case-insensitively):
+# most log lines contain none, and five substring tests cost a tenth of the scan.
+_TRIGGERS = ("auth", "passw", "secret", "token", "credential")
+
+
 def redact_text(text: str) -> str:
     """``text`` with AUTH payloads and ``password=...``-style values replaced by ``***``."""
+    folded = text.casefold()   # as re.IGNORECASE matches: "ſecret", "TO\u212aEN"
+    if not any(t in folded for t in _TRIGGERS):
+        return text
     return _SECRET_IN_TEXT.sub(_redact_match, text)
 
 
@@ -170,6 +178,12 @@ def setup_logging(settings: LogSettings, stream: TextIO | None = None) -> loggin
     config reload never double the output. Returns the installed handler.
     """
     level = _LEVELS[settings.level]
+    # Neither formatter prints the caller, thread or process: do not collect
+    # them (the logging HOWTO's "Optimization"; a frame walk per record).
+    logging._srcfile = None  # type: ignore[attr-defined]
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
     handler = logging.StreamHandler(sys.stderr if stream is None else stream)
     handler.setFormatter(JSONFormatter() if settings.format == "json" else TextFormatter())
     handler.addFilter(RedactingFilter())

@@ -208,3 +208,13 @@ def test_plugin_loggers_outside_elemta_go_through_the_same_handler():
     kv(logging.getLogger("elemta_greylist"), logging.INFO, "deferred", secret="s3")
     (record,) = json_lines(out)
     assert (record["logger"], record["secret"]) == ("elemta_greylist", "***")
+
+
+def test_the_fast_path_misses_nothing_the_pattern_catches():
+    from elemta.log import redact_text
+
+    for text in ("AUTH PLAIN AGFsaWNlAHNlY3JldA==", "Password: hunter2", "api_token=abc",
+                 "\u017fecret=abc", "to\u212aen=abc", "credentials: 'x y'"):
+        assert "***" in redact_text(text), text
+    plain = "01K0T1A63RQHYJVXH6F0: delivered to <u@remote.example> via mx: 250 2.0.0 Ok"
+    assert redact_text(plain) is plain
