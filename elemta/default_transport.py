@@ -58,7 +58,7 @@ class SMTPTransport:
         self.helo = self.delivery.helo_name or settings.server.hostname
         self.resolver = Resolver(settings.dns)
         self.timeouts = Timeouts.scaled(self.delivery.connect_timeout_seconds,
-                                  self.delivery.command_timeout_seconds)
+                                        self.delivery.command_timeout_seconds)
         self._idle: dict[tuple[str, int, str, str | None], list[tuple[SMTPConnection, float]]] = {}
         self._limits: dict[tuple[str, int], asyncio.Semaphore] = {}
 
@@ -224,9 +224,6 @@ class SMTPTransport:
         conns = [c for idle in self._idle.values() for c, _ in idle]
         self._idle.clear()
         await asyncio.gather(*(c.close() for c in conns), return_exceptions=True)
-
-
-
 
 
 def make_plugin(settings: Settings) -> SMTPTransport:

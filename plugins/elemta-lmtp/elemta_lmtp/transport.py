@@ -171,6 +171,3 @@ class LMTPTransport:
 _STAGES = {"connect": "connecting", "greeting": "at the greeting", "lhlo": "at LHLO",
            "rset": "at RSET", "mail": "at MAIL FROM", "rcpt": "at RCPT TO", "data": "at DATA",
            "end_of_data": "after DATA"}
-
-
-
