@@ -238,8 +238,24 @@ def _add_plugin_commands(argv: list[str]) -> None:
 def run(argv: list[str] | None = None) -> Any:
     args = sys.argv[1:] if argv is None else argv
     _add_builtin_groups()
-    _add_plugin_commands(args)
+    if _command_name(args) not in main.commands:
+        # only a plugin's command (or --help, which lists them) needs the
+        # plugins loaded; `serve` loads them itself, once
+        _add_plugin_commands(args)
     return main.main(args=args, prog_name="elemta")
+
+
+def _command_name(args: list[str]) -> str | None:
+    """The first argument that is not an option (or ``--config``'s value)."""
+    skip = False
+    for arg in args:
+        if skip:
+            skip = False
+        elif arg == "--config":
+            skip = True
+        elif not arg.startswith("-"):
+            return arg
+    return None
 
 
 if __name__ == "__main__":

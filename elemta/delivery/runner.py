@@ -178,7 +178,7 @@ class Runner:
                 outcomes[rcpt.address] = Outcome(rcpt.address, 451, "4.3.0", "no route")
                 continue
             groups.setdefault(route, []).append(rcpt)
-        content = str(self.spool.message_path(queue_id))
+        content = self.spool.message_file(queue_id)
         unfinished = len(groups)
         removed = False
 

@@ -26,12 +26,13 @@ class SpoolMoves:
     """Mixed into :class:`~elemta.spool.store.Spool`."""
 
     root: os.PathLike[str]
+    _root_s: str   # the root as a string: paths here are built per message
     _counts: dict[str, int] | None
 
     def _envelope_path(self, state: str, queue_id: str) -> str:
         if state not in STATES:
             raise ValueError(f"unknown spool state {state!r} (one of {', '.join(STATES)})")
-        return os.path.join(self.root, state, f"{queue_id}.json")
+        return f"{self._root_s}/{state}/{queue_id}.json"
 
     def _count(self, state: str, delta: int) -> None:
         if self._counts is not None:
@@ -49,7 +50,7 @@ class SpoolMoves:
             os.rename(src, dst)
             self._count(from_state, -1)
             self._count(to_state, +1)
-        tmp = os.path.join(self.root, "tmp", f"{envelope.id}.{uuid.uuid4().hex[:8]}.envelope")
+        tmp = f"{self._root_s}/tmp/{envelope.id}.{uuid.uuid4().hex[:8]}.envelope"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         try:
             os.write(fd, envelope.to_json())
@@ -69,7 +70,7 @@ class SpoolMoves:
         os.unlink(self._envelope_path(state, queue_id))
         self._count(state, -1)
         try:
-            os.unlink(os.path.join(self.root, "messages", queue_id))
+            os.unlink(f"{self._root_s}/messages/{queue_id}")
         except FileNotFoundError:
             pass
 

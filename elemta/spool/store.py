@@ -248,6 +248,10 @@ class Spool(SpoolMoves):
     def message_path(self, queue_id: str) -> Path:
         return self.messages_dir / _checked_id(queue_id)
 
+    def message_file(self, queue_id: str) -> str:
+        """:meth:`message_path` as a string, for per-message work."""
+        return f"{self._messages_s}/{_checked_id(queue_id)}"
+
     # ------------------------------------------------------------------ start-up
 
     def recover(self) -> dict[str, int]:
@@ -1138,7 +1142,8 @@ class Spool(SpoolMoves):
         for _ in range(2):
             for state in STATES:
                 try:
-                    raw = (self.root / state / f"{queue_id}.json").read_bytes()
+                    with open(f"{self._root_s}/{state}/{queue_id}.json", "rb") as f:
+                        raw = f.read()
                 except FileNotFoundError:
                     continue
                 return state, _parse_envelope(raw, queue_id)
