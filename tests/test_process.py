@@ -11,6 +11,7 @@ import itertools
 import os
 import re
 import signal
+import smtplib
 import socket
 import ssl
 import subprocess
@@ -567,6 +568,15 @@ def test_shipped_config_runs(tmp_path: Path, start_server) -> None:
         metrics = response.read().decode()
     assert "smtp_connections_total" in metrics
     assert re.search(r'smtp_connections_total\{listener="smtps"\} [1-9]', metrics), metrics
+
+    # README's "Try it": local mail lands in a maildir next to the config (elemta-maildir)
+    with smtplib.SMTP("127.0.0.1", ports[2525], timeout=10) as client:
+        client.sendmail("you@example.org", ["user@example.test"],
+                        b"Subject: try it\r\n\r\nhello\r\n")
+    new = tmp_path / "mail" / "example.test" / "user" / "Maildir" / "new"
+    [delivered] = wait_until(lambda: list(new.glob("*")) if new.is_dir() else [],
+                             timeout=20, what="the message in the maildir")
+    assert delivered.read_bytes().endswith(b"Subject: try it\r\n\r\nhello\r\n")
 
     # state and queue were created next to the copied config, not in the checkout
     assert (tmp_path / "queue" / "ready").is_dir()
