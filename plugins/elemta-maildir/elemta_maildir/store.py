@@ -129,6 +129,10 @@ class DirSyncer:
         with self._lock:
             state = self._dirs.get(key)
             if state is None:
+                if len(self._dirs) >= 10_000:
+                    # Safe to forget: a caller still holding an old state is served
+                    # by a sync on it, which begins after its request all the same.
+                    self._dirs.clear()
                 state = self._dirs[key] = _DirState()
         with state.cond:
             target = state.started + 1      # a sync that starts from now on covers us
