@@ -22,6 +22,7 @@ _quarantine = StashKey[list[str]]()
 _max_size = StashKey[int]()
 
 REOPEN_SECONDS = 5.0
+FAIL_FAST_SECONDS = 2.0
 
 
 def make_backend(settings: DatasourceSettings, server_settings: Any) -> Backend:
@@ -52,6 +53,7 @@ class DatasourcePlugin:
         self.backend: Backend | None = None
         self._opened = False
         self._next_open = 0.0
+        self._down_until = 0.0
         self._cache = TTLCache(self.settings.cache_seconds)
 
     # -------------------------------------------------------------- lifecycle
@@ -106,14 +108,42 @@ class DatasourcePlugin:
             log.info("datasource: connected")
         return self.backend
 
+    async def _query(self, make_call) -> Any:
+        """Run one backend call with the lookup timeout, failing fast while it is down.
+
+        After a failure or timeout, calls fail at once for ``FAIL_FAST_SECONDS``:
+        a database that hangs must not hold every RCPT for the whole timeout.
+        """
+        if time.monotonic() < self._down_until:
+            raise BackendUnavailable("the datasource did not answer a moment ago")
+        backend = await self._ensure_open()
+        # Not wait_for: it waits for the cancelled call to wind down, and a
+        # database driver cancelling a query on a hung connection can take
+        # as long again. The call is cancelled and left to finish on its own.
+        task = asyncio.ensure_future(make_call(backend))
+        try:
+            done, _ = await asyncio.wait({task}, timeout=self.settings.lookup_timeout_seconds)
+        except asyncio.CancelledError:
+            task.cancel()
+            task.add_done_callback(_consume)
+            raise
+        if not done:
+            task.cancel()
+            task.add_done_callback(_consume)
+            self._down_until = time.monotonic() + FAIL_FAST_SECONDS
+            raise TimeoutError(f"no answer within {self.settings.lookup_timeout_seconds} s")
+        try:
+            return task.result()
+        except BackendUnavailable:
+            self._down_until = time.monotonic() + FAIL_FAST_SECONDS
+            raise
+
     async def lookup(self, address: str, base: str, domain: str) -> Lookup:
         key = ("l", address, base)
         hit = self._cache.get(key)
         if hit is not None:
             return hit  # type: ignore[return-value]
-        backend = await self._ensure_open()
-        result = await asyncio.wait_for(backend.lookup(address, base, domain),
-                                        self.settings.lookup_timeout_seconds)
+        result = await self._query(lambda b: b.lookup(address, base, domain))
         self._cache.put(key, result)
         return result
 
@@ -124,9 +154,7 @@ class DatasourcePlugin:
         if hit is not None:
             return hit  # type: ignore[return-value]
         try:
-            backend = await self._ensure_open()
-            found = await asyncio.wait_for(backend.get_domain(domain),
-                                           self.settings.lookup_timeout_seconds) is not None
+            found = await self._query(lambda b: b.get_domain(domain)) is not None
         except (BackendUnavailable, TimeoutError):
             stale = self._cache.get_stale(key)
             if stale is None:
@@ -204,6 +232,12 @@ class DatasourcePlugin:
         if await self.hosted(domain):
             return Route(transport=self.settings.transport, destination=domain)
         return None
+
+
+def _consume(task: asyncio.Future[Any]) -> None:
+    """Retrieve an abandoned call's outcome, so that asyncio does not report it."""
+    if not task.cancelled():
+        task.exception()
 
 
 def _int(value: Any) -> int | None:

@@ -221,3 +221,78 @@ async def test_route_uses_the_last_answer_while_the_backend_is_down(elemta_serve
     assert await plugin.route(recipient=RecipientState("y@elsewhere.example")) is None
     with pytest.raises(BackendUnavailable):  # never seen: neither local nor remote is safe
         await plugin.route(recipient=RecipientState("z@never-seen.example"))
+
+
+class FreezableProxy:
+    """A TCP proxy to PostgreSQL that can stop forwarding: a database that hangs."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.frozen = asyncio.Event()
+        self.port = 0
+        self._server = None
+        self._tasks: set[asyncio.Task] = set()
+
+    async def __aenter__(self) -> "FreezableProxy":
+        self._server = await asyncio.start_server(self._client, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        self._server.close()
+        for t in self._tasks:
+            t.cancel()
+
+    async def _client(self, reader, writer) -> None:
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+
+        async def pipe(src, dst) -> None:
+            try:
+                while data := await src.read(65536):
+                    if self.frozen.is_set():
+                        await asyncio.Event().wait()   # swallow it, forever
+                    dst.write(data)
+                    await dst.drain()
+            except (OSError, asyncio.CancelledError):
+                pass
+            finally:
+                dst.close()
+
+        for coro in (pipe(reader, up_writer), pipe(up_reader, writer)):
+            task = asyncio.create_task(coro)
+            self._tasks.add(task)
+
+
+async def test_a_hung_database_answers_451_fast_after_the_first_timeout(
+        elemta_server, postgresql_server) -> None:
+    import time
+
+    from elemta_datasource.sql import PostgresBackend
+
+    dsn = postgresql_server.new_database()
+    b = PostgresBackend(dsn)
+    await b.open()
+    await b.add_domain(Domain("example.test"))
+    await b.add_mailbox("alice@example.test")
+    await b.close()
+    async with FreezableProxy(postgresql_server.port) as proxy:
+        proxied = dsn.replace(f":{postgresql_server.port}/", f":{proxy.port}/")
+        server = await elemta_server({
+            "domains": {},
+            "plugins": {"datasource": {"backend": "postgresql", "postgresql_dsn": proxied,
+                                       "lookup_timeout_seconds": 1, "cache_seconds": 0}},
+        }, enabled=["datasource"])
+        async with RawSMTP(server.port("mx")) as c:
+            await c.cmd("EHLO client.example")
+            await c.cmd("MAIL FROM:<s@origin.example>")
+            assert (await c.cmd("RCPT TO:<alice@example.test>")).code == 250
+            proxy.frozen.set()
+            t0 = time.monotonic()
+            r = await c.cmd("RCPT TO:<alice@example.test>")
+            first = time.monotonic() - t0
+            assert (r.code, r.enhanced) == (451, "4.3.0") and 0.9 < first < 3, first
+            t0 = time.monotonic()
+            for _ in range(5):
+                r = await c.cmd("RCPT TO:<alice@example.test>")
+                assert (r.code, r.enhanced) == (451, "4.3.0")
+            assert time.monotonic() - t0 < 0.5, "later lookups fail fast, not after 1 s each"
