@@ -51,7 +51,6 @@ import os
 import shutil
 import signal
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -61,7 +60,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from accept import (CLK_TCK, BenchError, box_times, code_version, count_files, default_dir,
-                    free_port, probe_disk, proc_cpu, py_spy, summarize_profile, thread_cpu)
+                    fmt_range, free_port, probe_disk, proc_cpu, py_spy, summarize_profile,
+                    thread_cpu)
 
 SENDER = "sender@example.org"
 RECIPIENT = "user@remote.example"
@@ -424,11 +424,6 @@ class Bench:
                 sampler.wait()
             stop(proc)
             sink.stop()
-
-
-def fmt_range(values: list[float], digits: int = 0) -> str:
-    return (f"{statistics.median(values):.{digits}f} "
-            f"[{min(values):.{digits}f}-{max(values):.{digits}f}]")
 
 
 def main() -> int:

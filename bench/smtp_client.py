@@ -52,13 +52,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from accept import free_port, proc_cpu  # noqa: E402  (bench/ is sys.path[0])
 from elemta.delivery.smtp_client import SMTPConnection, Timeouts, TLSPolicy
 
 SENDER = "sender@example.org"
 RECIPIENT = "user@example.test"
 HELO = "client.example.org"
 MX_HOST = "mx.example.test"
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 BODY_LINE = b"The quick brown fox jumps over the lazy dog, again and again and again.\r\n"
 
 AIOSMTPD_SINK = textwrap.dedent('''
@@ -120,18 +120,6 @@ def make_message(size: int) -> bytes:
             b"Content-Type: text/plain; charset=us-ascii\r\n\r\n")
     body = BODY_LINE * ((size - len(head)) // len(BODY_LINE) + 1)
     return (head + body)[:size - 2] + b"\r\n"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def proc_cpu(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
 def wait_port(port: int, deadline_seconds: float = 10.0) -> None:
