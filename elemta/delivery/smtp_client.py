@@ -505,18 +505,7 @@ class SMTPConnection:
             raise ValueError("AUTH credentials need TLS, or allow_plaintext_auth=True")
         conn = cls(ip, port, mx_host=mx_host, helo=helo, tls=tls,
                    timeouts=timeouts or Timeouts(), local_address=local_address)
-        try:
-            await conn._start()
-            if tls.mode != "none":
-                await conn._starttls()
-            if auth is not None:
-                await conn._authenticate(auth[0], auth[1], allow_plaintext_auth)
-        except _Lost as lost:
-            conn._abort()
-            raise conn._lost_error(lost, conn._stage) from None
-        except BaseException:
-            conn._abort()
-            raise
+        await conn._establish(auth, allow_plaintext_auth)
         return conn
 
     @classmethod
@@ -535,15 +524,24 @@ class SMTPConnection:
         conn = cls(host or "", port if path is None else 0, mx_host=host or path or "",
                    helo=lhlo, tls=TLSPolicy("none"), timeouts=timeouts or Timeouts(),
                    lmtp=True, path=path)
-        try:
-            await conn._start()
-        except _Lost as lost:
-            conn._abort()
-            raise conn._lost_error(lost, conn._stage) from None
-        except BaseException:
-            conn._abort()
-            raise
+        await conn._establish()
         return conn
+
+    async def _establish(self, auth: tuple[str, str] | None = None,
+                         allow_plaintext_auth: bool = False) -> None:
+        """Connect, greet, STARTTLS as the policy says and AUTH if asked; abort on any failure."""
+        try:
+            await self._start()
+            if self.policy.mode != "none":
+                await self._starttls()
+            if auth is not None:
+                await self._authenticate(auth[0], auth[1], allow_plaintext_auth)
+        except _Lost as lost:
+            self._abort()
+            raise self._lost_error(lost, self._stage) from None
+        except BaseException:
+            self._abort()
+            raise
 
     async def _start(self) -> None:
         self._stage = "connect"
