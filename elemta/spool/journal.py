@@ -235,7 +235,7 @@ def copy_range(src: int, dst: int, src_offset: int, length: int) -> None:
         length -= written
 
 
-def fsync_dir(path: str) -> None:
+def fsync_dir(path: str | os.PathLike[str]) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         os.fsync(fd)

@@ -15,6 +15,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from elemta.spool.journal import fsync_dir, write_all
+
 SUBDIRS = ("cur", "new", "tmp")
 MAILDIRSIZE = "maildirsize"
 CHUNK = 1 << 20
@@ -169,14 +171,6 @@ class _DirState:
         self.done = 0      # the latest sync finished without an error
 
 
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 # ------------------------------------------------------------------ idempotency
 
 
@@ -228,7 +222,8 @@ def write_message(content_path: str, folder: Path, name: str, head: bytes, size:
     try:
         try:
             os.fchmod(fd, file_mode)
-            written = _write_all(fd, head)
+            write_all(fd, head)
+            written = len(head)
             src = os.open(content_path, os.O_RDONLY | os.O_CLOEXEC)
             try:
                 written += _copy_all(src, fd)
@@ -262,14 +257,6 @@ def _copy_all(src: int, dst: int) -> int:
     total = 0
     while n := os.sendfile(dst, src, total, CHUNK):
         total += n
-    return total
-
-
-def _write_all(fd: int, data: bytes | memoryview) -> int:
-    view = memoryview(data)
-    total = len(view)
-    while view:
-        view = view[os.write(fd, view):]
     return total
 
 
@@ -326,7 +313,7 @@ def append_maildirsize(root: Path, size: int) -> bool:
     except FileNotFoundError:
         return False
     try:
-        _write_all(fd, f"{size} 1\n".encode())
+        write_all(fd, f"{size} 1\n".encode())
     finally:
         os.close(fd)
     return True
