@@ -41,6 +41,25 @@ _DOMAIN_KEYS = {"reject_unknown", "catch_all", "max_message_bytes", "mailboxes",
 _RULE_KEYS = {"action", "targets", "code", "enhanced", "text"}
 
 
+def _check_table(where: str, table: Any, keys: set[str]) -> None:
+    if not isinstance(table, dict):
+        raise DirectoryError(f"{where}: must be a table")
+    extra = set(table) - keys
+    if extra:
+        raise DirectoryError(f"{where}.{sorted(extra)[0]}: unknown key (one of "
+                             f"{', '.join(sorted(keys))})")
+
+
+def _address_in(entry: str, domain: str) -> str:
+    """A mailbox or alias entry of a domain table (a local part, or a whole address)."""
+    return normalize_address(entry if "@" in entry else f"{entry}@{domain}")
+
+
+def _key_for(table: Any, wanted: str, normalize: Any) -> str | None:
+    """The key of ``table`` that means ``wanted`` once normalized, as written in the file."""
+    return next((k for k in table if normalize(k) == wanted), None)
+
+
 class StaticData:
     def __init__(self) -> None:
         self.domains: dict[str, Domain] = {}
@@ -58,12 +77,7 @@ def parse(doc: dict[str, Any], source: str) -> StaticData:
                              "(expected [domains.\"…\"] and [rules.\"…\"] tables)")
     for raw_name, table in (doc.get("domains") or {}).items():
         where = f'{source}: domains."{raw_name}"'
-        if not isinstance(table, dict):
-            raise DirectoryError(f"{where}: must be a table")
-        extra = set(table) - _DOMAIN_KEYS
-        if extra:
-            raise DirectoryError(f"{where}.{sorted(extra)[0]}: unknown key (one of "
-                                 f"{', '.join(sorted(_DOMAIN_KEYS))})")
+        _check_table(where, table, _DOMAIN_KEYS)
         try:
             name = normalize_domain(raw_name)
             catch_all = table.get("catch_all")
@@ -77,10 +91,9 @@ def parse(doc: dict[str, Any], source: str) -> StaticData:
                                         normalize_target(catch_all) if catch_all else None,
                                         max_bytes)
             for local in table.get("mailboxes", []):
-                data.mailboxes.add(normalize_address(f"{local}@{name}" if "@" not in local
-                                                     else local))
+                data.mailboxes.add(_address_in(local, name))
             for local, targets in (table.get("aliases") or {}).items():
-                address = normalize_address(f"{local}@{name}" if "@" not in local else local)
+                address = _address_in(local, name)
                 if isinstance(targets, str):
                     targets = [targets]
                 data.aliases[address] = tuple(normalize_target(t) for t in targets)
@@ -88,12 +101,7 @@ def parse(doc: dict[str, Any], source: str) -> StaticData:
             raise DirectoryError(f"{where}: {e}") from None
     for pattern, table in (doc.get("rules") or {}).items():
         where = f'{source}: rules."{pattern}"'
-        if not isinstance(table, dict):
-            raise DirectoryError(f"{where}: must be a table")
-        extra = set(table) - _RULE_KEYS
-        if extra:
-            raise DirectoryError(f"{where}.{sorted(extra)[0]}: unknown key (one of "
-                                 f"{', '.join(sorted(_RULE_KEYS))})")
+        _check_table(where, table, _RULE_KEYS)
         try:
             rule = check_rule(Rule(pattern, table.get("action", ""),
                                    tuple(table.get("targets", ())), table.get("code"),
@@ -203,16 +211,16 @@ class StaticBackend:
     @classmethod
     def _domain_table(cls, doc, name: str) -> Any:
         domains = cls._domains(doc)
-        for key in domains:
-            if normalize_domain(key) == name:
-                return domains[key]
+        key = _key_for(domains, name, normalize_domain)
+        if key is not None:
+            return domains[key]
         raise DirectoryError(f"{name} is not a hosted domain; add it first with "
                              f"`elemta domains add {name}`")
 
     async def add_domain(self, domain: Domain, *, replace: bool = False) -> None:
         def change(doc) -> None:
             domains = self._domains(doc)
-            existing = next((k for k in domains if normalize_domain(k) == domain.name), None)
+            existing = _key_for(domains, domain.name, normalize_domain)
             if existing is not None and not replace:
                 raise DirectoryError(f"domain {domain.name} exists already "
                                      "(use --update to change its settings)")
@@ -233,7 +241,7 @@ class StaticBackend:
     async def remove_domain(self, name: str) -> bool:
         def change(doc) -> bool:
             domains = self._domains(doc)
-            key = next((k for k in domains if normalize_domain(k) == name), None)
+            key = _key_for(domains, name, normalize_domain)
             if key is None:
                 return False
             del domains[key]
@@ -250,8 +258,7 @@ class StaticBackend:
         def change(doc) -> None:
             table = self._domain_table(doc, domain)
             boxes = table.setdefault("mailboxes", tomlkit.array())
-            if any(normalize_address(f"{m}@{domain}" if "@" not in m else m) == address
-                   for m in boxes):
+            if any(_address_in(m, domain) == address for m in boxes):
                 raise DirectoryError(f"mailbox {address} exists already")
             boxes.append(local)
 
@@ -267,7 +274,7 @@ class StaticBackend:
                 return False
             boxes = table.get("mailboxes", [])
             for i, m in enumerate(list(boxes)):
-                if normalize_address(f"{m}@{domain}" if "@" not in m else m) == address:
+                if _address_in(m, domain) == address:
                     del boxes[i]
                     return True
             return False
@@ -285,13 +292,15 @@ class StaticBackend:
         def change(doc) -> None:
             table = self._domain_table(doc, domain)
             aliases = table.setdefault("aliases", tomlkit.table())
-            current = aliases.get(local)
+            # the entry as the file spells it, if there is one
+            key = _key_for(aliases, address, lambda k: _address_in(k, domain)) or local
+            current = aliases.get(key)
             if current is None:
-                aliases[local] = tomlkit.array()
-                current = aliases[local]
+                aliases[key] = tomlkit.array()
+                current = aliases[key]
             elif isinstance(current, str):
-                aliases[local] = tomlkit.array([current])
-                current = aliases[local]
+                aliases[key] = tomlkit.array([current])
+                current = aliases[key]
             for t in targets:
                 if t not in [normalize_target(c) for c in current]:
                     current.append(t)
@@ -307,9 +316,7 @@ class StaticBackend:
             except DirectoryError:
                 return 0
             aliases = table.get("aliases", {})
-            key = next((k for k in aliases
-                        if normalize_address(f"{k}@{domain}" if "@" not in k else k) == address),
-                       None)
+            key = _key_for(aliases, address, lambda k: _address_in(k, domain))
             if key is None:
                 return 0
             current = aliases[key]
