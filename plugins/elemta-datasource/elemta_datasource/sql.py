@@ -3,7 +3,9 @@
 Both use the same tables, created and migrated on first start: the
 ``elemta_schema`` table holds the version and every migration runs once, in
 order, in one transaction. SQLite runs on one dedicated thread (the event loop
-never waits on disk); PostgreSQL uses a psycopg connection pool. A database
+never waits on disk); PostgreSQL answers lookups from an async psycopg
+connection pool, and the editing commands (cold, run by the CLI) on a plain
+connection in a worker thread. A database
 that cannot be reached raises :class:`BackendUnavailable`, which the ``rcpt``
 stage answers with ``451 4.3.0``.
 """
@@ -11,11 +13,12 @@ stage answers with ``451 4.3.0``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import sqlite3
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, AsyncIterator, Callable, Sequence
 
 from .directory import BackendUnavailable, DirectoryError, Domain, Lookup, Rule
 
@@ -403,88 +406,63 @@ class PostgresBackend(SQLBackend):
         except psycopg.Error as e:
             raise BackendUnavailable(f"PostgreSQL: {_pg_reason(e)}") from None
 
+    @contextlib.asynccontextmanager
+    async def _connection(self) -> AsyncIterator[Any]:
+        """A pooled connection; any failure to get or use it is :class:`BackendUnavailable`."""
+        import psycopg
+        from psycopg_pool import PoolTimeout
+
+        if self._pool is None:
+            raise BackendUnavailable("the PostgreSQL backend is closed")
+        try:
+            async with self._pool.connection(timeout=self.timeout) as conn:
+                yield conn
+        except PoolTimeout as e:
+            raise BackendUnavailable(f"PostgreSQL: no connection within {self.timeout} s "
+                                     f"({e})") from None
+        except (psycopg.Error, OSError) as e:
+            raise BackendUnavailable(f"PostgreSQL: {_pg_reason(e)}") from None
+
     async def lookup(self, address: str, base: str, domain: str) -> Lookup:
         """The hot path, natively async: four indexed queries on one pooled connection."""
-        import psycopg
-
-        if self._pool is None:
-            raise BackendUnavailable("the PostgreSQL backend is closed")
         q = [self.sql(s) for s in _LOOKUP_SQL]
-        try:
-            async with self._pool.connection(timeout=self.timeout) as conn:
-                cur = await conn.execute(q[0], (domain,))
-                domain_row = await cur.fetchone()
-                if domain_row is None:
-                    return Lookup(None)
-                mailbox = await (await conn.execute(q[1], (base,))).fetchone()
-                aliases = await (await conn.execute(q[2], (address, base))).fetchall()
-                rules = await (await conn.execute(q[3], (address, base, domain))).fetchall()
-        except (psycopg.Error, OSError) as e:
-            raise BackendUnavailable(f"PostgreSQL: {_pg_reason(e)}") from None
-        except Exception as e:
-            if type(e).__name__ == "PoolTimeout":
-                raise BackendUnavailable(f"PostgreSQL: no connection within {self.timeout} s "
-                                         f"({e})") from None
-            raise
+        async with self._connection() as conn:
+            domain_row = await (await conn.execute(q[0], (domain,))).fetchone()
+            if domain_row is None:
+                return Lookup(None)
+            mailbox = await (await conn.execute(q[1], (base,))).fetchone()
+            aliases = await (await conn.execute(q[2], (address, base))).fetchall()
+            rules = await (await conn.execute(q[3], (address, base, domain))).fetchall()
         return _lookup_from(domain_row, mailbox, aliases, rules, address, base, domain)
 
+    async def get_domain(self, name: str) -> Domain | None:
+        """Routing asks this for every new domain: natively async, like :meth:`lookup`."""
+        async with self._connection() as conn:
+            return _domain(await (await conn.execute(self.sql(_LOOKUP_SQL[0]),
+                                                     (name,))).fetchone())
+
     async def _tx(self, fn: Callable[[Any], Any]) -> Any:
-        """Run an editing function (CLI, cold path) in one transaction."""
+        """Run an editing function (the CLI: a cold path) in one transaction.
+
+        The functions are written against a DB-API cursor, so they run in a
+        worker thread on a plain (synchronous) connection of their own.
+        """
         import psycopg
 
-        if self._pool is None:
-            raise BackendUnavailable("the PostgreSQL backend is closed")
+        def run() -> Any:
+            with psycopg.connect(self.dsn, connect_timeout=max(1, int(self.timeout))) as conn:
+                with conn.transaction(), conn.cursor() as cur:
+                    return fn(cur)
+
         try:
-            async with self._pool.connection(timeout=self.timeout) as conn:
-                async with conn.transaction():
-                    cur = _SyncCursor(conn.cursor())
-                    return await cur.run(fn)
-        except DirectoryError:
-            raise
+            return await asyncio.to_thread(run)
         except (psycopg.Error, OSError) as e:
             raise BackendUnavailable(f"PostgreSQL: {_pg_reason(e)}") from None
-        except Exception as e:
-            if type(e).__name__ == "PoolTimeout":
-                raise BackendUnavailable(f"PostgreSQL: no connection within {self.timeout} s "
-                                         f"({e})") from None
-            raise
 
     async def close(self) -> None:
         if self._pool is not None:
             await self._pool.close()
             self._pool = None
-
-
-class _SyncCursor:
-    """Runs the editing functions, written against a DB-API cursor, on an async psycopg cursor.
-
-    ``fn(cur)`` runs in a worker thread; each ``execute``/``fetchone``/
-    ``fetchall`` is handed back to the event loop and awaited there. Only the
-    cold editing path uses it (lookups are natively async).
-    """
-
-    def __init__(self, cur: Any) -> None:
-        self._cur = cur
-
-    async def run(self, fn: Callable[[Any], Any]) -> Any:
-        # Run fn in a worker thread and hand each cursor call back to the loop.
-        loop = asyncio.get_running_loop()
-        cur = self._cur
-
-        class Proxy:
-            rowcount = -1
-
-            def execute(self, q: str, params: Sequence[Any] = ()) -> None:
-                asyncio.run_coroutine_threadsafe(cur.execute(q, params), loop).result()
-                self.rowcount = cur.rowcount
-
-            def fetchone(self) -> Any:
-                return asyncio.run_coroutine_threadsafe(cur.fetchone(), loop).result()
-
-            def fetchall(self) -> Any:
-                return asyncio.run_coroutine_threadsafe(cur.fetchall(), loop).result()
-
-        return await asyncio.to_thread(fn, Proxy())
 
 
 def _pg_reason(e: BaseException) -> str:
