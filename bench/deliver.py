@@ -94,7 +94,9 @@ CONFIG = textwrap.dedent('''
 
     [delivery]
     enabled = {enabled}{delivery_extra}
+''')
 
+ROUTE_TO_SINK = textwrap.dedent('''
     [delivery.routes."*"]
     host = "127.0.0.1:{sink_port}"
     tls = "none"
@@ -298,7 +300,8 @@ class Bench:
         path.write_text(CONFIG.format(
             loop=self.loop, port=port, spool=spool,
             log_level=self.log_level if enabled else "warning",
-            enabled="true" if enabled else "false", delivery_extra=extra, sink_port=sink_port))
+            enabled="true" if enabled else "false", delivery_extra=extra)
+            + ROUTE_TO_SINK.format(sink_port=sink_port))
         return path, port
 
     def fill(self) -> Path:

@@ -85,8 +85,8 @@ import accept  # noqa: E402
 from accept import (CLK_TCK, BenchError, box_times, code_version, count_files,  # noqa: E402
                     default_dir, free_port, probe_disk, proc_cpu, py_spy, summarize_profile,
                     thread_cpu)
-from deliver import (FILL_SESSIONS, MESSAGE_BYTES, SENDER, Run, Sink, elemta_command,  # noqa: E402
-                     elemta_env, fmt_range, queued, stop, tail, wait_for)
+from deliver import (CONFIG, FILL_SESSIONS, MESSAGE_BYTES, ROUTE_TO_SINK, SENDER, Run, Sink,  # noqa: E402
+                     elemta_command, elemta_env, fmt_range, queued, stop, tail, wait_for)
 
 LOCAL_DOMAIN = "example.test"
 REMOTE_DOMAIN = "remote.example"
@@ -94,40 +94,8 @@ MODES = ("smtp", "maildir", "maildir-nofsync", "lmtp")
 POLL_SECONDS = 0.01
 IN_MOVED_TO, IN_Q_OVERFLOW = 0x80, 0x4000
 
-CONFIG = textwrap.dedent('''
-    [server]
-    hostname = "mx.example.test"
-    state_dir = "state"
-    relay_networks = ["127.0.0.0/8"]
-    shutdown_grace_seconds = 5
-
-    [[listeners]]
-    name = "mx"
-    address = "127.0.0.1:{port}"
-    mode = "smtp"
-    tls = "none"
-
-    [spool]
-    path = "{spool}"
-
-    [metrics]
-    enabled = false
-
-    [log]
-    level = "{log_level}"
-
-    [delivery]
-    enabled = {enabled}
-''')
-
 LOCAL_EXTRA = textwrap.dedent('''
     [domains."{domain}"]
-''')
-
-SMTP_EXTRA = textwrap.dedent('''
-    [delivery.routes."*"]
-    host = "127.0.0.1:{sink_port}"
-    tls = "none"
 ''')
 
 MAILDIR_EXTRA = textwrap.dedent('''
@@ -286,8 +254,9 @@ class Bench:
         """The server's configuration file, and the port of its listener."""
         path, port = workdir / "elemta.toml", free_port()
         path.write_text(CONFIG.format(
-            port=port, spool=spool, log_level=self.log_level if enabled else "warning",
-            enabled="true" if enabled else "false") + extra)
+            loop="asyncio", port=port, spool=spool,
+            log_level=self.log_level if enabled else "warning",
+            enabled="true" if enabled else "false", delivery_extra="") + extra)
         return path, port
 
     def fill(self, domain: str) -> Path:
@@ -345,7 +314,7 @@ class Bench:
             if mode == "smtp":
                 sink = Sink("smtp-sink", workdir)
                 sink.start()
-                extra = SMTP_EXTRA.format(sink_port=sink.port)
+                extra = ROUTE_TO_SINK.format(sink_port=sink.port)
             elif mode == "lmtp":
                 sink = LMTPSink(workdir)
                 sink.start()
