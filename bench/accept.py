@@ -385,8 +385,30 @@ def send(commands: list[list[str]]) -> None:
                              f"{out[:2000]}")
 
 
+class PerMessage:
+    """Per-message figures of a run with ``messages``, ``seconds``, ``server_cpu_s``, ``threads_s``."""
+
+    messages: int
+    seconds: float
+    server_cpu_s: float
+    threads_s: tuple[float, float, float, float]
+
+    @property
+    def rate(self) -> float:
+        return self.messages / self.seconds
+
+    @property
+    def cpu_us(self) -> float:
+        return self.server_cpu_s / self.messages * 1e6
+
+    def thread_us(self) -> str:
+        """Event-loop thread user+sys / other threads user+sys, us per message."""
+        mu, ms, ru, rs = (x / self.messages * 1e6 for x in self.threads_s)
+        return f"{mu:.0f}+{ms:.0f} / {ru:.0f}+{rs:.0f}"
+
+
 @dataclass
-class Run:
+class Run(PerMessage):
     server: str
     sessions: int
     per_session: int
@@ -401,21 +423,8 @@ class Run:
     threads_s: tuple[float, float, float, float] = (0.0, 0.0, 0.0, 0.0)
 
     @property
-    def rate(self) -> float:
-        return self.messages / self.seconds
-
-    @property
-    def cpu_us(self) -> float:
-        return self.server_cpu_s / self.messages * 1e6
-
-    @property
     def client_us(self) -> float:
         return self.client_cpu_s / self.messages * 1e6
-
-    def thread_us(self) -> str:
-        """Event-loop thread user+sys / other threads user+sys, us per message."""
-        mu, ms, ru, rs = (x / self.messages * 1e6 for x in self.threads_s)
-        return f"{mu:.0f}+{ms:.0f} / {ru:.0f}+{rs:.0f}"
 
     @property
     def others(self) -> float:

@@ -59,9 +59,9 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from accept import (CLK_TCK, BenchError, box_times, code_version, count_files, default_dir,
-                    fmt_range, free_port, probe_disk, proc_cpu, py_spy, summarize_profile,
-                    thread_cpu)
+from accept import (CLK_TCK, BenchError, PerMessage, box_times, code_version, count_files,
+                    default_dir, fmt_range, free_port, probe_disk, proc_cpu, py_spy,
+                    summarize_profile, thread_cpu)
 
 SENDER = "sender@example.org"
 RECIPIENT = "user@remote.example"
@@ -242,7 +242,7 @@ class Sink:
 
 
 @dataclass
-class Run:
+class Run(PerMessage):
     round: int
     messages: int
     seconds: float            # spawn → queue empty
@@ -256,24 +256,12 @@ class Run:
     delivered: int
 
     @property
-    def rate(self) -> float:
-        return self.messages / self.seconds
-
-    @property
-    def cpu_us(self) -> float:
-        return self.server_cpu_s / self.messages * 1e6
-
-    @property
     def sink_us(self) -> float:
         return self.sink_cpu_s / self.messages * 1e6
 
     @property
     def others(self) -> float:
         return max(0.0, self.box_cpu_s - self.server_cpu_s - self.sink_cpu_s) / self.seconds
-
-    def thread_us(self) -> str:
-        mu, ms, ru, rs = (x / self.messages * 1e6 for x in self.threads_s)
-        return f"{mu:.0f}+{ms:.0f} / {ru:.0f}+{rs:.0f}"
 
 
 @dataclass
