@@ -44,6 +44,17 @@ async def wait_gone(server, queue_id, timeout=10.0):
             await asyncio.sleep(0.02)
 
 
+async def wait_deferred(server, queue_id, timeout):
+    """The envelope once the message is in deferred/; fails after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        state, env = envelope(server, queue_id)
+        if state == "deferred":
+            return env
+        assert time.monotonic() < deadline, f"{queue_id} not deferred within {timeout} s"
+        await asyncio.sleep(0.01)
+
+
 def envelope(server, queue_id):
     for state in ("ready", "deferred", "hold", "failed"):
         path = server.spool_path / state / f"{queue_id}.json"
@@ -145,12 +156,7 @@ async def test_temporary_failure_is_retried_until_it_succeeds(elemta_server, dns
         server = await elemta_server(delivery_config(dns_server, mx_overrides=overrides(
             mx_remote_example=sink)))
         queue_id = await submit(server, "a@origin.example", ["bob@remote.example"])
-        for _ in range(100):
-            state, env = envelope(server, queue_id)
-            if state == "deferred":
-                break
-            await asyncio.sleep(0.01)
-        assert state == "deferred"
+        env = await wait_deferred(server, queue_id, timeout=1.0)
         assert env["attempts"] == 1 and "451 4.3.0" in env["recipients"][0]["last_error"]
         [got] = await sink.wait_for(1)
         await wait_gone(server, queue_id)
@@ -291,12 +297,7 @@ async def test_hook_deliver(elemta_server, dns_server):
 async def test_local_mail_without_a_local_transport_stays_queued(elemta_server, dns_server):
     server = await elemta_server(delivery_config(dns_server))
     queue_id = await submit(server, "a@origin.example", ["u1@example.test"])
-    for _ in range(200):
-        state, env = envelope(server, queue_id)
-        if state == "deferred":
-            break
-        await asyncio.sleep(0.01)
-    assert state == "deferred"
+    env = await wait_deferred(server, queue_id, timeout=2.0)
     assert "no transport accepted this route" in env["recipients"][0]["last_error"]
 
 
