@@ -15,15 +15,13 @@ import os
 import ssl
 from typing import Any, Iterable
 
-import pydantic
 
-from .config import (ConfigError, ListenerSettings, Settings, parse_hostport,
-                     validate_plugin_tables)
+from .config import ConfigError, ListenerSettings, Settings, parse_hostport
 from .control import (ControlError, ControlServer, SpoolLocked, lock_spool, socket_path,
                       unlock_spool)
 from .hookcall import HookCaller, HookFailure
 from .metrics import Metrics, MetricsServer
-from .plugins import enabled_names, make_plugin_manager
+from .plugins import enabled_names, make_plugin_manager, validated_plugin_settings
 from .smtp.context import SMTPContext
 from .smtp.protocol import ElemtaSMTP
 from .delivery.runner import Runner
@@ -45,7 +43,7 @@ class App:
         names = enabled if enabled is not None else enabled_names(settings.plugins.enabled)
         self.pm, self.plugin_order = make_plugin_manager(
             names, source=str(settings.source), extra=extra_plugins, settings=settings)
-        self._plugin_settings = self._validate_plugin_config()
+        self._plugin_settings = validated_plugin_settings(self.pm, settings)
         self.metrics = Metrics()
         self.hooks = HookCaller(
             self.pm, self.plugin_order, settings.plugins.timeout_for,
@@ -62,13 +60,6 @@ class App:
         self.control: ControlServer | None = None
         self._spool_lock: int | None = None
         self._started = False
-
-    def _validate_plugin_config(self) -> dict[str, pydantic.BaseModel]:
-        schemas: dict[str, type[pydantic.BaseModel]] = {}
-        for mapping in self.pm.hook.register_config():
-            if mapping:
-                schemas.update(mapping)
-        return validate_plugin_tables(self.settings, schemas)
 
     def plugin_settings(self, name: str) -> Any:
         """The validated ``[plugins.<name>]`` settings a plugin registered."""

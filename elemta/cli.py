@@ -187,18 +187,13 @@ def plugin_settings(name: str) -> Any:
     The enabled plugins declare their schemas as at start-up; a mistake in the
     file exits with the same message ``elemta check-config`` gives.
     """
-    from .config import validate_plugin_tables
-    from .plugins import enabled_names, make_plugin_manager
+    from .plugins import enabled_names, make_plugin_manager, validated_plugin_settings
 
     settings = _state().settings
     try:
         pm, _ = make_plugin_manager(enabled_names(settings.plugins.enabled),
                                     source=str(settings.source), settings=settings)
-        schemas: dict[str, Any] = {}
-        for mapping in pm.hook.register_config():
-            if mapping:
-                schemas.update(mapping)
-        validated = validate_plugin_tables(settings, schemas)
+        validated = validated_plugin_settings(pm, settings)
     except PluginLoadError as e:
         fail(str(e))
     except ConfigError as e:

@@ -14,7 +14,7 @@ import importlib
 import importlib.metadata
 import os
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 import pluggy
 
@@ -142,6 +142,20 @@ def _register(pm: pluggy.PluginManager, obj: object, name: str) -> None:
         pm.register(obj, name=name)
     except pluggy.PluginValidationError as e:
         raise PluginLoadError(f"plugin {name!r} cannot be loaded: {e}") from None
+
+
+def validated_plugin_settings(pm: pluggy.PluginManager, settings: Settings) -> dict[str, Any]:
+    """Every ``[plugins.<name>]`` table validated against the schema its plugin registers.
+
+    Raises :class:`~elemta.config.ConfigError` naming the file and key at fault.
+    """
+    from .config import validate_plugin_tables
+
+    schemas: dict[str, Any] = {}
+    for mapping in pm.hook.register_config():
+        if mapping:
+            schemas.update(mapping)
+    return validate_plugin_tables(settings, schemas)
 
 
 def plugin_hooks(pm: pluggy.PluginManager, name: str) -> list[str]:
