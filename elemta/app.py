@@ -43,12 +43,12 @@ class App:
         names = enabled if enabled is not None else enabled_names(settings.plugins.enabled)
         self.pm, self.plugin_order = make_plugin_manager(
             names, source=str(settings.source), extra=extra_plugins, settings=settings)
-        self._plugin_settings = validated_plugin_settings(self.pm, settings)
         self.metrics = Metrics()
         self.hooks = HookCaller(
             self.pm, self.plugin_order, settings.plugins.timeout_for,
             self.metrics.hook_duration if settings.metrics.enabled else None,
             hook_minimum_seconds={"deliver": settings.delivery.attempt_timeout_seconds})
+        self._plugin_settings = validated_plugin_settings(self.hooks, settings)
         spool = settings.spool
         self.spool = Spool(settings.resolve(spool.path), commit_threads=spool.commit_threads,
                            memory_bytes=spool.memory_bytes, visible_on_commit=False)
@@ -79,12 +79,13 @@ class App:
         except OSError as e:
             raise StartupError(f"[spool] path: cannot lock {self.spool.root}: "
                                f"{_reason(e)}") from None
-        self.pm.hook.register_metrics(registry=self.metrics.registry)
         try:
-            await self.hooks.notify("startup", fatal=True, app=self)
+            self.hooks.call_at_startup("register_metrics", registry=self.metrics.registry)
+            await self.hooks.call("startup", app=self)
         except HookFailure as f:
             self._unlock_spool()
-            raise StartupError(f"plugin {f.plugin} failed to start: {f.reason}") from None
+            raise StartupError(f"plugin {f.plugin} failed to start: {f.reason}"
+                               ) from None
         try:
             counts = await asyncio.to_thread(self.spool.recover)
             log.info("spool %s recovered: %s", self.spool.root,
@@ -136,7 +137,7 @@ class App:
             self.metrics_server = None
         await self.spool.close()
         self._unlock_spool()
-        await self.hooks.notify("shutdown", reverse=True, app=self)
+        await self.hooks.call("shutdown", app=self)
 
     def _unlock_spool(self) -> None:
         if self._spool_lock is not None:
@@ -148,8 +149,7 @@ class App:
             if listener.tls == "none":
                 continue
             try:
-                _, ctx = await self.hooks.first("tls_context", (ssl.SSLContext,),
-                                                listener=listener)
+                ctx = (await self.hooks.call("tls_context", listener=listener)).value
             except HookFailure as f:
                 raise StartupError(f"listener {listener.name}: TLS set-up failed in plugin "
                                    f"{f.plugin}: {f.reason}") from None
@@ -221,7 +221,7 @@ class App:
         self._unlock_spool()
         if self.metrics_server is not None:
             await self.metrics_server.stop()
-        await self.hooks.notify("shutdown", reverse=True, app=self)
+        await self.hooks.call("shutdown", app=self)
         self._started = False
         log.info("elemta stopped")
 

@@ -187,13 +187,15 @@ def plugin_settings(name: str) -> Any:
     The enabled plugins declare their schemas as at start-up; a mistake in the
     file exits with the same message ``elemta check-config`` gives.
     """
+    from .hookcall import HookCaller
     from .plugins import enabled_names, make_plugin_manager, validated_plugin_settings
 
     settings = _state().settings
     try:
-        pm, _ = make_plugin_manager(enabled_names(settings.plugins.enabled),
-                                    source=str(settings.source), settings=settings)
-        validated = validated_plugin_settings(pm, settings)
+        pm, order = make_plugin_manager(enabled_names(settings.plugins.enabled),
+                                        source=str(settings.source), settings=settings)
+        validated = validated_plugin_settings(
+            HookCaller(pm, order, settings.plugins.timeout_for), settings)
     except PluginLoadError as e:
         fail(str(e))
     except ConfigError as e:
@@ -219,15 +221,17 @@ def _add_plugin_commands(argv: list[str]) -> None:
             path = Path(arg.split("=", 1)[1])
     if not path.exists():
         return
+    from .hookcall import HookCaller, HookFailure
     from .plugins import enabled_names, make_plugin_manager
 
     try:
         settings = load_settings(path)
-        pm, _ = make_plugin_manager(enabled_names(settings.plugins.enabled),
-                                    source=str(path), settings=settings)
-    except (ConfigError, PluginLoadError):
+        pm, order = make_plugin_manager(enabled_names(settings.plugins.enabled),
+                                        source=str(path), settings=settings)
+        HookCaller(pm, order, settings.plugins.timeout_for).call_at_startup(
+            "register_commands", cli=main)
+    except (ConfigError, PluginLoadError, HookFailure):
         return  # the command itself reports the problem
-    pm.hook.register_commands(cli=main)
 
 
 def run(argv: list[str] | None = None) -> Any:

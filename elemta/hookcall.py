@@ -2,9 +2,12 @@
 
 pluggy only calls functions, and ``firstresult`` cannot await coroutines, so the
 core walks ``get_hookimpls()`` itself. Order is the ``[plugins] enabled`` list,
-then built-ins (which are ``trylast``). A plugin that raises, times out or
-answers with a value its stage does not allow raises :class:`HookFailure`, which
-the SMTP layer turns into ``451 4.3.0``.
+then built-ins (which are ``trylast``). How a hook is called — first answer,
+collect, notify — and what it may answer is the hook's
+:class:`~elemta.hookspecs.Dispatch`, read from the contract: a call site only
+names the hook. A plugin that raises, times out or answers with a value its
+hook does not allow raises :class:`HookFailure`, which the SMTP layer turns into
+``451 4.3.0``.
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ from typing import Any, Callable, Iterable, Sequence
 
 import pluggy
 
+from .hookspecs import Dispatch, Mode, dispatch_of
+
 log = logging.getLogger("elemta.hooks")
 
 
@@ -28,6 +33,39 @@ class HookFailure(Exception):
         self.plugin = plugin
         self.reason = reason
         super().__init__(f"plugin {plugin} failed in hook {hook}: {reason}")
+
+
+class Answers:
+    """What the implementations of one hook call answered, as ``(plugin, value)`` pairs.
+
+    For the first-answer modes there is at most one pair: :attr:`value` and
+    :attr:`plugin` (both ``None`` when nobody answered). For the collect modes
+    every non-``None`` item, in call order: :attr:`values`. Notify modes answer
+    nothing.
+    """
+
+    __slots__ = ("items",)
+
+    def __init__(self, items: list[tuple[str, Any]]) -> None:
+        self.items = items
+
+    @property
+    def value(self) -> Any:
+        return self.items[0][1] if self.items else None
+
+    @property
+    def plugin(self) -> str | None:
+        return self.items[0][0] if self.items else None
+
+    @property
+    def values(self) -> list[Any]:
+        return [value for _, value in self.items]
+
+    def __repr__(self) -> str:
+        return f"<Answers {self.items!r}>"
+
+
+NO_ANSWER = Answers([])
 
 
 class Impl:
@@ -43,9 +81,6 @@ class Impl:
         self.is_async = inspect.iscoroutinefunction(hookimpl.function)
         self.timeout = timeout
         self.observe = observe
-
-
-Check = Callable[[Any], bool]
 
 
 class HookCaller:
@@ -86,6 +121,97 @@ class HookCaller:
         result = tuple(impls)
         self._cache[hook] = result
         return result
+
+    # ------------------------------------------------------------------ entry points
+
+    async def call(self, hook: str, **kwargs: Any) -> Answers:
+        """Call ``hook`` as its contract says; raises :class:`HookFailure` (except notify)."""
+        spec = dispatch_of(hook)
+        mode = spec.mode
+        if mode.at_startup:
+            raise TypeError(f"hook {hook} is called at start-up: use call_at_startup()")
+        if mode.is_first:
+            return await self._first(hook, spec, kwargs)
+        if mode.is_collect:
+            return await self._collect(hook, spec, kwargs)
+        await self._notify(hook, mode, kwargs)
+        return NO_ANSWER
+
+    def call_at_startup(self, hook: str, **kwargs: Any) -> Answers:
+        """Call a ``register_*`` hook: plain functions, no event loop needed.
+
+        A plugin that raises, or answers what the hook does not allow, raises
+        :class:`HookFailure`: one that cannot declare its configuration or
+        metrics stops start-up (or the command line) with its name.
+        """
+        spec = dispatch_of(hook)
+        if not spec.mode.at_startup:
+            raise TypeError(f"hook {hook} is not a start-up hook: use call()")
+        items: list[tuple[str, Any]] = []
+        for impl in self.impls(hook):
+            try:
+                result = impl.function(*[kwargs[a] for a in impl.argnames])
+            except Exception as e:
+                raise self._raised(hook, impl, e) from e
+            if inspect.isawaitable(result):
+                close = getattr(result, "close", None)
+                if close is not None:
+                    close()
+                raise self._bad_type(hook, impl, result, "a plain def, not async def")
+            if result is None or spec.mode is Mode.STARTUP_NOTIFY:
+                continue
+            if not isinstance(result, spec.allowed):
+                raise self._bad_type(hook, impl, result, spec.describe_allowed())
+            items.append((impl.plugin, result))
+        return Answers(items)
+
+    # ------------------------------------------------------------------ modes
+
+    async def _first(self, hook: str, spec: Dispatch, kwargs: dict[str, Any]) -> Answers:
+        """First verdict (or answer) wins."""
+        for impl in self.impls(hook):
+            result = self._call_sync(hook, impl, kwargs)
+            if impl.is_async or inspect.isawaitable(result):
+                result = await self._await(hook, impl, result)
+            if result is None:
+                continue
+            self._check(hook, impl, spec, result)
+            return Answers([(impl.plugin, result)])
+        return NO_ANSWER
+
+    async def _collect(self, hook: str, spec: Dispatch, kwargs: dict[str, Any]) -> Answers:
+        """Collect all non-``None`` results; lists are flattened and each item checked."""
+        impls = self.impls(hook)
+        if spec.mode is Mode.COLLECT_CONCURRENT and len(impls) > 1:
+            results = await asyncio.gather(*(self._call(hook, i, kwargs) for i in impls),
+                                           return_exceptions=True)
+            for r in results:
+                if isinstance(r, BaseException):
+                    raise r
+        else:
+            results = [await self._call(hook, i, kwargs) for i in impls]
+        out: list[tuple[str, Any]] = []
+        for impl, result in zip(impls, results):
+            if result is None:
+                continue
+            items: Iterable[Any] = result if isinstance(result, (list, tuple)) else (result,)
+            for item in items:
+                if not isinstance(item, spec.allowed):
+                    raise self._bad_type(hook, impl, result, spec.describe_allowed())
+                out.append((impl.plugin, item))
+        return Answers(out)
+
+    async def _notify(self, hook: str, mode: Mode, kwargs: dict[str, Any]) -> None:
+        """Call every implementation; failures are logged (re-raised for ``NOTIFY_FATAL``)."""
+        impls = self.impls(hook)
+        for impl in reversed(impls) if mode is Mode.NOTIFY_REVERSE else impls:
+            try:
+                await self._call(hook, impl, kwargs)
+            except HookFailure:
+                if mode is Mode.NOTIFY_FATAL:
+                    raise
+
+    # ------------------------------------------------------------------ one call
 
     def _call_sync(self, hook: str, impl: Impl, kwargs: dict[str, Any]) -> Any:
         """Call an implementation; a plain ``def`` (most built-ins) needs no coroutine.
@@ -128,6 +254,11 @@ class HookCaller:
             return await self._await(hook, impl, result)
         return result
 
+    def _check(self, hook: str, impl: Impl, spec: Dispatch, result: Any) -> None:
+        if not isinstance(result, spec.allowed) or (
+                spec.items and not all(isinstance(i, spec.items) for i in result)):
+            raise self._bad_type(hook, impl, result, spec.describe_allowed())
+
     def _raised(self, hook: str, impl: Impl, e: Exception) -> HookFailure:
         log.error("plugin %s raised in hook %s: %s: %s", impl.plugin, hook,
                   type(e).__name__, e, exc_info=e)
@@ -138,54 +269,3 @@ class HookCaller:
                   hook, allowed)
         return HookFailure(hook, impl.plugin, f"returned {type(result).__name__}, "
                            f"allowed: {allowed}")
-
-    async def first(self, hook: str, allowed: tuple[type, ...],
-                    **kwargs: Any) -> tuple[str | None, Any]:
-        """First verdict (or answer) wins: ``(plugin, result)``, or ``(None, None)``."""
-        for impl in self.impls(hook):
-            result = self._call_sync(hook, impl, kwargs)
-            if impl.is_async or inspect.isawaitable(result):
-                result = await self._await(hook, impl, result)
-            if result is None:
-                continue
-            if not isinstance(result, allowed):
-                raise self._bad_type(hook, impl, result,
-                                     " or ".join(t.__name__ for t in allowed) + " or None")
-            return impl.plugin, result
-        return None, None
-
-    async def collect(self, hook: str, allowed: tuple[type, ...],
-                      concurrent: bool = False, **kwargs: Any) -> list[tuple[str, Any]]:
-        """Collect all non-``None`` results; lists are flattened and each item checked."""
-        impls = self.impls(hook)
-        if concurrent and len(impls) > 1:
-            results = await asyncio.gather(*(self._call(hook, i, kwargs) for i in impls),
-                                           return_exceptions=True)
-            for r in results:
-                if isinstance(r, BaseException):
-                    raise r
-        else:
-            results = [await self._call(hook, i, kwargs) for i in impls]
-        out: list[tuple[str, Any]] = []
-        for impl, result in zip(impls, results):
-            if result is None:
-                continue
-            items: Iterable[Any] = result if isinstance(result, (list, tuple)) else (result,)
-            for item in items:
-                if not isinstance(item, allowed):
-                    raise self._bad_type(hook, impl, result,
-                                         " or ".join(t.__name__ for t in allowed)
-                                         + ", a list of them, or None")
-                out.append((impl.plugin, item))
-        return out
-
-    async def notify(self, hook: str, reverse: bool = False, fatal: bool = False,
-                     **kwargs: Any) -> None:
-        """Call every implementation; failures are logged (re-raised when ``fatal``)."""
-        impls = self.impls(hook)
-        for impl in reversed(impls) if reverse else impls:
-            try:
-                await self._call(hook, impl, kwargs)
-            except HookFailure:
-                if fatal:
-                    raise

@@ -4,18 +4,24 @@ Every stage of a message's life is a hook. A plugin implements a hook with a
 function of the same name decorated with :data:`elemta.hookimpl`; it may be
 ``def`` or ``async def`` and may accept any subset of the arguments.
 
-Dispatch modes (the core's ``hookcall`` module walks the implementations itself,
-in ``[plugins] enabled`` order, built-ins last):
+How each hook is dispatched is data, not prose: every spec below carries a
+:class:`Dispatch` (its :class:`Mode` and the result types it allows), and the
+core's dispatcher (``hookcall``) reads it. No call site chooses a mode. The
+modes, in ``[plugins] enabled`` order, built-ins last:
 
 * **first verdict wins** — implementations are awaited one after the other;
   ``None`` asks the next one; the first verdict stops the stage. If none
   answers, the stage's default applies.
-* **collect all** — every implementation runs (concurrently where stated) and
-  all non-``None`` results are kept.
+* **first answer wins** — the same for hooks that return a value rather than
+  a verdict.
+* **collect all** — every implementation runs and all non-``None`` results are
+  kept (a list is flattened); **collect all, concurrently** runs them at once.
 * **notify** — every implementation runs; results are ignored; an exception is
-  logged and does not change what the client is told.
-* **first answer wins** — like "first verdict wins" for hooks that return a
-  value rather than a verdict.
+  logged and does not change what the client is told. **notify, fatal**: an
+  exception stops the server (``startup``); **notify, in reverse order**:
+  the last plugin first (``shutdown``).
+* **collect all, at start-up** and **notify, at start-up** — plain ``def``
+  implementations called where there may be no event loop (``register_*``).
 
 A plugin that raises, exceeds its timeout (``[plugins] timeout_seconds``) or
 returns a value its stage does not allow makes the client get
@@ -26,10 +32,16 @@ The full reference with examples is ``docs/plugins.md``.
 
 from __future__ import annotations
 
+import enum
 import ssl
-from typing import TYPE_CHECKING, Mapping
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
 import pluggy
+
+from .models import AuthResult, Outcome, Route
+from .verdicts import Accept, Disconnect, Discard, Quarantine, Reject, TempFail
 
 if TYPE_CHECKING:
     import click
@@ -38,21 +50,94 @@ if TYPE_CHECKING:
 
     from .app import App
     from .config import ListenerSettings
-    from .models import (AuthResult, Credentials, Message, Outcome, Recipient, Route, Session,
-                         Transaction)
-    from .spool.envelope import RecipientState
-    from .spool.envelope import Envelope
-    from .verdicts import Discard, Verdict
+    from .models import Credentials, Message, Recipient, Session, Transaction
+    from .spool.envelope import Envelope, RecipientState
+    from .verdicts import Verdict
 
 PROJECT = "elemta"
 
 hookspec = pluggy.HookspecMarker(PROJECT)
 hookimpl = pluggy.HookimplMarker(PROJECT)
 
+
+class Mode(enum.Enum):
+    """How the dispatcher calls a hook's implementations; the value is how the docs say it."""
+
+    FIRST_VERDICT = "first verdict wins"
+    FIRST_ANSWER = "first answer wins"
+    COLLECT = "collect all"
+    COLLECT_CONCURRENT = "collect all, concurrently"
+    NOTIFY = "notify"
+    NOTIFY_FATAL = "notify, fatal"
+    NOTIFY_REVERSE = "notify, in reverse order"
+    STARTUP_COLLECT = "collect all, at start-up"
+    STARTUP_NOTIFY = "notify, at start-up"
+
+    @property
+    def is_first(self) -> bool:
+        return self in (Mode.FIRST_VERDICT, Mode.FIRST_ANSWER)
+
+    @property
+    def is_collect(self) -> bool:
+        return self in (Mode.COLLECT, Mode.COLLECT_CONCURRENT, Mode.STARTUP_COLLECT)
+
+    @property
+    def at_startup(self) -> bool:
+        """Plain ``def`` implementations, called without awaiting (``register_*``)."""
+        return self in (Mode.STARTUP_COLLECT, Mode.STARTUP_NOTIFY)
+
+
+@dataclass(frozen=True, slots=True)
+class Dispatch:
+    """A hook's dispatch: its mode and what an implementation may answer.
+
+    ``allowed`` are the types of a non-``None`` answer (for the collect modes,
+    of each item: a list or tuple answer is flattened). ``items``, when set,
+    means the answer is a list whose every element must be one of these types
+    (``deliver``'s outcomes). ``None`` is always allowed.
+    """
+
+    mode: Mode
+    allowed: tuple[type, ...] = ()
+    items: tuple[type, ...] = ()
+
+    def describe_allowed(self) -> str:
+        names = " or ".join(t.__name__ for t in self.allowed)
+        if self.items:
+            names += " of " + " or ".join(t.__name__ for t in self.items)
+        if self.mode.is_collect and not self.mode.at_startup:
+            names += ", a list of them"
+        return names + " or None" if names else "None"
+
+
+SMTP_VERDICTS: tuple[type, ...] = (Accept, Reject, TempFail, Disconnect)
+DATA_VERDICTS: tuple[type, ...] = (*SMTP_VERDICTS, Discard, Quarantine)
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def dispatch(mode: Mode, allowed: tuple[type, ...] = (), items: tuple[type, ...] = ()
+             ) -> Callable[[_F], _F]:
+    """Attach a hook's :class:`Dispatch` to its spec (read with :func:`dispatch_of`)."""
+    def mark(spec: _F) -> _F:
+        spec.elemta_dispatch = Dispatch(mode, allowed, items)  # type: ignore[attr-defined]
+        return spec
+    return mark
+
+
+def dispatch_of(hook: str) -> Dispatch:
+    """The dispatch of hook ``hook``; ``KeyError`` for a name that is not a hook."""
+    spec = globals().get(hook)
+    found = getattr(spec, "elemta_dispatch", None)
+    if found is None or not hasattr(spec, PROJECT + "_spec"):
+        raise KeyError(hook)
+    return found
+
 # --------------------------------------------------------------------- lifecycle
 
 
 @hookspec
+@dispatch(Mode.STARTUP_COLLECT, (Mapping,))
 def register_config() -> Mapping[str, type[pydantic.BaseModel]] | None:
     """Declare the schema of this plugin's configuration tables (``def`` only).
 
@@ -61,52 +146,60 @@ def register_config() -> Mapping[str, type[pydantic.BaseModel]] | None:
     result is available as ``app.plugin_settings(name)``. A table with no
     registered schema is an error, so misspelled plugin names are caught.
 
-    Dispatch: collect all, at start-up and in ``elemta check-config``.
+    Dispatch: collect all, at start-up (and in ``elemta check-config``).
     """
 
 
 @hookspec
+@dispatch(Mode.STARTUP_NOTIFY)
 def register_commands(cli: click.Group) -> None:
     """Add subcommands to the ``elemta`` command line (``cli.add_command(...)``; ``def`` only).
 
-    Dispatch: notify, when the CLI starts.
+    Dispatch: notify, at start-up (of the command line).
     """
 
 
 @hookspec
+@dispatch(Mode.STARTUP_NOTIFY)
 def register_metrics(registry: prometheus_client.CollectorRegistry) -> None:
     """Create this plugin's Prometheus metrics in the server's registry (``def`` only).
 
-    Dispatch: notify, once at start-up before ``startup``.
+    Dispatch: notify, at start-up, once before ``startup``.
     """
 
 
 @hookspec
+@dispatch(Mode.NOTIFY_FATAL)
 def startup(app: App) -> None:
     """The server is starting: open connections, start background tasks.
 
     Runs after configuration and metrics, before spool recovery and before any
     listener accepts. An exception stops start-up with the plugin named.
 
-    Dispatch: notify (awaited in order); an exception is fatal.
+    Dispatch: notify, fatal (awaited in order).
     """
 
 
 @hookspec
+@dispatch(Mode.NOTIFY_REVERSE)
 def shutdown(app: App) -> None:
     """The server is stopping: listeners are closed and sessions have ended.
 
-    Dispatch: notify (awaited in reverse order); exceptions are logged.
+    Dispatch: notify, in reverse order; exceptions are logged.
     """
 
 
 @hookspec
+@dispatch(Mode.FIRST_ANSWER, (ssl.SSLContext,))
 def tls_context(listener: ListenerSettings) -> ssl.SSLContext | None:
     """Return the server TLS context for ``listener`` (STARTTLS or implicit TLS).
 
     The built-in answers from ``[tls]`` certificate files (or a self-signed
     certificate it generates on first start). A certificate plugin (ACME)
-    answers first to take over. Called at start-up and again on SIGHUP.
+    answers first to take over. Asked at start-up for every TLS listener, and
+    again on every reload (SIGHUP, or ``App.reload_tls()``): the context
+    returned then serves new connections, while sessions already open keep
+    theirs. A reload that fails keeps the context in service.
 
     Dispatch: first answer wins.
     """
@@ -116,6 +209,7 @@ def tls_context(listener: ListenerSettings) -> ssl.SSLContext | None:
 
 
 @hookspec
+@dispatch(Mode.FIRST_VERDICT, SMTP_VERDICTS)
 def connect(session: Session) -> Verdict | None:
     """A client connected; called before the ``220`` greeting.
 
@@ -132,6 +226,7 @@ def connect(session: Session) -> Verdict | None:
 
 
 @hookspec
+@dispatch(Mode.FIRST_VERDICT, SMTP_VERDICTS)
 def helo(session: Session, hostname: str) -> Verdict | None:
     """HELO or EHLO ``hostname`` (``session.esmtp`` tells which).
 
@@ -141,6 +236,7 @@ def helo(session: Session, hostname: str) -> Verdict | None:
 
 
 @hookspec
+@dispatch(Mode.FIRST_VERDICT, SMTP_VERDICTS)
 def auth(session: Session, mechanism: str, credentials: Credentials) -> Verdict | None:
     """AUTH ``mechanism`` with decoded ``credentials``: a datasource answers.
 
@@ -152,11 +248,12 @@ def auth(session: Session, mechanism: str, credentials: Credentials) -> Verdict 
     "accept everybody" default. After ``[server] max_auth_failures`` failures the
     session is closed with ``421 4.7.0``.
 
-    Dispatch: first answer wins. Default: ``535 5.7.8``.
+    Dispatch: first verdict wins. Default: ``535 5.7.8``.
     """
 
 
 @hookspec
+@dispatch(Mode.FIRST_VERDICT, SMTP_VERDICTS)
 def mail(session: Session, tx: Transaction, sender: str,
          params: dict[str, str | None]) -> Verdict | None:
     """MAIL FROM:<``sender``> with its ESMTP ``params`` (``""`` is the null sender).
@@ -167,6 +264,7 @@ def mail(session: Session, tx: Transaction, sender: str,
 
 
 @hookspec
+@dispatch(Mode.FIRST_VERDICT, SMTP_VERDICTS)
 def rcpt(session: Session, tx: Transaction, recipient: Recipient,
          params: dict[str, str | None]) -> Verdict | None:
     """RCPT TO:<``recipient.address``> with its ESMTP ``params``.
@@ -182,11 +280,12 @@ def rcpt(session: Session, tx: Transaction, recipient: Recipient,
 
 
 @hookspec
+@dispatch(Mode.COLLECT_CONCURRENT, (AuthResult,))
 def message_auth(session: Session, tx: Transaction,
                  message: Message) -> AuthResult | list[AuthResult] | None:
     """End of DATA: authenticate the message (SPF, DKIM, ARC…).
 
-    Return one :class:`~elemta.models.AuthResult`, a list of them, or ``None``.
+    Return one :class:`~elemta.AuthResult`, a list of them, or ``None``.
     All implementations run **concurrently**; their results go to ``data`` and
     into the one ``Authentication-Results`` header the core writes.
 
@@ -195,6 +294,7 @@ def message_auth(session: Session, tx: Transaction,
 
 
 @hookspec
+@dispatch(Mode.FIRST_VERDICT, DATA_VERDICTS)
 def data(session: Session, tx: Transaction, message: Message,
          auth_results: list[AuthResult]) -> Verdict | None:
     """End of DATA, after ``message_auth``: policy and content filters (DMARC…).
@@ -210,6 +310,7 @@ def data(session: Session, tx: Transaction, message: Message,
 
 
 @hookspec
+@dispatch(Mode.FIRST_ANSWER, (str,))
 def received_header(session: Session, tx: Transaction, message: Message) -> str | None:
     """Return the value of the ``Received:`` header to prepend (RFC 5321 §4.4).
 
@@ -222,6 +323,7 @@ def received_header(session: Session, tx: Transaction, message: Message) -> str 
 
 
 @hookspec
+@dispatch(Mode.FIRST_ANSWER, (str,))
 def authentication_results_header(session: Session, tx: Transaction, message: Message,
                                   auth_results: list[AuthResult]) -> str | None:
     """Return the value of the ``Authentication-Results:`` header (RFC 8601).
@@ -236,6 +338,7 @@ def authentication_results_header(session: Session, tx: Transaction, message: Me
 
 
 @hookspec
+@dispatch(Mode.NOTIFY)
 def queued(session: Session, tx: Transaction, envelope: Envelope) -> None:
     """The message is durably in the spool; ``250`` has not been sent yet.
 
@@ -247,6 +350,7 @@ def queued(session: Session, tx: Transaction, envelope: Envelope) -> None:
 
 
 @hookspec
+@dispatch(Mode.NOTIFY)
 def disconnect(session: Session) -> None:
     """The connection is closed (by either side). Dispatch: notify."""
 
@@ -255,10 +359,11 @@ def disconnect(session: Session) -> None:
 
 
 @hookspec
+@dispatch(Mode.FIRST_ANSWER, (Route,))
 def route(envelope: Envelope, recipient: RecipientState) -> Route | None:
     """Decide how one pending recipient is delivered.
 
-    Return a :class:`~elemta.models.Route`. The built-in (``trylast``) answers
+    Return a :class:`~elemta.Route`. The built-in (``trylast``) answers
     from ``[delivery.routes]`` (the recipient's domain, then ``"*"``) and
     otherwise routes to the domain's MX over SMTP. Recipients with equal routes
     are delivered together.
@@ -268,12 +373,13 @@ def route(envelope: Envelope, recipient: RecipientState) -> Route | None:
 
 
 @hookspec
+@dispatch(Mode.FIRST_ANSWER, (list,), items=(Outcome,))
 def deliver(envelope: Envelope, route: Route, recipients: list[RecipientState],
             content_path: str) -> list[Outcome] | None:
     """Deliver the message at ``content_path`` to ``recipients`` along ``route``.
 
     A transport answers for the routes it owns (``route.transport``) with one
-    :class:`~elemta.models.Outcome` per recipient, and ``None`` for the others.
+    :class:`~elemta.Outcome` per recipient, and ``None`` for the others.
     The built-in SMTP transport answers for ``"smtp"``. A recipient without an
     outcome, a transport that raises or times out, or a route no transport
     claims is a temporary failure (``451 4.3.0``): the message stays queued.
@@ -283,11 +389,13 @@ def deliver(envelope: Envelope, route: Route, recipients: list[RecipientState],
 
 
 @hookspec
+@dispatch(Mode.NOTIFY)
 def delivered(envelope: Envelope, recipient: RecipientState, outcome: Outcome) -> None:
     """A recipient was delivered; it will never be delivered again. Dispatch: notify."""
 
 
 @hookspec
+@dispatch(Mode.COLLECT, (int, float, Discard))
 def deferred(envelope: Envelope, recipient: RecipientState,
              outcome: Outcome) -> float | Discard | None:
     """A recipient failed temporarily and will be retried.
@@ -301,11 +409,13 @@ def deferred(envelope: Envelope, recipient: RecipientState,
 
 
 @hookspec
+@dispatch(Mode.NOTIFY)
 def bounced(envelope: Envelope, recipient: RecipientState, outcome: Outcome) -> None:
     """A recipient failed for good (5xx, or the retry deadline passed). Dispatch: notify."""
 
 
 @hookspec
+@dispatch(Mode.FIRST_ANSWER, (bytes, Discard))
 def bounce(envelope: Envelope, outcomes: list[Outcome], message: bytes) -> bytes | Discard | None:
     """A delivery status notification is about to be queued to ``envelope.sender``.
 
@@ -319,10 +429,5 @@ def bounce(envelope: Envelope, outcomes: list[Outcome], message: bytes) -> bytes
 
 def hook_names() -> list[str]:
     """Every hook name of the contract, sorted."""
-    import inspect
-    import sys
-
-    mod = sys.modules[__name__]
-    return [name for name, obj in inspect.getmembers(mod, inspect.isfunction)
-            if hasattr(obj, PROJECT + "_spec")]
-
+    return sorted(name for name, obj in globals().items()
+                  if callable(obj) and hasattr(obj, PROJECT + "_spec"))

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Sequence
 import pluggy
 
 from . import hookspecs
+from .hookcall import HookCaller, HookFailure
 
 if TYPE_CHECKING:
     from .config import Settings
@@ -144,17 +145,22 @@ def _register(pm: pluggy.PluginManager, obj: object, name: str) -> None:
         raise PluginLoadError(f"plugin {name!r} cannot be loaded: {e}") from None
 
 
-def validated_plugin_settings(pm: pluggy.PluginManager, settings: Settings) -> dict[str, Any]:
+def validated_plugin_settings(hooks: HookCaller, settings: Settings) -> dict[str, Any]:
     """Every ``[plugins.<name>]`` table validated against the schema its plugin registers.
 
-    Raises :class:`~elemta.config.ConfigError` naming the file and key at fault.
+    Raises :class:`~elemta.config.ConfigError` naming the file and key at fault,
+    :class:`PluginLoadError` when a plugin cannot declare its schema.
     """
     from .config import validate_plugin_tables
 
     schemas: dict[str, Any] = {}
-    for mapping in pm.hook.register_config():
-        if mapping:
-            schemas.update(mapping)
+    try:
+        answers = hooks.call_at_startup("register_config")
+    except HookFailure as f:
+        raise PluginLoadError(f"plugin {f.plugin!r} cannot declare its configuration: "
+                              f"{f.reason}") from None
+    for mapping in answers.values:
+        schemas.update(mapping)
     return validate_plugin_tables(settings, schemas)
 
 

@@ -169,7 +169,7 @@ class Runner:
         outcomes: dict[str, Outcome] = {}
         for rcpt in pending:
             try:
-                _, route = await self.hooks.first("route", (Route,), envelope=env, recipient=rcpt)
+                route = (await self.hooks.call("route", envelope=env, recipient=rcpt)).value
             except HookFailure as f:
                 outcomes[rcpt.address] = Outcome(rcpt.address, 451, "4.3.0",
                                                  f"routing failed in plugin {f.plugin}")
@@ -211,8 +211,8 @@ class Runner:
                        content: str) -> list[Outcome]:
         start = time.perf_counter()
         try:
-            _, answer = await self.hooks.first("deliver", (list,), envelope=env, route=route,
-                                               recipients=rcpts, content_path=content)
+            answer = (await self.hooks.call("deliver", envelope=env, route=route,
+                                            recipients=rcpts, content_path=content)).value
         except HookFailure as f:
             answer = None
             text = f"delivery failed in plugin {f.plugin}"
@@ -222,7 +222,7 @@ class Runner:
         metrics.delivery_duration.observe(time.perf_counter() - start)
         if answer is not None:
             text = "the transport gave no outcome for this recipient"
-        by_rcpt = {o.recipient: _checked(o) for o in answer or () if isinstance(o, Outcome)}
+        by_rcpt = {o.recipient: _checked(o) for o in answer or ()}
         return [by_rcpt.get(r.address) or Outcome(r.address, 451, "4.3.0", text) for r in rcpts]
 
     async def _apply(self, state: str, env: Envelope, pending: list[RecipientState],
@@ -295,10 +295,10 @@ class Runner:
         elif not removed:
             self.spool.remove(env.id, state)
         for rcpt, outcome in failed:
-            await self.hooks.notify("bounced", envelope=env, recipient=rcpt, outcome=outcome)
+            await self.hooks.call("bounced", envelope=env, recipient=rcpt, outcome=outcome)
         for rcpt in pending:
             if rcpt.state == DELIVERED:
-                await self.hooks.notify("delivered", envelope=env, recipient=rcpt,
+                await self.hooks.call("delivered", envelope=env, recipient=rcpt,
                                         outcome=outcomes[rcpt.address])
 
     async def _delay_notice(self, env: Envelope, retry: list[tuple[RecipientState, Outcome]],
@@ -314,7 +314,7 @@ class Runner:
 
     async def _collect(self, hook: str, **kwargs: Any) -> list[Any]:
         try:
-            return [r for _, r in await self.hooks.collect(hook, (int, float, Discard), **kwargs)]
+            return (await self.hooks.call(hook, **kwargs)).values
         except HookFailure:
             return []
 
@@ -344,8 +344,9 @@ class Runner:
             return
         sender, recipients, message = built
         try:
-            _, answer = await self.hooks.first("bounce", (bytes, Discard), envelope=env,
-                                               outcomes=[o for _, o in failed], message=message)
+            answer = (await self.hooks.call("bounce", envelope=env,
+                                            outcomes=[o for _, o in failed],
+                                            message=message)).value
         except HookFailure:
             answer = None
         if isinstance(answer, Discard):
@@ -504,7 +505,7 @@ class Runner:
         log.info("%s: returned to <%s> by the administrator for %d recipient(s)", queue_id,
                  env.sender, len(failed))
         for rcpt, outcome in failed:
-            await self.hooks.notify("bounced", envelope=env, recipient=rcpt, outcome=outcome)
+            await self.hooks.call("bounced", envelope=env, recipient=rcpt, outcome=outcome)
 
     def stats(self) -> dict[str, Any]:
         """What only the running server knows: messages in delivery, the schedule."""

@@ -86,7 +86,7 @@ class SMTPContext:
             self._idle.set()
         if proto.conn is not None and self.hooks.impls("disconnect"):
             task = asyncio.get_running_loop().create_task(
-                self.hooks.notify("disconnect", session=proto.conn))
+                self.hooks.call("disconnect", session=proto.conn))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 

@@ -52,8 +52,6 @@ _RCPT_PARAMS: frozenset[str] = frozenset()
 
 FAILURE_REPLY = "451 4.3.0 Temporary local problem, please try again later"
 
-_ALLOWED_SMTP = (v.Accept, v.Reject, v.TempFail, v.Disconnect)
-_ALLOWED_DATA = (*_ALLOWED_SMTP, v.Discard, v.Quarantine)
 
 
 class _Close(Exception):
@@ -205,12 +203,13 @@ class ElemtaSMTP(_AioSMTP):
 
     async def _greet(self, conn: Session) -> None:
         try:
-            plugin, verdict = await self.ctx.hooks.first("connect", _ALLOWED_SMTP, session=conn)
+            answer = await self.ctx.hooks.call("connect", session=conn)
         except HookFailure as f:
             self._greeting_rejected = True
             self._count_reject("connect", f.plugin, 451)
             self.reply(f"421 4.3.0 {self.hostname} temporary local problem, closing")
             raise _Close from None
+        plugin, verdict = answer.plugin, answer.value
         if isinstance(verdict, v.Accept) or verdict is None:
             if verdict is not None:
                 conn.headers.extend(verdict.headers)
@@ -340,8 +339,8 @@ class ElemtaSMTP(_AioSMTP):
             return
         self.tx = None
         conn.esmtp = esmtp
-        plugin, verdict = await self.ctx.hooks.first("helo", _ALLOWED_SMTP, session=conn,
-                                                     hostname=arg)
+        answer = await self.ctx.hooks.call("helo", session=conn, hostname=arg)
+        plugin, verdict = answer.plugin, answer.value
         if isinstance(verdict, v.REPLY_VERDICTS):
             conn.helo = None
             self._verdict_reply("helo", plugin, verdict)
@@ -438,13 +437,13 @@ class ElemtaSMTP(_AioSMTP):
         if creds is None:
             return
         try:
-            plugin, verdict = await self.ctx.hooks.first("auth", _ALLOWED_SMTP, session=conn,
-                                                         mechanism=mechanism,
-                                                         credentials=creds)
+            answer = await self.ctx.hooks.call("auth", session=conn, mechanism=mechanism,
+                                               credentials=creds)
         except HookFailure as f:
             self._count_reject("auth", f.plugin, 454)
             self.reply("454 4.7.0 Temporary authentication failure")
             return
+        plugin, verdict = answer.plugin, answer.value
         if isinstance(verdict, v.Accept):
             conn.auth_user = creds.login
             log.info("session %s: authenticated as %s (%s)", conn.id, creds.login, mechanism)
@@ -569,8 +568,9 @@ class ElemtaSMTP(_AioSMTP):
             return
         params.pop("AUTH", None)  # RFC 4954 AUTH= is advisory; we do not trust it
         tx = Transaction(new_id(), sender, params)
-        plugin, verdict = await self.ctx.hooks.first("mail", _ALLOWED_SMTP, session=conn,
-                                                     tx=tx, sender=sender, params=params)
+        answer = await self.ctx.hooks.call("mail", session=conn, tx=tx, sender=sender,
+                                           params=params)
+        plugin, verdict = answer.plugin, answer.value
         if isinstance(verdict, v.REPLY_VERDICTS):
             self._verdict_reply("mail", plugin, verdict)
             return
@@ -600,8 +600,9 @@ class ElemtaSMTP(_AioSMTP):
             self.reply("452 4.5.3 Too many recipients")
             return
         recipient = Recipient(rcpt, params)
-        plugin, verdict = await self.ctx.hooks.first("rcpt", _ALLOWED_SMTP, session=conn,
-                                                     tx=tx, recipient=recipient, params=params)
+        answer = await self.ctx.hooks.call("rcpt", session=conn, tx=tx, recipient=recipient,
+                                           params=params)
+        plugin, verdict = answer.plugin, answer.value
         if isinstance(verdict, v.Accept):
             tx.headers.extend(verdict.headers)
             tx.recipients.append(recipient)
@@ -705,11 +706,11 @@ class ElemtaSMTP(_AioSMTP):
         hooks = self.ctx.hooks
         message: Message = incoming.message()
         try:
-            results = await hooks.collect("message_auth", (AuthResult,), concurrent=True,
-                                          session=conn, tx=tx, message=message)
-            auth_results = [r for _, r in results]
-            plugin, verdict = await hooks.first("data", _ALLOWED_DATA, session=conn, tx=tx,
-                                                message=message, auth_results=auth_results)
+            results = await hooks.call("message_auth", session=conn, tx=tx, message=message)
+            auth_results = results.values
+            answer = await hooks.call("data", session=conn, tx=tx, message=message,
+                                      auth_results=auth_results)
+            plugin, verdict = answer.plugin, answer.value
         except HookFailure as f:
             self._reject_data(incoming, tx, message, "data", f.plugin, 451, FAILURE_REPLY)
             return
@@ -727,18 +728,18 @@ class ElemtaSMTP(_AioSMTP):
             return
         remove_forged(message, self.hostname)
         try:
-            received = await hooks.first("received_header", (str,), session=conn, tx=tx,
-                                         message=message)
-            authres = await hooks.first("authentication_results_header", (str,), session=conn,
-                                        tx=tx, message=message, auth_results=auth_results)
+            received = (await hooks.call("received_header", session=conn, tx=tx,
+                                         message=message)).value
+            authres = (await hooks.call("authentication_results_header", session=conn, tx=tx,
+                                        message=message, auth_results=auth_results)).value
         except HookFailure as f:
             self._reject_data(incoming, tx, message, "data", f.plugin, 451, FAILURE_REPLY)
             return
         headers: list[tuple[str, str]] = []
-        if received[1]:
-            headers.append(("Received", received[1]))
-        if authres[1]:
-            headers.append(("Authentication-Results", authres[1]))
+        if received:
+            headers.append(("Received", received))
+        if authres:
+            headers.append(("Authentication-Results", authres))
         headers.extend(conn.headers)
         headers.extend(tx.headers)
         if verdict is not None:
@@ -763,7 +764,7 @@ class ElemtaSMTP(_AioSMTP):
         self.ctx.metrics.spool_commit.observe(time.perf_counter() - start)
         self.tx = None
         conn.transactions += 1
-        await hooks.notify("queued", session=conn, tx=tx, envelope=envelope)
+        await hooks.call("queued", session=conn, tx=tx, envelope=envelope)
         self.ctx.count_received(self.listener.name, message.size)
         self._log_tx(conn, tx, message, "held" if hold else "queued")
         self.reply(f"250 2.0.0 Ok: queued as {tx.id}")
