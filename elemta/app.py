@@ -19,6 +19,7 @@ from typing import Any, Iterable
 from .config import ConfigError, ListenerSettings, Settings, parse_hostport
 from .control import (ControlError, ControlServer, SpoolLocked, lock_spool, socket_path,
                       unlock_spool)
+from .dns import Resolver
 from .hookcall import HookCaller, HookFailure
 from .metrics import Metrics, MetricsServer
 from .plugins import enabled_names, make_plugin_manager, validated_plugin_settings
@@ -44,6 +45,8 @@ class App:
         self.pm, self.plugin_order = make_plugin_manager(
             names, source=str(settings.source), extra=extra_plugins, settings=settings)
         self.metrics = Metrics()
+        #: The one DNS resolver of this server: plugins and the SMTP transport share it.
+        self.resolver = Resolver(settings.dns)
         self.hooks = HookCaller(
             self.pm, self.plugin_order, settings.plugins.timeout_for,
             self.metrics.hook_duration if settings.metrics.enabled else None,

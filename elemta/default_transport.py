@@ -21,6 +21,7 @@ import ipaddress
 import logging
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from .config import Settings, parse_hostport
 from .dns import DNSError, NoData, NullMX, NXDomain, Resolver
@@ -29,6 +30,9 @@ from .delivery.smtp_client import (SMTPConnection, SMTPError, Timeouts, TLSPolic
 from .hookspecs import hookimpl
 from .models import Outcome, Route
 from .spool.envelope import Envelope, RecipientState
+
+if TYPE_CHECKING:
+    from .app import App
 
 log = logging.getLogger("elemta.delivery")
 
@@ -56,11 +60,15 @@ class SMTPTransport:
         self.delivery = settings.delivery
         self.local_domains = settings.local_domains
         self.helo = self.delivery.helo_name or settings.server.hostname
-        self.resolver = Resolver(settings.dns)
+        self.resolver: Resolver | None = None  # the server's own, from startup
         self.timeouts = Timeouts.scaled(self.delivery.connect_timeout_seconds,
                                         self.delivery.command_timeout_seconds)
         self._idle: dict[tuple[str, int, str, str | None], list[tuple[SMTPConnection, float]]] = {}
         self._limits: dict[tuple[str, int], asyncio.Semaphore] = {}
+
+    @hookimpl(trylast=True)
+    def startup(self, app: App) -> None:
+        self.resolver = app.resolver
 
     # ------------------------------------------------------------- routing
 
@@ -123,7 +131,7 @@ class SMTPTransport:
             return [Target(host, ip, port) for ip in await self._addresses(host)]
         domain = route.destination
         try:
-            mxs = [mx.host for mx in await self.resolver.mx(domain)]
+            mxs = [mx.host for mx in await self._resolver().mx(domain)]
         except NullMX:
             raise DeliveryFailure(556, "5.1.10",
                                   f"{domain} does not accept mail (null MX)") from None
@@ -144,7 +152,7 @@ class SMTPTransport:
                 continue
             try:
                 targets.extend(Target(mx, ip, self.delivery.port)
-                               for ip in await self.resolver.addresses(mx))
+                               for ip in await self._resolver().addresses(mx))
             except (NXDomain, NoData):
                 continue
             except DNSError as e:
@@ -156,6 +164,11 @@ class SMTPTransport:
             raise DeliveryFailure(550, "5.4.4", f"no address for any mail host of {domain}")
         return targets
 
+    def _resolver(self) -> Resolver:
+        if self.resolver is None:
+            raise DeliveryFailure(451, "4.3.0", "the SMTP transport has not started")
+        return self.resolver
+
     async def _addresses(self, host: str) -> list[str]:
         try:
             ipaddress.ip_address(host)
@@ -163,7 +176,7 @@ class SMTPTransport:
         except ValueError:
             pass
         try:
-            return await self.resolver.addresses(host)
+            return await self._resolver().addresses(host)
         except (NXDomain, NoData):
             raise DeliveryFailure(550, "5.4.4", f"relay host {host} has no address") from None
         except DNSError as e:

@@ -51,7 +51,7 @@ class Session:
     """
 
     __slots__ = ("id", "peer", "local", "listener", "helo", "esmtp", "tls", "auth_user",
-                 "relay_allowed", "started", "transactions", "headers", "stash", "proxied")
+                 "relay_allowed", "started", "transactions", "headers", "stash")
 
     def __init__(self, id: str, peer: tuple[str, int], local: tuple[str, int],
                  listener: ListenerSettings) -> None:
@@ -68,7 +68,6 @@ class Session:
         self.transactions = 0
         self.headers: list[tuple[str, str]] = []  # from connect/helo verdicts
         self.stash = Stash()
-        self.proxied = False
 
     @property
     def peer_ip(self) -> str:
@@ -263,10 +262,6 @@ def check_header(name: str, value: str) -> None:
             raise ValueError(f"header {name} continuation lines must start with white space")
     if "\n" in value.replace("\r\n", "") or "\r" in value.replace("\r\n", ""):
         raise ValueError(f"header {name} value contains a bare CR or LF")
-
-
-def format_header(name: str, value: str) -> bytes:
-    return f"{name}: {value}\r\n".encode("utf-8", "surrogateescape")
 
 
 def split_header_fields(block: bytes) -> list[bytes]:

@@ -97,6 +97,21 @@ async def test_mx_preference_order_and_failover_to_the_second_mx(elemta_server, 
     assert not (server.spool_path / "messages" / queue_id).exists()
 
 
+async def test_the_smtp_transport_asks_the_servers_one_resolver(elemta_server, dns_server):
+    async with Sink() as mx:
+        dns_server.zone("one.example")
+        dns_server.add("one.example", "MX", "10 mx.one.example.")
+        dns_server.add("mx.one.example", "A", "127.0.0.1")
+        server = await elemta_server(delivery_config(dns_server, mx_overrides={
+            "mx.one.example": mx.address}))
+        # what a plugin asks through app.resolver is what the transport finds cached
+        assert [m.host for m in await server.app.resolver.mx("one.example")] == ["mx.one.example"]
+        queue_id = await submit(server, "a@origin.example", ["bob@one.example"])
+        await mx.wait_for(1)
+        await wait_gone(server, queue_id)
+    assert dns_server.count("one.example", "MX") == 1
+
+
 async def test_domain_without_mx_is_delivered_to_its_address(elemta_server, dns_server):
     async with Sink() as sink:
         dns_server.zone("nomx.example")

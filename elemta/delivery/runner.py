@@ -542,5 +542,3 @@ def _bounce_params(message: bytes, sender: str, recipients: list[str]) -> dict[s
         params["SMTPUTF8"] = None
     return params
 
-
-__all__ = ["Runner", "PENDING"]
