@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import ssl
 from typing import Any, Iterable
 
 
@@ -57,7 +56,7 @@ class App:
                            memory_bytes=spool.memory_bytes, visible_on_commit=False)
         self.smtp = SMTPContext(settings, self.hooks, self.spool, self.metrics)
         self.servers: dict[str, asyncio.base_events.Server] = {}
-        self.tls_contexts: dict[str, ssl.SSLContext] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
         self.metrics_server: MetricsServer | None = None
         self.runner: Runner | None = None
         self.control: ControlServer | None = None
@@ -147,10 +146,11 @@ class App:
             unlock_spool(self._spool_lock)
             self._spool_lock = None
 
+    def _tls_listeners(self) -> list[ListenerSettings]:
+        return [lst for lst in self.settings.listeners if lst.tls != "none"]
+
     async def _load_tls(self) -> None:
-        for listener in self.settings.listeners:
-            if listener.tls == "none":
-                continue
+        for listener in self._tls_listeners():
             try:
                 ctx = (await self.hooks.call("tls_context", listener=listener)).value
             except HookFailure as f:
@@ -159,22 +159,20 @@ class App:
             if ctx is None:
                 raise StartupError(f"listener {listener.name} has tls = {listener.tls!r} but "
                                    "no plugin provided a TLS context")
-            self.tls_contexts[listener.name] = ctx
+            self.smtp.tls_contexts[listener.name] = ctx
 
     async def _listen(self, listener: ListenerSettings) -> None:
         loop = asyncio.get_running_loop()
-        tls = self.tls_contexts.get(listener.name)
         ctx = self.smtp
 
         def factory() -> ElemtaSMTP:
-            return ElemtaSMTP(ctx, listener, tls)
+            return ElemtaSMTP(ctx, listener)
 
         try:
-            server = await loop.create_server(
-                factory, listener.host, listener.port,
-                ssl=tls if listener.tls == "implicit" else None,
-                ssl_handshake_timeout=30 if listener.tls == "implicit" else None,
-                reuse_address=True, backlog=1024)
+            # TLS, implicit or by STARTTLS, is the session's own handshake
+            # (elemta/smtp/starttls.py), with the listener's current context
+            server = await loop.create_server(factory, listener.host, listener.port,
+                                              reuse_address=True, backlog=1024)
         except OSError as e:
             raise StartupError(f"listener {listener.name}: cannot listen on "
                                f"{listener.address}: {_reason(e)} (is another server using "
@@ -191,12 +189,36 @@ class App:
             return False, "spool is not writable"
         return True, "ready"
 
-    def reload_tls(self) -> bool:
-        """SIGHUP: load certificates again; established sessions keep theirs."""
-        static = self.pm.get_plugin("elemta.default_tls")
-        ok = static.reload() if static is not None else True
-        log.info("TLS certificates %s", "reloaded" if ok else "NOT reloaded (see errors above)")
+    async def reload_tls(self) -> bool:
+        """Ask ``tls_context`` again for every TLS listener (SIGHUP).
+
+        New connections get the contexts answered now; sessions already open
+        keep theirs. A listener whose plugin fails or answers nothing keeps the
+        context it had. Returns whether every listener got a context.
+        """
+        ok = True
+        for listener in self._tls_listeners():
+            try:
+                ctx = (await self.hooks.call("tls_context", listener=listener)).value
+            except HookFailure as f:
+                log.error("TLS: listener %s keeps its certificate: plugin %s failed: %s",
+                          listener.name, f.plugin, f.reason)
+                ok = False
+                continue
+            if ctx is None:
+                log.error("TLS: listener %s keeps its certificate: no plugin provided a "
+                          "TLS context", listener.name)
+                ok = False
+                continue
+            self.smtp.tls_contexts[listener.name] = ctx
+        log.info("TLS contexts %s", "reloaded" if ok else "NOT all reloaded (see errors above)")
         return ok
+
+    def request_tls_reload(self) -> None:
+        """:meth:`reload_tls` from a signal handler (SIGHUP)."""
+        task = asyncio.get_running_loop().create_task(self.reload_tls())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def stop(self, grace: float | None = None) -> None:
         if grace is None:

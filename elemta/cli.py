@@ -102,7 +102,7 @@ async def _serve(settings: Settings) -> None:
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, app.reload_tls)
+    loop.add_signal_handler(signal.SIGHUP, app.request_tls_reload)
     ready = os.environ.get("ELEMTA_READY_FILE")
     if ready:
         Path(ready).write_text(str(os.getpid()))

@@ -1,12 +1,11 @@
 """Built-in Authentication-Results header (RFC 8601).
 
 Received ``Authentication-Results`` fields that carry this server's
-authserv-id are forgeries (or stale copies); the core removes them with
-:func:`remove_forged` (RFC 8601 §5). This module writes the one field naming
-this host from every ``message_auth`` and
-``data`` result, one result per folded line. Property values that are not
-plain tokens or addresses are quoted, so a crafted ``MAIL FROM`` cannot inject
-a fake ``dkim=pass`` clause.
+authserv-id are forgeries (or stale copies); the core removes them before the
+hook runs (RFC 8601 §5). This module writes the one field naming this host
+from every ``message_auth`` and ``data`` result, one result per folded line.
+Property values that are not plain tokens or addresses are quoted, so a crafted
+``MAIL FROM`` cannot inject a fake ``dkim=pass`` clause.
 """
 
 from __future__ import annotations
@@ -16,25 +15,13 @@ import re
 
 from .config import Settings
 from .hookspecs import hookimpl
-from .models import AuthResult, Message
+from .models import AuthResult
 
 log = logging.getLogger("elemta.authres")
 
 _TOKEN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*\Z")
 _PVALUE = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]+(@[A-Za-z0-9.-]+)?\Z")
 _PROPERTY = re.compile(r"[a-z][a-z0-9-]*\.[A-Za-z0-9][A-Za-z0-9.-]*\Z")
-_COMMENT = re.compile(r"\((?:[^()\\]|\\.)*\)")
-
-
-def authserv_id(value: str) -> str:
-    """The authserv-id of an Authentication-Results value (comments removed)."""
-    text = value
-    for _ in range(5):  # nested comments
-        stripped = _COMMENT.sub(" ", text)
-        if stripped == text:
-            break
-        text = stripped
-    return text.split(";", 1)[0].strip().split()[0].lower() if text.strip() else ""
 
 
 def quote(value: str) -> str:
@@ -62,24 +49,6 @@ def format_result(r: AuthResult) -> str | None:
             continue
         parts.append(f"{key}={quote(value)}")
     return " ".join(parts)
-
-
-def remove_forged(message: Message, ours: str) -> int:
-    """Drop received Authentication-Results fields that claim to come from ``ours``.
-
-    The core calls this before the ``authentication_results_header`` hook, so a
-    plugin that replaces the built-in header cannot forget it.
-    """
-    if b"authentication-results" not in message.header_bytes().lower():
-        return 0  # the common case: no need to parse the header section
-    ours = ours.lower()
-    removed = message.remove_headers(
-        lambda name, value: name.lower() == "authentication-results"
-        and authserv_id(value) == ours)
-    if removed:
-        log.info("removed %d Authentication-Results field(s) claiming to be from %s",
-                 removed, ours)
-    return removed
 
 
 class AuthenticationResults:

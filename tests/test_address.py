@@ -254,7 +254,7 @@ REJECTED_MAIL = [
 def test_mail_from_rejects(arg: str | None, expected: tuple[int, str, str]) -> None:
     e = mail_error(arg)
     assert (e.code, e.enhanced, e.text) == expected
-    assert e.reply() == "{} {} {}".format(*expected)
+    assert str(e.reply()) == "{} {} {}".format(*expected)
 
 
 REJECTED_RCPT = [
@@ -434,8 +434,8 @@ def test_postmaster_at_a_domain_is_not_ours_unless_the_domain_is() -> None:
 
 def test_path_error_reply_and_str() -> None:
     e = PathError(553, "5.1.3", "bad recipient address: no domain")
-    assert e.reply() == "553 5.1.3 bad recipient address: no domain"
-    assert str(e) == e.reply()
+    assert str(e.reply()) == "553 5.1.3 bad recipient address: no domain"
+    assert str(e) == str(e.reply())
 
 
 # --- properties ------------------------------------------------------------------

@@ -24,8 +24,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from elemta import default_tls, hookspecs
 from elemta.config import ConfigError, ListenerSettings, ServerSettings, Settings, TLSSettings
 from elemta.models import TLSInfo
-from elemta.smtp.tls import (TLSConfigError, ensure_self_signed, reload_context, server_context,
-                             tls_info)
+from elemta.smtp.tls import TLSConfigError, ensure_self_signed, server_context, tls_info
+from elemta.testing.client import RawSMTP
 
 HOSTNAME = "mx.example.test"
 
@@ -145,6 +145,10 @@ def one_handshake_server(ctx: ssl.SSLContext) -> Iterator[tuple[int, list[str | 
         listener.close()
 
 
+def context_of(cert_file: Path, key_file: Path, **settings: str) -> ssl.SSLContext:
+    return server_context(cert_file, key_file, **settings)[0]
+
+
 def handshake(port: int, ctx: ssl.SSLContext) -> str | None:
     with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
         with ctx.wrap_socket(raw, server_hostname="localhost") as tls:
@@ -161,7 +165,7 @@ def refusal_reason(outcome: list[str | Exception]) -> str | None:
 
 
 def test_server_context_asks_no_client_certificate_and_disables_compression(tmp_path, ca):
-    ctx = server_context(*write_pair(tmp_path, "leaf", issue(ca)))
+    ctx = context_of(*write_pair(tmp_path, "leaf", issue(ca)))
 
     assert ctx.verify_mode == ssl.CERT_NONE
     assert ctx.check_hostname is False
@@ -172,7 +176,7 @@ def test_server_context_asks_no_client_certificate_and_disables_compression(tmp_
 
 @pytest.mark.parametrize("version", [ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3])
 async def test_tls12_and_tls13_clients_are_accepted(tmp_path, ca, version):
-    ctx = server_context(*write_pair(tmp_path, "leaf", issue(ca)))
+    ctx = context_of(*write_pair(tmp_path, "leaf", issue(ca)))
     expected = {ssl.TLSVersion.TLSv1_2: "TLSv1.2", ssl.TLSVersion.TLSv1_3: "TLSv1.3"}[version]
 
     async with echo_server(ctx) as (port, sessions):
@@ -212,7 +216,7 @@ def test_tls11_client_is_refused_by_the_server(tmp_path, ca):
         # the client can speak TLS 1.1 here, so a refusal below is the server's
         assert handshake(port, tls11_client(ca)) == "TLSv1.1"
 
-    with one_handshake_server(server_context(cert_file, key_file)) as (port, outcome):
+    with one_handshake_server(context_of(cert_file, key_file)) as (port, outcome):
         with pytest.raises(ssl.SSLError) as refused:
             handshake(port, tls11_client(ca))
 
@@ -223,7 +227,7 @@ def test_tls11_client_is_refused_by_the_server(tmp_path, ca):
 @pytest.mark.parametrize("version,accepted", [
     (ssl.TLSVersion.TLSv1_2, False), (ssl.TLSVersion.TLSv1_3, True)])
 def test_min_version_13_refuses_tls12_clients(tmp_path, ca, version, accepted):
-    ctx = server_context(*write_pair(tmp_path, "leaf", issue(ca)), min_version="1.3")
+    ctx = context_of(*write_pair(tmp_path, "leaf", issue(ca)), min_version="1.3")
 
     with one_handshake_server(ctx) as (port, outcome):
         if accepted:
@@ -240,11 +244,11 @@ def test_min_version_13_refuses_tls12_clients(tmp_path, ca, version, accepted):
 
 def test_unknown_min_version_is_refused(tmp_path, ca):
     with pytest.raises(ValueError, match="min_version"):
-        server_context(*write_pair(tmp_path, "leaf", issue(ca)), min_version="1.1")
+        context_of(*write_pair(tmp_path, "leaf", issue(ca)), min_version="1.1")
 
 
 async def test_ciphers_limit_the_tls12_suites(tmp_path, ca):
-    ctx = server_context(*write_pair(tmp_path, "leaf", issue(ca)),
+    ctx = context_of(*write_pair(tmp_path, "leaf", issue(ca)),
                          ciphers="ECDHE-ECDSA-CHACHA20-POLY1305")
 
     async with echo_server(ctx) as (port, sessions):
@@ -256,11 +260,11 @@ async def test_ciphers_limit_the_tls12_suites(tmp_path, ca):
 
 def test_cipher_list_selecting_nothing_is_a_config_error(tmp_path, ca):
     with pytest.raises(TLSConfigError, match="'NO-SUCH-CIPHER'.*openssl ciphers"):
-        server_context(*write_pair(tmp_path, "leaf", issue(ca)), ciphers="NO-SUCH-CIPHER")
+        context_of(*write_pair(tmp_path, "leaf", issue(ca)), ciphers="NO-SUCH-CIPHER")
 
 
 def test_tls_info_before_the_handshake_is_an_error(tmp_path, ca):
-    ctx = server_context(*write_pair(tmp_path, "leaf", issue(ca)))
+    ctx = context_of(*write_pair(tmp_path, "leaf", issue(ca)))
     ssl_object = ctx.wrap_bio(ssl.MemoryBIO(), ssl.MemoryBIO(), server_side=True)
 
     with pytest.raises(ValueError, match="handshake"):
@@ -275,7 +279,7 @@ def test_missing_certificate_file_is_named(tmp_path, ca):
     missing = tmp_path / "nope" / "cert.pem"
 
     with pytest.raises(TLSConfigError) as error:
-        server_context(missing, key_file)
+        context_of(missing, key_file)
 
     assert str(error.value).startswith(f"{missing}: no such file (the certificate)")
     assert isinstance(error.value, ConfigError)
@@ -285,7 +289,7 @@ def test_missing_key_file_is_named(tmp_path, ca):
     cert_file, _ = write_pair(tmp_path, "leaf", issue(ca))
 
     with pytest.raises(TLSConfigError) as error:
-        server_context(cert_file, tmp_path / "key.pem")
+        context_of(cert_file, tmp_path / "key.pem")
 
     assert str(error.value).startswith(f"{tmp_path / 'key.pem'}: no such file (the private key)")
 
@@ -297,7 +301,7 @@ def test_der_certificate_is_reported_as_not_pem_with_the_conversion(tmp_path, ca
     cert_file.write_bytes(der)
 
     with pytest.raises(TLSConfigError) as error:
-        server_context(cert_file, key_file)
+        context_of(cert_file, key_file)
 
     message = str(error.value)
     assert message.startswith(f"{cert_file}: not a PEM certificate")
@@ -308,7 +312,7 @@ def test_key_file_holding_a_certificate_is_reported_as_not_a_key(tmp_path, ca):
     cert_file, _ = write_pair(tmp_path, "leaf", issue(ca))
 
     with pytest.raises(TLSConfigError, match="not a PEM private key"):
-        server_context(cert_file, cert_file)
+        context_of(cert_file, cert_file)
 
 
 def test_key_that_does_not_match_the_certificate_is_named(tmp_path, ca):
@@ -316,7 +320,7 @@ def test_key_that_does_not_match_the_certificate_is_named(tmp_path, ca):
     _, other_key = write_pair(tmp_path, "two", issue(ca))
 
     with pytest.raises(TLSConfigError) as error:
-        server_context(cert_file, other_key)
+        context_of(cert_file, other_key)
 
     message = str(error.value)
     assert message.startswith(f"{other_key}: this private key does not belong to the "
@@ -332,7 +336,7 @@ def test_encrypted_key_is_refused_with_how_to_decrypt_it(tmp_path, ca):
         serialization.BestAvailableEncryption(b"secret")))
 
     with pytest.raises(TLSConfigError) as error:
-        server_context(cert_file, key_file)
+        context_of(cert_file, key_file)
 
     assert str(error.value).startswith(f"{key_file}: the private key is encrypted")
     assert "openssl pkey -in" in str(error.value)
@@ -383,7 +387,7 @@ async def test_self_signed_certificate_verifies_for_its_names(tmp_path, server_h
     # what Python 3.13's default context checks
     client.verify_flags |= ssl.VERIFY_X509_STRICT
 
-    async with echo_server(server_context(cert_file, key_file)) as (port, _):
+    async with echo_server(context_of(cert_file, key_file)) as (port, _):
         connection = await connect(port, client, server_hostname=server_hostname)
         assert await connection.echo() == b"ping"
         await connection.close()
@@ -442,7 +446,7 @@ def test_self_signed_pair_that_does_not_match_is_replaced(tmp_path):
     ensure_self_signed(tmp_path, HOSTNAME)
 
     assert load_cert(cert_file).serial_number != old_serial
-    server_context(cert_file, key_file)
+    context_of(cert_file, key_file)
 
 
 def test_self_signed_certificate_logs_one_warning_naming_the_settings(tmp_path, caplog):
@@ -465,76 +469,6 @@ def test_unwritable_state_dir_is_a_config_error(tmp_path):
 
     assert "cannot write a self-signed certificate" in str(error.value)
     assert "[tls] cert_file" in str(error.value)
-
-
-# ------------------------------------------------------------------- reload
-
-
-@pytest.mark.parametrize("old_type,new_type", [
-    (trustme.KeyType.ECDSA, trustme.KeyType.ECDSA),
-    (trustme.KeyType.RSA, trustme.KeyType.RSA),
-    # in-place load_cert_chain() keeps serving the ECDSA certificate here
-    (trustme.KeyType.ECDSA, trustme.KeyType.RSA),
-    (trustme.KeyType.RSA, trustme.KeyType.ECDSA),
-], ids=["ecdsa-ecdsa", "rsa-rsa", "ecdsa-rsa", "rsa-ecdsa"])
-async def test_reload_serves_the_new_certificate_to_new_connections_only(
-        tmp_path, ca, old_type, new_type):
-    old, new = issue(ca, old_type), issue(ca, new_type)
-    cert_file, key_file = write_pair(tmp_path, "leaf", old)
-    ctx = server_context(cert_file, key_file)
-    trust = client_context(ca)
-
-    async with echo_server(ctx) as (port, _):
-        client_a = await connect(port, trust)
-        write_pair(tmp_path, "leaf", new)
-        reloaded = reload_context(ctx, cert_file, key_file)
-        client_b = await connect(port, trust)
-
-        assert reloaded.serial_number == serial_of(new)
-        assert client_b.serial == serial_of(new)
-        assert client_a.serial == serial_of(old)
-        assert await client_a.echo(b"still here") == b"still here"
-        assert await client_b.echo() == b"ping"
-        await client_a.close()
-        await client_b.close()
-
-
-def test_reload_keeps_the_tls_settings(tmp_path, ca):
-    cert_file, key_file = write_pair(tmp_path, "leaf", issue(ca))
-    ctx = server_context(cert_file, key_file, min_version="1.3")
-    write_pair(tmp_path, "leaf", issue(ca))
-    reload_context(ctx, cert_file, key_file)
-
-    with one_handshake_server(ctx) as (port, outcome):
-        with pytest.raises(ssl.SSLError, match="PROTOCOL_VERSION"):
-            handshake(port, client_context(ca, ssl.TLSVersion.TLSv1_2))
-
-    assert refusal_reason(outcome) == "UNSUPPORTED_PROTOCOL"
-
-
-async def test_failed_reload_keeps_the_certificate_in_service(tmp_path, ca):
-    old = issue(ca)
-    cert_file, key_file = write_pair(tmp_path, "leaf", old)
-    ctx = server_context(cert_file, key_file)
-    write_pair(tmp_path, "leaf", issue(ca))
-    write_pair(tmp_path, "other", issue(ca))
-    key_file.write_bytes((tmp_path / "other.key").read_bytes())
-
-    with pytest.raises(TLSConfigError, match="does not belong"):
-        reload_context(ctx, cert_file, key_file)
-
-    async with echo_server(ctx) as (port, _):
-        client = await connect(port, client_context(ca))
-        assert client.serial == serial_of(old)
-        await client.close()
-
-
-def test_reload_needs_a_context_from_server_context(tmp_path, ca):
-    cert_file, key_file = write_pair(tmp_path, "leaf", issue(ca))
-    foreign = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-
-    with pytest.raises(ValueError, match="server_context"):
-        reload_context(foreign, cert_file, key_file)
 
 
 # ------------------------------------------------------- built-in plugin
@@ -614,57 +548,178 @@ def test_default_tls_error_names_the_config_file_and_section(tmp_path):
         f"{tmp_path / 'elemta.toml'}: [tls]: {tmp_path / 'missing.crt'}: no such file")
 
 
-def test_default_tls_reload_before_any_tls_listener_is_a_no_op(tmp_path):
-    tls = default_tls.make_plugin(settings_for(tmp_path))
+def test_default_tls_asked_again_with_unchanged_files_keeps_its_context(tmp_path, ca, caplog):
+    cert_file, key_file = write_pair(tmp_path, "mx", issue(ca))
+    tls = default_tls.make_plugin(settings_for(tmp_path, TLSSettings(cert_file=cert_file,
+                                                             key_file=key_file)))
+    first = tls.tls_context(listener("mx", "starttls"))
+    caplog.set_level(logging.INFO, logger="elemta.tls")
 
-    assert tls.reload() is True
+    assert tls.tls_context(listener("mx", "starttls")) is first
+    assert tls.tls_context(listener("smtps", "implicit")) is first
+    assert "new connections use" not in caplog.text
 
 
-async def test_default_tls_reload_switches_every_listener(tmp_path, ca, caplog):
+async def test_default_tls_asked_again_after_the_files_changed_builds_a_new_context(
+        tmp_path, ca, caplog):
     old, new = issue(ca), issue(ca)
     cert_file, key_file = write_pair(tmp_path, "mx", old)
     tls = default_tls.make_plugin(settings_for(tmp_path, TLSSettings(cert_file=cert_file,
                                                              key_file=key_file)))
-    starttls = tls.tls_context(listener("mx", "starttls"))
-    implicit = tls.tls_context(listener("smtps", "implicit"))
+    before = tls.tls_context(listener("mx", "starttls"))
     write_pair(tmp_path, "mx", new)
     caplog.set_level(logging.INFO, logger="elemta.tls")
 
-    assert tls.reload() is True
+    after = tls.tls_context(listener("mx", "starttls"))
 
-    for ctx in (starttls, implicit):
+    assert after is not before
+    assert tls.tls_context(listener("smtps", "implicit")) is after
+    for ctx, leaf in ((before, old), (after, new)):
         async with echo_server(ctx) as (port, _):
             client = await connect(port, client_context(ca))
-            assert client.serial == serial_of(new)
+            assert client.serial == serial_of(leaf)
             await client.close()
     assert f"serial {serial_of(new):x}" in caplog.text
 
 
-async def test_default_tls_failed_reload_is_logged_and_keeps_the_old_certificate(
+def test_default_tls_rebuilt_context_keeps_the_tls_settings(tmp_path, ca):
+    cert_file, key_file = write_pair(tmp_path, "mx", issue(ca))
+    tls = default_tls.make_plugin(settings_for(tmp_path, TLSSettings(
+        cert_file=cert_file, key_file=key_file, min_version="1.3")))
+    tls.tls_context(listener("mx", "starttls"))
+    write_pair(tmp_path, "mx", issue(ca))
+    ctx = tls.tls_context(listener("mx", "starttls"))
+
+    with one_handshake_server(ctx) as (port, outcome):
+        with pytest.raises(ssl.SSLError, match="PROTOCOL_VERSION"):
+            handshake(port, client_context(ca, ssl.TLSVersion.TLSv1_2))
+
+    assert refusal_reason(outcome) == "UNSUPPORTED_PROTOCOL"
+
+
+async def test_default_tls_unusable_new_files_are_logged_once_and_the_old_context_stays(
         tmp_path, ca, caplog):
     old = issue(ca)
     cert_file, key_file = write_pair(tmp_path, "mx", old)
     tls = default_tls.make_plugin(settings_for(tmp_path, TLSSettings(cert_file=cert_file,
                                                              key_file=key_file)))
     ctx = tls.tls_context(listener("mx", "starttls"))
-    cert_file.write_text("half-written")
+    write_pair(tmp_path, "other", issue(ca))
+    key_file.write_bytes((tmp_path / "other.key").read_bytes())
 
-    assert tls.reload() is False
+    assert tls.tls_context(listener("mx", "starttls")) is ctx
+    assert tls.tls_context(listener("smtps", "implicit")) is ctx
 
     [record] = [r for r in caplog.records if r.levelno == logging.ERROR]
-    assert "not reloaded" in record.getMessage() and str(cert_file) in record.getMessage()
+    assert "not reloaded" in record.getMessage() and "does not belong" in record.getMessage()
     async with echo_server(ctx) as (port, _):
         client = await connect(port, client_context(ca))
         assert client.serial == serial_of(old)
         await client.close()
 
 
-def test_default_tls_reload_keeps_a_valid_self_signed_certificate(
-        tmp_path):
+def test_default_tls_keeps_a_valid_self_signed_certificate(tmp_path):
     tls = default_tls.make_plugin(settings_for(tmp_path))
-    tls.tls_context(listener("mx", "starttls"))
+    first = tls.tls_context(listener("mx", "starttls"))
     cert_file = tmp_path / "state" / "tls" / "selfsigned.crt"
     before = cert_file.read_bytes()
 
-    assert tls.reload() is True
+    assert tls.tls_context(listener("mx", "starttls")) is first
     assert cert_file.read_bytes() == before
+
+
+# ------------------------------------------------------- reload through the hook
+
+
+async def smtp_tls_session(port: int, trust: ssl.SSLContext, implicit: bool) -> tuple[RawSMTP, int]:
+    """An SMTP session encrypted by STARTTLS, or implicitly; and the server's certificate serial."""
+    client = RawSMTP(port, tls=trust if implicit else None)
+    await client.connect()
+    if not implicit:
+        assert (await client.cmd("EHLO client.example")).code == 250
+        assert (await client.starttls(trust)).code == 220
+    assert (await client.cmd("EHLO client.example")).code == 250
+    der = client.writer.get_extra_info("ssl_object").getpeercert(binary_form=True)
+    return client, x509.load_der_x509_certificate(der).serial_number
+
+
+@pytest.mark.parametrize("old_type,new_type", [
+    (trustme.KeyType.ECDSA, trustme.KeyType.ECDSA),
+    # loaded into the live context in place, the ECDSA certificate would stay in service
+    (trustme.KeyType.ECDSA, trustme.KeyType.RSA),
+    (trustme.KeyType.RSA, trustme.KeyType.ECDSA),
+], ids=["ecdsa-ecdsa", "ecdsa-rsa", "rsa-ecdsa"])
+async def test_reload_serves_the_new_certificate_to_new_sessions_and_keeps_open_ones(
+        elemta_server, tmp_path, ca, old_type, new_type):
+    old, new = issue(ca, old_type), issue(ca, new_type)
+    cert_file, key_file = write_pair(tmp_path, "mx", old)
+    server = await elemta_server({"tls": {"cert_file": str(cert_file), "key_file": str(key_file)}})
+    trust = client_context(ca)
+    before = [await smtp_tls_session(server.port(name), trust, implicit)
+              for name, implicit in (("mx", False), ("smtps", True))]
+    write_pair(tmp_path, "mx", new)
+
+    assert await server.app.reload_tls() is True
+
+    for (client, serial), (name, implicit) in zip(before, (("mx", False), ("smtps", True))):
+        fresh, fresh_serial = await smtp_tls_session(server.port(name), trust, implicit)
+        assert (serial, fresh_serial) == (serial_of(old), serial_of(new)), name
+        assert (await client.cmd("NOOP")).code == 250
+        assert (await client.cmd("QUIT")).code == 221
+        fresh.close()
+        client.close()
+
+
+class RotatingCertificates:
+    """A certificate plugin: each time it is asked, the next of its contexts."""
+
+    def __init__(self, contexts: list[ssl.SSLContext]) -> None:
+        self.contexts = contexts
+        self.asked: list[str] = []
+        self.fail = False
+
+    @hookspecs.hookimpl
+    def tls_context(self, listener):
+        self.asked.append(listener.name)
+        if self.fail:
+            raise OSError("the certificate store is unreachable")
+        return self.contexts[min(len(self.asked), len(self.contexts)) - 1]
+
+
+async def test_reload_asks_a_certificate_plugin_again_for_every_listener(
+        elemta_server, tmp_path, ca):
+    leaves = [issue(ca) for _ in range(6)]
+    contexts = [context_of(*write_pair(tmp_path, f"c{i}", leaf)) for i, leaf in enumerate(leaves)]
+    plugin = RotatingCertificates(contexts)
+    server = await elemta_server(plugins=[("certificates", plugin)])
+    trust = client_context(ca)
+    tls_listeners = ["mx", "submission", "smtps"]
+    assert plugin.asked == tls_listeners
+    old_session, old_serial = await smtp_tls_session(server.port("smtps"), trust, True)
+
+    assert await server.app.reload_tls() is True
+
+    assert plugin.asked == tls_listeners * 2
+    new_session, new_serial = await smtp_tls_session(server.port("smtps"), trust, True)
+    _, mx_serial = await smtp_tls_session(server.port("mx"), trust, False)
+    assert (old_serial, new_serial, mx_serial) == (
+        serial_of(leaves[2]), serial_of(leaves[5]), serial_of(leaves[3]))
+    assert (await old_session.cmd("QUIT")).code == 221
+    for client in (old_session, new_session):
+        client.close()
+
+
+async def test_reload_that_a_plugin_fails_keeps_the_certificates_in_service(
+        elemta_server, tmp_path, ca, caplog):
+    leaves = [issue(ca) for _ in range(3)]
+    plugin = RotatingCertificates(
+        [context_of(*write_pair(tmp_path, f"c{i}", leaf)) for i, leaf in enumerate(leaves)])
+    server = await elemta_server(plugins=[("certificates", plugin)])
+    plugin.fail = True
+
+    assert await server.app.reload_tls() is False
+
+    client, serial = await smtp_tls_session(server.port("smtps"), client_context(ca), True)
+    client.close()
+    assert serial == serial_of(leaves[2])
+    assert "listener smtps keeps its certificate: plugin certificates failed" in caplog.text

@@ -38,6 +38,8 @@ import ipaddress
 import re
 from collections.abc import Callable, Container
 
+from .replies import Reply, path_error
+
 __all__ = [
     "MAX_ADDRESS_OCTETS",
     "MAX_DOMAIN_OCTETS",
@@ -69,11 +71,11 @@ class PathError(Exception):
         self.enhanced = enhanced
         self.text = text
 
-    def reply(self) -> str:
-        return f"{self.code} {self.enhanced} {self.text}"
+    def reply(self) -> Reply:
+        return path_error(self.code, self.enhanced, self.text)
 
     def __str__(self) -> str:
-        return self.reply()
+        return str(self.reply())
 
 
 # RFC 6531 UTF8-non-ascii, minus C1 controls, lone surrogates (aiosmtpd decodes

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 from typing import TYPE_CHECKING
+
+from . import replies
+from .replies import Reply
 
 if TYPE_CHECKING:
     from ..config import Settings
@@ -33,6 +37,12 @@ class SMTPContext:
         self._idle.set()
         self._label_cache: dict[str, tuple[object, object, object]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        #: The TLS context of each TLS listener, by name, for new connections:
+        #: the server fills it from the ``tls_context`` hook and replaces it on reload.
+        self.tls_contexts: dict[str, ssl.SSLContext] = {}
+
+    def tls_context(self, listener: str) -> ssl.SSLContext | None:
+        return self.tls_contexts.get(listener)
 
     def _labels(self, listener: str) -> tuple[object, object, object]:
         cached = self._label_cache.get(listener)
@@ -44,7 +54,7 @@ class SMTPContext:
             self._label_cache[listener] = cached
         return cached
 
-    def admit(self, proto: ElemtaSMTP) -> str | None:
+    def admit(self, proto: ElemtaSMTP) -> Reply | None:
         """Count a new connection; return a 421 reply if it is over a limit."""
         assert proto.conn is not None
         server = self.settings.server
@@ -56,12 +66,12 @@ class SMTPContext:
             self.metrics.connections_refused.labels(listener=name, reason="global_limit").inc()
             log.warning("refused %s on %s: %d connections (max_connections)", ip, name,
                         len(self.sessions))
-            return f"421 4.7.0 {self.hostname} Too many connections, try again later"
+            return replies.too_many_connections(self.hostname)
         if self._per_ip.get(ip, 0) >= server.max_connections_per_ip:
             self.metrics.connections_refused.labels(listener=name, reason="per_ip_limit").inc()
             log.warning("refused %s on %s: too many connections from this address "
                         "(max_connections_per_ip)", ip, name)
-            return f"421 4.7.0 {self.hostname} Too many connections from your address"
+            return replies.too_many_from_address(self.hostname)
         self._per_ip[ip] = self._per_ip.get(ip, 0) + 1
         proto._counted_ip = ip
         self.sessions.add(proto)

@@ -1,13 +1,13 @@
-"""Server TLS: contexts, certificate checks, a generated self-signed certificate, reload.
+"""Server TLS: contexts, certificate checks, a generated self-signed certificate.
 
-Certificate reload (SIGHUP) swaps a whole new context in through the SNI
-callback instead of calling ``load_cert_chain`` again on the live context.
-Loading again in place only replaces the certificate of the *same key type*:
-OpenSSL keeps one certificate per key type, so after going from an ECDSA to an
-RSA certificate the old ECDSA one is still served to every client that prefers
-ECDSA (most do). A failed in-place load also leaves the live context without a
-usable certificate. Swapping a context that was fully built first avoids both;
-established connections keep the context they were made with.
+A certificate is replaced (on reload) by building a whole new context, which
+the server hands to new connections, instead of calling ``load_cert_chain``
+again on the live one. Loading again in place only replaces the certificate
+of the *same key type*: OpenSSL keeps one certificate per key type, so after
+going from an ECDSA to an RSA certificate the old ECDSA one would still be
+served to every client that prefers ECDSA (most do), and a failed in-place load
+leaves the live context without a usable certificate. Established connections
+keep the context they were made with.
 """
 
 from __future__ import annotations
@@ -48,54 +48,18 @@ class TLSConfigError(ConfigError):
 # ------------------------------------------------------------------ contexts
 
 
-class _CertificateSwitch:
-    """The SNI callback of a context from :func:`server_context`.
-
-    It runs for every handshake, with or without SNI, and moves the connection
-    to the context holding the current certificate.
-    """
-
-    def __init__(self, current: ssl.SSLContext, min_version: str, ciphers: str | None) -> None:
-        self.current = current
-        self.min_version = min_version
-        self.ciphers = ciphers
-
-    def __call__(self, ssl_object: ssl.SSLObject, server_name: str | None,
-                 context: ssl.SSLContext) -> None:
-        ssl_object.context = self.current
-
-
 def server_context(cert_file: Path, key_file: Path, *, min_version: str = "1.2",
-                   ciphers: str | None = None) -> ssl.SSLContext:
+                   ciphers: str | None = None) -> tuple[ssl.SSLContext, x509.Certificate]:
     """A server TLS context for SMTP from a PEM certificate chain and its key.
 
     TLS 1.2 or newer (``min_version="1.3"`` for 1.3 only); no client
     certificate is asked for; ``ciphers`` (OpenSSL syntax) limits the TLS 1.2
-    suites, TLS 1.3 suites are OpenSSL's. The certificate can be replaced later
-    with :func:`reload_context`, which relies on this context's SNI callback:
-    a plugin that installs its own callback takes over reloading too.
+    suites, TLS 1.3 suites are OpenSSL's. Returns the context and the leaf
+    certificate it serves.
 
     Raises :class:`TLSConfigError` naming the file and how to fix it.
     """
-    ctx, _ = _build(cert_file, key_file, min_version, ciphers)
-    ctx.sni_callback = _CertificateSwitch(ctx, min_version, ciphers)
-    return ctx
-
-
-def reload_context(ctx: ssl.SSLContext, cert_file: Path, key_file: Path) -> x509.Certificate:
-    """Serve the certificate in ``cert_file``/``key_file`` on new handshakes of ``ctx``.
-
-    Established connections keep their certificate. ``ctx`` must come from
-    :func:`server_context`; its TLS settings stay as they were. If the files
-    are unusable, :class:`TLSConfigError` is raised and the certificate in
-    service does not change. Returns the certificate now in service.
-    """
-    switch = ctx.sni_callback
-    if not isinstance(switch, _CertificateSwitch):
-        raise ValueError("reload_context() needs a context made by server_context()")
-    switch.current, certificate = _build(cert_file, key_file, switch.min_version,
-                                         switch.ciphers)
-    return certificate
+    return _build(cert_file, key_file, min_version, ciphers)
 
 
 def _build(cert_file: Path, key_file: Path, min_version: str,
