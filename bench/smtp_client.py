@@ -9,7 +9,7 @@ over ``--concurrency`` connections at once, every connection sending one
 message after the other; ``--per-connection N`` closes a connection after N
 messages and opens a new one (0: connections stay open for the whole run).
 
-* **elemta**: :class:`elemta.delivery.smtp_client.SMTPConnection`, with
+* **elemta**: :class:`elemta.SMTPConnection`, with
   PIPELINING when the server offers it (smtp-sink does; aiosmtpd does not
   advertise it, so there it sends one command at a time, like aiosmtplib).
 * **aiosmtplib**: ``aiosmtplib.SMTP`` connected and greeted once per connection,
@@ -53,7 +53,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from accept import free_port, proc_cpu  # noqa: E402  (bench/ is sys.path[0])
-from elemta.delivery.smtp_client import SMTPConnection, Timeouts, TLSPolicy
+from elemta import SMTPConnection, Timeouts, TLSPolicy
 
 SENDER = "sender@example.org"
 RECIPIENT = "user@example.test"

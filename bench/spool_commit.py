@@ -35,7 +35,7 @@ import time
 from pathlib import Path
 
 from elemta.models import new_id
-from elemta.spool import store
+from elemta.spool import replay
 from elemta.spool.envelope import Envelope, RecipientState
 from elemta.spool.store import Spool
 
@@ -149,7 +149,7 @@ def main() -> int:
     else:
         runner = asyncio.run
     if args.per_file_sync:
-        store.USE_SYNCFS = False
+        replay.USE_SYNCFS = False
     variants = args.variants.split(",")
     content = make_message(args.size)
     messages = args.messages - args.messages % args.concurrency

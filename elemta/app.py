@@ -16,15 +16,16 @@ from typing import Any, Iterable
 
 
 from .config import ConfigError, ListenerSettings, Settings, parse_hostport
-from .control import (ControlError, ControlServer, SpoolLocked, lock_spool, socket_path,
-                      unlock_spool)
+from .control import ControlError, ControlServer, socket_path
 from .dns import Resolver
 from .hookcall import HookCaller, HookFailure
 from .metrics import Metrics, MetricsServer
 from .plugins import enabled_names, make_plugin_manager, validated_plugin_settings
 from .smtp.context import SMTPContext
 from .smtp.protocol import ElemtaSMTP
+from .delivery.admin import RunningAdmin
 from .delivery.runner import Runner
+from .spool.lock import SpoolLocked, lock_spool, unlock_spool
 from .spool.store import Spool
 
 log = logging.getLogger("elemta")
@@ -60,6 +61,7 @@ class App:
         self.metrics_server: MetricsServer | None = None
         self.runner: Runner | None = None
         self.control: ControlServer | None = None
+        self.queue_admin: RunningAdmin | None = None
         self._spool_lock: int | None = None
         self._started = False
 
@@ -106,11 +108,14 @@ class App:
                                        ) from None
             for listener in self.settings.listeners:
                 await self._listen(listener)
+            runner = Runner(self.settings.delivery, hostname=self.settings.server.hostname,
+                            spool=self.spool, hooks=self.hooks, metrics=self.metrics)
             if self.settings.delivery.enabled:
-                self.runner = Runner(self)
-                await self.runner.start()
+                self.runner = runner
+                await runner.start()
             # without delivery, queue commands act through a runner that never starts
-            self.control = ControlServer(self.runner or Runner(self), socket_path(self.settings),
+            self.queue_admin = RunningAdmin(runner)
+            self.control = ControlServer(self.queue_admin, socket_path(self.settings),
                                          delivering=self.runner is not None)
             try:
                 await self.control.start()

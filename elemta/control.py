@@ -1,68 +1,52 @@
-"""Queue administration: the control socket of a running server, and the spool lock.
+"""The control socket of a running server, and queue commands on a spool no server runs.
 
-A running server owns its spool. It holds an exclusive ``flock`` on
-``<spool>/.lock`` from start to stop, so a second server on the same spool
-refuses to start, and it listens on ``<state_dir>/control.sock`` (mode 0600)
-for the changing ``elemta queue`` commands: hold, release, retry, delete,
-bounce. The protocol is one JSON object per line each way::
+A running server owns its spool (it holds the spool lock, ``spool/lock.py``)
+and listens on ``<state_dir>/control.sock`` (mode 0600) for the changing
+``elemta queue`` commands: hold, release, retry, delete, bounce. The protocol
+is one JSON object per line each way::
 
     → {"cmd": "hold", "ids": ["01HX…"]}
     ← {"ok": true, "done": ["01HX…"], "missing": [], "skipped": {}, "busy": [],
        "message": ""}
 
 Commands run one at a time on the server's event loop, through the delivery
-runner (``Runner.hold`` and friends), so they never race a delivery attempt.
+runner (:class:`~elemta.delivery.admin.RunningAdmin`), so they never race a
+delivery attempt.
 
 With no server running, the command line takes the spool lock itself and
-changes the files directly with the same :class:`~elemta.spool.moves.SpoolMoves`
-methods (:func:`apply_offline`); the read-only commands (``list``, ``show``,
-``stats``) always read the files.
+changes the files directly with the same operations
+(:class:`~elemta.spool.admin.QueueAdmin`, :func:`apply_offline`); the
+read-only commands (``list``, ``show``, ``stats``) always read the files.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
-import fcntl
 import json
 import logging
 import os
 import socket
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
-from .spool.moves import StateConflict
+from .delivery.admin import HELD_BY_ADMIN, AdminResult, RunningAdmin
+from .spool.admin import QueueAdmin
 
 if TYPE_CHECKING:
     from .config import Settings
-    from .delivery.runner import Runner
     from .spool.store import Spool
 
 log = logging.getLogger("elemta.control")
 
 SOCKET_NAME = "control.sock"
-LOCK_NAME = ".lock"
-# How long a command waits for a delivery attempt in progress to end.
-ADMIN_WAIT_SECONDS = 30.0
 COMMANDS = ("hold", "release", "retry", "delete", "bounce", "stats", "ping")
 # A request names its messages: `retry` with every id of a big queue fits.
 MAX_LINE_BYTES = 16 << 20
 # sun_path holds 108 bytes on Linux, 104 elsewhere; longer paths go through
 # /proc/self/fd (Linux), which keeps the socket where the configuration says.
 _SUN_PATH_MAX = 100
-
-
-class SpoolLocked(Exception):
-    """Another process holds the spool lock (``pid`` when it wrote one)."""
-
-    def __init__(self, path: Path, pid: int | None) -> None:
-        self.path = path
-        self.pid = pid
-        who = f"process {pid}" if pid else "another process"
-        super().__init__(f"{path} is locked by {who}")
 
 
 class ControlError(Exception):
@@ -80,104 +64,14 @@ def socket_path(settings: Settings) -> Path:
     return settings.resolve(settings.server.state_dir) / SOCKET_NAME
 
 
-def lock_path(spool_root: Path) -> Path:
-    return Path(spool_root) / LOCK_NAME
-
-
-# ---------------------------------------------------------------------- the spool lock
-
-
-def lock_spool(spool_root: Path) -> int:
-    """Take the spool lock without waiting; its file descriptor (close it to unlock).
-
-    Raises :class:`SpoolLocked` when a server (or another ``elemta queue``
-    changing the spool) holds it. The lock belongs to the open file, so it
-    goes away with the process however that ends: no stale locks after a crash.
-    """
-    root = Path(spool_root)
-    root.mkdir(mode=0o700, parents=True, exist_ok=True)
-    path = lock_path(root)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as e:
-        pid = _read_pid(fd)
-        os.close(fd)
-        if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-            raise SpoolLocked(path, pid) from None
-        raise
-    try:
-        # only read when the lock is held, for messages naming the holder
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
-    except OSError:
-        pass
-    return fd
-
-
-def unlock_spool(fd: int) -> None:
-    os.close(fd)
-
-
-def _read_pid(fd: int) -> int | None:
-    try:
-        return int(os.pread(fd, 32, 0).strip() or b"0") or None
-    except (OSError, ValueError):
-        return None
-
-
-# ---------------------------------------------------------------------- results
-
-
-@dataclass
-class AdminResult:
-    """What a queue command did, message by message."""
-
-    done: list[str] = field(default_factory=list)
-    missing: list[str] = field(default_factory=list)
-    skipped: dict[str, str] = field(default_factory=dict)  # queue id → why not
-    busy: list[str] = field(default_factory=list)  # still in delivery after the wait
-    message: str = ""
-
-    @property
-    def ok(self) -> bool:
-        return not (self.missing or self.skipped or self.busy)
-
-    @contextlib.contextmanager
-    def recording(self, queue_id: str) -> Iterator[None]:
-        """Count one message as done, missing or skipped, by how the block ends."""
-        try:
-            yield
-        except KeyError:
-            self.missing.append(queue_id)
-        except StateConflict as e:
-            self.skipped[queue_id] = str(e)
-        except ValueError as e:  # an envelope that cannot be parsed
-            self.skipped[queue_id] = f"unreadable envelope: {e}"
-        except OSError as e:
-            self.skipped[queue_id] = f"{e.strerror or e}"
-        else:
-            self.done.append(queue_id)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"ok": self.ok, "done": self.done, "missing": self.missing,
-                "skipped": self.skipped, "busy": self.busy, "message": self.message}
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> AdminResult:
-        return cls(done=list(d.get("done", ())), missing=list(d.get("missing", ())),
-                   skipped=dict(d.get("skipped", {})), busy=list(d.get("busy", ())),
-                   message=str(d.get("message", "")))
-
-
 # ---------------------------------------------------------------------- server
 
 
 class ControlServer:
     """The unix socket a running server answers queue commands on."""
 
-    def __init__(self, runner: Runner, path: Path, *, delivering: bool) -> None:
-        self.runner = runner
+    def __init__(self, admin: RunningAdmin, path: Path, *, delivering: bool) -> None:
+        self.admin = admin
         self.path = Path(path)
         self.delivering = delivering
         self._server: asyncio.base_events.Server | None = None
@@ -268,7 +162,7 @@ class ControlServer:
             return {"ok": True, "pid": os.getpid()}
         if cmd == "stats":
             return {"ok": True, "pid": os.getpid(), "delivery_enabled": self.delivering,
-                    **self.runner.stats()}
+                    **self.admin.stats()}
         ids = req.get("ids")
         every = bool(req.get("all"))
         if ids is None and cmd == "retry" and every:
@@ -278,12 +172,12 @@ class ControlServer:
         async with self._lock:
             try:
                 if cmd == "retry":
-                    result = await self.runner.retry(None if every else ids)
+                    result = await self.admin.retry(None if every else ids)
                     if not self.delivering:
                         result.message = ("delivery is disabled on this server ([delivery] "
                                           "enabled = false): nothing delivers these messages")
                 else:
-                    result = await getattr(self.runner, cmd)(ids)
+                    result = await getattr(self.admin, cmd)(ids)
             except Exception as e:
                 log.exception("control: %s failed", cmd)
                 return {"ok": False, "error": f"{cmd} failed: {e!r} (see the server log)"}
@@ -357,45 +251,32 @@ def request(path: Path, payload: dict[str, Any], *, timeout: float) -> dict[str,
 
 
 def apply_offline(spool: Spool, cmd: str, ids: list[str] | None,
-                  reason: str = "held by administrator") -> AdminResult:
+                  reason: str = HELD_BY_ADMIN) -> AdminResult:
     """Run a queue command on the files of a spool no server runs on.
 
-    The caller holds the spool lock (:func:`lock_spool`). A journal left by a
-    server that did not stop cleanly is replayed first, as the server would at
-    start-up, so that no change is undone by a later replay.
+    The caller holds the spool lock (:func:`~elemta.spool.lock.lock_spool`). A
+    journal left by a server that did not stop cleanly is replayed first, as
+    the server would at start-up, so that no change is undone by a later replay.
     """
-    if _journal_left(spool):
+    if spool.layout.has_journal():
         spool.recover()
         asyncio.run(spool.close())
+    queue = QueueAdmin(spool)
     result = AdminResult()
     now = time.time()
     if cmd == "retry" and ids is None:
-        with os.scandir(spool.state_dir("deferred")) as it:
-            ids = sorted(e.name[:-5] for e in it if e.name.endswith(".json"))
+        ids = sorted(spool.ids_in("deferred"))
     assert ids is not None
     for queue_id in dict.fromkeys(ids):
         with result.recording(queue_id):
             if cmd == "hold":
-                spool.hold(queue_id, reason)
+                queue.hold(queue_id, reason)
             elif cmd == "release":
-                spool.release(queue_id)
+                queue.release(queue_id)
             elif cmd == "retry":
-                spool.make_due(queue_id, now)
+                queue.make_due(queue_id, now)
             elif cmd == "delete":
-                spool.delete(queue_id)
+                queue.delete(queue_id)
             else:
                 raise ValueError(f"{cmd} needs the running server")
     return result
-
-
-def _journal_left(spool: Spool) -> bool:
-    try:
-        with os.scandir(spool.journal_dir) as it:
-            return any(True for _ in it)
-    except FileNotFoundError:
-        return False
-
-
-__all__ = ["ADMIN_WAIT_SECONDS", "AdminResult", "ControlError", "ControlServer", "SpoolLocked",
-           "Unreachable", "apply_offline", "lock_spool", "request",
-           "socket_path", "unlock_spool"]

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 
 from .config import Settings, parse_hostport
 from .dns import DNSError, NoData, NullMX, NXDomain, Resolver
-from .delivery.smtp_client import (SMTPConnection, SMTPError, Timeouts, TLSPolicy,
+from .delivery.smtp import (SMTPConnection, SMTPError, Timeouts, TLSPolicy,
                                    default_enhanced)
 from .hookspecs import hookimpl
 from .models import Outcome, Route

@@ -22,7 +22,7 @@ import pytest
 
 from elemta import Outcome, hookimpl
 from elemta.app import StartupError
-from elemta.control import lock_spool, unlock_spool
+from elemta.spool.lock import lock_spool, unlock_spool
 from elemta.delivery.dsn import parse_dsn
 from elemta.models import new_id
 from elemta.spool.envelope import Envelope, RecipientState

@@ -28,7 +28,7 @@ from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from elemta.delivery.smtp_client import (
+from elemta.delivery.smtp import (
     DataEncoder,
     SMTPConnection,
     SMTPError,
@@ -239,7 +239,7 @@ async def connect(port: int, tls: str | TLSPolicy = "none", **options) -> SMTPCo
 def spy_writes(conn: SMTPConnection) -> list[bytes]:
     """Every buffer the connection hands to its transport, in order."""
     writes: list[bytes] = []
-    writer = conn._writer
+    writer = conn.wire.writer
     assert writer is not None
     original = writer.write
 

@@ -21,13 +21,14 @@ from click.testing import CliRunner
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import elemta.spool.store as store
+from elemta.cli.queue import queue_group
 from elemta.config import Settings, SpoolSettings
 from elemta.models import new_id
-from elemta.spool.cli import queue_group
+from elemta.spool import journal, replay, threads
 from elemta.spool.envelope import STATES, Envelope, RecipientState
 from elemta.spool.incoming import IncomingMessage
-from elemta.spool.journal import SegmentReader, segment_seq
+from elemta.spool.journal import SegmentReader
+from elemta.spool.layout import segment_seq
 from elemta.spool.store import Spool, SpoolError
 
 HEADERS = b"From: alice@example.org\r\nTo: bob@example.com\r\nSubject: hello\r\n\r\n"
@@ -245,7 +246,7 @@ async def test_a_failed_journal_write_fails_its_batch_and_later_commits_succeed(
 
 async def test_the_journal_waits_when_writing_out_falls_too_far_behind(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(store, "MAX_BACKLOG_BYTES", 1)
+    monkeypatch.setattr(threads, "MAX_BACKLOG_BYTES", 1)
     spool = journal_only_spool(tmp_path)
     spool._materialize_gate.clear()
     await commit_message(spool)  # acknowledged; its files are not written yet
@@ -630,9 +631,9 @@ async def test_checkpoint_syncs_the_files_then_deletes_the_segment(
         spool: Spool, monkeypatch: pytest.MonkeyPatch, use_syncfs: bool) -> None:
     events: list[str] = []
     real_syncfs, real_fdatasync, real_fsync, real_unlink = (
-        store.journal.syncfs, os.fdatasync, os.fsync, os.unlink)
-    monkeypatch.setattr(store, "USE_SYNCFS", use_syncfs)
-    monkeypatch.setattr(store.journal, "syncfs",
+        journal.syncfs, os.fdatasync, os.fsync, os.unlink)
+    monkeypatch.setattr(replay, "USE_SYNCFS", use_syncfs)
+    monkeypatch.setattr(journal, "syncfs",
                         lambda fd: (events.append("syncfs"), real_syncfs(fd))[1])
     monkeypatch.setattr(os, "fdatasync",
                         lambda fd: (events.append(f"fdatasync {fd_path(fd)}"), real_fdatasync(fd))[1])
@@ -672,7 +673,7 @@ async def test_checkpoint_syncs_the_files_then_deletes_the_segment(
 
 async def test_a_failed_checkpoint_keeps_the_segment_and_rewrites_the_files_before_retrying(
         spool: Spool, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
-    real = store.journal.syncfs
+    real = journal.syncfs
     broken = True
 
     def syncfs(fd: int) -> None:
@@ -680,7 +681,7 @@ async def test_a_failed_checkpoint_keeps_the_segment_and_rewrites_the_files_befo
             raise OSError(errno.EIO, "syncfs: Input/output error")
         real(fd)
 
-    monkeypatch.setattr(store.journal, "syncfs", syncfs)
+    monkeypatch.setattr(journal, "syncfs", syncfs)
     qid = await commit_message(spool)
     with pytest.raises(OSError):
         await spool.checkpoint()

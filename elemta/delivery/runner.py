@@ -16,38 +16,40 @@ import asyncio
 import heapq
 import itertools
 import logging
-import os
 import re
 import time
 from typing import TYPE_CHECKING, Any
 
-from ..control import ADMIN_WAIT_SECONDS, AdminResult
-from ..hookcall import HookFailure
+from ..hookcall import HookCaller, HookFailure
 from ..models import Outcome, Route, new_id
 from ..spool.envelope import DELIVERED, FAILED, PENDING, Envelope, RecipientState
-from ..spool.moves import StateConflict
 from ..verdicts import Discard
 from . import dsn
 
 if TYPE_CHECKING:
-    from ..app import App
+    from ..config import DeliverySettings
+    from ..metrics import Metrics
+    from ..spool.store import Spool
 
 log = logging.getLogger("elemta.delivery")
 
 NO_TRANSPORT = "no transport accepted this route"
-HELD_BY_ADMIN = "held by administrator"
-RETURNED_BY_ADMIN = "returned by the administrator"
 
 
 class Runner:
-    """Delivers what the spool holds; one per server."""
+    """Delivers what the spool holds; one per server.
 
-    def __init__(self, app: App) -> None:
-        self.app = app
-        self.settings = app.settings.delivery
-        self.spool = app.spool
-        self.hooks = app.hooks
-        self.hostname = app.settings.server.hostname
+    It is given what it works with: the ``[delivery]`` settings, the name it
+    reports in bounces, the spool, the hook dispatcher and the metrics.
+    """
+
+    def __init__(self, settings: DeliverySettings, *, hostname: str, spool: Spool,
+                 hooks: HookCaller, metrics: Metrics) -> None:
+        self.settings = settings
+        self.spool = spool
+        self.hooks = hooks
+        self.metrics = metrics
+        self.hostname = hostname
         self._heap: list[tuple[float, int, str]] = []
         self._due: dict[str, float] = {}
         self._seq = itertools.count()
@@ -218,7 +220,7 @@ class Runner:
             text = f"delivery failed in plugin {f.plugin}"
         else:
             text = NO_TRANSPORT
-        metrics = self.app.metrics
+        metrics = self.metrics
         metrics.delivery_duration.observe(time.perf_counter() - start)
         if answer is not None:
             text = "the transport gave no outcome for this recipient"
@@ -231,7 +233,7 @@ class Runner:
         failed: list[tuple[RecipientState, Outcome]] = []
         retry: list[tuple[RecipientState, Outcome]] = []
         delays: list[float] = []
-        metrics = self.app.metrics
+        metrics = self.metrics
         for rcpt in pending:
             outcome = outcomes[rcpt.address]
             rcpt.attempts += 1
@@ -281,7 +283,7 @@ class Runner:
             for rcpt in bounced:
                 rcpt.state = PENDING
             self.spool.rewrite(env, state, state)
-            await self._bounce(env, failed, now)
+            await self.bounce(env, failed, now)
             for rcpt in bounced:
                 rcpt.state = FAILED
         if env.pending():
@@ -310,7 +312,7 @@ class Runner:
                 or any("delay_notice" in t for t in env.trace)):
             return
         env.trace.append({"delay_notice": now})  # stored by the rewrite that follows
-        await self._bounce(env, late, now, action="delayed", will_retry_until=deadline)
+        await self.bounce(env, late, now, action="delayed", will_retry_until=deadline)
 
     async def _collect(self, hook: str, **kwargs: Any) -> list[Any]:
         try:
@@ -322,7 +324,7 @@ class Runner:
         intervals = self.settings.retry_intervals_seconds
         return intervals[min(attempts, len(intervals)) - 1]
 
-    async def _bounce(self, env: Envelope, failed: list[tuple[RecipientState, Outcome]],
+    async def bounce(self, env: Envelope, failed: list[tuple[RecipientState, Outcome]],
                       now: float, action: str = "failed",
                       will_retry_until: float | None = None) -> None:
         """Queue one DSN for this batch of recipients (never to the null sender).
@@ -365,16 +367,18 @@ class Runner:
                  "bounce" if action == "failed" else "delay notice", bounce_id, env.sender,
                  len(failed))
 
-    # ------------------------------------------------------------- administration
+    # ------------------------------------------------------------- claims
     #
-    # ``elemta queue`` commands, run on the event loop through the control socket
-    # (elemta/control.py), so they never interleave with a worker's own changes:
-    # a message is claimed (put in ``_busy``, which keeps every worker off it)
-    # before it is changed, and a message in delivery is waited for first.
+    # ``elemta queue`` commands run on the event loop through the control
+    # socket (elemta/delivery/admin.py), so they never interleave with a
+    # worker's own changes: a message is claimed (which keeps every worker off
+    # it) before it is changed, and a message in delivery is waited for first.
 
-    async def _claim(self, queue_ids: list[str], result: AdminResult,
-                     wait: float = ADMIN_WAIT_SECONDS) -> list[str]:
-        """Take messages away from the workers; those still in delivery after ``wait`` are busy."""
+    async def claim(self, queue_ids: list[str], wait: float) -> tuple[list[str], list[str]]:
+        """Take messages away from the workers: ``(claimed, busy)``.
+
+        Those still in delivery after ``wait`` seconds are busy.
+        """
         ids = list(dict.fromkeys(queue_ids))
         if any(self.spool.awaiting_checkpoint(i) for i in ids):
             # Changed before its checkpoint, a message could come back from the
@@ -383,17 +387,17 @@ class Runner:
         deadline = time.monotonic() + wait
         while any(i in self._busy for i in ids) and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
-        claimed = []
+        claimed, busy = [], []
         for queue_id in ids:
             if queue_id in self._busy:
-                result.busy.append(queue_id)
+                busy.append(queue_id)
             else:
                 self._busy.add(queue_id)
                 self.unschedule(queue_id)
                 claimed.append(queue_id)
-        return claimed
+        return claimed, busy
 
-    def _unclaim(self, queue_ids: list[str]) -> None:
+    def unclaim(self, queue_ids: list[str]) -> None:
         """Give messages back to the workers, scheduled as their envelopes say."""
         now = time.time()
         for queue_id in queue_ids:
@@ -407,105 +411,8 @@ class Runner:
             elif state == "deferred":
                 self.schedule(queue_id, env.next_attempt_at or now)
 
-    async def hold(self, queue_ids: list[str], reason: str = HELD_BY_ADMIN) -> AdminResult:
-        """Keep messages from delivery until they are released."""
-        result = AdminResult()
-        claimed = await self._claim(queue_ids, result)
-        try:
-            for queue_id in claimed:
-                with result.recording(queue_id):
-                    if self.spool.hold(queue_id, reason):
-                        log.info("%s: held by the administrator", queue_id)
-        finally:
-            self._unclaim(claimed)
-        return result
-
-    async def release(self, queue_ids: list[str]) -> AdminResult:
-        """Put held messages back in the queue, due now."""
-        result = AdminResult()
-        claimed = await self._claim(queue_ids, result)
-        try:
-            for queue_id in claimed:
-                with result.recording(queue_id):
-                    self.spool.release(queue_id)
-                    log.info("%s: released by the administrator", queue_id)
-        finally:
-            self._unclaim(claimed)  # schedules the released ones for now
-        return result
-
-    async def retry(self, queue_ids: list[str] | None = None) -> AdminResult:
-        """Deliver now: the given messages, or every deferred one."""
-        result = AdminResult()
-        now = time.time()
-        if queue_ids is None:
-            # The names are enough: whatever is in deferred/ and not in
-            # delivery right now is in the schedule.
-            with os.scandir(self.spool.state_dir("deferred")) as it:
-                queue_ids = [e.name[:-5] for e in it if e.name.endswith(".json")]
-            for queue_id in queue_ids:
-                if queue_id not in self._busy:
-                    self.schedule(queue_id, now)
-                result.done.append(queue_id)
-            return result
-        for queue_id in dict.fromkeys(queue_ids):
-            with result.recording(queue_id):
-                state, _ = self.spool.load(queue_id)
-                if state == "hold":
-                    raise StateConflict("held: release it instead")
-                if state == "failed":
-                    raise StateConflict("in failed/, cannot be delivered")
-                # In delivery right now, or not yet handed to the runner (its
-                # checkpoint schedules it): due already either way.
-                if queue_id not in self._busy and not self.spool.awaiting_checkpoint(queue_id):
-                    self.schedule(queue_id, now)
-        return result
-
-    async def delete(self, queue_ids: list[str]) -> AdminResult:
-        """Remove messages without delivering them or telling anyone."""
-        result = AdminResult()
-        claimed = await self._claim(queue_ids, result)
-        try:
-            for queue_id in claimed:
-                with result.recording(queue_id):
-                    state = self.spool.delete(queue_id)
-                    log.info("%s: deleted by the administrator (was in %s/)", queue_id, state)
-        finally:
-            self._unclaim(claimed)
-        return result
-
-    async def bounce(self, queue_ids: list[str]) -> AdminResult:
-        """Fail every pending recipient, tell the sender with a DSN, remove the message."""
-        result = AdminResult()
-        claimed = await self._claim(queue_ids, result)
-        try:
-            for queue_id in claimed:
-                with result.recording(queue_id):
-                    await self._return(queue_id)
-        finally:
-            self._unclaim(claimed)
-        return result
-
-    async def _return(self, queue_id: str) -> None:
-        state, env = self.spool.load(queue_id)
-        now = time.time()
-        failed = [(rcpt, Outcome(rcpt.address, 550, "5.0.0", RETURNED_BY_ADMIN))
-                  for rcpt in env.pending()]
-        if failed:
-            env.last_error = failed[0][1].reply()
-            try:
-                await self._bounce(env, failed, now)
-            except OSError as e:
-                raise StateConflict(f"cannot queue the delivery status notification: {e}"
-                                    ) from None
-            for rcpt, outcome in failed:
-                rcpt.state = FAILED
-                rcpt.last_error = outcome.reply()
-                rcpt.updated_at = now
-        self.spool.remove(queue_id, state)
-        log.info("%s: returned to <%s> by the administrator for %d recipient(s)", queue_id,
-                 env.sender, len(failed))
-        for rcpt, outcome in failed:
-            await self.hooks.call("bounced", envelope=env, recipient=rcpt, outcome=outcome)
+    def in_delivery(self, queue_id: str) -> bool:
+        return queue_id in self._busy
 
     def stats(self) -> dict[str, Any]:
         """What only the running server knows: messages in delivery, the schedule."""

@@ -72,3 +72,14 @@ class Envelope:
 
 _ENVELOPE_FIELDS = tuple(f.name for f in fields(Envelope))
 _RECIPIENT_FIELDS = tuple(f.name for f in fields(RecipientState))
+
+
+def parse_envelope(raw: bytes, queue_id: str) -> Envelope:
+    """An envelope file's contents; ``ValueError`` for anything malformed or misnamed."""
+    try:
+        env = Envelope.from_json(raw)
+    except (TypeError, KeyError, AttributeError) as e:
+        raise ValueError(f"malformed envelope: {e!r}") from None
+    if env.id != queue_id:
+        raise ValueError(f"envelope id {env.id!r} does not match its file name")
+    return env

@@ -1,6 +1,6 @@
 """The spool's write-ahead journal: append-only segment files of checksummed records.
 
-A segment is ``journal/<seq>.log`` (``seq`` zero-padded, increasing). It holds
+A segment is ``journal/<seq>.log`` (``seq`` zero-padded, increasing; ``layout.py``). It holds
 records, one per committed message, back to back::
 
     header   b"ELJ1"  segment seq  state  id length  envelope length  content length
@@ -29,31 +29,19 @@ import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
+from ..durable import sync_data
 from .envelope import STATES
 
 MAGIC = b"ELJ1"
 HEADER = struct.Struct("<4sQBBIQ")
 TRAILER = struct.Struct("<I")
 STATE_INDEX = {state: i for i, state in enumerate(STATES)}
-SUFFIX = ".log"
 
 # Larger envelopes do not exist; a header claiming one is damaged, and reading
 # it must not allocate what a flipped bit asks for.
 MAX_ENVELOPE = 16 << 20
 CHUNK = 1 << 20
 _IOV_MAX = 1024
-
-
-def segment_name(seq: int) -> str:
-    return f"{seq:016d}{SUFFIX}"
-
-
-def segment_seq(name: str) -> int | None:
-    """The sequence number in a segment's file name; ``None`` for any other file."""
-    stem = name.removesuffix(SUFFIX)
-    if stem == name or not stem.isdigit() or not stem.isascii():
-        return None
-    return int(stem)
 
 
 def record_head(seq: int, state: str, queue_id: bytes, envelope: bytes,
@@ -183,17 +171,6 @@ def pwrite_all(fd: int, buffers: list, offset: int) -> int:
     return offset
 
 
-def write_all(fd: int, *chunks: bytes) -> None:
-    views = [memoryview(c) for c in chunks if c]
-    while views:
-        n = os.writev(fd, views)
-        while views and n >= len(views[0]):
-            n -= len(views[0])
-            views.pop(0)
-        if views and n:
-            views[0] = views[0][n:]
-
-
 def crc32_range(fd: int, offset: int, length: int, buf: bytearray, crc: int) -> int:
     """Checksum ``length`` bytes of ``fd`` from ``offset``, through one reused buffer."""
     view = memoryview(buf)
@@ -233,23 +210,6 @@ def copy_range(src: int, dst: int, src_offset: int, length: int) -> None:
         src_offset += written
         dst_offset += written
         length -= written
-
-
-def fsync_dir(path: str | os.PathLike[str]) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def sync_data(fd: int) -> None:
-    # fdatasync still flushes the size and block map of a file; it only skips
-    # timestamps. Not every platform has it.
-    if hasattr(os, "fdatasync"):
-        os.fdatasync(fd)
-    else:
-        os.fsync(fd)
 
 
 def _load_syncfs():

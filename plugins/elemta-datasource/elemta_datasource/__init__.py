@@ -4,7 +4,8 @@ Enable it with ``[plugins] enabled = ["datasource"]``; see README.md.
 """
 
 from .directory import Domain, Lookup, Rule
-from .plugin import DatasourcePlugin, make_backend
+from .backends import make_backend
+from .plugin import DatasourcePlugin
 from .settings import DatasourceSettings
 
 __all__ = ["DatasourcePlugin", "DatasourceSettings", "Domain", "Lookup", "Rule", "make_backend"]

@@ -18,9 +18,9 @@ from .directory import (BackendUnavailable, DirectoryError, Domain, Rule, check_
 
 
 def _with_backend(op: Callable[[Any], Awaitable[Any]]) -> Any:
-    from elemta.cli import current_settings, plugin_settings
+    from elemta import current_settings, plugin_settings
 
-    from .plugin import make_backend
+    from .backends import make_backend
 
     settings = plugin_settings("datasource")
     backend = make_backend(settings, current_settings())

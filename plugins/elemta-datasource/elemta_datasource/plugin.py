@@ -7,12 +7,11 @@ import logging
 import time
 from typing import Any
 
-from elemta import Accept, Quarantine, Reject, TempFail, hookimpl
-from elemta.models import Route
-from elemta.stash import StashKey
+from elemta import Accept, Quarantine, Reject, Route, StashKey, TempFail, hookimpl
 
 from .directory import (Backend, BackendUnavailable, DirectoryError, Lookup, Resolution,
                         TTLCache, resolve)
+from .backends import make_backend
 from .settings import DatasourceSettings
 
 log = logging.getLogger("elemta.datasource")
@@ -23,26 +22,6 @@ _max_size = StashKey[int]()
 
 REOPEN_SECONDS = 5.0
 FAIL_FAST_SECONDS = 2.0
-
-
-def make_backend(settings: DatasourceSettings, server_settings: Any) -> Backend:
-    """The configured backend (not opened yet)."""
-    if settings.backend == "toml":
-        from .static import StaticBackend
-
-        return StaticBackend(server_settings.resolve(settings.toml_path))
-    if settings.backend == "postgresql":
-        from .sql import PostgresBackend
-
-        assert settings.postgresql_dsn is not None
-        return PostgresBackend(settings.postgresql_dsn.get_secret_value(),
-                               settings.postgresql_pool_size, settings.lookup_timeout_seconds)
-    from .sql import SQLiteBackend
-
-    path = settings.sqlite_path
-    if path is None:
-        path = server_settings.resolve(server_settings.server.state_dir) / "datasource.sqlite3"
-    return SQLiteBackend(server_settings.resolve(path))
 
 
 class DatasourcePlugin:

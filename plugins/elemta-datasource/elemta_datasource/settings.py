@@ -8,7 +8,7 @@ from typing import Literal
 import pydantic
 from pydantic import ConfigDict, Field
 
-from elemta.config import Secret
+from elemta import Secret
 
 
 class DatasourceSettings(pydantic.BaseModel):

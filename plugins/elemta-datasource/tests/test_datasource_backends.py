@@ -152,7 +152,7 @@ async def test_sqlite_schema_is_created_once_and_versioned(tmp_path: Path) -> No
 
 
 async def test_postgresql_down_is_unavailable_not_empty() -> None:
-    from elemta.testing.process import free_port
+    from elemta.testing import free_port
 
     b = PostgresBackend(f"postgresql://postgres@127.0.0.1:{free_port()}/x", timeout=1.0)
     with pytest.raises(BackendUnavailable, match="PostgreSQL"):

@@ -8,11 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
-
-from elemta import cli as elemta_cli
-
-from elemta.testing.fixtures import write_config
+from elemta.testing import run_cli, write_config
 
 
 def elemta_process(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
@@ -22,12 +18,7 @@ def elemta_process(config: Path, *args: str) -> subprocess.CompletedProcess[str]
 
 def elemta(config: Path, *args: str) -> Result:
     """The command line in this process (a subprocess per command costs a second)."""
-    argv = ["--config", str(config), *args]
-    elemta_cli._add_builtin_groups()
-    elemta_cli._add_plugin_commands(argv)
-    r = CliRunner().invoke(elemta_cli.main, argv, prog_name="elemta")
-    if r.exception is not None and not isinstance(r.exception, SystemExit):
-        raise r.exception
+    r = run_cli(*args, config=config)
     return Result(r.exit_code, r.stdout, r.stderr)
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from elemta.testing.sink import Sink
+from elemta.testing import Sink
 from elemta_datasource.directory import Domain, Rule, check_rule
 from elemta_datasource.sql import SQLiteBackend
 

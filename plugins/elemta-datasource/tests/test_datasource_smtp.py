@@ -8,9 +8,7 @@ import os
 import sys
 from pathlib import Path
 
-from elemta.testing.client import RawSMTP
-from elemta.testing.process import free_port
-from elemta.testing.sink import Sink
+from elemta.testing import RawSMTP, Sink, free_port
 from elemta_datasource.directory import Domain, Rule, check_rule
 from elemta_datasource.sql import SQLiteBackend
 
@@ -207,7 +205,7 @@ async def test_route_uses_the_last_answer_while_the_backend_is_down(elemta_serve
                                                                    tmp_path) -> None:
     import pytest
 
-    from elemta.spool.envelope import RecipientState
+    from elemta import RecipientState
     from elemta_datasource.directory import BackendUnavailable
 
     server = await start(elemta_server, tmp_path, cache_seconds=0.1)

@@ -9,9 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from elemta import hookimpl
-from elemta.models import Outcome, Route
-from elemta.spool.envelope import Envelope, RecipientState
+from elemta import Envelope, Outcome, RecipientState, Route, hookimpl
 
 from .settings import LMTPAddress, LMTPSettings, parse_address
 from .transport import LMTPTransport
@@ -19,7 +17,7 @@ from .transport import LMTPTransport
 if TYPE_CHECKING:
     import pydantic
 
-    from elemta.app import App
+    from elemta import App
 
 __all__ = ["LMTPAddress", "LMTPPlugin", "LMTPSettings", "LMTPTransport", "parse_address"]
 

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 import pydantic
 from pydantic import Field
 
-from elemta.delivery.smtp_client import lmtp_remote
+from elemta import lmtp_remote
 
 UNIX_PREFIX = "unix:"
 _FORMS = ('"unix:PATH" for a unix socket (Dovecot: "unix:/var/run/dovecot/lmtp") or '

@@ -17,10 +17,8 @@ import asyncio
 import logging
 import time
 
-from elemta.delivery.smtp_client import (DeliveryResult, SMTPConnection, SMTPError, Timeouts,
-                                         default_enhanced)
-from elemta.models import Outcome
-from elemta.spool.envelope import Envelope
+from elemta import (DeliveryResult, Envelope, Outcome, SMTPConnection, SMTPError, Timeouts,
+                    default_enhanced)
 
 from .settings import LMTPAddress, LMTPSettings
 

@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from elemta.app import App
-from elemta.config import ConfigError, load_settings
-from elemta.models import Route
-from elemta.spool.envelope import Envelope, RecipientState
+from elemta import App, ConfigError, Envelope, RecipientState, Route, load_settings
 from elemta_lmtp import LMTPAddress, LMTPSettings, parse_address
 
 

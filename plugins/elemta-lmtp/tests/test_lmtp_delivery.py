@@ -14,8 +14,7 @@ import aiosmtplib
 import pytest
 
 from elemta import Route, hookimpl
-from elemta.delivery.dsn import parse_dsn
-from elemta.testing.sink import Sink
+from elemta.testing import Sink, parse_dsn
 from elemta_lmtp.testing import LMTPSink
 
 SENDER = "alice@origin.example"

@@ -14,14 +14,13 @@ import logging
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
-from elemta import Outcome, Route, hookimpl
-from elemta.spool.envelope import Envelope, RecipientState
+from elemta import Envelope, Outcome, RecipientState, Route, hookimpl
 
 from .delivery import Maildirs
 from .settings import MaildirSettings
 
 if TYPE_CHECKING:
-    from elemta.app import App
+    from elemta import App
 
 __all__ = ["MaildirPlugin", "MaildirSettings"]
 __version__ = "0.1.0"

@@ -14,8 +14,7 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-from elemta.models import Outcome
-from elemta.spool.envelope import Envelope, RecipientState
+from elemta import Envelope, Outcome, RecipientState
 
 from . import store
 from .layout import Layout, Mailbox, UnsafeAddress, folder_name

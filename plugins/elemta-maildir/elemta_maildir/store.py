@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from elemta.spool.journal import fsync_dir, write_all
+from elemta import fsync_dir, write_all
 
 SUBDIRS = ("cur", "new", "tmp")
 MAILDIRSIZE = "maildirsize"

@@ -23,10 +23,8 @@ import pytest
 from elemta_maildir import MaildirSettings
 from elemta_maildir.store import base_name
 
-from elemta import Route, hookimpl
-from elemta.models import new_id
-from elemta.spool.envelope import Envelope, RecipientState
-from elemta.testing.client import RawSMTP
+from elemta import Envelope, RecipientState, Route, hookimpl, new_id
+from elemta.testing import RawSMTP
 
 DOMAIN = "example.test"
 # <secs>.M<usecs>Q<queue id>R<hash>.<host>,S=<size>, as maildir(5) and Dovecot write it
@@ -276,7 +274,7 @@ async def test_an_unwritable_mailbox_defers_until_it_is_fixed(elemta_server):
 
     (box / "new").unlink()
     (box / "new").mkdir()
-    await server.app.runner.retry([queue_id])
+    await server.retry(queue_id)
     await wait_gone(server, queue_id)
     [path] = files(box)
     assert split_delivered(path)[1].endswith(message("broken"))
@@ -325,7 +323,7 @@ async def test_a_full_disk_defers_and_delivers_once_there_is_room(elemta_server,
     assert files(box) == [] and files(box, "tmp") == [], "no partial file is left"
 
     filler.unlink()
-    await server.app.runner.retry([queue_id])
+    await server.retry(queue_id)
     await wait_gone(server, queue_id)
     [path] = files(box)
     assert split_delivered(path)[1].endswith(big)

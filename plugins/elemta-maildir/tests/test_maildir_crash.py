@@ -24,8 +24,7 @@ from pathlib import Path
 
 import aiosmtplib
 
-from elemta.testing.fixtures import write_config
-from elemta.testing.process import free_port, listener
+from elemta.testing import free_port, listener, write_config
 
 MESSAGES = 300
 SUBMITTERS = 8

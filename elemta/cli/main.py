@@ -7,57 +7,17 @@ import logging
 import os
 import signal
 import sys
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import click
 
-from .config import DEFAULT_CONFIG, ConfigError, Settings, load_settings
-from .plugins import PluginLoadError
+from ..config import DEFAULT_CONFIG, ConfigError, Settings, load_settings
+from ..plugins import PluginLoadError
+from .context import config_option, config_problems, fail
+from .context import state as cli_state
 
 log = logging.getLogger("elemta")
-
-
-@dataclass
-class CLIState:
-    config_path: Path = Path(DEFAULT_CONFIG)
-    _settings: Settings | None = field(default=None, repr=False)
-
-    @property
-    def settings(self) -> Settings:
-        if self._settings is None:
-            self._settings = load_or_exit(self.config_path)
-        return self._settings
-
-
-def fail(message: str, code: int = 2) -> NoReturn:
-    click.echo(f"elemta: {message}", err=True)
-    sys.exit(code)
-
-
-def load_or_exit(path: Path) -> Settings:
-    try:
-        return load_settings(path)
-    except ConfigError as e:
-        fail("configuration error:\n  " + "\n  ".join(e.problems))
-
-
-def _set_config(ctx: click.Context, param: click.Parameter, value: Path | None) -> None:
-    if value is not None:
-        state = ctx.ensure_object(CLIState)
-        state.config_path = value
-        state._settings = None
-
-
-config_option = click.option(
-    "--config", type=click.Path(path_type=Path), default=None, expose_value=False,
-    callback=_set_config, help=f"Configuration file (default: ./{DEFAULT_CONFIG}).")
-"""``--config`` accepted before or after any command name."""
-
-
-def _state() -> CLIState:
-    return click.get_current_context().ensure_object(CLIState)
 
 
 @click.group()
@@ -71,9 +31,9 @@ def main() -> None:
 @config_option
 def serve() -> None:
     """Run the server until SIGTERM/SIGINT (SIGHUP reloads TLS certificates)."""
-    from .log import setup_logging
+    from ..log import setup_logging
 
-    settings = _state().settings
+    settings = cli_state().settings
     setup_logging(settings.log)
     if settings.server.event_loop == "uvloop":
         try:
@@ -87,13 +47,12 @@ def serve() -> None:
 
 
 async def _serve(settings: Settings) -> None:
-    from .app import App, StartupError
+    from ..app import App, StartupError
 
     try:
         app = App(settings)
     except (ConfigError, PluginLoadError) as e:
-        fail(str(e) if isinstance(e, PluginLoadError) else
-             "configuration error:\n  " + "\n  ".join(e.problems))
+        fail(str(e) if isinstance(e, PluginLoadError) else config_problems(e))
     try:
         await app.start()
     except StartupError as e:
@@ -116,9 +75,9 @@ async def _serve(settings: Settings) -> None:
 @config_option
 def check_config(path: Path | None) -> None:
     """Validate a configuration file (and the plugins it enables) without starting."""
-    from .app import App
+    from ..app import App
 
-    state = _state()
+    state = cli_state()
     if path is not None:
         state.config_path = path
         state._settings = None
@@ -128,7 +87,7 @@ def check_config(path: Path | None) -> None:
     except PluginLoadError as e:
         fail(str(e))
     except ConfigError as e:
-        fail("configuration error:\n  " + "\n  ".join(e.problems))
+        fail(config_problems(e))
     click.echo(f"{state.config_path}: OK ({len(settings.listeners)} listeners, "
                f"{len(settings.domains)} local domains, "
                f"{len(settings.plugins.enabled)} plugins enabled)")
@@ -141,11 +100,11 @@ def plugins() -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from .hookcall import HookCaller
-    from .hookspecs import hook_names
-    from .plugins import enabled_names, installed_plugins, make_plugin_manager, plugin_hooks
+    from ..hookcall import HookCaller
+    from ..hookspecs import hook_names
+    from ..plugins import enabled_names, installed_plugins, make_plugin_manager, plugin_hooks
 
-    settings = _state().settings
+    settings = cli_state().settings
     installed = installed_plugins()
     enabled = enabled_names(settings.plugins.enabled)
     try:
@@ -173,40 +132,8 @@ def plugins() -> None:
     console.print(calls)
 
 
-def current_settings() -> Settings:
-    """For plugin commands: the server settings of the configuration in use (``--config``).
-
-    Exits with a message saying what is wrong when the file is missing or invalid.
-    """
-    return _state().settings
-
-
-def plugin_settings(name: str) -> Any:
-    """For plugin commands: the validated ``[plugins.<name>]`` settings of the configuration.
-
-    The enabled plugins declare their schemas as at start-up; a mistake in the
-    file exits with the same message ``elemta check-config`` gives.
-    """
-    from .hookcall import HookCaller
-    from .plugins import enabled_names, make_plugin_manager, validated_plugin_settings
-
-    settings = _state().settings
-    try:
-        pm, order = make_plugin_manager(enabled_names(settings.plugins.enabled),
-                                        source=str(settings.source), settings=settings)
-        validated = validated_plugin_settings(
-            HookCaller(pm, order, settings.plugins.timeout_for), settings)
-    except PluginLoadError as e:
-        fail(str(e))
-    except ConfigError as e:
-        fail("configuration error:\n  " + "\n  ".join(e.problems))
-    if name not in validated:
-        fail(f"{settings.source}: plugin {name!r} is not enabled; add it to [plugins] enabled")
-    return validated[name]
-
-
 def _add_builtin_groups() -> None:
-    from .spool.cli import queue_group
+    from .queue import queue_group
 
     main.add_command(queue_group)
 
@@ -221,8 +148,8 @@ def _add_plugin_commands(argv: list[str]) -> None:
             path = Path(arg.split("=", 1)[1])
     if not path.exists():
         return
-    from .hookcall import HookCaller, HookFailure
-    from .plugins import enabled_names, make_plugin_manager
+    from ..hookcall import HookCaller, HookFailure
+    from ..plugins import enabled_names, make_plugin_manager
 
     try:
         settings = load_settings(path)
@@ -234,14 +161,19 @@ def _add_plugin_commands(argv: list[str]) -> None:
         return  # the command itself reports the problem
 
 
-def run(argv: list[str] | None = None) -> Any:
-    args = sys.argv[1:] if argv is None else argv
+def command_line(args: list[str]) -> click.Group:
+    """The ``elemta`` group ready for ``args``: built-in groups, and plugin commands if needed."""
     _add_builtin_groups()
     if _command_name(args) not in main.commands:
         # only a plugin's command (or --help, which lists them) needs the
         # plugins loaded; `serve` loads them itself, once
         _add_plugin_commands(args)
-    return main.main(args=args, prog_name="elemta")
+    return main
+
+
+def run(argv: list[str] | None = None) -> Any:
+    args = sys.argv[1:] if argv is None else argv
+    return command_line(args).main(args=args, prog_name="elemta")
 
 
 def _command_name(args: list[str]) -> str | None:

@@ -1,28 +1,20 @@
-"""``elemta queue``: look into the spool and manage its messages, with or without a server.
+"""``elemta queue list|show|stats``: reading the spool's files.
 
-``list``, ``show`` and ``stats`` only read the files. Messages move while the
-server runs, so an envelope listed a moment ago may be gone when it is read:
-such a message is skipped, not reported as an error.
-
-``hold``, ``release``, ``retry``, ``delete`` and ``bounce`` change the spool.
-With the server running they go through its control socket and are carried
-out by its delivery runner, so they never race a delivery (elemta/control.py);
-with no server, they change the files under the spool lock.
+Messages move while the server runs, so an envelope listed a moment ago may be
+gone when it is read: such a message is skipped, not reported as an error.
 """
 
 from __future__ import annotations
 
 import contextlib
-import datetime
 import gc
 import json
 import os
-import re
-import sys
 import time
 from collections import Counter
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any, Iterable, Iterator, NoReturn
+from typing import Any
 
 import click
 from rich.console import Console
@@ -31,96 +23,16 @@ from rich.table import Table
 from rich.text import Text
 
 from .. import control
-from ..cli import config_option
-from ..config import DEFAULT_CONFIG, ConfigError, Settings, load_settings
-from .envelope import PENDING, STATES
-from .incoming import HEADER_CAP_BYTES
-from .store import Spool, SpoolError
+from ..config import Settings
+from ..spool.envelope import PENDING, STATES
+from ..spool.incoming import HEADER_CAP_BYTES
+from ..spool.layout import Layout
+from . import output
+from .context import config_option, config_spool, queue_settings
 
 # Past this many rows a listing is printed as plain aligned text: a rich table
 # costs about a millisecond a row, minutes for a big queue.
 RICH_MAX_ROWS = 500
-# A command may wait up to 30 s for a delivery in progress, then do its work.
-REQUEST_TIMEOUT = 300.0
-# A server that holds the spool lock but does not answer yet may be starting.
-STARTING_GRACE = 5.0
-
-
-@click.group("queue")
-@config_option
-def queue_group() -> None:
-    """Inspect and manage the messages in the spool."""
-
-
-def _settings() -> Settings:
-    obj = click.get_current_context().obj
-    settings = getattr(obj, "settings", None)
-    if settings is None:
-        try:
-            settings = load_settings(getattr(obj, "config_path", None) or DEFAULT_CONFIG)
-        except ConfigError as e:
-            raise click.ClickException(str(e)) from None
-    return settings
-
-
-def _spool_from_ctx() -> Spool:
-    """The spool named by the configuration the top-level ``elemta`` command loaded."""
-    settings = _settings()
-    root = settings.resolve(settings.spool.path)
-    if not root.is_dir():
-        raise click.ClickException(f"no spool at {root} (check [spool] path in {settings.source})")
-    return Spool(root)
-
-
-def _fail(message: str, code: int = 1) -> NoReturn:
-    click.echo(f"elemta: {message}", err=True)
-    sys.exit(code)
-
-
-_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
-
-
-def _clean(value: str) -> str:
-    """Spool data for the terminal: no escape sequences or line breaks get through."""
-    if value.isprintable():
-        return value
-    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", value)
-
-
-def _text(value: str) -> Text:
-    """Spool data for a rich table: neither markup nor escape sequences get through."""
-    return Text(_clean(value))
-
-
-def _console() -> Console:
-    console = Console(highlight=False)
-    if not console.is_terminal and "COLUMNS" not in os.environ:
-        # Piped into grep or a file: one line per message, whatever its width.
-        console.width = 1000
-    return console
-
-
-def _age(since: float, now: float) -> str:
-    seconds = max(0, int(now - since))
-    for unit, length in (("d", 86400), ("h", 3600), ("m", 60)):
-        if seconds >= length:
-            return f"{seconds // length}{unit}"
-    return f"{seconds}s"
-
-
-def _sender(sender: str) -> str:
-    return sender or "<>"
-
-
-def _timestamp(t: float | None, now: float) -> str:
-    if t is None:
-        return "-"
-    stamp = datetime.datetime.fromtimestamp(t).astimezone().isoformat(timespec="seconds")
-    return f"{stamp} ({_age(t, now)} ago)" if t <= now else f"{stamp} (in {_age(now, t)})"
-
-
-def _plural(n: int, word: str) -> str:
-    return f"{n} {word}{'' if n == 1 else 's'}"
 
 
 # ------------------------------------------------------------------ reading the spool
@@ -136,15 +48,10 @@ def scan(root: Path, states: Iterable[str] = STATES,
     contain it is not parsed at all.
     """
     loads = json.loads
+    layout = Layout(root)
     for state in states:
-        directory = os.path.join(root, state)
-        try:
-            with os.scandir(directory) as it:
-                names = [e.name for e in it if e.name.endswith(".json")]
-        except FileNotFoundError:
-            continue
-        for name in names:
-            raw = _read(f"{directory}/{name}")
+        for queue_id in layout.ids_in(state):
+            raw = _read(layout.envelope(state, queue_id))
             if raw is None:
                 continue  # delivered or moved since the directory was read
             if needle is not None and needle not in raw.lower():
@@ -225,7 +132,7 @@ class Filter:
 # ------------------------------------------------------------------ list
 
 
-@queue_group.command("list")
+@click.command("list")
 @config_option
 @click.option("--state", "states", type=click.Choice(STATES), multiple=True,
               help="Only messages in this state (repeat for several).")
@@ -240,7 +147,7 @@ class Filter:
 def list_messages(states: tuple[str, ...], to: str | None, sender: str | None,
                   domain: str | None, limit: int | None, as_json: bool) -> None:
     """List queued messages, oldest first."""
-    spool = _spool_from_ctx()
+    spool = config_spool()
     now = time.time()
     match = Filter(to, sender, domain)
     with _no_gc():
@@ -254,16 +161,16 @@ def list_messages(states: tuple[str, ...], to: str | None, sender: str | None,
         total = len(found)
         shown = found[:limit] if limit else found
         if as_json:
-            _write(json.dumps([item for _, item in shown], ensure_ascii=False, indent=1) + "\n")
+            output.write(json.dumps([item for _, item in shown], ensure_ascii=False, indent=1) + "\n")
             return
         where = f" in state {', '.join(states)}" if states else ""
-        summary = (f"{len(shown)} of {_plural(total, 'message')}{where} (oldest first)"
-                   if len(shown) < total else f"{_plural(total, 'message')}{where}")
+        summary = (f"{len(shown)} of {output.plural(total, 'message')}{where} (oldest first)"
+                   if len(shown) < total else f"{output.plural(total, 'message')}{where}")
         rows = [row for _, row in shown]
     if not rows:
         click.echo(summary)
         return
-    console = _console()
+    console = output.console()
     if console.is_terminal and len(rows) <= RICH_MAX_ROWS:
         _print_rich_list(console, rows)
         console.print(summary)
@@ -285,9 +192,9 @@ def _list_item(state: str, env: dict[str, Any], now: float) -> tuple[float, tupl
     if len(rcpts) > 1:
         first = f"{first} (+{len(rcpts) - 1})"
     received = env["received_at"]
-    return received, (env["id"], state, _age(received, now), decimal(env.get("size") or 0),
-                      str(env.get("attempts", 0)), _clean(env.get("sender") or "<>"),
-                      _clean(first))
+    return received, (env["id"], state, output.age(received, now), decimal(env.get("size") or 0),
+                      str(env.get("attempts", 0)), output.clean(env.get("sender") or "<>"),
+                      output.clean(first))
 
 
 def _json_item(state: str, env: dict[str, Any], now: float) -> tuple[float, dict[str, Any]]:
@@ -326,27 +233,19 @@ def _print_plain_list(rows: list[tuple[str, ...]], summary: str) -> None:
     out = [fmt.format(*_LIST_HEADER)]
     out += [fmt.format(*row) for row in rows]
     out.append(summary)
-    _write("\n".join(out) + "\n")
-
-
-def _write(text: str) -> None:
-    try:
-        sys.stdout.write(text)
-        sys.stdout.flush()
-    except BrokenPipeError:  # `elemta queue list | head`
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    output.write("\n".join(out) + "\n")
 
 
 # ------------------------------------------------------------------ show
 
 
-@queue_group.command("show")
+@click.command("show")
 @config_option
 @click.argument("queue_id")
 @click.option("--json", "as_json", is_flag=True, help="Print the envelope as JSON.")
 def show_message(queue_id: str, as_json: bool) -> None:
     """Show one message: envelope, recipients and header section."""
-    spool = _spool_from_ctx()
+    spool = config_spool()
     try:
         state, env = spool.load(queue_id)
     except KeyError:
@@ -354,11 +253,11 @@ def show_message(queue_id: str, as_json: bool) -> None:
     except ValueError as e:
         raise click.ClickException(f"message {queue_id}: unreadable envelope: {e}") from None
     if as_json:
-        _write(json.dumps({"state": state, "envelope": json.loads(env.to_json())},
+        output.write(json.dumps({"state": state, "envelope": json.loads(env.to_json())},
                           ensure_ascii=False, indent=1) + "\n")
         return
     now = time.time()
-    console = _console()
+    console = output.console()
 
     facts = Table.grid(padding=(0, 2))
     facts.add_column(style="bold", no_wrap=True)
@@ -366,11 +265,11 @@ def show_message(queue_id: str, as_json: bool) -> None:
     rows: list[tuple[str, str | None]] = [
         ("ID", env.id),
         ("State", state),
-        ("Sender", _sender(env.sender)),
-        ("Received", _timestamp(env.received_at, now)),
+        ("Sender", output.sender(env.sender)),
+        ("Received", output.timestamp(env.received_at, now)),
         ("Size", f"{decimal(env.size)} ({env.size} bytes)"),
         ("Attempts", str(env.attempts)),
-        ("Next attempt", _timestamp(env.next_attempt_at, now) if env.next_attempt_at else None),
+        ("Next attempt", output.timestamp(env.next_attempt_at, now) if env.next_attempt_at else None),
         ("Hold reason", env.hold_reason),
         ("Last error", env.last_error),
         ("Client", (f"{env.peer.get('ip')} port {env.peer.get('port')}" if env.peer else None)),
@@ -383,7 +282,7 @@ def show_message(queue_id: str, as_json: bool) -> None:
     ]
     for name, value in rows:
         if value is not None:
-            facts.add_row(name, _text(value))
+            facts.add_row(name, output.text(value))
     console.print(facts)
 
     rcpts = Table(title="Recipients", title_justify="left", box=None, header_style="bold")
@@ -391,7 +290,7 @@ def show_message(queue_id: str, as_json: bool) -> None:
         rcpts.add_column(column, overflow="fold")
     for r in env.recipients:
         address = r.address if r.original is None else f"{r.address} (for {r.original})"
-        rcpts.add_row(_text(address), r.state, str(r.attempts), _text(r.last_error or ""))
+        rcpts.add_row(output.text(address), r.state, str(r.attempts), output.text(r.last_error or ""))
     console.print()
     console.print(rcpts)
 
@@ -403,7 +302,7 @@ def show_message(queue_id: str, as_json: bool) -> None:
         # delivered and removed since the envelope was read, or damaged
         console.print("(message content is no longer in the spool)")
         return
-    console.print(_text(header.decode("utf-8", "replace").rstrip("\r\n").replace("\r\n", "\n")),
+    console.print(output.text(header.decode("utf-8", "replace").rstrip("\r\n").replace("\r\n", "\n")),
                   soft_wrap=True)
 
 
@@ -417,7 +316,7 @@ def _read_header_section(path: Path) -> bytes:
 # ------------------------------------------------------------------ stats
 
 
-@queue_group.command("stats")
+@click.command("stats")
 @config_option
 @click.option("--top", type=click.IntRange(min=1), default=10, show_default=True,
               help="How many destination domains to show.")
@@ -429,8 +328,8 @@ def stats(top: int, as_json: bool) -> None:
     with the most pending recipients in deferred/, and what the running server
     is doing.
     """
-    spool = _spool_from_ctx()
-    settings = _settings()
+    spool = config_spool()
+    settings = queue_settings()
     now = time.time()
     counts = dict.fromkeys(STATES, 0)
     sizes = dict.fromkeys(STATES, 0)
@@ -455,7 +354,7 @@ def stats(top: int, as_json: bool) -> None:
     live = _live_stats(settings)
     overall = min((t for t in oldest.values() if t is not None), default=None)
     if as_json:
-        _write(json.dumps({
+        output.write(json.dumps({
             "states": {s: {"messages": counts[s], "bytes": sizes[s],
                            "oldest_received_at": oldest[s]} for s in STATES},
             "total": sum(counts.values()), "oldest_received_at": overall,
@@ -466,7 +365,7 @@ def stats(top: int, as_json: bool) -> None:
             "server": live,
         }, ensure_ascii=False, indent=1) + "\n")
         return
-    console = _console()
+    console = output.console()
     table = Table(box=None, header_style="bold")
     table.add_column("State")
     table.add_column("Messages", justify="right")
@@ -474,9 +373,9 @@ def stats(top: int, as_json: bool) -> None:
     table.add_column("Oldest", justify="right")
     for s in STATES:
         table.add_row(s, str(counts[s]), decimal(sizes[s]),
-                      "-" if oldest[s] is None else _age(oldest[s], now))
+                      "-" if oldest[s] is None else output.age(oldest[s], now))
     table.add_row(Text("total", style="bold"), str(sum(counts.values())),
-                  decimal(sum(sizes.values())), "-" if overall is None else _age(overall, now))
+                  decimal(sum(sizes.values())), "-" if overall is None else output.age(overall, now))
     console.print(table)
     console.print()
     if domains:
@@ -486,10 +385,10 @@ def stats(top: int, as_json: bool) -> None:
         dest.add_column("Recipients", justify="right")
         dest.add_column("Messages", justify="right")
         for d, n in domains.most_common(top):
-            dest.add_row(_text(d), str(n), str(domain_messages[d]))
+            dest.add_row(output.text(d), str(n), str(domain_messages[d]))
         console.print(dest)
         if len(domains) > top:
-            console.print(f"… and {_plural(len(domains) - top, 'more domain')}")
+            console.print(f"… and {output.plural(len(domains) - top, 'more domain')}")
         console.print()
     console.print(_describe_live(live, now))
 
@@ -509,153 +408,8 @@ def _describe_live(live: dict[str, Any] | None, now: float) -> str:
         return f"Server: running (pid {live.get('pid')}), delivery disabled"
     due = live.get("next_due")
     nxt = ("" if due is None else
-           ", next attempt now" if due <= now else f", next attempt in {_age(now, due)}")
+           ", next attempt now" if due <= now else f", next attempt in {output.age(now, due)}")
     return (f"Server: running (pid {live.get('pid')}): {live.get('delivering', 0)} in "
             f"delivery, {live.get('scheduled', 0)} scheduled{nxt}")
 
 
-# ------------------------------------------------------------------ changes
-
-
-_DONE_WORDS = {"hold": "held", "release": "released", "retry": "scheduled for delivery now",
-               "delete": "deleted", "bounce": "returned to the sender"}
-
-
-def _change(cmd: str, ids: list[str] | None) -> None:
-    """Run a changing command through the server, or on the files when none runs."""
-    settings = _settings()
-    spool = _spool_from_ctx()
-    sock = control.socket_path(settings)
-    payload: dict[str, Any] = {"cmd": cmd, "ids": ids} if ids is not None else {
-        "cmd": cmd, "all": True}
-    offline = False
-    try:
-        answer = control.request(sock, payload, timeout=REQUEST_TIMEOUT)
-    except control.Unreachable:
-        answer = None
-    except control.ControlError as e:
-        _fail(str(e))
-    if answer is None:
-        try:
-            lock = control.lock_spool(spool.root)
-        except control.SpoolLocked as e:
-            answer = _wait_for_server(sock, payload, spool.root, e)
-        except OSError as e:
-            _fail(f"cannot lock the spool at {spool.root}: {e.strerror or e}")
-        else:
-            offline = True
-            try:
-                if cmd == "bounce":
-                    _fail("bounce needs the running server: the notification to the sender "
-                          "is built and queued by its delivery runner (and its bounce hook). "
-                          "Start the server and try again, or use `elemta queue delete`.")
-                click.echo(f"elemta: no server is running; changing the spool at "
-                           f"{os.path.abspath(spool.root)} directly", err=True)
-                try:
-                    result = control.apply_offline(spool, cmd, ids)
-                except (OSError, SpoolError) as e:
-                    _fail(f"cannot change the spool at {spool.root}: {e}")
-            finally:
-                control.unlock_spool(lock)
-    if answer is not None:
-        if "error" in answer:
-            _fail(f"the server refused: {answer['error']}")
-        result = control.AdminResult.from_dict(answer)
-    _report(cmd, result, every=ids is None, offline=offline)
-
-
-def _wait_for_server(sock: Path, payload: dict[str, Any], root: Path,
-                     locked: control.SpoolLocked) -> dict[str, Any]:
-    deadline = time.monotonic() + STARTING_GRACE
-    while time.monotonic() < deadline:
-        time.sleep(0.2)
-        try:
-            return control.request(sock, payload, timeout=REQUEST_TIMEOUT)
-        except control.Unreachable:
-            continue
-        except control.ControlError as e:
-            _fail(str(e))
-    who = f"process {locked.pid}" if locked.pid else "another process"
-    _fail(f"{who} holds the spool lock on {root}, but no server answers on {sock}: a server "
-          "still starting (try again in a moment), another `elemta queue` command changing "
-          "the spool, or a server whose [server] state_dir differs from this configuration's")
-
-
-def _report(cmd: str, result: control.AdminResult, *, every: bool, offline: bool) -> None:
-    word = _DONE_WORDS[cmd]
-    if cmd == "retry" and offline:
-        word = "due now (delivered when the server starts)"
-    if every:
-        click.echo(f"{_plural(len(result.done), 'deferred message')} {word}")
-    else:
-        for queue_id in result.done:
-            click.echo(f"{queue_id}: {word}")
-    if result.message:
-        click.echo(f"elemta: {result.message}", err=True)
-    if result.missing:
-        click.echo(f"elemta: no such message: {' '.join(result.missing)}", err=True)
-    for queue_id, why in result.skipped.items():
-        click.echo(f"elemta: {queue_id}: cannot {cmd}: {why}", err=True)
-    if result.busy:
-        click.echo(f"elemta: still in delivery after {control.ADMIN_WAIT_SECONDS:.0f}s, "
-                   f"try again: {' '.join(result.busy)}", err=True)
-    if not result.ok:
-        sys.exit(1)
-
-
-_IDS = click.argument("queue_ids", nargs=-1, required=True, metavar="ID...")
-
-
-@queue_group.command("hold")
-@config_option
-@_IDS
-def hold(queue_ids: tuple[str, ...]) -> None:
-    """Keep messages from delivery until released."""
-    _change("hold", list(queue_ids))
-
-
-@queue_group.command("release")
-@config_option
-@_IDS
-def release(queue_ids: tuple[str, ...]) -> None:
-    """Put held messages back, to be delivered now."""
-    _change("release", list(queue_ids))
-
-
-@queue_group.command("retry")
-@config_option
-@click.argument("queue_ids", nargs=-1, metavar="[ID...]")
-@click.option("--all", "every", is_flag=True, help="Every deferred message.")
-def retry(queue_ids: tuple[str, ...], every: bool) -> None:
-    """Deliver messages now, not at their next attempt.
-
-    With no server running, their next attempt time is set to now: they are
-    delivered as soon as it starts.
-    """
-    if every == bool(queue_ids):
-        raise click.UsageError("give message IDs or --all (not both)")
-    _change("retry", None if every else list(queue_ids))
-
-
-@queue_group.command("delete")
-@config_option
-@_IDS
-def delete(queue_ids: tuple[str, ...]) -> None:
-    """Remove messages without delivering them.
-
-    Envelope and content go, from any state; the sender is not told.
-    """
-    _change("delete", list(queue_ids))
-
-
-@queue_group.command("bounce")
-@config_option
-@_IDS
-def bounce(queue_ids: tuple[str, ...]) -> None:
-    """Return messages to their sender, then remove them.
-
-    Every recipient not yet delivered fails with "5.0.0 returned by the
-    administrator", and the sender gets one delivery status notification
-    (never the null sender). Needs the running server.
-    """
-    _change("bounce", list(queue_ids))

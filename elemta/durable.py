@@ -1,0 +1,70 @@
+"""Writing files that survive a crash: the helpers the spool and delivery plugins share.
+
+A delivery plugin may remove nothing from the spool before the next hop has
+the message durably; for a plugin that stores files (maildir, a message
+store) that means the data flushed and the directory entry flushed too. These
+are the few system calls it takes, with the details right: ``write`` may write
+less than asked, ``fdatasync`` does not exist everywhere, and a new or renamed
+file is durable only once its directory is fsynced.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+__all__ = ["fsync_dir", "sync_data", "write_all", "write_file_durably"]
+
+
+def write_all(fd: int, *chunks: bytes | bytearray | memoryview) -> None:
+    """Write every chunk to ``fd``, however many ``writev`` calls it takes."""
+    views = [memoryview(c) for c in chunks if c]
+    while views:
+        n = os.writev(fd, views)
+        while views and n >= len(views[0]):
+            n -= len(views[0])
+            views.pop(0)
+        if views and n:
+            views[0] = views[0][n:]
+
+
+def sync_data(fd: int) -> None:
+    """Flush a file's data (and the size and block map it needs) to the disk."""
+    # fdatasync skips only timestamps; not every platform has it.
+    if hasattr(os, "fdatasync"):
+        os.fdatasync(fd)
+    else:
+        os.fsync(fd)
+
+
+def fsync_dir(path: str | os.PathLike[str]) -> None:
+    """Flush a directory, so that files created, renamed or removed in it stay so."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_file_durably(path: str | os.PathLike[str], data: bytes, *, mode: int = 0o600,
+                       tmp: str | os.PathLike[str] | None = None) -> None:
+    """Replace ``path`` with ``data`` atomically and durably.
+
+    The data goes to ``tmp`` (by default ``.<name>.tmp`` beside it) with
+    ``mode``, is fsynced, renamed over ``path``, and the directory is fsynced:
+    after a crash ``path`` holds either the old contents or all of the new.
+    """
+    target = Path(path)
+    tmp_path = Path(tmp) if tmp is not None else target.with_name(f".{target.name}.tmp")
+    fd = os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
+    try:
+        os.fchmod(fd, mode)
+        write_all(fd, data)
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        tmp_path.unlink(missing_ok=True)
+        raise
+    os.close(fd)
+    os.replace(tmp_path, target)
+    fsync_dir(target.parent)

@@ -1,0 +1,166 @@
+"""What the spool's threads share and pass to each other.
+
+The event loop hands :class:`Job` objects to the journal writer; the writer
+posts typed messages to the write-out thread's queue (:class:`WriteOut`,
+:class:`Barrier`, :class:`Sealed`, :class:`Checkpoint`, :class:`Stop`);
+the write-out thread passes checkpoints on to the checkpoint thread. Commits
+are answered on the event loop that made them (:func:`answer_later`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Union
+
+if TYPE_CHECKING:
+    from .segments import Segment
+
+# Journaled messages not yet written out, in bytes held in memory: past this
+# the journal waits for the files to catch up, so that a background thread
+# starved of the GIL by a busy event loop cannot let memory grow without bound.
+MAX_BACKLOG_BYTES = 32 << 20
+
+
+class SpoolError(Exception):
+    """The spool cannot be used as asked (not recovered, closed, bad queue id…)."""
+
+
+@dataclass(slots=True)
+class SpoolStats:
+    """Commit, journal and checkpoint counters, for metrics and tests."""
+
+    batches: int = 0
+    committed: int = 0
+    failed: int = 0
+    largest_batch: int = 0
+    journal_bytes: int = 0
+    checkpoints: int = 0
+    checkpointed: int = 0            # messages whose segment was checkpointed
+    checkpoint_seconds: float = 0.0  # duration of the last checkpoint
+    checkpoint_errors: int = 0
+    materialize_errors: int = 0
+    segments_reused: int = 0
+    replayed: int = 0                # records replayed by the last recover()
+
+
+@dataclass(slots=True)
+class Flags:
+    """Set on the event loop, read by every thread."""
+
+    stopping: bool = False
+    crashed: bool = False  # tests: the threads stop dead, as a crash would stop them
+
+
+@dataclass(slots=True, eq=False)
+class Job:
+    """One message to commit: filled in on the event loop, journaled and written out in threads."""
+
+    queue_id: str
+    state: str
+    prefix: bytes           # prepended headers + received header section
+    body: bytes | None      # body in memory…
+    body_path: str | None   # …or spilled to tmp/
+    envelope: bytes
+    future: asyncio.Future[None]
+    loop: asyncio.AbstractEventLoop
+    body_fd: int = -1
+    segment: Segment | None = None
+    content_offset: int = 0
+    content_length: int = 0
+    error: BaseException | None = None
+
+    @property
+    def held_bytes(self) -> int:
+        """What this job keeps in memory until its files are written."""
+        return len(self.envelope) + len(self.prefix) + len(self.body or b"")
+
+
+# ---------------------------------------------------------------------- write-out queue
+
+
+@dataclass(slots=True)
+class WriteOut:
+    """Journaled jobs whose files are to be written; ``answer``: commits to answer after."""
+
+    jobs: list[Job]
+    answer: list[Job] | None
+
+
+@dataclass(slots=True)
+class Barrier:
+    """Set once every batch queued before it is written out."""
+
+    done: threading.Event
+
+
+@dataclass(slots=True)
+class Sealed:
+    """A segment that takes no more records: its messages are written out when this arrives."""
+
+    segment: Segment
+
+
+@dataclass(slots=True)
+class Checkpoint:
+    """Checkpoint now; ``done`` (if any) gets the outcome."""
+
+    done: concurrent.futures.Future[None] | None = None
+
+
+@dataclass(slots=True)
+class Stop:
+    """The last message: stop the write-out and checkpoint threads."""
+
+
+Message = Union[WriteOut, Barrier, Sealed, Checkpoint, Stop]
+
+
+# ---------------------------------------------------------------------- backlog
+
+
+@dataclass(slots=True)
+class Backlog:
+    """Bytes of journaled messages still to write out (:data:`MAX_BACKLOG_BYTES`)."""
+
+    flags: Flags
+    bytes: int = 0
+    _cond: threading.Condition = field(default_factory=lambda: threading.Condition(
+        threading.Lock()))
+
+    def wait_room(self, limit: int) -> None:
+        with self._cond:
+            while self.bytes > limit and not self.flags.crashed:
+                self._cond.wait(0.1)
+
+    def add(self, n: int) -> None:
+        with self._cond:
+            self.bytes += n
+
+    def written(self, n: int) -> None:
+        with self._cond:
+            self.bytes -= n
+            self._cond.notify()
+
+
+# ---------------------------------------------------------------------- answering commits
+
+
+def answer_later(batch: list[Job], answer: Callable[[list[Job]], None]) -> None:
+    """Call ``answer(jobs)`` on the event loop of each group of jobs (from any thread)."""
+    loop = batch[0].loop
+    if all(job.loop is loop for job in batch):
+        groups = [batch]
+    else:
+        by_loop: dict[int, list[Job]] = {}
+        for job in batch:
+            by_loop.setdefault(id(job.loop), []).append(job)
+        groups = list(by_loop.values())
+    for jobs in groups:
+        try:
+            jobs[0].loop.call_soon_threadsafe(answer, jobs)
+        except RuntimeError:
+            pass  # that event loop is closed: nobody waits for these commits

@@ -1,0 +1,130 @@
+"""Writing out: one thread turns journaled messages into the spool's files.
+
+Each message's content goes straight into ``messages/`` under its final name
+(content without an envelope is invisible to every reader), then its envelope
+to ``tmp/``, renamed into its state directory, so an envelope is never seen
+half-written and never before its content. Nothing is fsynced here: the
+journal still holds the message until the checkpoint has made these files
+durable. Files that cannot be written mark their segment for replay; the
+checkpoint writes them again from the journal.
+
+The thread also passes sealed segments and checkpoint requests to the
+checkpointer, in the order they arrive, which is what guarantees that a
+sealed segment's messages are all written out before it is checkpointed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import threading
+from collections.abc import Callable
+
+from ..durable import write_all
+from . import journal, threads
+from .checkpoint import Checkpointer
+from .layout import Layout
+from .threads import (Backlog, Barrier, Checkpoint, Flags, Job, Sealed, SpoolStats, Stop,
+                      WriteOut)
+
+log = logging.getLogger("elemta.spool")
+
+_TMP_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
+_FILE_MODE = 0o600
+
+
+class WriteOutThread:
+    """The write-out thread and its queue (the journal writer's outbox)."""
+
+    def __init__(self, layout: Layout, flags: Flags, stats: SpoolStats, backlog: Backlog,
+                 checkpointer: Checkpointer, answer: Callable[[list[Job]], None]) -> None:
+        self.layout = layout
+        self.flags = flags
+        self.stats = stats
+        self.backlog = backlog
+        self.checkpointer = checkpointer
+        self.answer = answer
+        self.inbox: queue.SimpleQueue[threads.Message] = queue.SimpleQueue()
+        # tests hold writing out back with it, to look at a spool between commit and files
+        self.gate = threading.Event()
+        self.gate.set()
+        self.thread = threading.Thread(target=self._main, name="spool-writeout", daemon=True)
+
+    def _main(self) -> None:
+        self.checkpointer.prepare_spare()
+        get = self.inbox.get
+        while True:
+            message = get()
+            if self.flags.crashed:
+                return
+            try:
+                if isinstance(message, WriteOut):
+                    try:
+                        self.gate.wait()
+                        if self.flags.crashed:
+                            return
+                        self.write(message.jobs)
+                        if message.answer is not None:
+                            threads.answer_later(message.answer, self.answer)
+                    finally:
+                        self.backlog.written(sum(job.held_bytes for job in message.jobs))
+                elif isinstance(message, Barrier):  # every batch queued before it is written out
+                    message.done.set()
+                elif isinstance(message, Sealed):  # its messages are all written out by now
+                    self.checkpointer.seal(message.segment)
+                elif isinstance(message, Checkpoint):
+                    self.checkpointer.request(message.done)
+                elif isinstance(message, Stop):
+                    self.checkpointer.stop()
+                    return
+            except BaseException:
+                log.exception("spool: background writer failed")
+
+    def write(self, jobs: list[Job]) -> None:
+        layout = self.layout
+        failed: list[str] = []
+        error: Exception | None = None
+        for job in jobs:
+            queue_id = job.queue_id
+            try:
+                # Straight under its final name: content without an envelope
+                # is invisible to every reader, the envelope goes in last (by
+                # rename, so it is never seen half-written), and until the
+                # checkpoint a crash replays both from the journal.
+                fd = os.open(layout.content(queue_id), _TMP_FLAGS, _FILE_MODE)
+                try:
+                    if job.body_path is None:
+                        body = job.body
+                        if os.writev(fd, (job.prefix, body)) != job.content_length:
+                            _rewrite(fd, job.prefix + body)  # type: ignore[operator]
+                    else:
+                        journal.copy_range(job.segment.fd, fd,  # type: ignore[union-attr]
+                                           job.content_offset, job.content_length)
+                finally:
+                    os.close(fd)
+                path = layout.tmp_file(queue_id, "envelope")
+                fd = os.open(path, _TMP_FLAGS, _FILE_MODE)
+                try:
+                    if os.write(fd, job.envelope) != len(job.envelope):
+                        _rewrite(fd, job.envelope)
+                finally:
+                    os.close(fd)
+                os.rename(path, layout.envelope(job.state, queue_id))
+            except Exception as e:
+                job.segment.replay = True  # type: ignore[union-attr]
+                failed.append(queue_id)
+                error = e
+        if failed:
+            # one line per batch: a full disk would otherwise log every message
+            self.stats.materialize_errors += len(failed)
+            log.error("spool: cannot write out message %s%s: %s; kept in the journal and "
+                      "written again at the next checkpoint", failed[0],
+                      f" and {len(failed) - 1} more" if len(failed) > 1 else "", error)
+
+
+def _rewrite(fd: int, data: bytes) -> None:
+    # A short write to a regular file is rare enough to redo from the start.
+    os.lseek(fd, 0, os.SEEK_SET)
+    os.ftruncate(fd, 0)
+    write_all(fd, data)

@@ -1,0 +1,307 @@
+"""The journal writer: one thread that makes commits durable, in batches (group commit).
+
+Everything that is pending when the thread becomes free is one batch: its
+records (``journal.py``) are written to the current segment with one
+``pwritev`` (a spilled body is copied in through a 1 MiB buffer) and the
+segment is fdatasynced once. Only then is a commit answered, so a ``250``
+means the message is in the journal, durably. A batch that cannot be written
+fails as a whole (every commit in it gets the ``OSError``); the segment is cut
+back to where the batch started and never written again, so a torn batch can
+only ever be the last thing in a segment.
+
+The writer also decides when a segment is full or old enough to be sealed
+(``checkpoint_interval``, ``checkpoint_idle``, ``segment_bytes``) and hands
+the journaled jobs and sealed segments to the write-out thread.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import errno
+import logging
+import os
+import queue
+import threading
+import time
+import zlib
+from collections.abc import Callable
+
+from ..durable import sync_data
+from . import journal, threads
+from .layout import Layout
+from .segments import Segment, Segments, discard
+from .threads import Backlog, Checkpoint, Flags, Job, Sealed, SpoolError, SpoolStats, Stop, WriteOut
+
+log = logging.getLogger("elemta.spool")
+
+
+class JournalWriter:
+    """The journal thread and the commits waiting for it."""
+
+    def __init__(self, layout: Layout, segments: Segments, flags: Flags, stats: SpoolStats,
+                 backlog: Backlog, outbox: queue.SimpleQueue[threads.Message],
+                 undurable: set[str], answer: Callable[[list[Job]], None], *,
+                 checkpoint_interval: float, checkpoint_idle: float, segment_bytes: int,
+                 visible_on_commit: bool) -> None:
+        self.layout = layout
+        self.segments = segments
+        self.flags = flags
+        self.stats = stats
+        self.backlog = backlog
+        self.outbox = outbox
+        self.undurable = undurable
+        self.answer = answer
+        self.checkpoint_interval = checkpoint_interval
+        self.checkpoint_idle = checkpoint_idle
+        self.segment_bytes = segment_bytes
+        self.visible_on_commit = visible_on_commit
+        # Shared with the event loop, under the condition.
+        self._cond = threading.Condition(threading.Lock())
+        self._pending: list[Job] = []
+        self._requests: list[concurrent.futures.Future[None]] = []
+        self._stop_requested = False
+        self._idle = False
+        # This thread only.
+        self.active: Segment | None = None
+        self._copy_buf: bytearray | None = None
+        self.thread = threading.Thread(target=self._main, name="spool-journal", daemon=True)
+
+    # ------------------------------------------------------------------ from the event loop
+
+    def submit(self, job: Job) -> None:
+        with self._cond:
+            self._pending.append(job)
+            if self._idle:
+                self._cond.notify()
+
+    def request_checkpoint(self, done: concurrent.futures.Future[None]) -> None:
+        """Seal the active segment and have everything so far checkpointed; ``done`` tells."""
+        with self._cond:
+            self._requests.append(done)
+            self._cond.notify()
+
+    def request_stop(self, done: concurrent.futures.Future[None]) -> None:
+        """Finish what is pending, checkpoint it all, then stop the threads."""
+        with self._cond:
+            self._requests.append(done)
+            self._stop_requested = True
+            self.flags.stopping = True
+            self._cond.notify()
+
+    def wake(self) -> None:
+        with self._cond:
+            self._cond.notify_all()
+
+    # ------------------------------------------------------------------ the thread
+
+    def _main(self) -> None:
+        while True:
+            try:
+                if not self._step():
+                    return
+            except BaseException:  # a bug: keep serving the commits that follow
+                log.exception("spool: journal writer failed")
+
+    def _step(self) -> bool:
+        """Journal one batch and seal the segment when due; ``False`` to stop."""
+        cond = self._cond
+        with cond:
+            while not (self._pending or self._requests or self._stop_requested
+                       or self.flags.crashed):
+                timeout = self._rotation_wait()
+                if timeout is not None and timeout <= 0:
+                    break
+                self._idle = True
+                cond.wait(timeout)
+                self._idle = False
+            batch, self._pending = self._pending, []
+            requests, self._requests = self._requests, []
+            stopping = self._stop_requested and not self._pending
+        if self.flags.crashed:
+            return False
+        if batch:
+            try:
+                self._write_batch(batch)
+            except BaseException as e:  # a bug; the callers must not wait forever
+                log.exception("spool: journal writer failed")
+                for job in batch:
+                    if job.error is None:
+                        job.error = SpoolError(f"spool commit failed: {e!r}")
+                threads.answer_later(batch, self.answer)
+        seg = self.active
+        if seg is not None and seg.first_write is not None and (
+                requests or stopping or seg.size >= self.segment_bytes
+                or (self._rotation_wait() or 0.0) <= 0):
+            self._seal_active()
+        for done in requests:
+            self.outbox.put(Checkpoint(done))
+        if stopping:
+            if self.active is not None:  # empty: nothing in it was ever acknowledged
+                discard(self.active)
+                self.active = None
+            self.outbox.put(Stop())
+            return False
+        return True
+
+    def _rotation_wait(self) -> float | None:
+        """Seconds until the active segment is due for a checkpoint; ``None``: it is empty.
+
+        Due after ``checkpoint_interval`` under steady load, or as soon as
+        commits pause for ``checkpoint_idle``: at low load a message becomes
+        deliverable (on_durable) within tens of milliseconds, not a second.
+        """
+        seg = self.active
+        if seg is None or seg.first_write is None:
+            return None
+        return min(seg.first_write + self.checkpoint_interval,
+                   seg.last_write + self.checkpoint_idle) - time.monotonic()
+
+    def _write_batch(self, batch: list[Job]) -> None:
+        self.backlog.wait_room(threads.MAX_BACKLOG_BYTES)
+        seg = self.active
+        if seg is None:
+            try:
+                seg = self.active = self.segments.take_spare() or self.segments.new()
+            except OSError as e:
+                for job in batch:
+                    job.error = _batch_error(e)
+                log.error("spool: cannot start a journal segment: %s", e)
+                threads.answer_later(batch, self.answer)
+                return
+        live: list[Job] = []
+        layout, undurable = self.layout, self.undurable
+        for job in batch:
+            queue_id = job.queue_id
+            # a committed message is never replaced by another with its queue id
+            if queue_id in undurable or os.path.lexists(layout.content(queue_id)):
+                job.error = FileExistsError(errno.EEXIST, "queue id already in the spool",
+                                            queue_id)
+                continue
+            if job.body_path is None:
+                job.content_length = len(job.prefix) + len(job.body)  # type: ignore[arg-type]
+            else:
+                try:
+                    job.body_fd = os.open(job.body_path, os.O_RDONLY | os.O_CLOEXEC)
+                    job.content_length = len(job.prefix) + os.fstat(job.body_fd).st_size
+                except OSError as e:
+                    job.error = e
+                    continue
+            undurable.add(queue_id)
+            live.append(job)
+        start = seg.size
+        try:
+            if live:
+                end = self._append(seg, live, start)
+                sync_data(seg.fd)
+        except Exception as e:
+            for job in live:
+                undurable.discard(job.queue_id)
+                job.error = _batch_error(e)
+            log.error("spool: cannot write %d message(s) to the journal %s: %s", len(live),
+                      seg.path, e)
+            live = []
+            self._abandon(seg, start)
+        else:
+            if live:
+                seg.size = end
+                seg.last_write = time.monotonic()
+                if seg.first_write is None:
+                    seg.first_write = seg.last_write
+                seg.entries += [(job.queue_id, job.state) for job in live]
+                for job in live:
+                    job.segment = seg
+                self.stats.journal_bytes += end - start
+        finally:
+            for job in batch:
+                if job.body_fd >= 0:
+                    try:
+                        os.close(job.body_fd)
+                    except OSError:
+                        pass
+                    job.body_fd = -1
+        if not live:
+            threads.answer_later(batch, self.answer)
+            return
+        self.backlog.add(sum(job.held_bytes for job in live))
+        if self.visible_on_commit:
+            # The write-out thread answers once the files are there, while
+            # this thread goes on with the next batch.
+            self.outbox.put(WriteOut(live, batch))
+        else:
+            # queued first: the files appear as early as possible after the 250
+            self.outbox.put(WriteOut(live, None))
+            threads.answer_later(batch, self.answer)
+
+    def _append(self, seg: Segment, jobs: list[Job], offset: int) -> int:
+        """Write the jobs' records at ``offset``; the new end of the segment."""
+        fd, seq = seg.fd, seg.seq
+        crc32, head_of, trailer = zlib.crc32, journal.record_head, journal.TRAILER.pack
+        bufs: list = []
+        write_at = offset  # where ``bufs`` goes
+        for job in jobs:
+            env, prefix = job.envelope, job.prefix
+            head = head_of(seq, job.state, job.queue_id.encode("ascii"), env, job.content_length)
+            crc = crc32(prefix, crc32(env, crc32(head)))
+            job.content_offset = offset + len(head) + len(env)
+            offset = job.content_offset + job.content_length + 4
+            if job.body_fd < 0:
+                crc = crc32(job.body, crc)  # type: ignore[arg-type]
+                bufs += (head, env, prefix, job.body, trailer(crc))
+                continue
+            # A spilled body goes through one reused buffer: a 20 MiB message
+            # costs 1 MiB of memory, not 20.
+            bufs += (head, env, prefix)
+            pos = journal.pwrite_all(fd, bufs, write_at)
+            bufs = []
+            crc, pos = self._copy_body(job.body_fd, fd, pos,
+                                       job.content_length - len(prefix), crc)
+            bufs.append(trailer(crc))
+            write_at = pos
+        if bufs:
+            journal.pwrite_all(fd, bufs, write_at)
+        return offset
+
+    def _copy_body(self, src: int, dst: int, pos: int, length: int, crc: int) -> tuple[int, int]:
+        if self._copy_buf is None:
+            self._copy_buf = bytearray(journal.CHUNK)
+        view = memoryview(self._copy_buf)
+        src_pos = 0
+        while length:
+            n = os.preadv(src, [view[:min(length, len(view))]], src_pos)
+            if n <= 0:
+                raise OSError(errno.EIO, "spilled message body shrank before its commit")
+            crc = zlib.crc32(view[:n], crc)
+            pos = journal.pwrite_all(dst, [view[:n]], pos)
+            src_pos += n
+            length -= n
+        return crc, pos
+
+    def _abandon(self, seg: Segment, start: int) -> None:
+        """After a failed batch: cut it off and never append to this segment again.
+
+        Reading a segment stops at its first bad record, so a later batch
+        behind a torn one would be lost; a fresh segment cannot have that.
+        """
+        try:
+            os.ftruncate(seg.fd, start)
+        except OSError as e:
+            log.error("spool: cannot cut the failed batch off %s: %s", seg.path, e)
+        self.active = None
+        if seg.first_write is None:  # nothing acknowledged in it
+            discard(seg)
+        else:
+            self.outbox.put(Sealed(seg))
+
+    def _seal_active(self) -> None:
+        seg = self.active
+        assert seg is not None
+        self.active = self.segments.take_spare()  # or a new one at the next batch
+        self.outbox.put(Sealed(seg))
+
+
+def _batch_error(error: BaseException) -> BaseException:
+    # Every caller of a failed batch gets its own exception object.
+    if isinstance(error, OSError):
+        return OSError(error.errno, f"spool journal write failed: {error.strerror or error}",
+                       error.filename)
+    return SpoolError(f"spool commit failed: {error!r}")
