@@ -3,8 +3,9 @@
 Without configured files a self-signed certificate for ``[server] hostname`` is
 generated under ``[server] state_dir``, so STARTTLS works out of the box. Every
 TLS listener gets the same context. The server asks ``tls_context`` again on
-every reload (SIGHUP): the files are read again, and when they changed, or the self-signed certificate is due for
-renewal, a new context is built and returned, which new connections then use.
+every reload (SIGHUP): the files are read again, and when they changed, or the
+self-signed certificate is due for renewal, a new context is built and
+returned, which new connections then use.
 When the new files cannot be used, the error is logged and the context in
 service stays. A certificate plugin (ACME) answers ``tls_context`` first to take
 over.
@@ -84,8 +85,8 @@ class StaticTLS:
         """The certificate and key to use; raises TLSConfigError naming the config key."""
         settings = self.settings
         tls = settings.tls
-        if self._configured():
-            return settings.resolve(tls.cert_file), settings.resolve(tls.key_file)  # type: ignore[arg-type]
+        if tls.cert_file is not None and tls.key_file is not None:
+            return settings.resolve(tls.cert_file), settings.resolve(tls.key_file)
         try:
             return ensure_self_signed(settings.resolve(settings.server.state_dir),
                                       settings.server.hostname)

@@ -42,7 +42,7 @@ TOP_LEVEL = "(top level)"
 HOOK_HEADING = re.compile(r"^### (\w+)\((.*)\)[ \t]*$", re.M)
 KEY_ROW = re.compile(r"^\| `([A-Za-z_][A-Za-z0-9_]*)` \|", re.M)
 VERDICT_ROW = re.compile(r"^\| `(\w+)(\(.*?\))?` \|", re.M)
-CODE_BLOCK = re.compile(r"^```(\w*)\n(.*?)^```[ \t]*$", re.M | re.S)
+CODE_BLOCK = re.compile(r"^```([^\n`]*)\n(.*?)^```[ \t]*$", re.M | re.S)
 
 
 @functools.cache
@@ -159,6 +159,8 @@ def test_verdict_table_names_only_real_verdicts():
 # ------------------------------------------------------------------ examples
 
 PYTHON_EXAMPLES = [code for lang, code in code_blocks(read(PLUGINS_MD)) if lang == "python"]
+# ```python test blocks: tests a plugin author would write, run as they are
+TEST_EXAMPLES = [code for lang, code in code_blocks(read(PLUGINS_MD)) if lang == "python test"]
 
 
 def example_id(code: str) -> str:
@@ -173,13 +175,32 @@ def test_plugins_md_has_examples():
 @pytest.mark.parametrize("code", PYTHON_EXAMPLES, ids=[example_id(c) for c in PYTHON_EXAMPLES])
 def test_plugins_md_example_is_a_valid_plugin(code):
     module = types.ModuleType("elemta_docs_example")
-    exec(compile(code, str(PLUGINS_MD), "exec"), module.__dict__)
+    # dont_inherit: the example runs as its own module would, without this file's __future__
+    exec(compile(code, str(PLUGINS_MD), "exec", dont_inherit=True), module.__dict__)
     plugin = getattr(module, "plugin", module)
     pm = pluggy.PluginManager(hookspecs.PROJECT)
     pm.add_hookspecs(hookspecs)
     pm.register(plugin, name="example")
     pm.check_pending()
     assert pm.get_hookcallers(plugin), "the example implements no hook"
+
+
+def test_plugins_md_has_test_examples():
+    assert TEST_EXAMPLES
+
+
+@pytest.mark.parametrize("code", TEST_EXAMPLES, ids=lambda c: re.findall(r"def (test_\w+)", c)[0])
+def test_plugins_md_test_example_passes_as_written(code, tmp_path):
+    import subprocess
+    import sys
+
+    (tmp_path / "test_from_the_docs.py").write_text(code)
+    run = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "asyncio_mode=auto",
+         "-o", "asyncio_default_fixture_loop_scope=function", "test_from_the_docs.py"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    tests = len(re.findall(r"^(?:async )?def test_", code, re.M))
+    assert run.returncode == 0 and f"{tests} passed" in run.stdout, run.stdout + run.stderr
 
 
 # ------------------------------------------------------------------ configuration
@@ -320,36 +341,48 @@ def test_repository_has_plugins():
     assert len(PLUGIN_DIRS) >= 3
 
 
+def readme_problems(plugin_dir: Path, plugin: object) -> list[str]:
+    """What the README of a plugin package lacks of the house shape and of its own plugin."""
+    import tomllib
+
+    problems = []
+    readme = (plugin_dir / "README.md").read_text()
+    meta = tomllib.loads((plugin_dir / "pyproject.toml").read_text())
+    dist = meta["project"]["name"]
+    if not readme.startswith(f"# {dist}\n"):
+        problems.append("title: the distribution name")
+    headings = [line for line in readme.splitlines() if line.startswith("## ")]
+    if headings != README_SECTIONS:
+        problems.append(f"sections are {headings}, not {README_SECTIONS}")
+        return problems
+    config = readme.split("## Configuration", 1)[1].split("## Hooks used", 1)[0]
+    if not re.search(r"^\| ?key ?\| ?type ?\| ?default ?\| ?meaning ?\|", config, re.M):
+        problems.append("the configuration table has no key | type | default | meaning columns")
+    documented = set(re.findall(r"^\| `([a-z_]+)` \|", config, re.M))
+    [(name, _)] = meta["project"]["entry-points"]["elemta"].items()
+    schemas = plugin.register_config()
+    if name not in schemas:
+        return problems + [f"the plugin registers no [plugins.{name}] table"]
+    keys = set(schemas[name].model_fields)
+    problems += [f"undocumented key {k}" for k in sorted(keys - documented)]
+    problems += [f"documented key {k} does not exist" for k in sorted(documented - keys)]
+    used = readme.split("## Hooks used", 1)[1].split("## Things to know", 1)[0]
+    problems += [f"hook {hook} is not described under 'Hooks used'"
+                 for hook in plugin_hooks_of(plugin) if not re.search(rf"`{hook}[`(]", used)]
+    return problems
+
+
 @pytest.mark.parametrize("plugin_dir", PLUGIN_DIRS, ids=lambda p: p.name)
 def test_plugin_readme_has_the_common_shape_and_every_key(plugin_dir):
     import importlib.metadata
     import tomllib
-
-    readme = (plugin_dir / "README.md").read_text()
-    assert readme.startswith(f"# {plugin_dir.name}\n"), "title: the distribution name"
-    headings = [line for line in readme.splitlines() if line.startswith("## ")]
-    assert headings == README_SECTIONS, f"{plugin_dir.name}/README.md sections"
-    config = readme.split("## Configuration", 1)[1].split("## Hooks used", 1)[0]
-    assert re.search(r"^\| ?key ?\| ?type ?\| ?default ?\| ?meaning ?\|", config, re.M), \
-        "the configuration table has key | type | default | meaning columns"
-    documented = set(re.findall(r"^\| `([a-z_]+)` \|", config, re.M))
 
     meta = tomllib.loads((plugin_dir / "pyproject.toml").read_text())
     [(name, target)] = meta["project"]["entry-points"]["elemta"].items()
     [ep] = [e for e in importlib.metadata.entry_points(group="elemta") if e.name == name]
     assert ep.value == target, f"{plugin_dir.name} is installed (pip install -e {plugin_dir})"
     obj = ep.load()
-    plugin = obj() if isinstance(obj, type) else obj
-    schemas = plugin.register_config()
-    assert name in schemas, f"the plugin registers its [plugins.{name}] table"
-    keys = set(schemas[name].model_fields)
-    assert keys - documented == set(), f"undocumented keys in {plugin_dir.name}/README.md"
-    assert documented - keys == set(), "documented keys that do not exist"
-
-    hooks = plugin_hooks_of(plugin)
-    used = readme.split("## Hooks used", 1)[1].split("## Things to know", 1)[0]
-    for hook in hooks:
-        assert re.search(rf"`{hook}[`(]", used), f"hook {hook} is not described under 'Hooks used'"
+    assert readme_problems(plugin_dir, obj() if isinstance(obj, type) else obj) == []
 
 
 def plugin_hooks_of(plugin) -> list[str]:

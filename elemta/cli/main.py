@@ -134,8 +134,10 @@ def plugins() -> None:
 
 def _add_builtin_groups() -> None:
     from .queue import queue_group
+    from .scaffold import plugin_group
 
     main.add_command(queue_group)
+    main.add_command(plugin_group)
 
 
 def _add_plugin_commands(argv: list[str]) -> None:

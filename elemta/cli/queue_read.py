@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import gc
 import json
-import os
 import time
 from collections import Counter
 from collections.abc import Iterable, Iterator
@@ -161,7 +160,8 @@ def list_messages(states: tuple[str, ...], to: str | None, sender: str | None,
         total = len(found)
         shown = found[:limit] if limit else found
         if as_json:
-            output.write(json.dumps([item for _, item in shown], ensure_ascii=False, indent=1) + "\n")
+            output.write(json.dumps([item for _, item in shown], ensure_ascii=False, indent=1)
+                         + "\n")
             return
         where = f" in state {', '.join(states)}" if states else ""
         summary = (f"{len(shown)} of {output.plural(total, 'message')}{where} (oldest first)"
@@ -269,7 +269,8 @@ def show_message(queue_id: str, as_json: bool) -> None:
         ("Received", output.timestamp(env.received_at, now)),
         ("Size", f"{decimal(env.size)} ({env.size} bytes)"),
         ("Attempts", str(env.attempts)),
-        ("Next attempt", output.timestamp(env.next_attempt_at, now) if env.next_attempt_at else None),
+        ("Next attempt",
+         output.timestamp(env.next_attempt_at, now) if env.next_attempt_at else None),
         ("Hold reason", env.hold_reason),
         ("Last error", env.last_error),
         ("Client", (f"{env.peer.get('ip')} port {env.peer.get('port')}" if env.peer else None)),
@@ -290,7 +291,8 @@ def show_message(queue_id: str, as_json: bool) -> None:
         rcpts.add_column(column, overflow="fold")
     for r in env.recipients:
         address = r.address if r.original is None else f"{r.address} (for {r.original})"
-        rcpts.add_row(output.text(address), r.state, str(r.attempts), output.text(r.last_error or ""))
+        rcpts.add_row(output.text(address), r.state, str(r.attempts),
+                      output.text(r.last_error or ""))
     console.print()
     console.print(rcpts)
 
@@ -302,8 +304,8 @@ def show_message(queue_id: str, as_json: bool) -> None:
         # delivered and removed since the envelope was read, or damaged
         console.print("(message content is no longer in the spool)")
         return
-    console.print(output.text(header.decode("utf-8", "replace").rstrip("\r\n").replace("\r\n", "\n")),
-                  soft_wrap=True)
+    section = header.decode("utf-8", "replace").rstrip("\r\n").replace("\r\n", "\n")
+    console.print(output.text(section), soft_wrap=True)
 
 
 def _read_header_section(path: Path) -> bytes:
@@ -375,7 +377,8 @@ def stats(top: int, as_json: bool) -> None:
         table.add_row(s, str(counts[s]), decimal(sizes[s]),
                       "-" if oldest[s] is None else output.age(oldest[s], now))
     table.add_row(Text("total", style="bold"), str(sum(counts.values())),
-                  decimal(sum(sizes.values())), "-" if overall is None else output.age(overall, now))
+                  decimal(sum(sizes.values())),
+                  "-" if overall is None else output.age(overall, now))
     console.print(table)
     console.print()
     if domains:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -80,7 +80,8 @@ class RunningAdmin:
         self.wait = wait
 
     @contextlib.asynccontextmanager
-    async def _claimed(self, queue_ids: list[str], result: AdminResult):  # type: ignore[no-untyped-def]
+    async def _claimed(self, queue_ids: list[str],
+                       result: AdminResult) -> AsyncIterator[list[str]]:
         claimed, busy = await self.runner.claim(queue_ids, self.wait)
         result.busy.extend(busy)
         try:

@@ -31,11 +31,11 @@ import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from . import journal, threads
+from . import journal
 from .checkpoint import Checkpointer, Entries
 from .envelope import STATES, Envelope, parse_envelope
 from .incoming import IncomingMessage
-from .layout import InvalidQueueId, Layout, check_id, is_queue_id, queue_id_of
+from .layout import InvalidQueueId, Layout, check_id, is_queue_id
 from .recovery import recover
 from .replay import Syncer
 from .segments import Segments, close_quietly

@@ -2,6 +2,10 @@
 
 The behaviour worth knowing is in this package's ``__init__``; the wire
 (bytes, replies, the broken and closing states) is ``wire.py``.
+
+Longer than 500 lines because one session's steps (connect, EHLO or LHLO,
+STARTTLS with its plaintext fallback, AUTH, the pipelined transaction, LMTP's
+replies per recipient) share its state and read best as one class.
 """
 
 from __future__ import annotations
