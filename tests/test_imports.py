@@ -179,7 +179,47 @@ def test_core_files_stay_small_or_say_why_at_the_top():
     assert long_files_without_a_reason(ROOT, "elemta") == []
 
 
+SPOOL_NAME = re.compile(r"\.json\b|(^|/)(ready|deferred|hold|failed|messages|journal|tmp)/"
+                        r"|\A\.lock\Z")
+
+
+def spool_names_outside_the_layout(root: Path, package: str) -> list[str]:
+    """String constants in code that spell out a spool folder or file name, but in ``layout.py``.
+
+    Docstrings describe the layout; code asks ``spool/layout.py`` for it.
+    """
+    out = []
+    for path in sorted((root / package).rglob("*.py")):
+        if path.name == "layout.py" and path.parent.name == "spool":
+            continue
+        tree = ast.parse(path.read_text())
+        docstrings = {id(node.body[0].value) for node in ast.walk(tree)
+                      if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef,
+                                           ast.AsyncFunctionDef))
+                      and node.body and isinstance(node.body[0], ast.Expr)
+                      and isinstance(node.body[0].value, ast.Constant)}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) \
+                    and id(node) not in docstrings and SPOOL_NAME.search(node.value):
+                out.append(f"{path.relative_to(root)}:{node.lineno}: {node.value[:40]!r}")
+    return out
+
+
+def test_only_the_spool_layout_spells_out_spool_names():
+    assert spool_names_outside_the_layout(ROOT, "elemta") == []
+
+
 # ------------------------------------------------------------------ the rules catch breakage
+
+
+def test_a_spool_name_outside_the_layout_is_found(tmp_path):
+    write_package(tmp_path, {
+        "pkg/__init__.py": "",
+        "pkg/runner.py": 'def f(root, i):\n    return f"{root}/deferred/{i}.json"\n',
+        "pkg/spool/layout.py": 'SUFFIX = ".json"\n',
+    })
+    assert spool_names_outside_the_layout(tmp_path, "pkg") == [
+        "pkg/runner.py:2: '/deferred/'", "pkg/runner.py:2: '.json'"]
 
 
 def test_a_long_file_without_a_reason_is_found(tmp_path):
