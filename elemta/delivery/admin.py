@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -79,35 +79,34 @@ class RunningAdmin:
         self.queue = QueueAdmin(runner.spool)
         self.wait = wait
 
-    @contextlib.asynccontextmanager
-    async def _claimed(self, queue_ids: list[str],
-                       result: AdminResult) -> AsyncIterator[list[str]]:
-        claimed, busy = await self.runner.claim(queue_ids, self.wait)
-        result.busy.extend(busy)
+    async def _each_claimed(self, queue_ids: list[str],
+                            change: Callable[[str], Awaitable[None] | None]) -> AdminResult:
+        """Claim the messages from the workers, ``change`` each, give them back."""
+        result = AdminResult()
+        claimed, result.busy = await self.runner.claim(queue_ids, self.wait)
         try:
-            yield claimed
+            for queue_id in claimed:
+                with result.recording(queue_id):
+                    done = change(queue_id)
+                    if done is not None:
+                        await done
         finally:
-            self.runner.unclaim(claimed)
+            self.runner.unclaim(claimed)  # schedules what is now ready or deferred
+        return result
 
     async def hold(self, queue_ids: list[str], reason: str = HELD_BY_ADMIN) -> AdminResult:
         """Keep messages from delivery until they are released."""
-        result = AdminResult()
-        async with self._claimed(queue_ids, result) as claimed:
-            for queue_id in claimed:
-                with result.recording(queue_id):
-                    if self.queue.hold(queue_id, reason):
-                        log.info("%s: held by the administrator", queue_id)
-        return result
+        def hold(queue_id: str) -> None:
+            if self.queue.hold(queue_id, reason):
+                log.info("%s: held by the administrator", queue_id)
+        return await self._each_claimed(queue_ids, hold)
 
     async def release(self, queue_ids: list[str]) -> AdminResult:
-        """Put held messages back in the queue, due now (giving them back schedules them)."""
-        result = AdminResult()
-        async with self._claimed(queue_ids, result) as claimed:
-            for queue_id in claimed:
-                with result.recording(queue_id):
-                    self.queue.release(queue_id)
-                    log.info("%s: released by the administrator", queue_id)
-        return result
+        """Put held messages back in the queue, due now."""
+        def release(queue_id: str) -> None:
+            self.queue.release(queue_id)
+            log.info("%s: released by the administrator", queue_id)
+        return await self._each_claimed(queue_ids, release)
 
     async def retry(self, queue_ids: list[str] | None = None) -> AdminResult:
         """Deliver now: the given messages, or every deferred one."""
@@ -135,22 +134,14 @@ class RunningAdmin:
 
     async def delete(self, queue_ids: list[str]) -> AdminResult:
         """Remove messages without delivering them or telling anyone."""
-        result = AdminResult()
-        async with self._claimed(queue_ids, result) as claimed:
-            for queue_id in claimed:
-                with result.recording(queue_id):
-                    state = self.queue.delete(queue_id)
-                    log.info("%s: deleted by the administrator (was in %s/)", queue_id, state)
-        return result
+        def delete(queue_id: str) -> None:
+            state = self.queue.delete(queue_id)
+            log.info("%s: deleted by the administrator (was in %s/)", queue_id, state)
+        return await self._each_claimed(queue_ids, delete)
 
     async def bounce(self, queue_ids: list[str]) -> AdminResult:
         """Fail every pending recipient, tell the sender with a DSN, remove the message."""
-        result = AdminResult()
-        async with self._claimed(queue_ids, result) as claimed:
-            for queue_id in claimed:
-                with result.recording(queue_id):
-                    await self._return(queue_id)
-        return result
+        return await self._each_claimed(queue_ids, self._return)
 
     async def _return(self, queue_id: str) -> None:
         state, env = self.spool.load(queue_id)
