@@ -14,17 +14,16 @@ import logging
 import os
 from typing import Any, Iterable
 
-
 from .config import ConfigError, ListenerSettings, Settings, parse_hostport
 from .control import ControlError, ControlServer, socket_path
+from .delivery.admin import RunningAdmin
+from .delivery.runner import Runner
 from .dns import Resolver
 from .hookcall import HookCaller, HookFailure
 from .metrics import Metrics, MetricsServer
 from .plugins import enabled_names, make_plugin_manager, validated_plugin_settings
 from .smtp.context import SMTPContext
 from .smtp.protocol import ElemtaSMTP
-from .delivery.admin import RunningAdmin
-from .delivery.runner import Runner
 from .spool.lock import SpoolLocked, lock_spool, unlock_spool
 from .spool.store import Spool
 

@@ -97,6 +97,7 @@ class HookCaller:
         self._timeout_for = timeout_for
         self._histogram = histogram
         self._cache: dict[str, tuple[Impl, ...]] = {}
+        self._specs: dict[str, Dispatch] = {}
 
     def impls(self, hook: str) -> tuple[Impl, ...]:
         """The implementations of ``hook`` in call order."""
@@ -124,14 +125,29 @@ class HookCaller:
 
     # ------------------------------------------------------------------ entry points
 
+    def dispatch(self, hook: str) -> Dispatch:
+        spec = self._specs.get(hook)
+        if spec is None:
+            spec = self._specs[hook] = dispatch_of(hook)
+        return spec
+
     async def call(self, hook: str, **kwargs: Any) -> Answers:
         """Call ``hook`` as its contract says; raises :class:`HookFailure` (except notify)."""
-        spec = dispatch_of(hook)
+        spec = self._specs.get(hook) or self.dispatch(hook)
         mode = spec.mode
+        if mode.is_first:
+            # inline: this is every SMTP stage, several times per message
+            for impl in self._cache.get(hook) or self.impls(hook):
+                result = self._call_sync(hook, impl, kwargs)
+                if impl.is_async or inspect.isawaitable(result):
+                    result = await self._await(hook, impl, result)
+                if result is None:
+                    continue
+                self._check(hook, impl, spec, result)
+                return Answers([(impl.plugin, result)])
+            return NO_ANSWER
         if mode.at_startup:
             raise TypeError(f"hook {hook} is called at start-up: use call_at_startup()")
-        if mode.is_first:
-            return await self._first(hook, spec, kwargs)
         if mode.is_collect:
             return await self._collect(hook, spec, kwargs)
         await self._notify(hook, mode, kwargs)
@@ -144,7 +160,7 @@ class HookCaller:
         :class:`HookFailure`: one that cannot declare its configuration or
         metrics stops start-up (or the command line) with its name.
         """
-        spec = dispatch_of(hook)
+        spec = self.dispatch(hook)
         if not spec.mode.at_startup:
             raise TypeError(f"hook {hook} is not a start-up hook: use call()")
         items: list[tuple[str, Any]] = []
@@ -166,18 +182,6 @@ class HookCaller:
         return Answers(items)
 
     # ------------------------------------------------------------------ modes
-
-    async def _first(self, hook: str, spec: Dispatch, kwargs: dict[str, Any]) -> Answers:
-        """First verdict (or answer) wins."""
-        for impl in self.impls(hook):
-            result = self._call_sync(hook, impl, kwargs)
-            if impl.is_async or inspect.isawaitable(result):
-                result = await self._await(hook, impl, result)
-            if result is None:
-                continue
-            self._check(hook, impl, spec, result)
-            return Answers([(impl.plugin, result)])
-        return NO_ANSWER
 
     async def _collect(self, hook: str, spec: Dispatch, kwargs: dict[str, Any]) -> Answers:
         """Collect all non-``None`` results; lists are flattened and each item checked."""

@@ -73,18 +73,17 @@ class Mode(enum.Enum):
     STARTUP_COLLECT = "collect all, at start-up"
     STARTUP_NOTIFY = "notify, at start-up"
 
-    @property
-    def is_first(self) -> bool:
-        return self in (Mode.FIRST_VERDICT, Mode.FIRST_ANSWER)
+    # Set below for each member: plain attributes, read on every hook call.
+    is_first: bool
+    is_collect: bool
+    at_startup: bool  # plain ``def`` implementations, called without awaiting (``register_*``)
 
-    @property
-    def is_collect(self) -> bool:
-        return self in (Mode.COLLECT, Mode.COLLECT_CONCURRENT, Mode.STARTUP_COLLECT)
 
-    @property
-    def at_startup(self) -> bool:
-        """Plain ``def`` implementations, called without awaiting (``register_*``)."""
-        return self in (Mode.STARTUP_COLLECT, Mode.STARTUP_NOTIFY)
+for _mode in Mode:
+    _mode.is_first = _mode in (Mode.FIRST_VERDICT, Mode.FIRST_ANSWER)
+    _mode.is_collect = _mode in (Mode.COLLECT, Mode.COLLECT_CONCURRENT, Mode.STARTUP_COLLECT)
+    _mode.at_startup = _mode in (Mode.STARTUP_COLLECT, Mode.STARTUP_NOTIFY)
+del _mode
 
 
 @dataclass(frozen=True, slots=True)
