@@ -103,7 +103,8 @@ MAILDIR_EXTRA = textwrap.dedent('''
     enabled = ["maildir"]
 
     [plugins.maildir]
-    path = "{workdir}/mail/{{domain}}/{{user}}/Maildir"{fsync}
+    path = "{workdir}/mail/{{domain}}/{{user}}/Maildir"
+    create_mailboxes = true{fsync}
 ''')
 
 LMTP_EXTRA = textwrap.dedent('''

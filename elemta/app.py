@@ -83,16 +83,12 @@ class App:
             raise StartupError(f"[spool] path: cannot lock {self.spool.root}: "
                                f"{_reason(e)}") from None
         try:
-            self.hooks.call_at_startup("register_metrics", registry=self.metrics.registry)
-            await self.hooks.call("startup", app=self)
-        except HookFailure as f:
-            self._unlock_spool()
-            raise StartupError(f"plugin {f.plugin} failed to start: {f.reason}"
-                               ) from None
-        try:
-            counts = await asyncio.to_thread(self.spool.recover)
-            log.info("spool %s recovered: %s", self.spool.root,
-                     ", ".join(f"{k}={n}" for k, n in counts.items()))
+            try:
+                self.hooks.call_at_startup("register_metrics", registry=self.metrics.registry)
+                await self.hooks.call("startup", app=self)
+            except HookFailure as f:
+                raise StartupError(f"plugin {f.plugin} failed to start: {f.reason}") from None
+            await self._recover()
             self.metrics.bind_spool(self.spool.counts)
             await self._load_tls()
             if self.settings.metrics.enabled:
@@ -126,6 +122,17 @@ class App:
         self._started = True
         log.info("elemta started: %s", ", ".join(
             f"{lst.name}={lst.address}({lst.mode},{lst.tls})" for lst in self.settings.listeners))
+
+    async def _recover(self) -> None:
+        """Spool recovery, in a thread; a stop asked for meanwhile waits for it to finish."""
+        recovery = asyncio.ensure_future(asyncio.to_thread(self.spool.recover))
+        try:
+            counts = await asyncio.shield(recovery)
+        except asyncio.CancelledError:
+            await asyncio.wait({recovery})  # never close the spool under a running recovery
+            raise
+        log.info("spool %s recovered: %s", self.spool.root,
+                 ", ".join(f"{k}={n}" for k, n in counts.items()))
 
     async def _abort_start(self) -> None:
         """Undo a half-finished start: close what opened, then run ``shutdown`` hooks."""

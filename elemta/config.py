@@ -85,6 +85,7 @@ class ServerSettings(_Settings):
     data_timeout_seconds: float = Field(600.0, gt=0)
     shutdown_grace_seconds: float = Field(30.0, ge=0)
     relay_networks: tuple[str, ...] = ()
+    postmaster: str | None = None
     bare_newline: Literal["reject", "normalize"] = "reject"
     event_loop: Literal["asyncio", "uvloop"] = "asyncio"
 
@@ -93,6 +94,17 @@ class ServerSettings(_Settings):
     def _hostname(cls, v: str) -> str:
         if not v or any(c.isspace() for c in v) or "/" in v:
             raise ValueError(f"hostname must be a DNS name such as mx.example.com, got {v!r}")
+        return v
+
+    @field_validator("postmaster")
+    @classmethod
+    def _postmaster(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        local, at, domain = v.rpartition("@")
+        if not at or not local or not domain or any(c.isspace() or c in "<>" for c in v):
+            raise ValueError(f"postmaster must be a mail address such as admin@example.com "
+                             f"(someone who reads it), got {v!r}")
         return v
 
     @field_validator("relay_networks")
@@ -351,6 +363,20 @@ class Settings(_Settings):
     @property
     def local_domains(self) -> frozenset[str]:
         return frozenset(self.domains)
+
+    @property
+    def postmaster_address(self) -> str:
+        """Where mail to the postmaster goes: ``[server] postmaster``, or postmaster@ the
+        first local domain (the host name when there is none)."""
+        if self.server.postmaster is not None:
+            return self.server.postmaster
+        domain = min(self.domains) if self.domains else self.server.hostname
+        return f"postmaster@{domain}"
+
+    @property
+    def postmaster_domains(self) -> frozenset[str]:
+        """The domains whose ``postmaster`` is always accepted: every local one, the host name."""
+        return frozenset(d.lower() for d in self.domains) | {self.server.hostname.lower()}
 
 
 def suggest(word: str, choices: list[str]) -> list[str]:

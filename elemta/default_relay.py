@@ -3,7 +3,8 @@
 A recipient is accepted when its domain is one of ``[domains]`` (we are its
 MX), or when the session may relay: it authenticated, its client address is in
 ``[server] relay_networks``, or a ``connect`` plugin set
-``session.relay_allowed``. Everything else is ``550 5.7.1``. It runs last
+``session.relay_allowed``. Everything else is ``550 5.7.1``. (Postmaster is
+accepted by the core before any plugin is asked.) It runs last
 (``trylast``), so a plugin that knows better (a datasource that rejects unknown
 users, a relay allow-list) answers first.
 """
@@ -15,7 +16,6 @@ import ipaddress
 from .config import Settings
 from .hookspecs import hookimpl
 from .models import Recipient, Session
-from .smtp.address import is_postmaster
 from .verdicts import Accept, Reject
 
 RELAY_DENIED = Reject(550, "5.7.1", "Relaying denied")
@@ -43,7 +43,7 @@ class RelayPolicy:
 
     @hookimpl(trylast=True)
     def rcpt(self, session: Session, recipient: Recipient) -> Accept | Reject:
-        if recipient.domain in self.local_domains or is_postmaster(recipient.address):
+        if recipient.domain in self.local_domains:
             return ACCEPT
         if self.may_relay(session):
             return ACCEPT

@@ -120,8 +120,11 @@ class SMTPTransport:
                                f"{target.port}: {e.strerror or e}", target.host)
                 log.info("%s: %s", envelope.id, last.text)
                 continue
-            if outcomes is not None:
+            if not all(o.temporary and o.remote is None for o in outcomes):
                 return outcomes
+            # the connection failed us before any reply about the message: the next host
+            last = Outcome("", outcomes[0].code, outcomes[0].enhanced, outcomes[0].text,
+                           target.host)
         return [Outcome(a, last.code, last.enhanced, last.text, last.remote) for a in addresses]
 
     async def targets(self, route: Route) -> list[Target]:
@@ -184,7 +187,9 @@ class SMTPTransport:
                                   f"{e.reason}") from None
 
     async def _send(self, target: Target, route: Route, envelope: Envelope,
-                    addresses: list[str], content_path: str) -> list[Outcome] | None:
+                    addresses: list[str], content_path: str) -> list[Outcome]:
+        """One outcome per recipient; ``remote`` is ``None`` on those the server never
+        answered about (lost connection, timeout), which the next host may take."""
         limit = self._limits.get((target.ip, target.port))
         if limit is None:
             limit = self._limits[(target.ip, target.port)] = asyncio.Semaphore(
@@ -204,7 +209,8 @@ class SMTPTransport:
         if all(r.temporary and r.local for r in result.results):
             log.info("%s: %s[%s]:%d: %s", envelope.id, target.host, target.ip, target.port,
                      result.results[0].text if result.results else "no reply")
-            return None  # the connection failed us: try the next host
+            return [Outcome(r.recipient, r.code, r.enhanced or "4.4.2", r.text)
+                    for r in result.results]
         remote = f"{target.host}[{target.ip}]:{target.port}"
         return [Outcome(r.recipient, r.code, r.enhanced or default_enhanced(r.code), r.text,
                         remote) for r in result.results]

@@ -112,6 +112,42 @@ async def test_the_smtp_transport_asks_the_servers_one_resolver(elemta_server, d
     assert dns_server.count("one.example", "MX") == 1
 
 
+async def hang_up_after_the_dot(reader, writer):
+    """A remote MX that takes the whole message, then closes without a reply."""
+    writer.write(b"220 mx.hangup.example ESMTP\r\n")
+    while line := await reader.readline():
+        verb = line[:4].upper()
+        if verb == b"EHLO":
+            writer.write(b"250-mx.hangup.example\r\n250 8BITMIME\r\n")
+        elif verb == b"DATA":
+            writer.write(b"354 go ahead\r\n")
+            await writer.drain()
+            await reader.readuntil(b"\r\n.\r\n")
+            break
+        else:
+            writer.write(b"250 ok\r\n")
+        await writer.drain()
+    writer.close()
+
+
+async def test_a_connection_closed_after_data_is_reported_as_such(elemta_server, dns_server):
+    hangup = await asyncio.start_server(hang_up_after_the_dot, "127.0.0.1", 0)
+    port = hangup.sockets[0].getsockname()[1]
+    try:
+        dns_server.zone("hangup.example")
+        dns_server.add("hangup.example", "MX", "10 mx.hangup.example.")
+        dns_server.add("mx.hangup.example", "A", "127.0.0.1")
+        server = await elemta_server(delivery_config(dns_server, mx_overrides={
+            "mx.hangup.example": f"127.0.0.1:{port}"}, retry_intervals_seconds=[60]))
+        queue_id = await submit(server, "a@origin.example", ["bob@hangup.example"])
+        env = await wait_deferred(server, queue_id, 10)
+    finally:
+        hangup.close()
+    assert env["recipients"][0]["last_error"] == (
+        f"451 4.4.2 connection closed by mx.hangup.example[127.0.0.1]:{port} after the end of "
+        "DATA -- message may be sent more than once")
+
+
 async def test_domain_without_mx_is_delivered_to_its_address(elemta_server, dns_server):
     async with Sink() as sink:
         dns_server.zone("nomx.example")

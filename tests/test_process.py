@@ -412,22 +412,66 @@ async def test_sigterm_lets_data_in_progress_finish(plain_server) -> None:
     assert state_ids(spool) == {queue_id: "ready"}
 
 
-async def test_sigterm_lets_open_transaction_finish(plain_server) -> None:
+async def test_sigterm_tells_a_session_idle_in_a_transaction_421_at_once(plain_server) -> None:
+    """Between commands a session has nothing in progress, transaction or not: it is
+    told 421 4.3.2 at once, and the grace period is not spent waiting for it."""
     server, port, spool = plain_server["server"], plain_server["port"], plain_server["spool"]
-    busy = await _open_session(port, "EHLO busy.example", "MAIL FROM:<a@client.example>",
-                               "RCPT TO:<user@example.test>")
-    idle = await _open_session(port, "EHLO idle.example")
+    mid = await _open_session(port, "EHLO mid.example", "MAIL FROM:<a@client.example>",
+                              "RCPT TO:<user@example.test>")
 
-    sent = await _stop_and_see_idle_told(server, idle)
-    assert (await busy.command("DATA")).startswith("354")
-    await busy.send(b"Subject: graceful\r\n\r\nbody\r\n.\r\n")
-    reply = await busy.reply()
-    assert reply.startswith("250 2.0.0 Ok: queued as "), reply
-    await busy.command("QUIT")
-    busy.close()
+    sent = await _stop_and_see_idle_told(server, mid)
+
     assert await asyncio.to_thread(server.wait, GRACE + 10) == 0, server.output()
-    assert time.monotonic() - sent < GRACE + 3
-    assert list(state_ids(spool).values()) == ["ready"]
+    assert time.monotonic() - sent < GRACE / 2
+    assert state_ids(spool) == {}
+
+
+SLOW_START = """
+import asyncio, os, pathlib
+from elemta import hookimpl
+
+@hookimpl
+async def startup(app):
+    pathlib.Path(os.environ["MARKS"], "starting").touch()
+    await asyncio.sleep(60)
+
+@hookimpl
+def shutdown(app):
+    pathlib.Path(os.environ["MARKS"], "shut-down").touch()
+"""
+
+
+async def test_sigterm_during_start_up_stops_cleanly(tmp_path: Path, start_server) -> None:
+    (tmp_path / "slowplug").mkdir()
+    (tmp_path / "slowplug" / "__init__.py").write_text("")
+    (tmp_path / "slowplug" / "start.py").write_text(SLOW_START)
+    port = free_port()
+    config = write_config(tmp_path / "srv", {
+        "listeners": [listener("mx", port)], "metrics": {"enabled": False},
+        "plugins": {"enabled": ["slowplug.start"]}})
+    env = {"PYTHONPATH": str(tmp_path), "MARKS": str(tmp_path)}
+    server = start_server(config, env=env, wait_ready=False)
+    await asyncio.to_thread(wait_until, (tmp_path / "starting").exists, 20, "the plugin starting")
+
+    server.send_signal(signal.SIGTERM)
+
+    assert await asyncio.to_thread(server.wait, 15) == 0, server.output()
+    assert "stopping (signal received during start-up)" in server.output()
+    assert "Traceback" not in server.output()
+    assert (tmp_path / "shut-down").exists()
+    await _assert_not_accepting(port)
+
+
+async def test_sigterm_at_once_after_spawn_stops_cleanly(tmp_path: Path, start_server) -> None:
+    config = write_config(tmp_path / "srv", {
+        "listeners": [listener("mx", free_port())], "metrics": {"enabled": False}})
+    server = start_server(config, wait_ready=False)
+    await asyncio.sleep(0.15)  # the interpreter has started, the server has not
+
+    server.send_signal(signal.SIGTERM)
+
+    assert await asyncio.to_thread(server.wait, 15) == 0, server.output()
+    assert "Traceback" not in server.output()
 
 
 async def test_sigterm_closes_sessions_left_open_after_grace(plain_server) -> None:
@@ -569,7 +613,17 @@ def test_shipped_config_runs(tmp_path: Path, start_server) -> None:
     assert "smtp_connections_total" in metrics
     assert re.search(r'smtp_connections_total\{listener="smtps"\} [1-9]', metrics), metrics
 
-    # README's "Try it": local mail lands in a maildir next to the config (elemta-maildir)
+    # README's "Try it": a hosted domain and mailbox (elemta-datasource), then local mail
+    # lands in a maildir next to the config (elemta-maildir); unknown users are refused
+    for command in (("domains", "add", "example.test"),
+                    ("mailboxes", "add", "user@example.test")):
+        done = subprocess.run(elemta_command(*command), cwd=tmp_path, capture_output=True,
+                              text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+    with smtplib.SMTP("127.0.0.1", ports[2525], timeout=10) as client:
+        client.ehlo("client.example")
+        client.mail("you@example.org")
+        assert client.rcpt("nobody@example.test")[0] == 550
     with smtplib.SMTP("127.0.0.1", ports[2525], timeout=10) as client:
         client.sendmail("you@example.org", ["user@example.test"],
                         b"Subject: try it\r\n\r\nhello\r\n")

@@ -5,10 +5,13 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+from pathlib import Path
 
 import pytest
 
-from elemta import Accept, Reject, hookimpl
+from elemta import Accept, ConfigError, Reject, hookimpl
+from elemta.config import parse_settings
+from elemta.testing import send_mail
 from elemta.testing.client import RawSMTP, unverified_context
 
 MSG = b"Subject: test\r\n\r\nhello\r\n.\r\n"
@@ -599,3 +602,46 @@ async def test_one_log_line_per_transaction_with_its_queue_id(elemta_server, cap
     assert lines[0].startswith(f"{queue_id}: queued from=<a@b.example> nrcpt=1")
     refused = [r.getMessage() for r in caplog.records if "rcpt refused with 550" in r.getMessage()]
     assert len(refused) == 1 and "from=<a@b.example>" in refused[0]
+
+
+# ------------------------------------------------------------------ postmaster (RFC 5321 §4.5.1)
+
+
+class RefuseEveryone:
+    @hookimpl
+    def rcpt(self, recipient):
+        return Reject(550, "5.1.1", "No such user")
+
+
+@pytest.mark.parametrize("rcpt", ["Postmaster", "POSTMASTER", "postmaster@mx.example.test",
+                                  "PostMaster@example.test"])
+async def test_postmaster_is_always_accepted_and_goes_to_the_configured_mailbox(
+        elemta_server, elemta_outbox, rcpt):
+    server = await elemta_server({"server": {"postmaster": "admin@example.test"}},
+                                 plugins=[("refuse", RefuseEveryone())], outbox=elemta_outbox)
+
+    sent = await send_mail(server, "someone@remote.example", [rcpt], "Subject: hi\n\nhi\n")
+
+    assert sent.accepted, sent.replies
+    [delivered] = await elemta_outbox.wait(1)
+    assert delivered.recipients == ["admin@example.test"]
+    assert delivered.route.transport == "local"  # never looked up as a domain
+    assert delivered.envelope.recipients[0].original.lower() == rcpt.lower()
+
+
+async def test_postmaster_defaults_to_the_first_local_domain(elemta_server, elemta_outbox):
+    server = await elemta_server(outbox=elemta_outbox)
+    assert (await send_mail(server, "a@remote.example", ["Postmaster"], "x\n")).accepted
+    [delivered] = await elemta_outbox.wait(1)
+    assert delivered.recipients == ["postmaster@example.test"]
+
+
+async def test_postmaster_at_a_foreign_domain_is_not_relayed(elemta_server):
+    server = await elemta_server()
+    sent = await send_mail(server, "a@remote.example", ["postmaster@foreign.example"], "x\n")
+    assert (sent.reply.code, sent.reply.enhanced) == (550, "5.7.1")
+
+
+def test_postmaster_setting_must_be_an_address():
+    with pytest.raises(ConfigError, match="postmaster must be a mail address"):
+        parse_settings('[server]\npostmaster = "admin"\n', Path("e.toml"))

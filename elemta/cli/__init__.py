@@ -2,10 +2,46 @@
 
 ``main.py`` holds the top-level commands, ``queue*.py`` the ``queue`` group,
 ``context.py`` what they share (``--config``, the settings), ``output.py`` how
-spool data is printed.
+spool data is printed, ``scaffold.py`` ``elemta plugin new``.
+
+:func:`run`, the console script, catches SIGTERM and SIGINT before it imports
+anything heavy, so that a stop asked for while the server starts is honoured
+(``serve`` stops cleanly as soon as it can) rather than killing the process.
 """
 
-from .context import current_settings, plugin_settings
-from .main import main, run
+from __future__ import annotations
+
+import signal
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .context import current_settings, plugin_settings
+    from .main import main
 
 __all__ = ["current_settings", "main", "plugin_settings", "run"]
+
+#: The signal that asked the process to stop before the server could listen for it.
+early_stop: int | None = None
+
+
+def _stop_early(signum: int, frame: object) -> None:
+    global early_stop
+    early_stop = signum
+
+
+def run(argv: list[str] | None = None) -> Any:
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, _stop_early)
+    from .main import run as run_main
+
+    return run_main(argv)
+
+
+def __getattr__(name: str) -> Any:
+    if name in ("current_settings", "plugin_settings"):
+        from . import context
+        return getattr(context, name)
+    if name == "main":
+        from .main import main
+        return main
+    raise AttributeError(f"module 'elemta.cli' has no attribute {name!r}")

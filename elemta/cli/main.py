@@ -47,20 +47,37 @@ def serve() -> None:
 
 
 async def _serve(settings: Settings) -> None:
+    from .. import cli
     from ..app import App, StartupError
 
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    # Signal handlers before anything listens: a SIGTERM while the server starts
+    # (recovering a big spool, a plugin connecting) stops it cleanly.
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+    if cli.early_stop is not None:
+        stop.set()
     try:
         app = App(settings)
     except (ConfigError, PluginLoadError) as e:
         fail(str(e) if isinstance(e, PluginLoadError) else config_problems(e))
+    starting = asyncio.create_task(app.start())
+    stopping = asyncio.create_task(stop.wait())
+    await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    if not starting.done():
+        log.info("stopping (signal received during start-up)")
+        starting.cancel()
+        try:
+            await starting  # a start cut short closes what it opened
+        except (asyncio.CancelledError, StartupError):
+            pass
+        return
+    stopping.cancel()
     try:
-        await app.start()
+        starting.result()
     except StartupError as e:
         fail(f"cannot start: {e}", 1)
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    loop.add_signal_handler(signal.SIGTERM, stop.set)
-    loop.add_signal_handler(signal.SIGINT, stop.set)
     loop.add_signal_handler(signal.SIGHUP, app.request_tls_reload)
     ready = os.environ.get("ELEMTA_READY_FILE")
     if ready:

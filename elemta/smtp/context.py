@@ -27,11 +27,13 @@ class SMTPContext:
                  metrics: Metrics) -> None:
         self.settings = settings
         self.hostname = settings.server.hostname
+        self.postmaster = settings.postmaster_address
+        self.postmaster_domains = settings.postmaster_domains
         self.hooks = hooks
         self.spool = spool
         self.metrics = metrics
         self.sessions: set[ElemtaSMTP] = set()
-        self.stopping = False  # graceful stop: close sessions as their transactions end
+        self.stopping = False  # graceful stop: close each session after its current command
         self._per_ip: dict[str, int] = {}
         self._idle = asyncio.Event()
         self._idle.set()

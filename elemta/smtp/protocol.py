@@ -145,12 +145,16 @@ class ElemtaSMTP(_AioSMTP):
             self.transport.close()
 
     def shutdown_idle(self) -> bool:
-        """Close the session if it is between transactions; used by graceful stop.
+        """Close the session with ``421 4.3.2`` unless a command is being handled.
 
-        A session inside a command or a mail transaction (after MAIL) is left to
-        finish; the command loop closes it when the transaction ends.
+        Used when the server stops. A session waiting for its client's next
+        command is closed at once, in the middle of a mail transaction too (the
+        client sends the message again later; nothing of it was accepted). One
+        inside a command — DATA being received, a hook or the spool commit
+        under way — is left to finish it: the command loop closes it after the
+        reply.
         """
-        if self._busy or self.tx is not None or self.transport is None:
+        if self._busy or self.transport is None:
             return False
         self.reply(replies.SHUTTING_DOWN)
         self.close()
@@ -279,7 +283,7 @@ class ElemtaSMTP(_AioSMTP):
                 self.reply(replies.INTERNAL_ERROR)
             finally:
                 self._busy = False
-            if self.ctx.stopping and self.tx is None:
+            if self.ctx.stopping:
                 self.reply(replies.SHUTTING_DOWN)
                 raise Close
 
@@ -439,6 +443,14 @@ class ElemtaSMTP(_AioSMTP):
             self.reply(replies.TOO_MANY_RECIPIENTS)
             return
         recipient = Recipient(rcpt, params)
+        if address.is_postmaster(rcpt, self.ctx.postmaster_domains):
+            # RFC 5321 §4.5.1: postmaster is always accepted, and delivered to
+            # [server] postmaster; no plugin may refuse it.
+            if rcpt.lower() != self.ctx.postmaster.lower():
+                recipient.rewrite([self.ctx.postmaster])
+            tx.recipients.append(recipient)
+            self.reply(replies.RECIPIENT_OK)
+            return
         answer = await self.ctx.hooks.call("rcpt", session=conn, tx=tx, recipient=recipient,
                                            params=params)
         plugin, verdict = answer.plugin, answer.value

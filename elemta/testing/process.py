@@ -82,7 +82,8 @@ def elemta_command(*args: str) -> list[str]:
 class ServerProcess:
     """``elemta serve --config PATH`` in a subprocess, ready once it wrote its PID."""
 
-    def __init__(self, config: Path, workdir: Path, env: dict[str, str] | None, n: int) -> None:
+    def __init__(self, config: Path, workdir: Path, env: dict[str, str] | None, n: int,
+                 wait_ready: bool = True) -> None:
         self.config = config
         self.log_path = workdir / f"server-{n}.log"
         self.ready_file = workdir / f"ready-{n}"
@@ -93,7 +94,8 @@ class ServerProcess:
         self.proc = subprocess.Popen(elemta_command("serve", "--config", str(config)),
                                      cwd=workdir, env=full_env, stdin=subprocess.DEVNULL,
                                      stdout=self._log, stderr=subprocess.STDOUT)
-        self._wait_ready()
+        if wait_ready:
+            self._wait_ready()
 
     @property
     def pid(self) -> int:
@@ -141,11 +143,15 @@ class ServerProcess:
 
 
 def server_factory(tmp_path: Path) -> Iterator[Callable[..., ServerProcess]]:
-    """Factory: ``start(config_path, env=None)`` → a ready :class:`ServerProcess`."""
+    """Factory: ``start(config_path, env=None, wait_ready=True)`` → a :class:`ServerProcess`.
+
+    With ``wait_ready`` (the default) it returns once the server accepts connections.
+    """
     started: list[ServerProcess] = []
 
-    def start(config: Path, env: dict[str, str] | None = None) -> ServerProcess:
-        server = ServerProcess(config, tmp_path, env, len(started))
+    def start(config: Path, env: dict[str, str] | None = None,
+              wait_ready: bool = True) -> ServerProcess:
+        server = ServerProcess(config, tmp_path, env, len(started), wait_ready)
         started.append(server)
         return server
 

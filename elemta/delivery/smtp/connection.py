@@ -408,7 +408,7 @@ class SMTPConnection:
             return self._result(results)
         except Lost as lost:
             if dot_sent:
-                lost = Lost(f"{lost} -- message may be sent more than once", lost.timed_out)
+                lost.note = " -- message may be sent more than once"
             error = self.wire.lost_error(lost, stage)
             for index, result in enumerate(results):
                 if result is None:

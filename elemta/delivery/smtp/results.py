@@ -127,11 +127,19 @@ class Reply:
 
 
 class Lost(Exception):
-    """The conversation ended without a reply: connection lost, timeout, garbage."""
+    """The conversation ended without a reply: connection lost, timeout, garbage.
 
-    def __init__(self, what: str, timed_out: bool = False) -> None:
+    ``what`` is what the client was doing ("sending RCPT TO"); ``closed``: the
+    server closed the connection (an orderly end of stream), as opposed to a
+    reset, a timeout (``timed_out``) or a reply that made no sense.
+    """
+
+    def __init__(self, what: str, timed_out: bool = False, closed: bool = False) -> None:
         super().__init__(what)
+        self.what = what
         self.timed_out = timed_out
+        self.closed = closed
+        self.note = ""  # added to the text of the error it becomes
 
 
 def parse_reply(raw: list[bytes]) -> Reply:

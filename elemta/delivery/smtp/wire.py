@@ -18,6 +18,20 @@ READ_BYTES = 65_536
 _MAX_REPLY_LINE_OCTETS = 8_192
 _MAX_REPLY_LINES = 200
 
+# When the server hung up: what it had been sent last
+_AFTER = {
+    "greeting": "before its greeting",
+    "ehlo": "after EHLO",
+    "lhlo": "after LHLO",
+    "starttls": "after STARTTLS",
+    "auth": "during AUTH",
+    "rset": "after RSET",
+    "mail": "after MAIL FROM",
+    "rcpt": "after RCPT TO",
+    "data": "after the DATA command",
+    "end_of_data": "after the end of DATA",
+}
+
 
 class Wire:
     """One connection's streams and the state of the conversation on them."""
@@ -115,7 +129,7 @@ class Wire:
             raise Lost(what) from None
         if not data:
             self.abort()
-            raise Lost(what)
+            raise Lost(what, closed=True)
         self.buffer += data
 
     async def start_tls(self, context: ssl.SSLContext, server_hostname: str,
@@ -140,10 +154,13 @@ class Wire:
         """What a lost conversation means for the caller (the 421, if that was it)."""
         if self.closing is not None:
             return self.closing.error(stage)
-        verb = "conversation with" if lost.timed_out else "lost connection with"
-        tail = " timed out" if lost.timed_out else ""
-        return SMTPError(451, "4.4.2", f"{verb} {self.remote}{tail} while {lost}",
-                         stage=stage, local=True)
+        if lost.timed_out:
+            text = f"conversation with {self.remote} timed out while {lost.what}"
+        elif lost.closed:
+            text = f"connection closed by {self.remote} {_AFTER.get(stage, 'while ' + lost.what)}"
+        else:
+            text = f"lost connection with {self.remote} while {lost.what}"
+        return SMTPError(451, "4.4.2", text + lost.note, stage=stage, local=True)
 
     async def quit(self, timeout: float) -> None:
         """QUIT (when the conversation is still in a state to say it) and close; never raises."""

@@ -57,7 +57,8 @@ async def mx(elemta_server, tmp_path: Path):
                          "idle_connection_seconds": 0,
                          "routes": {"*": {"host": f"127.0.0.1:{sink.port}", "tls": "none"}}},
             "plugins": {"datasource": {"sqlite_path": str(db)},
-                        "maildir": {"path": str(tmp_path / "mail/{domain}/{user}/Maildir")}},
+                        "maildir": {"path": str(tmp_path / "mail/{domain}/{user}/Maildir"),
+                                    "create_mailboxes": True}},
         }, enabled=["datasource", "maildir"])
         yield server, sink, tmp_path / "mail" / "example.test"
 

@@ -14,9 +14,10 @@ import logging
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
-from elemta import Envelope, Outcome, RecipientState, Route, hookimpl
+from elemta import Envelope, Outcome, Recipient, RecipientState, Reject, Route, hookimpl
 
 from .delivery import Maildirs
+from .layout import UnsafeAddress
 from .settings import MaildirSettings
 
 if TYPE_CHECKING:
@@ -29,11 +30,12 @@ log = logging.getLogger("elemta.maildir")
 
 
 class MaildirPlugin:
-    """The ``maildir`` plugin: ``register_config``, ``startup`` and ``deliver``."""
+    """The ``maildir`` plugin: ``register_config``, ``startup``, ``rcpt`` and ``deliver``."""
 
     def __init__(self) -> None:
         self.settings = MaildirSettings()
         self.maildirs: Maildirs | None = None
+        self.local_domains: frozenset[str] = frozenset()
 
     @hookimpl
     def register_config(self) -> Mapping[str, type[MaildirSettings]]:
@@ -45,8 +47,28 @@ class MaildirPlugin:
         self.settings = app.plugin_settings("maildir")
         self.maildirs = Maildirs(self.settings, app.settings.resolve,
                                  app.settings.server.hostname)
+        self.local_domains = app.settings.local_domains
         log.info("maildir: delivering transport %r to %s (mailboxes under %s)",
                  self.settings.transport, self.settings.path, self.maildirs.layout.base)
+
+    @hookimpl(tryfirst=True)
+    def rcpt(self, recipient: Recipient) -> Reject | None:
+        """Refuse, at RCPT, a local recipient no mailbox could be made for (``/``, ``..``…).
+
+        Accepted, it could only bounce later, to a sender who may be forged:
+        backscatter. ``tryfirst``: before any plugin that accepts the recipient.
+        """
+        maildirs = self.maildirs
+        if maildirs is None:
+            return None
+        for address in recipient.deliver_to or (recipient.address,):
+            if address.rpartition("@")[2].lower().rstrip(".") not in self.local_domains:
+                continue
+            try:
+                maildirs.layout.mailbox(address)
+            except UnsafeAddress:
+                return Reject(550, "5.1.3", f"<{address}>: no mailbox can have this name")
+        return None
 
     @hookimpl
     async def deliver(self, envelope: Envelope, route: Route, recipients: list[RecipientState],

@@ -28,8 +28,9 @@ class MaildirSettings(BaseModel):
     quota_bytes: int = Field(0, ge=0)
     # per-mailbox quotas (user@domain, lower case, no +detail) in bytes; 0 = unlimited
     quotas: dict[str, int] = Field(default_factory=dict)
-    # create Maildir, cur/, new/ and tmp/ on first delivery (like Dovecot's LDA)
-    create_mailboxes: bool = True
+    # create Maildir, cur/, new/ and tmp/ on first delivery (like Dovecot's LDA); off by
+    # default: with no recipient check at RCPT, every local part would get a mailbox
+    create_mailboxes: bool = False
     file_mode: int = Field(0o600, ge=0, le=0o7777)
     dir_mode: int = Field(0o700, ge=0, le=0o7777)
     # fsync every message and new/ before answering 250; off loses mail on power failure

@@ -39,6 +39,7 @@ def config(retry: float = 0.3, **maildir) -> dict:
 
 
 async def start(elemta_server, retry: float = 0.3, plugins=(), **maildir):
+    maildir.setdefault("create_mailboxes", True)
     return await elemta_server(config(retry, **maildir), plugins=plugins, enabled=["maildir"])
 
 
@@ -338,14 +339,22 @@ async def test_a_missing_mailbox_defers_when_creation_is_off(elemta_server):
     assert not (server.root / "mail").exists()
 
 
-async def test_an_unsafe_local_part_fails_without_touching_the_disk(elemta_server):
+@pytest.mark.parametrize("rcpt", ["a/b@example.test", '"../x"@example.test'])
+async def test_an_unsafe_local_part_is_refused_at_rcpt_not_bounced(elemta_server, rcpt):
+    """No backscatter: a recipient no mailbox can be made for never gets to the spool."""
     server = await start(elemta_server)
-    queue_id = await submit(server, "alice@example.test", ["a/b@example.test"],
-                            on_the_wire(message("unsafe")))
-    [bounce] = await wait_for(lambda: files(maildir(server, "alice")), what="a bounce")
-    await wait_gone(server, queue_id)
-    assert b"550 5.1.3" in bounce.read_bytes()
-    assert sorted(p.name for p in (server.root / "mail" / DOMAIN).iterdir()) == ["alice"]
+    async with RawSMTP(server.port("mx")) as c:
+        await c.cmd("EHLO client.example")
+        assert (await c.cmd("MAIL FROM:<forged@victim.example>")).code == 250
+        reply = await c.cmd(f"RCPT TO:<{rcpt}>")
+        assert (reply.code, reply.enhanced) == (550, "5.1.3"), str(reply)
+        assert (await c.cmd("RCPT TO:<alice@example.test>")).code == 250
+    assert not (server.root / "mail").exists()
+
+
+async def test_an_unsafe_local_part_fails_at_delivery_without_touching_the_disk(elemta_server):
+    """Should one reach delivery (a route from another plugin), it fails, writing nothing."""
+    server = await start(elemta_server)
 
     plugin = server.app.pm.get_plugin("maildir")
     content = server.root / "content.eml"
@@ -356,7 +365,7 @@ async def test_an_unsafe_local_part_fails_without_touching_the_disk(elemta_serve
         [outcome] = await plugin.deliver(env, Route("local", DOMAIN), env.recipients,
                                          str(content))
         assert (outcome.code, outcome.enhanced) == (550, "5.1.3"), outcome
-    assert sorted(p.name for p in (server.root / "mail").iterdir()) == [DOMAIN]
+    assert not (server.root / "mail").exists()
 
 
 class StoreRouter:

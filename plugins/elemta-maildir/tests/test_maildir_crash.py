@@ -55,7 +55,8 @@ def config_for(root: Path, port: int, delivery: bool) -> Path:
         "delivery": {"enabled": delivery, "workers": 20,
                      "retry_intervals_seconds": [0.2, 0.5]},
         "plugins": {"enabled": ["maildir"],
-                    "maildir": {"path": str(root / "vmail" / "{domain}" / "{user}")}},
+                    "maildir": {"path": str(root / "vmail" / "{domain}" / "{user}"),
+                                "create_mailboxes": True}},
     })
 
 
