@@ -53,7 +53,9 @@ class App:
         self._plugin_settings = validated_plugin_settings(self.hooks, settings)
         spool = settings.spool
         self.spool = Spool(settings.resolve(spool.path), commit_threads=spool.commit_threads,
-                           memory_bytes=spool.memory_bytes, visible_on_commit=False)
+                           memory_bytes=spool.memory_bytes, visible_on_commit=False,
+                           min_free_bytes=spool.min_free_bytes,
+                           min_free_inodes=spool.min_free_inodes)
         self.smtp = SMTPContext(settings, self.hooks, self.spool, self.metrics)
         self.servers: dict[str, asyncio.base_events.Server] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -103,6 +105,7 @@ class App:
                                        ) from None
             for listener in self.settings.listeners:
                 await self._listen(listener)
+            self._spawn(self._watch_spool())
             runner = Runner(self.settings.delivery, hostname=self.settings.server.hostname,
                             spool=self.spool, hooks=self.hooks, metrics=self.metrics)
             if self.settings.delivery.enabled:
@@ -131,11 +134,46 @@ class App:
         except asyncio.CancelledError:
             await asyncio.wait({recovery})  # never close the spool under a running recovery
             raise
+        except OSError as e:
+            where = f" ({e.filename})" if e.filename else ""
+            raise StartupError(f"[spool] path: cannot recover the spool at {self.spool.root}: "
+                               f"{_reason(e)}{where}; nothing was removed: fix the cause "
+                               "(permissions, a failing disk) and start again") from None
         log.info("spool %s recovered: %s", self.spool.root,
                  ", ".join(f"{k}={n}" for k, n in counts.items()))
 
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _watch_spool(self, interval: float = 1.0) -> None:
+        """The spool's room, every second: gauges, a log line when taking mail stops or
+        resumes, and what recovery had no room to write out, written once there is."""
+        metrics, spool = self.metrics, self.spool
+        refusing: str | None = None
+        while True:
+            try:
+                if spool.pending_replay:
+                    await spool.retry_pending()
+                space = spool.space.read()
+                metrics.spool_free_bytes.set(space.free_bytes)
+                metrics.spool_free_inodes.set(space.free_inodes)
+                why = spool.refusal()
+                if (why is None) != (refusing is None):
+                    if why is not None:
+                        log.warning("spool: new mail is refused with 452 4.3.1: %s", why)
+                    else:
+                        log.warning("spool: there is room again; new mail is accepted")
+                refusing = why
+                metrics.spool_refusing.set(0 if why is None else 1)
+            except Exception:
+                log.exception("spool: watching the spool's room failed")
+            await asyncio.sleep(interval)
+
     async def _abort_start(self) -> None:
         """Undo a half-finished start: close what opened, then run ``shutdown`` hooks."""
+        await self._cancel_tasks()
         if self.control is not None:
             await self.control.stop()
             self.control = None
@@ -198,6 +236,9 @@ class App:
                 return False, f"listener {name} is not serving"
         if not self.spool.writable():
             return False, "spool is not writable"
+        why = self.spool.refusal()
+        if why is not None:
+            return False, f"new mail is refused: {why}"
         return True, "ready"
 
     async def reload_tls(self) -> bool:
@@ -227,9 +268,13 @@ class App:
 
     def request_tls_reload(self) -> None:
         """:meth:`reload_tls` from a signal handler (SIGHUP)."""
-        task = asyncio.get_running_loop().create_task(self.reload_tls())
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._spawn(self.reload_tls())
+
+    async def _cancel_tasks(self) -> None:
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     async def stop(self, grace: float | None = None) -> None:
         if grace is None:
@@ -253,6 +298,7 @@ class App:
         if self.runner is not None:
             await self.runner.stop(grace)
             self.runner = None
+        await self._cancel_tasks()
         await self.spool.close()
         self._unlock_spool()
         if self.metrics_server is not None:

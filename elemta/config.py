@@ -171,6 +171,8 @@ class SpoolSettings(_Settings):
     path: Path = Path("queue")
     commit_threads: int = Field(8, ge=1, le=64)
     memory_bytes: int = Field(262_144, ge=0)
+    min_free_bytes: int = Field(52_428_800, ge=0)
+    min_free_inodes: int = Field(1000, ge=0)
 
 
 class MetricsSettings(_Settings):

@@ -80,6 +80,7 @@ class Metrics:
     - ``message_size`` — ``smtp_message_size_bytes``
     - ``hook_duration{hook,plugin}`` — ``smtp_hook_duration_seconds``
     - ``spool_commit`` — ``smtp_spool_commit_seconds``
+    - ``spool_free_bytes``, ``spool_free_inodes``, ``spool_refusing`` — the spool's room
     - ``elemta_spool_messages{state}``, fed by :meth:`bind_spool`
 
     ``.labels(...)`` hashes its arguments and takes a lock on every call. On the
@@ -123,6 +124,13 @@ class Metrics:
         self.delivery_attempts = Counter(
             "smtp_delivery_attempts", "Recipient delivery attempts, by result "
             "(delivered, deferred, failed).", ["result"], registry=r)
+        self.spool_free_bytes = Gauge(
+            "smtp_spool_free_bytes", "Free space on the spool's file system.", registry=r)
+        self.spool_free_inodes = Gauge(
+            "smtp_spool_free_inodes", "Free inodes on the spool's file system.", registry=r)
+        self.spool_refusing = Gauge(
+            "smtp_spool_refusing", "1 while new mail is refused with 452 4.3.1 for lack of "
+            "room in the spool ([spool] min_free_bytes, min_free_inodes).", registry=r)
         self._spool = _SpoolCollector()
         r.register(self._spool)
         if process_metrics:

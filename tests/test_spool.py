@@ -1034,3 +1034,88 @@ def test_cli_skips_envelopes_that_vanish_while_listing(populated, monkeypatch) -
 
     assert result.exit_code == 0, result.output
     assert ready in result.output and held in result.output and deferred not in result.output
+
+
+# ------------------------------------------------------------------ a full disk
+
+
+def fill(folder: Path, leave: int = 0) -> Path:
+    """Fill the file system of ``folder`` to the last block, less ``leave`` bytes."""
+    filler = folder / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        free = os.statvfs(folder).f_bavail * os.statvfs(folder).f_frsize
+        os.posix_fallocate(fd, 0, max(0, free - leave))
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+    return filler
+
+
+async def test_the_journal_refuses_a_batch_whose_files_would_not_fit(small_filesystem) -> None:
+    folder = small_filesystem("2m")
+    spool = Spool(folder / "queue", memory_bytes=1 << 20, visible_on_commit=False,
+                  checkpoint_interval=60, checkpoint_idle=60)
+    spool.recover()
+    spool._materialize_gate.clear()  # the files do not follow while the disk fills
+    body = b"x" * (200 << 10) + b"\r\n"
+    acknowledged = []
+    with pytest.raises(OSError) as refused:
+        for _ in range(20):
+            acknowledged.append(await commit_message(spool, HEADERS + body))
+    assert refused.value.errno == errno.ENOSPC
+    assert 2 <= len(acknowledged) < 10
+    spool._materialize_gate.set()
+    spool.wait_written()
+    await spool.checkpoint()
+    # every acknowledged message was placed in its files: none waits in the journal
+    assert spool.stats.materialize_errors == 0
+    assert sorted(spool.ids_in("ready")) == sorted(acknowledged)
+    for queue_id in acknowledged:
+        assert spool.message_path(queue_id).read_bytes().endswith(body)
+    await spool.close()
+
+
+async def test_recovery_without_room_starts_and_writes_out_later(small_filesystem) -> None:
+    folder = small_filesystem("2m")
+    spool = journal_only_spool(folder)
+    spool._materialize_gate.clear()
+    body = b"y" * (100 << 10) + b"\r\n"
+    acknowledged = [await commit_message(spool, HEADERS + body) for _ in range(4)]
+    spool._crash_for_tests()  # in the journal only: no file of them was written
+    assert spool.ids_in("ready") == []
+    filler = fill(folder)  # and no room left to write them out
+
+    durable: list[list[tuple[str, str]]] = []
+    recovered = Spool(folder / "queue")
+    counts = recovered.recover()  # does not raise
+    recovered.on_durable(durable.append)
+
+    assert counts["ready"] == 0 and recovered.pending_replay == 1
+    assert "wait to be written out" in recovered.refusal()
+    assert all(recovered.awaiting_checkpoint(q) for q in acknowledged)
+    assert await recovered.retry_pending() == 0  # still no room
+
+    filler.unlink()
+    assert await recovered.retry_pending() == 4
+
+    assert recovered.pending_replay == 0 and recovered.refusal() is None
+    assert recovered.counts()["ready"] == 4
+    assert sorted(q for batch in durable for q, _ in batch) == sorted(acknowledged)
+    assert not any(recovered.awaiting_checkpoint(q) for q in acknowledged)
+    for queue_id in acknowledged:
+        assert recovered.message_path(queue_id).read_bytes().endswith(body)
+    assert list((folder / "queue" / "journal").iterdir()) == []
+    await recovered.close()
+
+
+def test_the_reserve_refuses_new_mail_and_says_why(small_filesystem) -> None:
+    folder = small_filesystem("4m")
+    spool = Spool(folder / "queue", min_free_bytes=1 << 20)
+    spool.recover()
+    assert spool.refusal() is None
+    assert "does not fit" in spool.refusal(size=7 << 19)  # 3.5 MiB
+    fill(folder, leave=512 << 10)
+    spool.space.read(max_age=0)
+    assert "below the reserve of 1.0 MiB ([spool] min_free_bytes)" in spool.refusal()

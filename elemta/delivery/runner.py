@@ -76,19 +76,22 @@ class Runner:
     def _on_durable(self, entries: list[tuple[str, str]]) -> None:
         now = time.time()
         for queue_id, state in entries:
-            if state == "ready":
+            if state in ("ready", "deferred"):
                 self.schedule(queue_id, now)
 
     def rebuild(self) -> int:
         """Fill the schedule from the spool (start-up only: this reads every envelope)."""
         n = 0
         now = time.time()
+        awaiting = self.spool.awaiting_checkpoint
         for state, env in self.spool.iter_envelopes("ready"):
-            self.schedule(env.id, now)
-            n += 1
+            if not awaiting(env.id):  # still in the journal: scheduled once written out
+                self.schedule(env.id, now)
+                n += 1
         for state, env in self.spool.iter_envelopes("deferred"):
-            self.schedule(env.id, env.next_attempt_at or now)
-            n += 1
+            if not awaiting(env.id):
+                self.schedule(env.id, env.next_attempt_at or now)
+                n += 1
         return n
 
     async def start(self) -> None:
@@ -389,7 +392,8 @@ class Runner:
             await asyncio.sleep(0.02)
         claimed, busy = [], []
         for queue_id in ids:
-            if queue_id in self._busy:
+            # in delivery, or still only in the journal (no room to write it out yet)
+            if queue_id in self._busy or self.spool.awaiting_checkpoint(queue_id):
                 busy.append(queue_id)
             else:
                 self._busy.add(queue_id)

@@ -12,6 +12,8 @@ complete message is ``end_of_data.py``'s.
 from __future__ import annotations
 
 import asyncio
+import errno
+import logging
 import re
 from typing import TYPE_CHECKING
 
@@ -23,6 +25,9 @@ if TYPE_CHECKING:
     from ..spool.incoming import IncomingMessage
     from .protocol import ElemtaSMTP
 
+log = logging.getLogger("elemta.smtp")
+
+NO_ROOM = (errno.ENOSPC, errno.EDQUOT)
 _BARE_LF = re.compile(rb"(?<!\r)\n")
 _BARE_CR = re.compile(rb"\r(?!\n)")
 
@@ -39,6 +44,9 @@ async def command(proto: ElemtaSMTP, arg: str | None) -> None:
         return
     if arg:
         proto.reply(replies.DATA_SYNTAX)
+        return
+    if proto.refuse_for_storage(tx.mail_params.get("SIZE"), "data"):
+        proto.tx = None
         return
     proto.reply(replies.START_DATA)
     proto.flush()
@@ -74,6 +82,7 @@ async def receive(proto: ElemtaSMTP, incoming: IncomingMessage) -> Reply | None:
     size = 0
     too_big = False
     bare = False
+    failed: OSError | None = None  # writing the content failed: read on, then refuse
     first = True
     while True:
         proto._reset_timeout(data_timeout)
@@ -107,8 +116,11 @@ async def receive(proto: ElemtaSMTP, incoming: IncomingMessage) -> Reply | None:
         size += len(chunk)
         if size > limit:
             too_big = True
-        if not too_big and not bare:
-            incoming.write(chunk)
+        if not too_big and not bare and failed is None:
+            try:
+                incoming.write(chunk)
+            except OSError as e:
+                failed = e
         if last:
             break
     proto._reset_timeout()
@@ -116,4 +128,8 @@ async def receive(proto: ElemtaSMTP, incoming: IncomingMessage) -> Reply | None:
         return replies.MESSAGE_TOO_BIG
     if bare:
         return replies.BARE_NEWLINE
+    if failed is not None:
+        log.error("session %s: cannot keep the message being received: %s",
+                  proto.conn.id if proto.conn else "-", failed)
+        return replies.NO_STORAGE if failed.errno in NO_ROOM else replies.SPOOL_FAILURE
     return None

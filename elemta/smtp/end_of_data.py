@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import re
 import time
@@ -144,7 +145,9 @@ async def finish(proto: ElemtaSMTP, conn: Session, tx: Transaction,
             state="hold" if hold else "ready")
     except Exception as e:
         log.error("session %s: spool commit of %s failed: %s", conn.id, tx.id, e)
-        _refuse(proto, incoming, tx, message, "spool", None, replies.SPOOL_FAILURE)
+        full = isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)
+        _refuse(proto, incoming, tx, message, "spool", None,
+                replies.NO_STORAGE if full else replies.SPOOL_FAILURE)
         return
     proto.ctx.metrics.spool_commit.observe(time.perf_counter() - start)
     proto.tx = None

@@ -313,6 +313,16 @@ class ElemtaSMTP(_AioSMTP):
                  conn.peer[0] if conn else "-",
                  f" queue_id={tx.id} from=<{tx.sender}>" if tx is not None else "")
 
+    def refuse_for_storage(self, size: str | None, stage: str) -> bool:
+        """Answer ``452 4.3.1`` when the spool cannot take a message now (full disk)."""
+        why = self.ctx.spool.refusal(int(size) if size else 0)
+        if why is None:
+            return False
+        self.count_reject(stage, None, 452)
+        log.warning("session %s: %s refused: %s", self.conn.id if self.conn else "-", stage, why)
+        self.reply(replies.NO_STORAGE)
+        return True
+
     def verdict_reply(self, stage: str, plugin: str | None,
                       verdict: v.Reject | v.TempFail | v.Disconnect) -> None:
         """Answer a plugin's refusal; ``Disconnect`` then ends the session."""
@@ -389,6 +399,8 @@ class ElemtaSMTP(_AioSMTP):
             return
         if utf8 and "SMTPUTF8" not in params:
             self.reply(replies.NEEDS_SMTPUTF8)
+            return
+        if self.refuse_for_storage(params.get("SIZE"), "mail"):
             return
         params.pop("AUTH", None)  # RFC 4954 AUTH= is advisory; we do not trust it
         tx = Transaction(new_id(), sender, params)

@@ -181,6 +181,7 @@ MESSAGE_TOO_BIG = Reply(552, "5.3.4", "Message size exceeds fixed maximum messag
 BARE_NEWLINE = Reply(550, "5.5.2",
                      "Message contains a bare CR or LF; lines must end with CRLF")
 SPOOL_FAILURE = Reply(451, "4.3.0", "Local error in processing, please try again later")
+NO_STORAGE = Reply(452, "4.3.1", "Insufficient system storage, please try again later")
 
 
 def queued(queue_id: str) -> Reply:

@@ -27,6 +27,7 @@ from ..durable import fsync_dir
 from .layout import Layout
 from .replay import Syncer, replay_segment
 from .segments import Segment, Segments, close_quietly, unlink_quietly
+from .space import SpaceMonitor
 from .threads import Flags, SpoolStats
 
 log = logging.getLogger("elemta.spool")
@@ -39,7 +40,7 @@ class Checkpointer:
 
     def __init__(self, layout: Layout, segments: Segments, syncer: Syncer, flags: Flags,
                  stats: SpoolStats, undurable: set[str], announce: Callable[[Entries], None],
-                 retry: Callable[[], None], retry_after: float) -> None:
+                 retry: Callable[[], None], retry_after: float, space: SpaceMonitor) -> None:
         self.layout = layout
         self.segments = segments
         self.syncer = syncer
@@ -49,6 +50,7 @@ class Checkpointer:
         self.announce = announce
         self.retry = retry
         self.retry_after = retry_after
+        self.space = space
         self.sealed: list[Segment] = []  # this thread only
         self._executor: ThreadPoolExecutor | None = ThreadPoolExecutor(
             1, thread_name_prefix="spool-checkpoint")
@@ -126,6 +128,8 @@ class Checkpointer:
                               seg.path, e)
                     continue
                 seg.replay = False
+                self.space.placed(seg.unwritten_bytes, seg.unwritten_messages)
+                seg.unwritten_bytes = seg.unwritten_messages = 0
             ready.append(seg)
         entries: Entries = []
         if ready:

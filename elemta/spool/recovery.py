@@ -14,17 +14,27 @@
 A crash during recovery just means replaying again, to the same result; it
 can bring back messages that were journaled but not acknowledged
 (duplicates, never losses).
+
+Recovery always completes, and never needs more room than the spool had: when
+the file system is too full to write the files of a segment (``ENOSPC``,
+``EDQUOT``), that segment and the ones after it stay in the journal, their
+messages are kept out of the clean-up of step 3, and the server starts with
+them *pending*: it refuses new mail until :func:`replay_pending` (retried as
+deliveries free room) has written them out.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import shutil
+from dataclasses import dataclass, field
 
 from ..durable import fsync_dir, write_file_durably
+from . import journal
 from .envelope import STATES, parse_envelope
-from .layout import CORRUPT_SUFFIX, Layout, queue_id_of
+from .layout import CORRUPT_SUFFIX, Layout, is_queue_id, queue_id_of
 from .replay import Syncer, replay_segment
 from .threads import SpoolStats
 
@@ -34,8 +44,22 @@ _DIR_MODE = 0o700
 CONTENT_MISSING = "message content missing from the spool at start-up"
 
 
-def recover(layout: Layout, syncer: Syncer, stats: SpoolStats) -> tuple[dict[str, int], int]:
-    """Recover the spool; the messages per state, and the last journal sequence number seen."""
+NO_ROOM = (errno.ENOSPC, errno.EDQUOT)
+
+
+@dataclass
+class Recovered:
+    """What :func:`recover` found: messages per state, the journal left to replay."""
+
+    counts: dict[str, int]
+    last_seq: int
+    pending: list[tuple[int, str]] = field(default_factory=list)  # (seq, path), in order
+    pending_ids: set[str] = field(default_factory=set)
+    uncounted: set[str] = field(default_factory=set)  # pending, and no envelope on disk yet
+
+
+def recover(layout: Layout, syncer: Syncer, stats: SpoolStats) -> Recovered:
+    """Recover the spool: the messages per state, the journal segments still to replay."""
     created = False
     for d in layout.folders():
         if not os.path.isdir(d):
@@ -54,37 +78,15 @@ def recover(layout: Layout, syncer: Syncer, stats: SpoolStats) -> tuple[dict[str
             removed_tmp += 1
 
     syncer.open()
-    last_seq = replay_journal(layout, syncer, stats)
+    last_seq, pending = replay_journal(layout, syncer, stats)
+    pending_ids = ids_in_segments(pending)
 
     with os.scandir(layout.messages) as it:
         contents = {e.name for e in it}
-    # List every state first: envelopes moved to failed/ below must not be
-    # seen a second time.
-    listing = {state: [e.name for e in layout.entries_in(state)] for state in STATES}
-    counts = dict.fromkeys(STATES, 0)
-    referenced: set[str] = set()
-    seen_in: dict[str, str] = {}
-    for state, names in listing.items():
-        for name in names:
-            if name.endswith(CORRUPT_SUFFIX):
-                # kept for the operator, and so is its content
-                referenced.add(name.removesuffix(CORRUPT_SUFFIX))
-                continue
-            queue_id = queue_id_of(name)
-            if queue_id is None:
-                log.warning("spool: ignoring unexpected file %s/%s", layout.state_dir(state), name)
-                continue
-            referenced.add(queue_id)
-            final_state = _check_envelope(layout, state, queue_id, queue_id in contents)
-            if final_state is None:
-                continue
-            if queue_id in seen_in:
-                log.error("spool: message %s has envelopes in both %s/ and %s/; "
-                          "resolve by hand", queue_id, seen_in[queue_id], final_state)
-            seen_in[queue_id] = final_state
-            counts[final_state] += 1
-
-    orphans = contents - referenced
+    counts = count_envelopes(layout, contents, pending_ids)
+    # the content of a message still in the journal is written again from there
+    referenced = _referenced(layout)
+    orphans = contents - referenced - pending_ids
     for name in orphans:
         os.unlink(layout.content(name))
     if orphans:
@@ -92,33 +94,121 @@ def recover(layout: Layout, syncer: Syncer, stats: SpoolStats) -> tuple[dict[str
     if removed_tmp or orphans:
         log.info("spool: removed %d unfinished file(s) from tmp/ and %d orphan content "
                  "file(s) from messages/", removed_tmp, len(orphans))
-    return counts, last_seq
+    return Recovered(counts, last_seq, pending, pending_ids, pending_ids - referenced)
 
 
-def replay_journal(layout: Layout, syncer: Syncer, stats: SpoolStats) -> int:
-    """Replay, sync and delete the segments in ``journal/``; the highest sequence number seen."""
+def count_envelopes(layout: Layout, contents: set[str],
+                    pending_ids: set[str] | frozenset[str] = frozenset()) -> dict[str, int]:
+    """Check every envelope and count them per state.
+
+    An unreadable one is moved aside; one without content goes to ``failed/``
+    (unless its message is still in the journal, to be written out).
+    """
+    # List every state first: envelopes moved to failed/ below must not be
+    # seen a second time.
+    listing = {state: [e.name for e in layout.entries_in(state)] for state in STATES}
+    counts = dict.fromkeys(STATES, 0)
+    seen_in: dict[str, str] = {}
+    for state, names in listing.items():
+        for name in names:
+            if name.endswith(CORRUPT_SUFFIX):
+                continue
+            queue_id = queue_id_of(name)
+            if queue_id is None:
+                log.warning("spool: ignoring unexpected file %s/%s", layout.state_dir(state), name)
+                continue
+            has_content = queue_id in contents or queue_id in pending_ids
+            final_state = _check_envelope(layout, state, queue_id, has_content)
+            if final_state is None:
+                continue
+            if queue_id in seen_in:
+                log.error("spool: message %s has envelopes in both %s/ and %s/; "
+                          "resolve by hand", queue_id, seen_in[queue_id], final_state)
+            seen_in[queue_id] = final_state
+            counts[final_state] += 1
+    return counts
+
+
+def _referenced(layout: Layout) -> set[str]:
+    """The queue ids that have an envelope, or an envelope kept aside as unreadable."""
+    out: set[str] = set()
+    for state in STATES:
+        for entry in layout.entries_in(state):
+            name = entry.name
+            queue_id = name.removesuffix(CORRUPT_SUFFIX) if name.endswith(CORRUPT_SUFFIX) \
+                else queue_id_of(name)
+            if queue_id is not None:
+                out.add(queue_id)
+    return out
+
+
+def replay_journal(layout: Layout, syncer: Syncer,
+                   stats: SpoolStats) -> tuple[int, list[tuple[int, str]]]:
+    """Replay, sync and delete the segments in ``journal/``, in order, as far as room allows.
+
+    Returns the highest sequence number seen and the segments left (from the
+    first one whose files did not fit on, ``ENOSPC``/``EDQUOT``).
+    """
     segments, others = layout.journal_segments()
     for path in others:
         log.warning("spool: ignoring unexpected file %s", path)
     if not segments:
-        return 0
+        return 0, []
+    entries, pending = replay_segments(layout, syncer, segments)
+    stats.replayed = len(entries)
+    if pending:
+        log.error("spool: no room to write out the messages of %d journal segment(s) from %s "
+                  "on; they stay in the journal, new mail is refused with 452 4.3.1, and they "
+                  "are written out as deliveries free room", len(pending), pending[0][1])
+    return segments[-1][0], pending
+
+
+def replay_segments(layout: Layout, syncer: Syncer, segments: list[tuple[int, str]]
+                    ) -> tuple[list[tuple[str, str]], list[tuple[int, str]]]:
+    """Replay segments in order: ``(queue id, state)`` of the records replayed, and the
+    segments left for lack of room.
+
+    The replayed ones are made durable and deleted; their records can never
+    come back.
+    """
     entries: list[tuple[str, str]] = []
-    for seq, path in segments:
+    replayed: list[str] = []
+    pending: list[tuple[int, str]] = []
+    for index, (seq, path) in enumerate(segments):
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         try:
             entries += replay_segment(layout, fd, seq, path)
+        except OSError as e:
+            if e.errno not in NO_ROOM:
+                raise
+            log.warning("spool: %s: %s", path, e.strerror or e)
+            pending = segments[index:]
+            break
         finally:
             os.close(fd)
+        replayed.append(path)
     if entries:
         syncer.make_durable(entries)
-    for _, path in segments:
+    for path in replayed:
         os.unlink(path)
-    fsync_dir(layout.journal)
-    stats.replayed = len(entries)
+    if replayed:
+        fsync_dir(layout.journal)
     if entries:
         log.info("spool: replayed %d message(s) from %d journal segment(s)", len(entries),
-                 len(segments))
-    return segments[-1][0]
+                 len(replayed))
+    return entries, pending
+
+
+def ids_in_segments(segments: list[tuple[int, str]]) -> set[str]:
+    """The queue ids of the valid records of these segments."""
+    out: set[str] = set()
+    for seq, path in segments:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            out.update(rec.queue_id for rec in journal.SegmentReader(fd, seq, is_queue_id))
+        finally:
+            os.close(fd)
+    return out
 
 
 def _check_envelope(layout: Layout, state: str, queue_id: str, has_content: bool) -> str | None:
@@ -140,8 +230,16 @@ def _check_envelope(layout: Layout, state: str, queue_id: str, has_content: bool
     if state == "failed" and env.last_error == CONTENT_MISSING:
         return state  # found and reported at an earlier start-up
     env.last_error = CONTENT_MISSING
-    write_file_durably(layout.envelope("failed", queue_id), env.to_json(),
-                       tmp=layout.tmp_file(queue_id, "envelope"))
+    try:
+        write_file_durably(layout.envelope("failed", queue_id), env.to_json(),
+                           tmp=layout.tmp_file(queue_id, "envelope"))
+    except OSError as e:
+        if e.errno not in NO_ROOM:
+            raise
+        log.error("spool: message %s has an envelope in %s/ but no content; no room to move "
+                  "it to failed/ (%s): it stays, and is looked at again at the next start",
+                  queue_id, state, e.strerror)
+        return state
     if state != "failed":
         os.unlink(path)
         fsync_dir(layout.state_dir(state))

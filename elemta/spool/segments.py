@@ -29,7 +29,7 @@ class Segment:
     """One journal file and what the spool must remember about it until it is deleted."""
 
     __slots__ = ("seq", "path", "fd", "size", "capacity", "first_write", "last_write",
-                 "entries", "replay")
+                 "entries", "replay", "unwritten_bytes", "unwritten_messages")
 
     def __init__(self, seq: int, path: str, fd: int, capacity: int = 0) -> None:
         self.seq = seq
@@ -41,6 +41,9 @@ class Segment:
         self.last_write = 0.0
         self.entries: list[tuple[str, str]] = []  # (queue id, state) of its records
         self.replay = False  # its files must be rewritten from the segment before a sync
+        # messages whose write-out failed: placed only when the segment is replayed
+        self.unwritten_bytes = 0
+        self.unwritten_messages = 0
 
 
 class Segments:

@@ -36,9 +36,10 @@ from .checkpoint import Checkpointer, Entries
 from .envelope import STATES, Envelope, parse_envelope
 from .incoming import IncomingMessage
 from .layout import InvalidQueueId, Layout, check_id, is_queue_id
-from .recovery import recover
+from .recovery import recover, replay_segments
 from .replay import Syncer
 from .segments import Segments, close_quietly
+from .space import SpaceMonitor
 from .threads import Backlog, Barrier, Checkpoint, Flags, Job, SpoolError, SpoolStats, Stop
 from .writeout import WriteOutThread
 from .writer import JournalWriter
@@ -76,7 +77,8 @@ class Spool:
 
     def __init__(self, root: Path, *, commit_threads: int = 8, memory_bytes: int = 262_144,
                  checkpoint_interval: float = 1.0, checkpoint_idle: float = 0.05,
-                 segment_bytes: int = 64 << 20, visible_on_commit: bool = True) -> None:
+                 segment_bytes: int = 64 << 20, visible_on_commit: bool = True,
+                 min_free_bytes: int = 0, min_free_inodes: int = 0) -> None:
         self.root = Path(root)
         self.layout = Layout(self.root)
         self.tmp_dir = Path(self.layout.tmp)
@@ -94,6 +96,12 @@ class Spool:
         # Queue ids in the journal and not yet checkpointed: the journal
         # thread adds, the checkpoint thread removes, one set operation at a time.
         self._undurable: set[str] = set()
+        #: Free space and inodes of the spool's file system (``space.py``).
+        self.space = SpaceMonitor(self.layout.root, min_free_bytes=min_free_bytes,
+                                  min_free_inodes=min_free_inodes)
+        # Journal segments recovery had no room to write out, and what of them is not counted
+        self._pending: list[tuple[int, str]] = []
+        self._uncounted: set[str] = set()
         self._syncer = Syncer(self.layout, commit_threads)
         self._segments = Segments(self.layout, self._flags, self.stats, segment_bytes)
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -130,10 +138,47 @@ class Spool:
         missing, or that cannot be parsed, to ``failed/`` with an error logged,
         so that nothing is dropped silently. Interrupted, it can simply run again.
         """
-        counts, last_seq = recover(self.layout, self._syncer, self.stats)
-        self._segments.start_after(last_seq)
-        self._counts = counts
-        return dict(counts)
+        found = recover(self.layout, self._syncer, self.stats)
+        self._segments.start_after(found.last_seq)
+        self._pending, self._uncounted = found.pending, found.uncounted
+        # not deliverable before they are written out
+        self._undurable.update(found.pending_ids)
+        self._counts = found.counts
+        return dict(found.counts)
+
+    def refusal(self, size: int = 0) -> str | None:
+        """Why new mail (of ``size`` bytes, when declared) cannot be taken now, or ``None``."""
+        if self._pending:
+            return (f"{len(self._pending)} journal segment(s) wait to be written out: the "
+                    "spool's file system is full")
+        return self.space.refusal(size)
+
+    @property
+    def pending_replay(self) -> int:
+        """Journal segments recovery had no room to write out yet."""
+        return len(self._pending)
+
+    async def retry_pending(self) -> int:
+        """Write out what recovery had no room for, as far as room allows now; messages done.
+
+        Those written are counted and announced like a checkpoint's (``on_durable``).
+        """
+        if not self._pending:
+            return 0
+        entries, self._pending = await asyncio.to_thread(
+            replay_segments, self.layout, self._syncer, self._pending)
+        counts = self._counts
+        assert counts is not None
+        for queue_id, state in entries:
+            self._undurable.discard(queue_id)
+            if queue_id in self._uncounted:
+                self._uncounted.discard(queue_id)
+                counts[state] += 1
+        if entries:
+            log.info("spool: %d message(s) left in the journal at start-up written out; %d "
+                     "segment(s) still wait", len(entries), len(self._pending))
+            _call_durable(list(self._durable_callbacks), entries)
+        return len(entries)
 
     # ------------------------------------------------------------------ writing
 
@@ -205,12 +250,14 @@ class Spool:
         checkpointer = Checkpointer(
             self.layout, self._segments, self._syncer, self._flags, self.stats,
             self._undurable, self._announce,
-            retry=lambda: writeout.inbox.put(Checkpoint()), retry_after=self.checkpoint_interval)
+            retry=lambda: writeout.inbox.put(Checkpoint()), retry_after=self.checkpoint_interval,
+            space=self.space)
         writeout = WriteOutThread(self.layout, self._flags, self.stats, backlog, checkpointer,
-                                  self._answer)
+                                  self._answer, self.space)
         writer = JournalWriter(
             self.layout, self._segments, self._flags, self.stats, backlog, writeout.inbox,
-            self._undurable, self._answer, checkpoint_interval=self.checkpoint_interval,
+            self._undurable, self._answer, self.space,
+            checkpoint_interval=self.checkpoint_interval,
             checkpoint_idle=self.checkpoint_idle, segment_bytes=self.segment_bytes,
             visible_on_commit=self.visible_on_commit)
         self._checkpointer, self._writeout, self._writer = checkpointer, writeout, writer

@@ -74,6 +74,11 @@ class Job:
     error: BaseException | None = None
 
     @property
+    def placed_bytes(self) -> int:
+        """What its files take on disk: the content and the envelope (once journaled)."""
+        return self.content_length + len(self.envelope)
+
+    @property
     def held_bytes(self) -> int:
         """What this job keeps in memory until its files are written."""
         return len(self.envelope) + len(self.prefix) + len(self.body or b"")

@@ -25,6 +25,7 @@ from ..durable import write_all
 from . import journal, threads
 from .checkpoint import Checkpointer
 from .layout import Layout
+from .space import SpaceMonitor
 from .threads import (Backlog, Barrier, Checkpoint, Flags, Job, Sealed, SpoolStats, Stop,
                       WriteOut)
 
@@ -38,13 +39,15 @@ class WriteOutThread:
     """The write-out thread and its queue (the journal writer's outbox)."""
 
     def __init__(self, layout: Layout, flags: Flags, stats: SpoolStats, backlog: Backlog,
-                 checkpointer: Checkpointer, answer: Callable[[list[Job]], None]) -> None:
+                 checkpointer: Checkpointer, answer: Callable[[list[Job]], None],
+                 space: SpaceMonitor) -> None:
         self.layout = layout
         self.flags = flags
         self.stats = stats
         self.backlog = backlog
         self.checkpointer = checkpointer
         self.answer = answer
+        self.space = space
         self.inbox: queue.SimpleQueue[threads.Message] = queue.SimpleQueue()
         # tests hold writing out back with it, to look at a spool between commit and files
         self.gate = threading.Event()
@@ -85,6 +88,7 @@ class WriteOutThread:
         layout = self.layout
         failed: list[str] = []
         error: Exception | None = None
+        placed_bytes = placed = 0
         for job in jobs:
             queue_id = job.queue_id
             try:
@@ -112,9 +116,17 @@ class WriteOutThread:
                     os.close(fd)
                 os.rename(path, layout.envelope(job.state, queue_id))
             except Exception as e:
-                job.segment.replay = True  # type: ignore[union-attr]
+                seg = job.segment
+                assert seg is not None
+                seg.replay = True
+                seg.unwritten_bytes += job.placed_bytes
+                seg.unwritten_messages += 1
                 failed.append(queue_id)
                 error = e
+            else:
+                placed_bytes += job.placed_bytes
+                placed += 1
+        self.space.placed(placed_bytes, placed)
         if failed:
             # one line per batch: a full disk would otherwise log every message
             self.stats.materialize_errors += len(failed)

@@ -30,6 +30,7 @@ from ..durable import sync_data
 from . import journal, threads
 from .layout import Layout
 from .segments import Segment, Segments, discard
+from .space import SpaceMonitor
 from .threads import Backlog, Checkpoint, Flags, Job, Sealed, SpoolError, SpoolStats, Stop, WriteOut
 
 log = logging.getLogger("elemta.spool")
@@ -40,7 +41,8 @@ class JournalWriter:
 
     def __init__(self, layout: Layout, segments: Segments, flags: Flags, stats: SpoolStats,
                  backlog: Backlog, outbox: queue.SimpleQueue[threads.Message],
-                 undurable: set[str], answer: Callable[[list[Job]], None], *,
+                 undurable: set[str], answer: Callable[[list[Job]], None],
+                 space: SpaceMonitor, *,
                  checkpoint_interval: float, checkpoint_idle: float, segment_bytes: int,
                  visible_on_commit: bool) -> None:
         self.layout = layout
@@ -51,6 +53,7 @@ class JournalWriter:
         self.outbox = outbox
         self.undurable = undurable
         self.answer = answer
+        self.space = space
         self.checkpoint_interval = checkpoint_interval
         self.checkpoint_idle = checkpoint_idle
         self.segment_bytes = segment_bytes
@@ -188,6 +191,16 @@ class JournalWriter:
                     continue
             undurable.add(queue_id)
             live.append(job)
+        if live and not self.space.fits(sum(job.placed_bytes for job in live), len(live)):
+            # Acknowledged, a message must be placeable in files later, a crash
+            # or not: refuse the batch while that room is not there.
+            for job in live:
+                undurable.discard(job.queue_id)
+                job.error = OSError(errno.ENOSPC, "no room in the spool for this message's "
+                                    "files")
+            log.warning("spool: %d message(s) refused: the spool's file system cannot hold "
+                        "their files as well as the journal", len(live))
+            live = []
         start = seg.size
         try:
             if live:

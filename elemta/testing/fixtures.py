@@ -243,6 +243,41 @@ def postgresql(postgresql_server: Any) -> str:
 
 
 @pytest.fixture
+def small_filesystem(tmp_path: Path) -> Iterator[Callable[[str], Path]]:
+    """Factory: ``small_filesystem("4m")`` → the folder of a new tmpfs of that size.
+
+    A real file system that fills up (``ENOSPC``), for disk-full tests. Mounting
+    needs root (CI runs as root): without it the test is skipped, or fails under
+    ``CI=true``. Everything mounted is unmounted at the end of the test.
+    """
+    import os
+    import subprocess
+
+    mounted: list[Path] = []
+
+    def mount(size: str) -> Path:
+        reason = None
+        if os.geteuid() != 0:
+            reason = "mounting a small tmpfs needs root"
+        else:
+            folder = tmp_path / f"small{len(mounted)}"
+            folder.mkdir()
+            done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700",
+                                   "tmpfs", str(folder)], capture_output=True, text=True)
+            if done.returncode == 0:
+                mounted.append(folder)
+                return folder
+            reason = f"cannot mount a tmpfs: {done.stderr.strip()}"
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(f"CI=true and a disk-full test cannot run: {reason}", pytrace=False)
+        pytest.skip(reason)
+
+    yield mount
+    for folder in mounted:
+        subprocess.run(["umount", "-l", str(folder)], capture_output=True)
+
+
+@pytest.fixture
 def dns_server() -> Iterator[ZoneServer]:
     """An authoritative DNS server on 127.0.0.1 (UDP and TCP) serving zones the test edits live.
 

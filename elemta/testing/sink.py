@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import email.parser
+import re
 import email.policy
 import ssl
 from collections import Counter
@@ -39,7 +40,7 @@ class Received:
 
 @dataclass
 class Sink:
-    """A recording SMTP server; ``port`` is known after ``start()``."""
+    """A recording SMTP server; on ``port``, or a free one known after ``start()``."""
 
     tls_context: ssl.SSLContext | None = None
     users: dict[str, str] | None = None          # require AUTH with these credentials
@@ -66,7 +67,7 @@ class Sink:
                               authenticator=self._authenticate)
             return SMTP(handler, **kwargs)
 
-        self._server = await loop.create_server(factory, "127.0.0.1", 0)
+        self._server = await loop.create_server(factory, "127.0.0.1", self.port)
         self.port = self._server.sockets[0].getsockname()[1]
         return self
 
@@ -102,6 +103,22 @@ class Sink:
             while len(self.messages) < n:
                 await asyncio.sleep(0.02)
         return self.messages
+
+    async def wait_for_tokens(self, tokens: set[str], pattern: re.Pattern[bytes],
+                              timeout: float = 10.0) -> None:
+        """Wait until a message matching ``pattern`` (group 1) arrived for every token."""
+        try:
+            async with asyncio.timeout(timeout):
+                while tokens - self.tokens(pattern):
+                    await asyncio.sleep(0.05)
+        except TimeoutError:
+            missing = sorted(tokens - self.tokens(pattern))
+            raise AssertionError(f"{len(missing)} message(s) never arrived: {missing[:20]}"
+                                 ) from None
+
+    def tokens(self, pattern: re.Pattern[bytes]) -> set[str]:
+        found = (pattern.search(m.content) for m in self.messages)
+        return {m.group(1).decode() for m in found if m is not None}
 
 
 class _Handler:

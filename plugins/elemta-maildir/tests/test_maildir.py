@@ -282,25 +282,9 @@ async def test_an_unwritable_mailbox_defers_until_it_is_fixed(elemta_server):
 
 
 @pytest.fixture
-def small_disk(tmp_path):
-    """A 256 KiB tmpfs: a real full disk (ENOSPC). Needs root, as CI has."""
-    import os
-    import subprocess
-
-    if os.geteuid() != 0:
-        pytest.skip("mounting a small tmpfs needs root")
-    mnt = tmp_path / "small"
-    mnt.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k,mode=0700", "tmpfs", str(mnt)],
-                       capture_output=True, text=True)
-    if r.returncode != 0:
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(f"cannot mount a tmpfs for the disk-full test: {r.stderr.strip()}")
-        pytest.skip(f"cannot mount a tmpfs: {r.stderr.strip()}")
-    try:
-        yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+def small_disk(small_filesystem):
+    """A 256 KiB tmpfs: a real full disk (ENOSPC)."""
+    return small_filesystem("256k")
 
 
 async def test_a_full_disk_defers_and_delivers_once_there_is_room(elemta_server, small_disk):
