@@ -84,6 +84,8 @@ class ServerSettings(_Settings):
     command_timeout_seconds: float = Field(300.0, gt=0)
     data_timeout_seconds: float = Field(600.0, gt=0)
     shutdown_grace_seconds: float = Field(30.0, ge=0)
+    tls_handshake_timeout_seconds: float = Field(30.0, gt=0)
+    max_tls_handshakes: int = Field(100, gt=0)
     relay_networks: tuple[str, ...] = ()
     postmaster: str | None = None
     bare_newline: Literal["reject", "normalize"] = "reject"

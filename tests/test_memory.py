@@ -57,3 +57,66 @@ async def test_20_mib_message_grows_peak_rss_by_less_than_5_mib(tmp_path, start_
     wait_until(lambda: (spool / "ready" / f"{queue_id}.json").exists(), what="envelope written")
     stored = (spool / "messages" / queue_id).stat().st_size
     assert stored > sent
+
+
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmRSS in /proc status")
+
+
+async def test_idle_tls_sessions_cost_under_100_kib_each_and_are_given_back(tmp_path,
+                                                                           start_server):
+    """bench/tls_memory.py measures a thousand; this holds the line at 300."""
+    import ssl
+
+    port = free_port()
+    config = write_config(tmp_path / "srv", {
+        "server": {"max_connections": 1000, "max_connections_per_ip": 1000},
+        "listeners": [listener("smtps", port, tls="implicit")],
+        "metrics": {"enabled": False},
+        "log": {"level": "warning"},
+    })
+    server = start_server(config)
+    ctx = ssl.create_default_context()
+    ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+
+    async def session():
+        reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=ctx,
+                                                       server_hostname="mx.example.test")
+        assert (await reader.readline()).startswith(b"220")
+        return writer
+
+    await asyncio.sleep(0.5)
+    base = rss_kib(server.pid)
+    writers = []
+    for _ in range(6):
+        writers += await asyncio.gather(*(session() for _ in range(50)))
+    await asyncio.sleep(1)
+    per_session = (rss_kib(server.pid) - base) / len(writers)
+    for w in writers:
+        w.transport.abort()
+    # the sessions' memory is collected and handed back a moment after they close
+    left = await asyncio.to_thread(
+        wait_until, lambda: (rss_kib(server.pid) - base < 8 * 1024) and rss_kib(server.pid),
+        10, "the memory of the closed sessions given back")
+    assert per_session < 100, f"{per_session:.0f} KiB per idle TLS session"
+    assert left
+
+
+def test_the_trimmer_trims_once_sessions_fell_to_half_of_a_peak_worth_it():
+    from elemta.memory import TRIM_AFTER_PEAK, Trimmer
+
+    calls = []
+    trimmer = Trimmer(trim=lambda pad: calls.append(pad) or 1)
+    for n in range(1, TRIM_AFTER_PEAK // 2):
+        trimmer.opened(n)
+    assert not trimmer.closed(0)  # a small peak is not worth it
+    for n in range(1, 201):
+        trimmer.opened(n)
+    assert not trimmer.closed(150)
+    assert trimmer.closed(100)  # half of the peak of 200
+    assert not trimmer.closed(99)  # and not again until a new peak has halved
+    trimmer.trim()
+    assert calls == [0] and trimmer.trims == 1

@@ -11,6 +11,7 @@ import socket
 import ssl
 import stat
 import threading
+import time
 from pathlib import Path
 from typing import AsyncIterator, Iterator
 
@@ -25,7 +26,7 @@ from elemta import default_tls, hookspecs
 from elemta.config import ConfigError, ListenerSettings, ServerSettings, Settings, TLSSettings
 from elemta.models import TLSInfo
 from elemta.smtp.tls import TLSConfigError, ensure_self_signed, server_context, tls_info
-from elemta.testing.client import RawSMTP
+from elemta.testing.client import RawSMTP, unverified_context
 
 HOSTNAME = "mx.example.test"
 
@@ -723,3 +724,73 @@ async def test_reload_that_a_plugin_fails_keeps_the_certificates_in_service(
     client.close()
     assert serial == serial_of(leaves[2])
     assert "listener smtps keeps its certificate: plugin certificates failed" in caplog.text
+
+
+# ------------------------------------------------------------------ handshake limits
+
+
+async def closed_after(reader: asyncio.StreamReader, limit: float) -> float:
+    """Seconds until the server closes the connection (read returns nothing)."""
+    start = time.monotonic()
+    async with asyncio.timeout(limit):
+        while await reader.read(1024):
+            pass
+    return time.monotonic() - start
+
+
+async def test_a_stalled_implicit_tls_handshake_ends_at_the_configured_limit(elemta_server):
+    server = await elemta_server({"server": {"tls_handshake_timeout_seconds": 1.5}})
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port("smtps"))
+    took = await closed_after(reader, 10)  # no ClientHello is ever sent
+    writer.close()
+    assert 1.3 <= took < 2.5
+    assert not server.app.smtp.sessions, "the session is released"
+
+
+async def test_a_stalled_starttls_handshake_ends_at_the_configured_limit(elemta_server):
+    server = await elemta_server({"server": {"tls_handshake_timeout_seconds": 1.5}})
+    async with RawSMTP(server.port("mx")) as client:
+        await client.cmd("EHLO client.example")
+        assert (await client.cmd("STARTTLS")).code == 220
+        took = await closed_after(client.reader, 10)
+    assert 1.3 <= took < 2.5
+    await asyncio.sleep(0.1)
+    assert not server.app.smtp.sessions
+
+
+async def test_handshakes_beyond_the_limit_wait_for_a_slot_then_give_up(elemta_server):
+    server = await elemta_server({"server": {"tls_handshake_timeout_seconds": 1.0,
+                                             "max_tls_handshakes": 1}})
+    slots = server.app.smtp.handshakes
+    await slots.acquire()  # as a handshake in progress would: no slot is free
+    try:
+        async with RawSMTP(server.port("mx")) as client:
+            await client.cmd("EHLO client.example")
+            reply = await client.cmd("STARTTLS")  # waits for a slot, then answers
+            assert (reply.code, reply.enhanced) == (454, "4.7.0")
+            assert (await client.cmd("NOOP")).code == 250  # the session goes on in plaintext
+            reader, writer = await asyncio.open_connection("127.0.0.1", server.port("smtps"))
+            assert await closed_after(reader, 5) >= 0.9  # no slot: closed, no greeting
+            writer.close()
+            slots.release()
+            assert (await client.starttls(unverified_context())).code == 220
+            assert (await client.cmd("EHLO client.example")).code == 250
+    finally:
+        if slots.locked():
+            slots.release()
+
+
+async def test_a_thousand_tls_sessions_come_and_go_without_a_trace(elemta_server):
+    """Sessions whose handshake never finished are released, not kept (nor counted)."""
+    server = await elemta_server({"server": {"max_connections": 2000,
+                                             "max_connections_per_ip": 2000}})
+    writers = []
+    for _ in range(10):
+        writers += [w for _, w in await asyncio.gather(*(
+            asyncio.open_connection("127.0.0.1", server.port("smtps")) for _ in range(50)))]
+    await asyncio.sleep(0.3)
+    for w in writers:
+        w.transport.abort()
+    async with asyncio.timeout(10):
+        while server.app.smtp.sessions:
+            await asyncio.sleep(0.05)

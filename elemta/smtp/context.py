@@ -7,6 +7,7 @@ import logging
 import ssl
 from typing import TYPE_CHECKING
 
+from ..memory import Trimmer
 from . import replies
 from .replies import Reply
 
@@ -42,6 +43,10 @@ class SMTPContext:
         #: The TLS context of each TLS listener, by name, for new connections:
         #: the server fills it from the ``tls_context`` hook and replaces it on reload.
         self.tls_contexts: dict[str, ssl.SSLContext] = {}
+        self._trimmer = Trimmer()
+        self._trim_pending = False
+        #: TLS handshakes in progress, at most ``[server] max_tls_handshakes``.
+        self.handshakes = asyncio.Semaphore(settings.server.max_tls_handshakes)
 
     def tls_context(self, listener: str) -> ssl.SSLContext | None:
         return self.tls_contexts.get(listener)
@@ -77,6 +82,7 @@ class SMTPContext:
         self._per_ip[ip] = self._per_ip.get(ip, 0) + 1
         proto._counted_ip = ip
         self.sessions.add(proto)
+        self._trimmer.opened(len(self.sessions))
         self._idle.clear()
         active.inc()  # type: ignore[attr-defined]
         return None
@@ -96,16 +102,36 @@ class SMTPContext:
         self._labels(proto.listener.name)[1].dec()  # type: ignore[attr-defined]
         if not self.sessions:
             self._idle.set()
+        if self._trimmer.closed(len(self.sessions)) and not self._trim_pending:
+            # a moment later: the sessions' buffers are freed once their
+            # callbacks have run, and a burst of closes makes one trim
+            self._trim_pending = True
+            asyncio.get_running_loop().call_later(1.0, self._trim)
         if proto.conn is not None and self.hooks.impls("disconnect"):
             task = asyncio.get_running_loop().create_task(
                 self.hooks.call("disconnect", session=proto.conn))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
+    def _trim(self) -> None:
+        self._trim_pending = False
+        self._trimmer.trim()
+
     def session_ended(self, proto: ElemtaSMTP) -> None:
-        """The command loop returned; make sure the transport goes away."""
+        """The command loop returned: the transport goes away and the session is released.
+
+        Not only from ``connection_lost``: a connection lost during a TLS
+        handshake never reports it to the session (asyncio's TLS layer tells
+        its application protocol nothing before the handshake completed).
+        """
         if proto.transport is not None and not proto.transport.is_closing():
             proto.close()
+        original = proto._original_transport
+        if original is not None and not original.is_closing():
+            original.close()
+        if proto._timeout_handle is not None:
+            proto._timeout_handle.cancel()
+        self.release(proto)
 
     def count_received(self, listener: str, size: int) -> None:
         self._labels(listener)[2].inc()  # type: ignore[attr-defined]

@@ -189,7 +189,7 @@ class ElemtaSMTP(_AioSMTP):
             return
         try:
             if self.listener.tls == "implicit":
-                await starttls.handshake(self, implicit=True)
+                await starttls.implicit(self)
             await self._greet(conn)
             if not self._closing:
                 await self._command_loop()

@@ -113,6 +113,7 @@ STARTTLS_SYNTAX = Reply(501, "5.5.4", "Syntax: STARTTLS")
 TLS_ALREADY_ACTIVE = Reply(503, "5.5.1", "TLS already active")
 STARTTLS_UNAVAILABLE = Reply(502, "5.5.1", "STARTTLS not available on this port")
 READY_FOR_TLS = Reply(220, "2.0.0", "Ready to start TLS")
+TLS_BUSY = Reply(454, "4.7.0", "TLS not available due to temporary reason")
 
 # ------------------------------------------------------------------ AUTH (RFC 4954)
 

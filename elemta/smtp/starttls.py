@@ -10,8 +10,12 @@ STARTTLS after its ``220``.
 The TLS context is asked for at that moment, from the listener's current one
 (:meth:`~elemta.smtp.context.SMTPContext.tls_context`), which a reload of the
 ``tls_context`` hook replaces: a new connection gets the new certificate, a
-session already encrypted keeps its own. The handshake has the command
-timeout as its limit, on both kinds of listener.
+session already encrypted keeps its own.
+
+A handshake has ``[server] tls_handshake_timeout_seconds``, from the moment it
+is asked for, on both kinds of listener; at most ``[server]
+max_tls_handshakes`` run at once (a session waits for a slot within the same
+limit), and each holds a 32 KiB read buffer rather than asyncio's 256 KiB.
 """
 
 from __future__ import annotations
@@ -53,23 +57,71 @@ async def command(proto: ElemtaSMTP, arg: str | None) -> None:
     if conn.helo is None:
         proto.reply(replies.EHLO_FIRST)
         return
-    proto.reply(replies.READY_FOR_TLS)
-    proto.flush()
-    await handshake(proto, implicit=False)
+    deadline = proto.loop.time() + proto.ctx.settings.server.tls_handshake_timeout_seconds
+    if not await _slot(proto, deadline):
+        # RFC 3207 §4: the session goes on in plaintext; the client may try again
+        proto.reply(replies.TLS_BUSY)
+        return
+    try:
+        proto.reply(replies.READY_FOR_TLS)
+        proto.flush()
+        await _handshake(proto, deadline, implicit=False)
+    finally:
+        proto.ctx.handshakes.release()
 
 
-async def handshake(proto: ElemtaSMTP, *, implicit: bool) -> None:
+async def implicit(proto: ElemtaSMTP) -> None:
+    """The handshake of an implicit-TLS (465-style) listener, before the greeting."""
+    deadline = proto.loop.time() + proto.ctx.settings.server.tls_handshake_timeout_seconds
+    if not await _slot(proto, deadline):
+        _close(proto)
+        raise Close
+    try:
+        await _handshake(proto, deadline, implicit=True)
+    finally:
+        proto.ctx.handshakes.release()
+
+
+async def _slot(proto: ElemtaSMTP, deadline: float) -> bool:
+    """One of ``[server] max_tls_handshakes``, waited for until ``deadline``.
+
+    Every handshake in progress holds buffers and OpenSSL state; this bounds
+    what stalled handshakes (or many at once) can make the server hold.
+    """
+    try:
+        async with asyncio.timeout_at(deadline):
+            await proto.ctx.handshakes.acquire()
+        return True
+    except TimeoutError:
+        conn = proto.conn
+        log.warning("session %s: no TLS handshake slot free within %ss ([server] "
+                    "max_tls_handshakes)", conn.id if conn else "-",
+                    proto.ctx.settings.server.tls_handshake_timeout_seconds)
+        return False
+
+
+class _SSLProtocol(sslproto.SSLProtocol):
+    """asyncio's TLS protocol with a 32 KiB read buffer instead of 256 KiB.
+
+    Its buffer is allocated per connection; a TLS record is at most 16 KiB, so
+    32 KiB reads lose nothing, and a thousand idle sessions keep 32 MiB of
+    buffers instead of 256.
+    """
+
+    max_size = 32 * 1024
+
+
+async def _handshake(proto: ElemtaSMTP, deadline: float, *, implicit: bool) -> None:
     """Upgrade the connection to TLS; raises ``Close`` (the connection is gone) on failure."""
     conn = proto.conn
     assert conn is not None
     context = proto.ctx.tls_context(proto.listener.name)
     if context is None:
         log.error("session %s: listener %s has no TLS context", conn.id, proto.listener.name)
-        proto._closing = True
-        proto.transport.close()  # type: ignore[union-attr]
+        _close(proto)
         raise Close
     waiter = proto.loop.create_future()
-    tls_protocol = sslproto.SSLProtocol(proto.loop, proto, context, waiter, server_side=True)
+    tls_protocol = _SSLProtocol(proto.loop, proto, context, waiter, server_side=True)
     proto._tls_protocol = tls_protocol
     proto._original_transport = proto.transport
     proto._original_transport.set_protocol(tls_protocol)  # type: ignore[union-attr]
@@ -77,14 +129,20 @@ async def handshake(proto: ElemtaSMTP, *, implicit: bool) -> None:
     proto.implicit_tls = implicit
     tls_protocol.connection_made(proto._original_transport)
     try:
-        async with asyncio.timeout(proto.ctx.settings.server.command_timeout_seconds):
+        async with asyncio.timeout_at(deadline):
             await waiter
     except (Exception, TimeoutError) as e:
-        log.info("session %s: TLS handshake failed: %s", conn.id, e or type(e).__name__)
-        proto._closing = True
-        if proto._original_transport is not None:
-            proto._original_transport.close()
+        log.info("session %s: TLS handshake failed: %s", conn.id,
+                 "timed out" if isinstance(e, TimeoutError) else e or type(e).__name__)
+        _close(proto)
         raise Close from None
+
+
+def _close(proto: ElemtaSMTP) -> None:
+    proto._closing = True
+    transport = proto._original_transport or proto.transport
+    if transport is not None:
+        transport.close()
 
 
 def upgraded(proto: ElemtaSMTP) -> None:
