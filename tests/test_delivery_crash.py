@@ -22,112 +22,24 @@ one per connection the runner may have open.
 from __future__ import annotations
 
 import asyncio
-import itertools
 import os
-import re
 import signal
 import time
 import uuid
-from collections import Counter, defaultdict
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import aiosmtplib
-from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from elemta.testing.fixtures import write_config
-
 from elemta.testing.process import free_port, listener
+
+from .counting_sink import Copy, CountingSink, queued
 
 MESSAGES = 400
 SUBMITTERS = 8
 MAX_PER_DESTINATION = 10
 SENDER = "sender@origin.example"
 DRAIN_TIMEOUT = 20.0
-MESSAGE_ID = re.compile(rb"^Message-ID:[ \t]*(<[^>\r\n]+>)", re.IGNORECASE | re.MULTILINE)
-
-
-# ------------------------------------------------------------------ the sink
-
-
-@dataclass
-class Copy:
-    """One message the sink accepted."""
-
-    message_id: str
-    recipients: list[str]
-    connection: int
-    confirmed: bool = False  # the client sent another command after our 250
-
-
-@dataclass
-class CountingSink:
-    copies: list[Copy] = field(default_factory=list)
-    port: int = 0
-    _last: dict[int, Copy] = field(default_factory=dict)
-    _ids: Any = field(default_factory=itertools.count)
-    _server: Any = None
-
-    async def start(self) -> CountingSink:
-        handler = _Handler(self)
-        self._server = await asyncio.get_running_loop().create_server(
-            lambda: _Protocol(handler, next(self._ids)), "127.0.0.1", 0)
-        self.port = self._server.sockets[0].getsockname()[1]
-        return self
-
-    async def stop(self) -> None:
-        self._server.close()
-        await self._server.wait_closed()
-
-    def accepted(self, connection: int, message_id: str, recipients: list[str]) -> None:
-        copy = Copy(message_id, recipients, connection)
-        self.copies.append(copy)
-        self._last[connection] = copy
-
-    def spoke(self, connection: int) -> None:
-        copy = self._last.pop(connection, None)
-        if copy is not None:
-            copy.confirmed = True
-
-    def counts(self) -> Counter[tuple[str, str]]:
-        return Counter((c.message_id, r) for c in self.copies for r in c.recipients)
-
-
-class _Protocol(SMTP):
-    def __init__(self, handler: _Handler, number: int) -> None:
-        super().__init__(handler, hostname="sink.example", data_size_limit=64 << 20)
-        self.number = number
-
-
-class _Handler:
-    def __init__(self, sink: CountingSink) -> None:
-        self.sink = sink
-
-    async def handle_MAIL(self, server: _Protocol, session: Session, envelope: Envelope,
-                          address: str, mail_options: list[str]) -> str:
-        self.sink.spoke(server.number)
-        envelope.mail_from = address
-        envelope.mail_options.extend(mail_options)
-        return "250 OK"
-
-    async def handle_RSET(self, server: _Protocol, session: Session,
-                          envelope: Envelope) -> str:
-        self.sink.spoke(server.number)
-        return "250 OK"
-
-    async def handle_QUIT(self, server: _Protocol, session: Session,
-                          envelope: Envelope) -> str:
-        self.sink.spoke(server.number)
-        return "221 Bye"
-
-    async def handle_DATA(self, server: _Protocol, session: Session,
-                          envelope: Envelope) -> str:
-        content = envelope.original_content or b""
-        found = MESSAGE_ID.search(content)
-        self.sink.accepted(server.number, found.group(1).decode() if found else "",
-                           list(envelope.rcpt_tos))
-        return "250 2.0.0 Accepted"
 
 
 # ------------------------------------------------------------------ the servers
@@ -177,11 +89,6 @@ async def submit_all(port: int, expected: dict[str, list[str]]) -> None:
                 expected[f"<{marker}@origin.example>"] = rcpts
 
     await asyncio.gather(*(one_connection() for _ in range(SUBMITTERS)))
-
-
-def queued(spool: Path) -> int:
-    return sum(1 for state in ("ready", "deferred")
-               for name in os.listdir(spool / state) if name.endswith(".json"))
 
 
 # ------------------------------------------------------------------ the test
@@ -239,9 +146,7 @@ async def test_sigkill_during_delivery_delivers_everything_once(tmp_path: Path,
     assert not missing, f"{len(missing)} of {len(wanted)} recipients never got their message"
     assert not unexpected, f"the sink got mail nobody sent (bounces?): {sorted(unexpected)[:5]}"
 
-    copies: dict[str, list[Copy]] = defaultdict(list)
-    for copy in sink.copies:
-        copies[copy.message_id].append(copy)
+    copies = sink.by_message()
     repeated = {mid: cs for mid, cs in copies.items() if len(cs) > 1}
     after_a_read_250 = {mid: cs for mid, cs in repeated.items()
                         if any(c.confirmed for c in cs[:-1])}
