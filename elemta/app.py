@@ -82,6 +82,9 @@ class App:
             raise StartupError(f"[spool] path: {self.spool.root} is in use: {e} (is another "
                                "elemta server running on this spool?)") from None
         except OSError as e:
+            if os.path.exists(self.spool.root) and not os.path.isdir(self.spool.root):
+                raise StartupError(f"[spool] path: {self.spool.root} is not a directory; "
+                                   "name a directory (it is created if missing)") from None
             raise StartupError(f"[spool] path: cannot lock {self.spool.root}: "
                                f"{_reason(e)}") from None
         try:

@@ -449,6 +449,14 @@ async def test_second_server_on_the_same_spool_is_refused(elemta_server):
     assert first.app.readiness() == (True, "ready")
 
 
+async def test_spool_path_that_is_a_file_is_a_clear_startup_error(elemta_server, tmp_path):
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(StartupError, match=r"\[spool\] path: .*afile is not a directory"):
+        await elemta_server({"spool": {"path": str(tmp_path / "afile")}})
+    with pytest.raises(StartupError, match=r"\[spool\] path: cannot lock .*Not a directory"):
+        await elemta_server({"spool": {"path": str(tmp_path / "afile" / "queue")}})
+
+
 def test_second_serve_process_is_refused(tmp_path, start_server):
     def config(name: str) -> Path:
         return write_config(tmp_path / name, {
