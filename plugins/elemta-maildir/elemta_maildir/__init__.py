@@ -53,10 +53,15 @@ class MaildirPlugin:
 
     @hookimpl(tryfirst=True)
     def rcpt(self, recipient: Recipient) -> Reject | None:
-        """Refuse, at RCPT, a local recipient no mailbox could be made for (``/``, ``..``…).
+        """Refuse, at RCPT, a local recipient this plugin could never store.
 
         Accepted, it could only bounce later, to a sender who may be forged:
-        backscatter. ``tryfirst``: before any plugin that accepts the recipient.
+        backscatter. Two cases: a name no mailbox can have (``/``, ``..``,
+        control characters: ``550 5.1.3``), and, with ``create_mailboxes =
+        false``, a mailbox that does not exist (``550 5.1.1``): then the
+        mailboxes on disk are the list of users. ``tryfirst``: before any
+        plugin that accepts the recipient. Otherwise ``None``: who exists is
+        for other plugins (elemta-datasource) to say.
         """
         maildirs = self.maildirs
         if maildirs is None:
@@ -65,9 +70,14 @@ class MaildirPlugin:
             if address.rpartition("@")[2].lower().rstrip(".") not in self.local_domains:
                 continue
             try:
-                maildirs.layout.mailbox(address)
+                box = maildirs.layout.mailbox(address)
             except UnsafeAddress:
                 return Reject(550, "5.1.3", f"<{address}>: no mailbox can have this name")
+            # a few stat calls on a local disk: cheaper than a hop to a thread
+            if not self.settings.create_mailboxes and not maildirs.exists(box):
+                log.info("maildir: <%s> refused at RCPT: no maildir at %s and "
+                         "create_mailboxes is off", address, box.root)
+                return Reject(550, "5.1.1", f"<{address}>: no such mailbox here")
         return None
 
     @hookimpl

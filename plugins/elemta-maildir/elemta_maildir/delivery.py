@@ -41,6 +41,10 @@ class Maildirs:
         self._mailboxes: dict[str, Mailbox] = {}
         self._known: set[Path] = set()
 
+    def exists(self, box: Mailbox) -> bool:
+        """Whether the mailbox is a Maildir (known from a delivery, or ``cur/ new/ tmp/``)."""
+        return box.root in self._known or store.is_maildir(box.root)
+
     def deliver_all(self, envelope: Envelope, recipients: list[RecipientState],
                     content_path: str) -> list[Outcome]:
         """Deliver to every recipient, in order; one outcome each. Never raises."""

@@ -314,12 +314,32 @@ async def test_a_full_disk_defers_and_delivers_once_there_is_room(elemta_server,
     assert split_delivered(path)[1].endswith(big)
 
 
-async def test_a_missing_mailbox_defers_when_creation_is_off(elemta_server):
+async def test_a_missing_mailbox_is_refused_at_rcpt_when_creation_is_off(elemta_server):
+    """The mailboxes on disk are the users: no mailbox, no RCPT, so nothing to bounce."""
     server = await start(elemta_server, retry=60, create_mailboxes=False)
-    queue_id = await submit(server, "alice@example.test", ["bob@example.test"],
-                            on_the_wire(message("missing")))
-    env = await wait_deferred(server, queue_id)
-    assert env["recipients"][0]["last_error"].startswith("450 4.2.1")
+    box = maildir(server, "alice")
+    for sub in ("cur", "new", "tmp"):
+        (box / sub).mkdir(parents=True)
+    async with RawSMTP(server.port("mx")) as c:
+        await c.cmd("EHLO client.example")
+        assert (await c.cmd("MAIL FROM:<forged@victim.example>")).code == 250
+        reply = await c.cmd("RCPT TO:<bob@example.test>")
+        assert (reply.code, reply.enhanced) == (550, "5.1.1"), str(reply)
+        assert (await c.cmd("RCPT TO:<alice+news@example.test>")).code == 250
+        assert (await c.cmd("RCPT TO:<someone@remote.example>")).code == 550  # no relay
+    assert not maildir(server, "bob").exists()
+
+
+async def test_a_mailbox_gone_after_rcpt_defers_when_creation_is_off(elemta_server):
+    """Removed between RCPT and delivery (or routed here by another plugin): 450, kept."""
+    server = await start(elemta_server, retry=60, create_mailboxes=False)
+    plugin = server.app.pm.get_plugin("maildir")
+    content = server.root / "content.eml"
+    content.write_bytes(message("missing"))
+    env = Envelope(id=new_id(), sender="", recipients=[RecipientState("bob@example.test")],
+                   received_at=time.time(), size=content.stat().st_size)
+    [outcome] = await plugin.deliver(env, Route("local", DOMAIN), env.recipients, str(content))
+    assert (outcome.code, outcome.enhanced) == (450, "4.2.1"), outcome
     assert not (server.root / "mail").exists()
 
 
