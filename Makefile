@@ -20,17 +20,27 @@ serve: venv
 	$(BIN)/elemta serve --config elemta.toml
 
 # Debian packages the tests drive: swaks (a real SMTP client), Postfix's
-# smtp-source (load generator) and PostgreSQL (the datasource plugin's tests
-# start their own server from its binaries). Installed only when running as root.
+# smtp-source (load generator), PostgreSQL, OpenLDAP's slapd and Dovecot (the
+# datasource plugin's tests start their own servers from these binaries, on
+# loopback and in temporary folders). Installed only when running as root;
+# policy-rc.d keeps the packages' own services from starting.
 test-tools:
 	@missing=""; \
 	command -v swaks >/dev/null || missing="$$missing swaks"; \
 	command -v smtp-source >/dev/null || [ -x /usr/sbin/smtp-source ] || missing="$$missing postfix"; \
 	command -v initdb >/dev/null || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing="$$missing postgresql"; \
+	[ -x /usr/sbin/slapd ] || missing="$$missing slapd"; \
+	command -v ldapadd >/dev/null || missing="$$missing ldap-utils"; \
+	[ -x /usr/sbin/dovecot ] || missing="$$missing dovecot-core"; \
 	if [ -n "$$missing" ]; then \
 		if [ "$$(id -u)" = 0 ]; then \
 			echo "installing:$$missing"; \
+			policy=""; \
+			if [ ! -e /usr/sbin/policy-rc.d ]; then \
+				printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d; chmod 755 /usr/sbin/policy-rc.d; policy=1; \
+			fi; \
 			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+			status=$$?; [ -n "$$policy" ] && rm -f /usr/sbin/policy-rc.d; [ $$status = 0 ]; \
 		else \
 			echo "not root: cannot install$$missing (tests needing them skip, or fail under CI=true)"; \
 		fi; \

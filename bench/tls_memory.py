@@ -20,19 +20,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import signal
 import ssl
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.accept import free_port  # noqa: E402
+from bench.serve import serving  # noqa: E402
 
 CONFIG = """
 [server]
@@ -163,27 +160,9 @@ def main() -> None:
         config = Path(d) / "elemta.toml"
         config.write_text(CONFIG.format(dir=d, implicit=implicit, starttls=starttls,
                                         limit=args.sessions * 3))
-        ready = Path(d) / "ready"
-        exe = Path(sys.executable).parent / "elemta"
-        proc = subprocess.Popen([str(exe), "serve", "--config", str(config)],
-                                env={**os.environ, "ELEMTA_READY_FILE": str(ready)},
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        try:
-            deadline = time.monotonic() + 30
-            while not ready.exists():
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise SystemExit(f"elemta serve did not start: {proc.stderr.read()!r}")
-                time.sleep(0.05)
-            time.sleep(0.5)
+        with serving(config) as proc:
             results = asyncio.run(measure(proc.pid, args.sessions, implicit, starttls,
                                           args.rounds))
-        finally:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
     n = args.sessions
     print(f"{n} sessions (half implicit TLS, half STARTTLS), then {n} stalled handshakes; "
           "server RSS above the round's baseline:")

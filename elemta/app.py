@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 from typing import Any, Iterable
 
 from .config import ConfigError, ListenerSettings, Settings, parse_hostport
@@ -21,10 +22,13 @@ from .delivery.runner import Runner
 from .dns import Resolver
 from .hookcall import HookCaller, HookFailure
 from .metrics import Metrics, MetricsServer
+from .models import new_id
 from .plugins import enabled_names, make_plugin_manager, validated_plugin_settings
+from .smtp.auth import available as auth_mechanisms_available
 from .smtp.context import SMTPContext
 from .smtp.protocol import ElemtaSMTP
 from .spool.lock import SpoolLocked, lock_spool, unlock_spool
+from .spool.envelope import Envelope, RecipientState, params_for
 from .spool.store import Spool
 
 log = logging.getLogger("elemta")
@@ -70,6 +74,25 @@ class App:
         """The validated ``[plugins.<name>]`` settings a plugin registered."""
         return self._plugin_settings[name]
 
+    async def queue_message(self, sender: str, recipients: list[str], content: bytes, *,
+                            note: str | None = None) -> str:
+        """Queue a message a plugin made (a notice, a copy, mail passed on to an alias's
+        members) for delivery; its queue id. Durable when this returns.
+
+        ``content`` is the whole message, CRLF line ends. It goes to the delivery
+        runner as it is: no SMTP stage hook sees it. ``note`` is kept in the
+        envelope's trace (``elemta queue show``).
+        """
+        if not recipients:
+            raise ValueError("queue_message needs at least one recipient")
+        envelope = Envelope(id=new_id(), sender=sender,
+                            recipients=[RecipientState(r) for r in recipients],
+                            received_at=time.time(), size=len(content),
+                            mail_params=params_for(content, sender, recipients),
+                            listener=None, trace=[{"queued_by": note}] if note else [])
+        await self.spool.commit_bytes(envelope, content)
+        return envelope.id
+
     def listener_port(self, name: str) -> int:
         """The bound port of a listener (useful when it was configured as port 0)."""
         sock = self.servers[name].sockets[0]
@@ -106,6 +129,7 @@ class App:
                                        f"{self.settings.metrics.address}: {_reason(e)} (is "
                                        "another server using it? change [metrics] address)"
                                        ) from None
+            self._warn_about_auth()
             for listener in self.settings.listeners:
                 await self._listen(listener)
             self._spawn(self._watch_spool())
@@ -212,6 +236,26 @@ class App:
                 raise StartupError(f"listener {listener.name} has tls = {listener.tls!r} but "
                                    "no plugin provided a TLS context")
             self.smtp.tls_contexts[listener.name] = ctx
+
+    def _warn_about_auth(self) -> None:
+        """Settle the SASL mechanisms; say what would otherwise only show as every
+        login failing."""
+        try:
+            self.smtp.auth_mechanisms = auth_mechanisms_available(self.hooks)
+        except HookFailure as f:
+            raise StartupError(f"plugin {f.plugin} failed in auth_mechanisms: {f.reason}"
+                               ) from None
+        can_check = bool(self.smtp.auth_mechanisms)
+        for listener in self.settings.listeners:
+            if listener.require_auth and not can_check:
+                log.warning("listener %s requires AUTH, but no enabled plugin checks logins, "
+                            "so every client gets 530 at MAIL: enable one in [plugins] "
+                            "enabled (elemta-datasource: \"datasource\", with users added by "
+                            "`elemta users add`), or set require_auth = false", listener.name)
+            if listener.allow_plaintext_auth and listener.tls != "implicit":
+                log.warning("listener %s offers AUTH before TLS (allow_plaintext_auth = true): "
+                            "passwords cross the network in clear; turn it off outside tests",
+                            listener.name)
 
     async def _listen(self, listener: ListenerSettings) -> None:
         loop = asyncio.get_running_loop()

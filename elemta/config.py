@@ -7,7 +7,6 @@ fix it (``ConfigError``). Secrets may be given as ``{ env = "NAME" }`` or
 
 from __future__ import annotations
 
-import difflib
 import ipaddress
 import os
 from pathlib import Path
@@ -17,6 +16,8 @@ import pydantic
 import tomlkit
 import tomlkit.exceptions
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from .config_errors import format_validation_error, suggest
 
 DEFAULT_CONFIG = "elemta.toml"
 
@@ -128,6 +129,8 @@ class ListenerSettings(_Settings):
     require_auth: bool | None = None
     require_tls: bool | None = None
     allow_plaintext_auth: bool = False
+    add_missing_headers: bool | None = None
+    received_hide_client: bool = False
 
     @field_validator("address")
     @classmethod
@@ -142,6 +145,8 @@ class ListenerSettings(_Settings):
             object.__setattr__(self, "require_auth", submission)
         if self.require_tls is None:
             object.__setattr__(self, "require_tls", submission and self.tls == "starttls")
+        if self.add_missing_headers is None:
+            object.__setattr__(self, "add_missing_headers", submission)
         if self.require_tls and self.tls == "none":
             raise ValueError("require_tls = true needs tls = \"starttls\" or \"implicit\"")
         return self
@@ -153,6 +158,24 @@ class ListenerSettings(_Settings):
     @property
     def port(self) -> int:
         return parse_hostport(self.address)[1]
+
+
+class AuthSettings(_Settings):
+    """``[auth]``: how failed logins are slowed down and locked out (per server process)."""
+
+    window_seconds: float = Field(900.0, gt=0)
+    slow_after_failures: int = Field(3, ge=1)
+    max_delay_seconds: float = Field(8.0, ge=0)
+    lock_after_failures: int = Field(10, ge=1)
+    lock_seconds: float = Field(900.0, gt=0)
+    user_lock_after_failures: int = Field(30, ge=1)
+
+    @model_validator(mode="after")
+    def _order(self) -> "AuthSettings":
+        if self.lock_after_failures < self.slow_after_failures:
+            raise ValueError(f"lock_after_failures ({self.lock_after_failures}) must not be "
+                             f"below slow_after_failures ({self.slow_after_failures})")
+        return self
 
 
 class TLSSettings(_Settings):
@@ -332,6 +355,7 @@ class Settings(_Settings):
     server: ServerSettings = ServerSettings()
     listeners: tuple[ListenerSettings, ...] = ()
     tls: TLSSettings = TLSSettings()
+    auth: AuthSettings = AuthSettings()
     spool: SpoolSettings = SpoolSettings()
     metrics: MetricsSettings = MetricsSettings()
     log: LogSettings = LogSettings()
@@ -361,8 +385,10 @@ class Settings(_Settings):
         return {k.lower().rstrip("."): s for k, s in v.items()}
 
     def resolve(self, path: Path) -> Path:
-        """A configured path, relative to the config file's folder."""
-        return path if path.is_absolute() else self.source.parent / path
+        """A configured path, made absolute: a relative one is relative to the config
+        file's folder. Resolving an already resolved path changes nothing."""
+        path = Path(path)
+        return path if path.is_absolute() else (self.source.parent / path).absolute()
 
     @property
     def local_domains(self) -> frozenset[str]:
@@ -381,74 +407,6 @@ class Settings(_Settings):
     def postmaster_domains(self) -> frozenset[str]:
         """The domains whose ``postmaster`` is always accepted: every local one, the host name."""
         return frozenset(d.lower() for d in self.domains) | {self.server.hostname.lower()}
-
-
-def suggest(word: str, choices: list[str]) -> list[str]:
-    """The choice the operator probably meant: a close spelling or a truncation."""
-    close = difflib.get_close_matches(word, choices, 1, 0.6)
-    if not close and len(word) >= 3:
-        close = [c for c in choices if c.startswith(word) or word.startswith(c)][:1]
-    return close
-
-
-def _toml_path(loc: tuple[Any, ...]) -> str:
-    out = ""
-    for part in loc:
-        if isinstance(part, int):
-            out += f"[{part}]"
-        else:
-            out += ("." if out else "") + str(part)
-    return out
-
-
-def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
-    """The settings class a validation error location points into."""
-    model: Any = Settings
-    for part in loc:
-        if isinstance(part, int) or model is None:
-            continue
-        fields = getattr(model, "model_fields", None)
-        if not fields or part not in fields:
-            return None
-        ann = fields[part].annotation
-        model = _inner_model(ann)
-    return model if isinstance(model, type) and issubclass(model, BaseModel) else None
-
-
-def _inner_model(ann: Any) -> Any:
-    if isinstance(ann, type) and issubclass(ann, BaseModel):
-        return ann
-    for arg in getattr(ann, "__args__", ()) or ():
-        m = _inner_model(arg)
-        if m is not None:
-            return m
-    return None
-
-
-def format_validation_error(err: pydantic.ValidationError, source: str,
-                            prefix: tuple[Any, ...] = (),
-                            model: type[BaseModel] | None = None) -> list[str]:
-    problems = []
-    for e in err.errors():
-        loc = tuple(p for p in e["loc"] if not (isinstance(p, str) and p.startswith("function-")))
-        key = _toml_path(prefix + loc)
-        if e["type"] == "extra_forbidden":
-            parent = (model if model is not None and len(loc) == 1
-                      else _model_at(loc[:-1]) if model is None else None)
-            hint = ""
-            if parent is not None:
-                close = suggest(str(loc[-1]), list(parent.model_fields))
-                hint = (f'; did you mean "{close[0]}"?' if close else
-                        f"; valid keys here: {', '.join(k for k in parent.model_fields if k not in ('source', 'tables'))}")
-            problems.append(f"{source}: {key}: unknown key{hint}")
-        else:
-            msg = e["msg"].removeprefix("Value error, ")
-            if e["type"] == "missing":
-                msg = "this key is required"
-            elif e["type"] == "literal_error":
-                msg = f"got {e['input']!r}; {msg[0].lower()}{msg[1:]}"
-            problems.append(f"{source}: {key or '(top level)'}: {msg}")
-    return problems
 
 
 def load_settings(path: str | os.PathLike[str] = DEFAULT_CONFIG) -> Settings:
@@ -474,7 +432,7 @@ def parse_settings(text: str, source: Path) -> Settings:
     try:
         return Settings.model_validate(doc, context={"base_dir": source.parent})
     except pydantic.ValidationError as err:
-        raise ConfigError(format_validation_error(err, str(source))) from None
+        raise ConfigError(format_validation_error(err, str(source), root=Settings)) from None
 
 
 def _strict(schema: type[BaseModel]) -> type[BaseModel]:

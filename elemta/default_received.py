@@ -7,6 +7,8 @@
 
 The protocol keyword follows RFC 3848 (ESMTP, ESMTPS, ESMTPA, ESMTPSA; UTF8SMTP…
 for SMTPUTF8 per RFC 6531). The authenticated identity itself is not disclosed.
+A listener with ``received_hide_client`` writes ``from authenticated-user
+(hidden)`` instead of the client's name and address.
 """
 
 from __future__ import annotations
@@ -40,10 +42,14 @@ class ReceivedHeader:
 
     @hookimpl(trylast=True)
     def received_header(self, session: Session, tx: Transaction, message: Message) -> str:
-        ip = session.peer_ip
-        literal = f"IPv6:{ip}" if ":" in ip else ip
-        helo = _clean(session.helo or "unknown")
-        parts = [f"from {helo} (unknown [{literal}])",
+        if session.listener.received_hide_client:
+            # a user's home or phone address stays in the log, not in their mail
+            origin = "from authenticated-user (hidden)"
+        else:
+            ip = session.peer_ip
+            literal = f"IPv6:{ip}" if ":" in ip else ip
+            origin = f"from {_clean(session.helo or 'unknown')} (unknown [{literal}])"
+        parts = [origin,
                  f"by {self.hostname} (Elemta) with "
                  f"{protocol_keyword(session, 'SMTPUTF8' in tx.mail_params)} id {tx.id}"]
         if session.tls is not None:

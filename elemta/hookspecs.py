@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
 import pluggy
 
-from .models import AuthResult, Outcome, Route
+from .models import AuthResult, Outcome, Route, ScramKeys
 from .verdicts import Accept, Disconnect, Discard, Quarantine, Reject, TempFail
 
 if TYPE_CHECKING:
@@ -239,7 +239,8 @@ def helo(session: Session, hostname: str) -> Verdict | None:
 def auth(session: Session, mechanism: str, credentials: Credentials) -> Verdict | None:
     """AUTH ``mechanism`` with decoded ``credentials``: a datasource answers.
 
-    ``Accept`` authenticates the session as ``credentials.login`` (``235 2.7.0``).
+    ``Accept`` authenticates the session as ``credentials.login`` (``235 2.7.0``),
+    or as ``Accept(identity=…)`` when the plugin knows a canonical name for it.
     ``Reject`` answers ``535 5.7.8`` whatever its code, so that replies never
     tell which part of the credentials was wrong. ``TempFail`` (and a plugin
     failure) answers ``454 4.7.0``, the RFC 4954 temporary code. ``Disconnect``
@@ -248,6 +249,51 @@ def auth(session: Session, mechanism: str, credentials: Credentials) -> Verdict 
     session is closed with ``421 4.7.0``.
 
     Dispatch: first verdict wins. Default: ``535 5.7.8``.
+    """
+
+
+@hookspec
+@dispatch(Mode.STARTUP_COLLECT, (list, tuple))
+def auth_mechanisms() -> list[str] | None:
+    """The SASL mechanisms this plugin can check now, asked once after ``startup``.
+
+    Only for a plugin whose ``auth`` or ``scram_keys`` works for some
+    configurations and not others (passwords in LDAP have no SCRAM keys).
+    Without it, a plugin implementing ``auth`` counts for ``PLAIN`` and
+    ``LOGIN``, and one implementing ``scram_keys`` for ``SCRAM-SHA-256``. EHLO
+    offers the union over plugins.
+
+    Dispatch: collect all, at start-up (plain ``def``). Default: by the hooks
+    the plugin implements.
+    """
+
+
+@hookspec
+@dispatch(Mode.FIRST_ANSWER, (ScramKeys,))
+def scram_keys(session: Session, mechanism: str, login: str) -> ScramKeys | None:
+    """AUTH SCRAM-SHA-256: the stored :class:`~elemta.ScramKeys` of ``login``.
+
+    The core runs the SCRAM exchange (RFC 5802, RFC 7677) and needs only what
+    a server stores; the password never crosses the wire. Answer ``None`` for
+    an unknown or disabled login: the exchange then goes on with made-up keys
+    and fails like a wrong password, so a client cannot tell which it was.
+    SCRAM-SHA-256 is offered only while some plugin implements this hook.
+
+    Dispatch: first answer wins. Default: the login fails (``535 5.7.8``).
+    """
+
+
+@hookspec
+@dispatch(Mode.FIRST_ANSWER, (bool,))
+def authorize(session: Session, login: str, authzid: str) -> bool | None:
+    """May ``login``, whose password was just accepted, act as ``authzid``?
+
+    Asked only when a client sends an authorization identity (PLAIN's first
+    field, RFC 4616) that differs from its login. ``True`` authenticates
+    the session as ``authzid`` (``session.auth_user``); ``False`` or no answer
+    fails the login with ``535 5.7.8``, as RFC 4616 asks.
+
+    Dispatch: first answer wins. Default: refused.
     """
 
 

@@ -80,6 +80,7 @@ class Metrics:
     - ``message_size`` — ``smtp_message_size_bytes``
     - ``hook_duration{hook,plugin}`` — ``smtp_hook_duration_seconds``
     - ``spool_commit`` — ``smtp_spool_commit_seconds``
+    - ``auth_attempts{listener,mechanism,result}`` — ``smtp_auth_attempts_total``
     - ``spool_free_bytes``, ``spool_free_inodes``, ``spool_refusing`` — the spool's room
     - ``elemta_spool_messages{state}``, fed by :meth:`bind_spool`
 
@@ -124,6 +125,10 @@ class Metrics:
         self.delivery_attempts = Counter(
             "smtp_delivery_attempts", "Recipient delivery attempts, by result "
             "(delivered, deferred, failed).", ["result"], registry=r)
+        self.auth_attempts = Counter(
+            "smtp_auth_attempts", "AUTH exchanges, by listener, mechanism and result "
+            "(success, failure, locked, tempfail, aborted).",
+            ["listener", "mechanism", "result"], registry=r)
         self.spool_free_bytes = Gauge(
             "smtp_spool_free_bytes", "Free space on the spool's file system.", registry=r)
         self.spool_free_inodes = Gauge(

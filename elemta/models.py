@@ -6,6 +6,8 @@ their own state in the typed ``stash`` each one carries.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import io
 import os
 import time
@@ -34,11 +36,70 @@ class TLSInfo:
 
 @dataclass(frozen=True, slots=True)
 class Credentials:
-    """What a client sent with AUTH. ``password`` never appears in logs or ``repr``."""
+    """What a client sent with AUTH. ``password`` never appears in logs or ``repr``.
+
+    ``authzid`` is the authorization identity of PLAIN (RFC 4616): ``""`` when
+    the client sent none or the same as ``login``. A different one is allowed
+    only when a plugin's ``authorize`` hook says so, after the password was
+    accepted.
+    """
 
     mechanism: str
     login: str
     password: str = field(repr=False)
+    authzid: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class ScramKeys:
+    """What a server keeps to check SCRAM-SHA-256 logins (RFC 5802, RFC 7677).
+
+    Derived from the password when it is set (:meth:`derive`); the password
+    itself cannot be recovered from them. :meth:`to_string` and :meth:`parse`
+    use PostgreSQL's format, ``SCRAM-SHA-256$<iterations>:<salt>$<StoredKey>:<ServerKey>``
+    (base64), so a verifier can be stored in one text column.
+    """
+
+    salt: bytes
+    iterations: int
+    stored_key: bytes = field(repr=False)
+    server_key: bytes = field(repr=False)
+
+    PREFIX = "SCRAM-SHA-256$"
+
+    @classmethod
+    def derive(cls, password: str, *, iterations: int = 4096,
+               salt: bytes | None = None) -> "ScramKeys":
+        """The keys of ``password`` (SASLprep-ed, as clients do); a random 16-byte salt."""
+        from scramp import ScramMechanism
+
+        salt_, stored, server, i = ScramMechanism("SCRAM-SHA-256").make_auth_info(
+            password, iteration_count=iterations, salt=salt or os.urandom(16))
+        return cls(salt_, i, stored, server)
+
+    def to_string(self) -> str:
+        b64 = base64.b64encode
+        return (f"{self.PREFIX}{self.iterations}:{b64(self.salt).decode()}$"
+                f"{b64(self.stored_key).decode()}:{b64(self.server_key).decode()}")
+
+    @classmethod
+    def parse(cls, text: str) -> "ScramKeys":
+        """Read :meth:`to_string`'s format; ``ValueError`` says what is wrong."""
+        if not text.startswith(cls.PREFIX):
+            raise ValueError("a SCRAM-SHA-256 verifier starts with 'SCRAM-SHA-256$'")
+        try:
+            head, keys = text[len(cls.PREFIX):].split("$")
+            iterations, salt = head.split(":")
+            stored, server = keys.split(":")
+            out = cls(base64.b64decode(salt, validate=True), int(iterations),
+                      base64.b64decode(stored, validate=True),
+                      base64.b64decode(server, validate=True))
+        except (ValueError, binascii.Error):
+            raise ValueError("not a SCRAM-SHA-256 verifier "
+                             "(SCRAM-SHA-256$<iterations>:<salt>$<StoredKey>:<ServerKey>)") from None
+        if out.iterations < 1 or len(out.stored_key) != 32 or len(out.server_key) != 32:
+            raise ValueError("a SCRAM-SHA-256 verifier needs 32-byte keys and iterations >= 1")
+        return out
 
 
 class Session:

@@ -29,9 +29,15 @@ class Verdict:
 
 @dataclass(frozen=True, slots=True)
 class Accept(Verdict):
-    """Stop the stage with success (``250``; ``235`` at AUTH)."""
+    """Stop the stage with success (``250``; ``235`` at AUTH).
+
+    At AUTH only, ``identity`` is the name the session is authenticated as
+    when it differs from the login the client typed (its canonical case, the
+    ``mail`` attribute of an LDAP entry…).
+    """
 
     text: str | None = None
+    identity: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

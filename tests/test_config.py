@@ -137,3 +137,9 @@ def test_secret_mistakes_are_explained(tmp_path, table, expected):
     with pytest.raises(ConfigError) as e:
         plugin_settings(tmp_path, table)
     assert expected in str(e.value)
+
+
+def test_auth_lock_out_must_not_come_before_slowing_down():
+    with pytest.raises(ConfigError, match=r"e\.toml: auth: lock_after_failures \(2\) must not "
+                                          r"be below slow_after_failures \(3\)"):
+        parse_settings("[auth]\nlock_after_failures = 2\n", Path("e.toml"))

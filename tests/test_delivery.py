@@ -487,3 +487,19 @@ async def test_delivery_metrics(elemta_server, dns_server, origin):
     assert "smtp_delivery_duration_seconds_count 2.0" in body
     assert 'elemta_spool_messages{state="ready"} 0.0' in body
     assert 'elemta_spool_messages{state="deferred"} 0.0' in body
+
+
+async def test_a_plugin_queues_a_message_with_app_queue_message(elemta_server, elemta_outbox):
+    """Durable when it returns; delivered like any other; 8-bit content gets BODY=8BITMIME."""
+    server = await elemta_server(outbox=elemta_outbox)
+    content = "From: notice@example.test\r\nSubject: café\r\n\r\nbonjour\r\n".encode()
+    queue_id = await server.app.queue_message("notice@example.test", ["a@elsewhere.example"],
+                                              content, note="a test notice")
+    server.app.spool.wait_written()           # durable in the journal; the files follow
+    state, env = server.app.spool.load(queue_id)
+    assert state == "ready" and env.mail_params == {"BODY": "8BITMIME"}
+    assert env.trace == [{"queued_by": "a test notice"}]
+    [captured] = await elemta_outbox.wait(1)
+    assert captured.envelope.id == queue_id and captured.content == content
+    with pytest.raises(ValueError, match="at least one recipient"):
+        await server.app.queue_message("x@example.test", [], content)

@@ -33,7 +33,7 @@ import aiosmtplib
 from elemta.testing.fixtures import write_config
 from elemta.testing.process import free_port, listener
 
-from .counting_sink import Copy, CountingSink, queued
+from .counting_sink import CountingSink, queued
 
 MESSAGES = 400
 SUBMITTERS = 8

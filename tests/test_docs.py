@@ -358,14 +358,29 @@ def readme_problems(plugin_dir: Path, plugin: object) -> list[str]:
     config = readme.split("## Configuration", 1)[1].split("## Hooks used", 1)[0]
     if not re.search(r"^\| ?key ?\| ?type ?\| ?default ?\| ?meaning ?\|", config, re.M):
         problems.append("the configuration table has no key | type | default | meaning columns")
-    documented = set(re.findall(r"^\| `([a-z_]+)` \|", config, re.M))
     [(name, _)] = meta["project"]["entry-points"]["elemta"].items()
     schemas = plugin.register_config()
     if name not in schemas:
         return problems + [f"the plugin registers no [plugins.{name}] table"]
-    keys = set(schemas[name].model_fields)
-    problems += [f"undocumented key {k}" for k in sorted(keys - documented)]
-    problems += [f"documented key {k} does not exist" for k in sorted(documented - keys)]
+    # one table per settings model: "| key |" for the plugin's table, "| key (of `sub`) |"
+    # for a nested one; a row may document several keys ("| `a`, `b` |")
+    tables = re.split(r"^(?=\| ?key\b)", config, flags=re.M)[1:]
+    for table in tables:
+        sub = re.match(r"\| ?key \(of `([a-z_]+)`\)", table)
+        model = schemas[name]
+        if sub is not None:
+            field = model.model_fields.get(sub.group(1))
+            if field is None or not hasattr(field.annotation, "model_fields"):
+                problems.append(f"documented table {sub.group(1)} is not a nested table")
+                continue
+            model = field.annotation
+        rows = re.findall(r"^\| ((?:`[a-z0-9_]+`(?:, )?)+) \|", table, re.M)
+        documented = {k for row in rows for k in re.findall(r"`([a-z0-9_]+)`", row)}
+        keys = set(model.model_fields)
+        where = f" of {sub.group(1)}" if sub else ""
+        problems += [f"undocumented key {k}{where}" for k in sorted(keys - documented)]
+        problems += [f"documented key {k}{where} does not exist"
+                     for k in sorted(documented - keys)]
     used = readme.split("## Hooks used", 1)[1].split("## Things to know", 1)[0]
     problems += [f"hook {hook} is not described under 'Hooks used'"
                  for hook in plugin_hooks_of(plugin) if not re.search(rf"`{hook}[`(]", used)]

@@ -29,7 +29,8 @@ from cryptography import x509
 from elemta.spool.envelope import STATES, Envelope
 from elemta.testing.fixtures import write_config
 
-from elemta.testing.process import ServerProcess, elemta_command, free_port, listener, wait_until
+from elemta.testing.process import (ServerProcess, elemta_command, find_tool, free_port, listener,
+                                   wait_until)
 
 REPO = Path(__file__).resolve().parent.parent
 SHIPPED_CONFIG = REPO / "elemta.toml"
@@ -602,7 +603,7 @@ def test_shipped_config_runs(tmp_path: Path, start_server) -> None:
             client.close()
 
     ehlo = asyncio.run(starttls())
-    assert "AUTH PLAIN LOGIN" in ehlo
+    assert "AUTH SCRAM-SHA-256 PLAIN LOGIN" in ehlo
 
     base = f"http://127.0.0.1:{ports[9025]}"
     for path in ("/healthz", "/readyz"):
@@ -631,6 +632,23 @@ def test_shipped_config_runs(tmp_path: Path, start_server) -> None:
     [delivered] = wait_until(lambda: list(new.glob("*")) if new.is_dir() else [],
                              timeout=20, what="the message in the maildir")
     assert delivered.read_bytes().endswith(b"Subject: try it\r\n\r\nhello\r\n")
+
+    # and its submission part: a user, then swaks --auth over STARTTLS on the submission port
+    done = subprocess.run(elemta_command("users", "add", "me@example.test", "--password-stdin"),
+                          cwd=tmp_path, capture_output=True, text=True, timeout=60,
+                          input="a long enough password\n")
+    assert done.returncode == 0, done.stderr
+    swaks_path = find_tool("swaks")
+    if swaks_path is not None:
+        sent = subprocess.run(
+            [swaks_path, "--server", f"127.0.0.1:{ports[2587]}", "--tls", "--auth", "PLAIN",
+             "--auth-user", "me@example.test", "--auth-password", "a long enough password",
+             "--from", "me@example.test", "--to", "user@example.test", "--timeout", "15"],
+            capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+        assert sent.returncode == 0, sent.stdout + sent.stderr
+        assert "235 2.7.0" in sent.stdout
+        wait_until(lambda: len(list(new.glob("*"))) == 2, timeout=20,
+                   what="the submitted message in the maildir")
 
     # state and queue were created next to the copied config, not in the checkout
     assert (tmp_path / "queue" / "ready").is_dir()

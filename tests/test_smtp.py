@@ -506,10 +506,11 @@ async def _tls_session(server, listener="submission"):
     return c
 
 
-async def test_auth_without_any_datasource_never_succeeds(elemta_server):
+async def test_auth_without_any_datasource_is_not_offered_and_never_succeeds(elemta_server):
     server = await elemta_server()
     c = await _tls_session(server)
-    assert str(await c.cmd(f"AUTH PLAIN {plain('alice', 'secret')}")).startswith("535 5.7.8")
+    assert not any(line.startswith("AUTH") for line in (await c.cmd("EHLO c.example")).lines)
+    assert str(await c.cmd(f"AUTH PLAIN {plain('alice', 'secret')}")).startswith("502 5.5.1")
     c.close()
 
 

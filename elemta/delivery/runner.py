@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..hookcall import HookCaller, HookFailure
 from ..models import Outcome, Route, new_id
-from ..spool.envelope import DELIVERED, FAILED, PENDING, Envelope, RecipientState
+from ..spool.envelope import DELIVERED, FAILED, PENDING, Envelope, RecipientState, params_for
 from ..verdicts import Discard
 from . import dsn
 
@@ -363,7 +363,7 @@ class Runner:
         bounce_env = Envelope(id=bounce_id, sender=sender,
                               recipients=[RecipientState(r) for r in recipients],
                               received_at=now, size=len(message),
-                              mail_params=_bounce_params(message, sender, recipients),
+                              mail_params=params_for(message, sender, recipients),
                               listener=None, trace=[{"bounce_of": env.id}])
         await self.spool.commit_bytes(bounce_env, message)
         log.info("%s: %s %s queued to <%s> for %d recipient(s)", env.id,
@@ -442,14 +442,3 @@ def _checked(outcome: Outcome) -> Outcome:
 
 def _domain(address: str) -> str:
     return address.rpartition("@")[2].lower() or "-"
-
-
-def _bounce_params(message: bytes, sender: str, recipients: list[str]) -> dict[str, str | None]:
-    params: dict[str, str | None] = {}
-    head = message.split(b"\r\n\r\n", 1)[0].lower()
-    if b"content-transfer-encoding: 8bit" in head:
-        params["BODY"] = "8BITMIME"
-    if not all(r.isascii() for r in recipients):
-        params["SMTPUTF8"] = None
-    return params
-

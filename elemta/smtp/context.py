@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 
 from ..memory import Trimmer
 from . import replies
+from .guard import AuthGuard
 from .replies import Reply
 
 if TYPE_CHECKING:
@@ -47,6 +48,10 @@ class SMTPContext:
         self._trim_pending = False
         #: TLS handshakes in progress, at most ``[server] max_tls_handshakes``.
         self.handshakes = asyncio.Semaphore(settings.server.max_tls_handshakes)
+        #: Failed logins per client address and per login (``[auth]``).
+        self.auth_guard = AuthGuard(settings.auth)
+        #: The SASL mechanisms EHLO offers, known once the plugins have started.
+        self.auth_mechanisms: tuple[str, ...] | None = None
 
     def tls_context(self, listener: str) -> ssl.SSLContext | None:
         return self.tls_contexts.get(listener)

@@ -1,7 +1,9 @@
 """The end of DATA: what happens to a received message, step by step.
 
-1. :func:`filter_message` — the ``message_auth`` hooks (concurrently), then the
-   ``data`` hooks, which may refuse, discard, quarantine or accept.
+1. :func:`filter_message` — on a submission listener, first the ``Message-ID``
+   and ``Date`` a message lacks (:func:`add_missing_headers`); then the
+   ``message_auth`` hooks (concurrently), then the ``data`` hooks, which may
+   refuse, discard, quarantine or accept.
 2. :func:`trace_headers` — forged Authentication-Results removed (RFC 8601
    §5), then the ``Received`` and ``Authentication-Results`` fields the header
    hooks write, then the headers of every verdict so far and those plugins
@@ -14,6 +16,7 @@
 
 from __future__ import annotations
 
+import email.utils
 import errno
 import logging
 import re
@@ -44,6 +47,14 @@ class Filtered:
     verdict: v.Verdict | None = None
     plugin: str | None = None
     auth_results: list[AuthResult] = field(default_factory=list)
+
+
+def add_missing_headers(message: Message, tx: Transaction, hostname: str) -> None:
+    """``Message-ID:`` and ``Date:`` for a message submitted without them (RFC 6409 §8)."""
+    if message.header("Message-ID") is None:
+        message.add_header("Message-ID", f"<{tx.id}@{hostname}>")
+    if message.header("Date") is None:
+        message.add_header("Date", email.utils.formatdate(usegmt=True))
 
 
 async def filter_message(hooks: HookCaller, conn: Session, tx: Transaction,
@@ -111,6 +122,8 @@ async def finish(proto: ElemtaSMTP, conn: Session, tx: Transaction,
     """Filter, add the trace headers, commit and answer."""
     hooks = proto.ctx.hooks
     message = incoming.message()
+    if proto.listener.add_missing_headers:
+        add_missing_headers(message, tx, proto.hostname)
     try:
         filtered = await filter_message(hooks, conn, tx, message)
     except HookFailure as f:

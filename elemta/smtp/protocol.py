@@ -363,8 +363,9 @@ class ElemtaSMTP(_AioSMTP):
                     "ENHANCEDSTATUSCODES"]
         if starttls.offered(self):
             keywords.append("STARTTLS")
-        if auth.offered(self):
-            keywords.append("AUTH " + " ".join(auth.MECHANISMS))
+        mechanisms = auth.offered(self)
+        if mechanisms:
+            keywords.append("AUTH " + " ".join(mechanisms))
         self.reply(replies.ehlo_ok(self.hostname, keywords))
 
     async def smtp_STARTTLS(self, arg: str | None) -> None:

@@ -123,15 +123,26 @@ ENCRYPTION_REQUIRED = Reply(538, "5.7.11",
 ALREADY_AUTHENTICATED = Reply(503, "5.5.1", "Already authenticated")
 AUTH_IN_TRANSACTION = Reply(503, "5.5.1", "AUTH not allowed during a mail transaction")
 UNKNOWN_MECHANISM = Reply(504, "5.5.4", "Unrecognized authentication mechanism")
+AUTH_UNAVAILABLE = Reply(502, "5.5.1", "AUTH not available")   # no plugin checks logins
 AUTH_OK = Reply(235, "2.7.0", "Authentication successful")
 AUTH_INVALID = Reply(535, "5.7.8", "Authentication credentials invalid")
 AUTH_TEMPORARY = Reply(454, "4.7.0", "Temporary authentication failure")
-AUTHZID_MISMATCH = Reply(535, "5.7.8", "Authorization identity must match the login")
+AUTHZID_REFUSED = Reply(535, "5.7.8", "Not authorized to act as that identity")
 TOO_MANY_AUTH_FAILURES = Reply(421, "4.7.0",
                                "Too many authentication failures, closing connection")
 AUTH_CANCELLED = Reply(501, "5.7.0", "Authentication cancelled")
 BAD_BASE64 = Reply(501, "5.5.2", "Cannot decode base64 response")
 MALFORMED_PLAIN = Reply(501, "5.5.2", "Malformed AUTH PLAIN response")
+MALFORMED_SCRAM = Reply(501, "5.5.2", "Malformed SCRAM-SHA-256 message")
+SCRAM_NO_AUTHZID = Reply(504, "5.5.4", "No authorization identity with SCRAM-SHA-256; "
+                         "use PLAIN for that")
+
+
+def auth_locked(seconds: float) -> Reply:
+    """Too many failed logins from this address (or for this login): try later."""
+    minutes = max(1, round(seconds / 60))
+    return Reply(454, "4.7.0", f"Too many failed logins; try again in {minutes} "
+                 f"minute{'s' if minutes != 1 else ''}")
 
 
 def auth_temporary(verdict: TempFail) -> Reply:

@@ -83,3 +83,15 @@ def parse_envelope(raw: bytes, queue_id: str) -> Envelope:
     if env.id != queue_id:
         raise ValueError(f"envelope id {env.id!r} does not match its file name")
     return env
+
+
+def params_for(content: bytes, sender: str, recipients: list[str]) -> dict[str, str | None]:
+    """The ``MAIL FROM`` parameters a message the server made itself needs when relayed:
+    ``BODY=8BITMIME`` for 8-bit content, ``SMTPUTF8`` for non-ASCII addresses."""
+    params: dict[str, str | None] = {}
+    head = content.split(b"\r\n\r\n", 1)[0].lower()
+    if b"content-transfer-encoding: 8bit" in head or not content.isascii():
+        params["BODY"] = "8BITMIME"
+    if not sender.isascii() or not all(r.isascii() for r in recipients):
+        params["SMTPUTF8"] = None
+    return params

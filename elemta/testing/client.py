@@ -36,11 +36,12 @@ class RawSMTP:
     """``async with RawSMTP(port) as c: await c.cmd("EHLO x")``."""
 
     def __init__(self, port: int, host: str = "127.0.0.1", *, tls: ssl.SSLContext | None = None,
-                 timeout: float = 10.0) -> None:
+                 timeout: float = 10.0, source: str | None = None) -> None:
         self.host = host
         self.port = port
         self.tls = tls
         self.timeout = timeout
+        self.source = source   # the client's own address, e.g. "127.0.0.2" to be another client
         self.reader: asyncio.StreamReader
         self.writer: asyncio.StreamWriter
         self.greeting: Reply | None = None
@@ -56,7 +57,8 @@ class RawSMTP:
         self.reader, self.writer = await asyncio.wait_for(
             asyncio.open_connection(self.host, self.port, ssl=self.tls,
                                     server_hostname="localhost" if self.tls else None,
-                                    limit=1 << 20),
+                                    limit=1 << 20,
+                                    local_addr=(self.source, 0) if self.source else None),
             self.timeout)
         self.greeting = await self.read_reply()
         return self.greeting

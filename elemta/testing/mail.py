@@ -104,14 +104,15 @@ class CliResult:
     stderr: str
 
 
-def run_cli(*args: str, config: str | Path | None = None) -> CliResult:
-    """Run ``elemta [--config CONFIG] ARGS…`` in this process, plugin commands included."""
+def run_cli(*args: str, config: str | Path | None = None, input: str | None = None) -> CliResult:
+    """Run ``elemta [--config CONFIG] ARGS…`` in this process, plugin commands included;
+    ``input`` is its standard input (a password for ``--password-stdin``)."""
     from click.testing import CliRunner
 
     from ..cli.main import command_line
 
     argv = (["--config", str(config)] if config is not None else []) + list(args)
-    result = CliRunner().invoke(command_line(argv), argv, prog_name="elemta")
+    result = CliRunner().invoke(command_line(argv), argv, prog_name="elemta", input=input)
     if result.exception is not None and not isinstance(result.exception, SystemExit):
         raise result.exception
     return CliResult(result.exit_code, result.stdout, result.stderr)

@@ -1,4 +1,5 @@
-"""``elemta domains|mailboxes|aliases|rules``: edit the directory, whatever the backend.
+"""``elemta domains|mailboxes|aliases|rules``: edit the directory, whatever the backend
+(``elemta users``: :mod:`.cli_users`).
 
 The commands act on the backend the configuration names (``--config``), the
 same one the running server reads; the server sees a change once its lookup
@@ -47,7 +48,9 @@ def _checked(fn: Callable[[str], str], value: str) -> str:
 
 
 def add_commands(cli: click.Group) -> None:
-    for group in (domains, mailboxes, aliases, rules):
+    from .cli_users import users
+
+    for group in (domains, mailboxes, aliases, rules, users):
         if group.name not in cli.commands:
             cli.add_command(group)
 

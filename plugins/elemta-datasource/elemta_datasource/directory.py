@@ -57,6 +57,28 @@ class Rule:
 
 
 @dataclass(frozen=True, slots=True)
+class User:
+    """Someone who logs in: their hashes (``password`` ``None`` when another source
+    checks it) and what they may do.
+
+    ``send_as`` grants addresses beyond their own and their aliases: an
+    address (``sales@example.org``), a whole domain (``@example.org``) or
+    ``*`` (any sender: for a trusted application).
+    """
+
+    address: str
+    password: str | None = field(default=None, repr=False)
+    scram: str | None = field(default=None, repr=False)
+    disabled: bool = False
+    max_message_bytes: int | None = None
+    daily_quota: int | None = None
+    send_as: tuple[str, ...] = ()
+
+
+USER_FIELDS = ("password", "scram", "disabled", "max_message_bytes", "daily_quota")
+
+
+@dataclass(frozen=True, slots=True)
 class Lookup:
     """Everything the directory holds about one address, in one backend call."""
 
@@ -87,6 +109,18 @@ class Backend(Protocol):
     async def remove_rule(self, pattern: str) -> bool: ...
     async def list_rules(self) -> list[Rule]: ...
 
+    # users: who logs in, and what they may send
+    async def get_user(self, login: str) -> User | None: ...
+    async def add_user(self, user: User) -> None: ...
+    async def update_user(self, login: str, **changes: object) -> bool: ...
+    async def remove_user(self, login: str) -> bool: ...
+    async def list_users(self, domain: str | None = None) -> list[User]: ...
+    async def grant(self, login: str, pattern: str) -> None: ...
+    async def revoke(self, login: str, pattern: str) -> bool: ...
+    async def aliases_to(self, address: str) -> list[str]: ...
+    async def count_sent(self, login: str, day: str) -> int: ...
+    async def add_sent(self, login: str, day: str) -> int: ...
+
 
 # ---------------------------------------------------------------- normalizing
 
@@ -111,6 +145,29 @@ def normalize_address(address: str) -> str:
         raise DirectoryError(f"{address!r}: the local part {local!r} is not valid "
                              "(letters, digits and !#$%&'*+/=?^_`{|}~.- only, at most 64)")
     return f"{local.lower()}@{normalize_domain(domain)}"
+
+
+_LOGIN = re.compile(r"^[a-z0-9][a-z0-9._+-]{0,63}$")
+
+
+def normalize_login(login: str) -> str:
+    """A login: an address (``Alice@Example.org`` → ``alice@example.org``), or a plain
+    user name (letters, digits and ``._+-``, as Dovecot's are)."""
+    if "@" in login:
+        return normalize_address(login)
+    name = login.strip().lower()
+    if not _LOGIN.match(name):
+        raise DirectoryError(f"{login!r} is not a login (an address such as "
+                             "alice@example.org, or a user name of letters, digits and ._+-)")
+    return name
+
+
+def normalize_grant(pattern: str) -> str:
+    """A ``send_as`` entry: an address, ``@domain``, or ``*`` (any sender)."""
+    p = pattern.strip()
+    if p == "*":
+        return p
+    return normalize_target(p)
 
 
 def normalize_target(target: str) -> str:

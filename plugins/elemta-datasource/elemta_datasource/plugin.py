@@ -1,4 +1,5 @@
-"""The datasource plugin's hooks: RCPT validation, alias expansion, rules, routing."""
+"""The datasource plugin's hooks: RCPT validation, alias expansion, rules, routing, AUTH
+and what an authenticated user may send (:mod:`.accounts`)."""
 
 from __future__ import annotations
 
@@ -7,11 +8,12 @@ import logging
 import time
 from typing import Any
 
-from elemta import Accept, Quarantine, Reject, Route, StashKey, TempFail, hookimpl
+from elemta import Accept, Outcome, Quarantine, Reject, Route, StashKey, TempFail, hookimpl
 
+from .accounts import Accounts
+from .backends import make_backend, make_source, make_verifier
 from .directory import (Backend, BackendUnavailable, DirectoryError, Lookup, Resolution,
                         TTLCache, resolve)
-from .backends import make_backend
 from .settings import DatasourceSettings
 
 log = logging.getLogger("elemta.datasource")
@@ -22,6 +24,12 @@ _max_size = StashKey[int]()
 
 REOPEN_SECONDS = 5.0
 FAIL_FAST_SECONDS = 2.0
+
+# Routes of mail that reaches delivery without an RCPT stage (a bounce, a notice)
+# for an address of a hosted domain that no mailbox has, or that is an alias.
+UNKNOWN = "datasource:unknown"
+ALIAS = "datasource:alias"
+MAX_PASSED_ON = 50 << 20      # an alias's message is read whole to be queued again
 
 
 class DatasourcePlugin:
@@ -34,6 +42,8 @@ class DatasourcePlugin:
         self._next_open = 0.0
         self._down_until = 0.0
         self._cache = TTLCache(self.settings.cache_seconds)
+        self.accounts: Accounts | None = None
+        self.app: Any = None
 
     # -------------------------------------------------------------- lifecycle
 
@@ -49,9 +59,11 @@ class DatasourcePlugin:
 
     @hookimpl
     async def startup(self, app: Any) -> None:
+        self.app = app
         self.settings = app.plugin_settings("datasource")
         self._cache = TTLCache(self.settings.cache_seconds)
         self.backend = make_backend(self.settings, app.settings)
+        await self._start_accounts(app)
         try:
             await self.backend.open()
         except DirectoryError as e:
@@ -66,8 +78,30 @@ class DatasourcePlugin:
             return
         self._opened = True
 
+    async def _start_accounts(self, app: Any) -> None:
+        auth = self.settings.auth
+        assert self.backend is not None
+        verifier = make_verifier(auth)
+        source = make_source(auth, self.backend, verifier, app.settings)
+        self.accounts = Accounts(auth, source, verifier, self._query,
+                                 self.settings.recipient_delimiter, self.settings.cache_seconds)
+        if source is None or auth.source == "directory":
+            return
+        try:
+            await source.open()
+        except BackendUnavailable as e:
+            if auth.source == "passwd-file":
+                raise RuntimeError(f"[plugins.datasource.auth]: {e}") from None
+            # like a database that is down: logins get 454 until it answers
+            log.error("datasource: %s; logins get 454 4.7.0 until it answers", e)
+
     @hookimpl
     async def shutdown(self, app: Any) -> None:
+        if self.accounts is not None:
+            if self.accounts.source is not None:
+                await self.accounts.source.close()
+            self.accounts.verifier.close()
+            self.accounts = None
         if self.backend is not None:
             await self.backend.close()
             self.backend = None
@@ -153,6 +187,45 @@ class DatasourcePlugin:
         self._cache.put(key, result)
         return result
 
+    # -------------------------------------------------------------- AUTH
+
+    @hookimpl
+    def auth_mechanisms(self) -> list[str] | None:
+        return self.accounts.mechanisms() if self.accounts is not None else None
+
+    @hookimpl
+    async def auth(self, session: Any, credentials: Any) -> Any:
+        if self.accounts is None:
+            return None
+        return await self.accounts.login(session, credentials)
+
+    @hookimpl
+    async def scram_keys(self, login: str) -> Any:
+        if self.accounts is None:
+            return None
+        try:
+            return await self.accounts.scram_keys(login)
+        except (BackendUnavailable, TimeoutError) as e:
+            # an exception is a 454 to the client: a temporary failure, as it should be
+            raise RuntimeError(f"datasource unavailable: {e or 'timed out'}") from None
+
+    @hookimpl
+    async def authorize(self, login: str, authzid: str) -> bool | None:
+        if self.accounts is None:
+            return None
+        return await self.accounts.authorize(login, authzid)
+
+    @hookimpl
+    async def mail(self, session: Any, tx: Any, sender: str) -> Any:
+        if self.accounts is None or session.auth_user is None:
+            return None
+        return await self.accounts.check_mail(session, tx, sender)
+
+    @hookimpl
+    async def queued(self, session: Any, tx: Any) -> None:
+        if self.accounts is not None and session.auth_user is not None:
+            await self.accounts.queued(session, tx)
+
     # -------------------------------------------------------------- SMTP stages
 
     @hookimpl
@@ -188,7 +261,11 @@ class DatasourcePlugin:
         return Accept()
 
     @hookimpl
-    def data(self, tx: Any, message: Any) -> Any:
+    async def data(self, session: Any, tx: Any, message: Any) -> Any:
+        if self.accounts is not None and session.auth_user is not None:
+            verdict = await self.accounts.check_data(session, tx, message)
+            if verdict is not None:
+                return verdict
         limit = tx.stash.get(_max_size, None)
         if limit is not None and message.size > limit:
             return Reject(552, "5.3.4", f"Message too big for a recipient's domain "
@@ -202,15 +279,69 @@ class DatasourcePlugin:
 
     @hookimpl
     async def route(self, recipient: Any) -> Route | None:
+        """Hosted domains go to the local transport, but only for addresses that are
+        mailboxes: mail that never passed RCPT (a bounce) for an unknown address
+        fails, and for an alias is passed on to its members."""
         domain = recipient.address.rpartition("@")[2].lower().rstrip(".")
         if not domain:
             return None
         # Unknown while the backend is down (and never answered for this domain):
         # BackendUnavailable propagates and the runner keeps the recipient queued
         # (451) rather than guess between our mailboxes and the domain's MX.
-        if await self.hosted(domain):
-            return Route(transport=self.settings.transport, destination=domain)
+        if not await self.hosted(domain):
+            return None
+        try:
+            res = await self.resolve(recipient.address)
+        except (BackendUnavailable, TimeoutError):
+            stale = self._cache.get_stale(("r", recipient.address))
+            if stale is None:
+                # down: this address passed RCPT (or the last answer said so); the
+                # local transport defers what has no mailbox
+                return Route(transport=self.settings.transport, destination=domain)
+            res = stale  # type: ignore[assignment]
+        if res.kind == "reject":
+            return Route(transport=UNKNOWN, destination=domain)
+        if res.deliver_to is not None:
+            return Route(transport=ALIAS, destination=domain)
+        return Route(transport=self.settings.transport, destination=domain)
+
+    @hookimpl
+    async def deliver(self, envelope: Any, route: Route, recipients: list[Any],
+                      content_path: str) -> list[Outcome] | None:
+        if route.transport == UNKNOWN:
+            outcomes = []
+            for r in recipients:
+                res = await self.resolve(r.address)
+                if res.kind != "reject":          # it became a mailbox meanwhile
+                    outcomes.append(Outcome(r.address, 451, "4.3.0", "the address changed; "
+                                            "trying again"))
+                    continue
+                log.info("%s: <%s> is no mailbox here: %d %s", envelope.id, r.address,
+                         res.code, res.text)
+                outcomes.append(Outcome(r.address, res.code, res.enhanced, res.text))
+            return outcomes
+        if route.transport == ALIAS:
+            return [await self._pass_on(envelope, r.address, content_path) for r in recipients]
         return None
+
+    async def _pass_on(self, envelope: Any, address: str, content_path: str) -> Outcome:
+        """Queue the message again for an alias's members (durable before the 250)."""
+        res = await self.resolve(address)
+        if res.kind != "accept" or not res.deliver_to:
+            return Outcome(address, 451, "4.3.0", "the alias changed; trying again")
+        try:
+            with open(content_path, "rb") as f:
+                content = f.read(MAX_PASSED_ON + 1)
+        except OSError as e:
+            return Outcome(address, 451, "4.3.0", f"cannot read the message: {e.strerror}")
+        if len(content) > MAX_PASSED_ON:
+            return Outcome(address, 552, "5.3.4", "message too big to pass on to an alias")
+        queue_id = await self.app.queue_message(envelope.sender, list(res.deliver_to), content,
+                                                note=f"alias <{address}> of {envelope.id}")
+        log.info("%s: <%s> passed on to %s as %s", envelope.id, address,
+                 ", ".join(f"<{a}>" for a in res.deliver_to), queue_id)
+        return Outcome(address, 250, "2.1.5", f"passed on to {len(res.deliver_to)} "
+                       f"recipient(s) as {queue_id}")
 
 
 def _consume(task: asyncio.Future[Any]) -> None:

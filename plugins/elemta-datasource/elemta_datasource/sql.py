@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
 import logging
 import sqlite3
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, AsyncIterator, Callable, Sequence
 
-from .directory import BackendUnavailable, DirectoryError, Domain, Lookup, Rule
+from .directory import USER_FIELDS, BackendUnavailable, DirectoryError, Domain, Lookup, Rule, User
 
 log = logging.getLogger("elemta.datasource")
 
@@ -50,6 +51,26 @@ MIGRATIONS: tuple[tuple[int, tuple[str, ...]], ...] = (
                enhanced TEXT,
                text TEXT)""",
     )),
+    (2, (
+        # who logs in: hashes (NULL password: checked elsewhere, LDAP or Dovecot), limits
+        """CREATE TABLE users (
+               address TEXT PRIMARY KEY,
+               password TEXT,
+               scram TEXT,
+               disabled BOOLEAN NOT NULL DEFAULT FALSE,
+               max_message_bytes BIGINT,
+               daily_quota INTEGER)""",
+        """CREATE TABLE user_senders (
+               login TEXT NOT NULL REFERENCES users(address) ON DELETE CASCADE,
+               pattern TEXT NOT NULL,
+               PRIMARY KEY (login, pattern))""",
+        """CREATE TABLE user_sent (
+               login TEXT NOT NULL,
+               day TEXT NOT NULL,
+               count INTEGER NOT NULL,
+               PRIMARY KEY (login, day))""",
+        "CREATE INDEX aliases_target ON aliases(target)",
+    )),
 )
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
@@ -59,6 +80,24 @@ _LOOKUP_SQL = (
     "SELECT address, target FROM aliases WHERE address IN (?, ?) ORDER BY target",
     "SELECT pattern, action, targets, code, enhanced, text FROM rules WHERE pattern IN (?, ?, ?)",
 )
+
+
+_USER_SQL = ("SELECT address, password, scram, disabled, max_message_bytes, daily_quota "
+             "FROM users WHERE address = ?")
+_SENDERS_SQL = "SELECT pattern FROM user_senders WHERE login = ? ORDER BY pattern"
+_ALIASES_TO_SQL = "SELECT DISTINCT address FROM aliases WHERE target = ? ORDER BY address"
+_SENT_SQL = "SELECT count FROM user_sent WHERE login = ? AND day = ?"
+_PRUNE_SENT_SQL = "DELETE FROM user_sent WHERE day < ?"
+_ADD_SENT_SQL = ("INSERT INTO user_sent (login, day, count) VALUES (?, ?, 1) "
+                 "ON CONFLICT (login, day) DO UPDATE SET count = user_sent.count + 1 "
+                 "RETURNING count")
+
+
+def _user(row: Sequence[Any] | None, senders: Sequence[Sequence[Any]]) -> User | None:
+    if row is None:
+        return None
+    return User(row[0], row[1], row[2], bool(row[3]), row[4], row[5],
+                tuple(r[0] for r in senders))
 
 
 def _domain(row: Sequence[Any] | None) -> Domain | None:
@@ -260,6 +299,134 @@ class SQLBackend:
 
         return await self._tx(run)
 
+    # -------------------------------------------------------------- users
+
+    async def get_user(self, login: str) -> User | None:
+        q_user, q_senders = self.sql(_USER_SQL), self.sql(_SENDERS_SQL)
+
+        def run(cur: Any) -> User | None:
+            cur.execute(q_user, (login,))
+            row = cur.fetchone()
+            if row is None:
+                return None
+            cur.execute(q_senders, (login,))
+            return _user(row, cur.fetchall())
+
+        return await self._tx(run)
+
+    async def add_user(self, user: User) -> None:
+        def run(cur: Any) -> None:
+            cur.execute(self.sql("SELECT 1 FROM users WHERE address = ?"), (user.address,))
+            if cur.fetchone() is not None:
+                raise DirectoryError(f"user {user.address} exists already (change it with "
+                                     "`elemta users passwd`, `disable`, `enable`, `set`)")
+            cur.execute(self.sql("INSERT INTO users (address, password, scram, disabled, "
+                                 "max_message_bytes, daily_quota) VALUES (?, ?, ?, ?, ?, ?)"),
+                        (user.address, user.password, user.scram, user.disabled,
+                         user.max_message_bytes, user.daily_quota))
+            for pattern in user.send_as:
+                cur.execute(self.sql("INSERT INTO user_senders (login, pattern) VALUES (?, ?)"),
+                            (user.address, pattern))
+
+        await self._tx(run)
+
+    async def update_user(self, login: str, **changes: object) -> bool:
+        unknown = set(changes) - set(USER_FIELDS)
+        if unknown:
+            raise TypeError(f"not user fields: {sorted(unknown)}")
+        if not changes:
+            return await self.get_user(login) is not None
+        columns = ", ".join(f"{k} = ?" for k in changes)
+
+        def run(cur: Any) -> bool:
+            cur.execute(self.sql(f"UPDATE users SET {columns} WHERE address = ?"),
+                        (*changes.values(), login))
+            return cur.rowcount > 0
+
+        return await self._tx(run)
+
+    async def remove_user(self, login: str) -> bool:
+        def run(cur: Any) -> bool:
+            cur.execute(self.sql("DELETE FROM user_senders WHERE login = ?"), (login,))
+            cur.execute(self.sql("DELETE FROM users WHERE address = ?"), (login,))
+            return cur.rowcount > 0
+
+        return await self._tx(run)
+
+    async def list_users(self, domain: str | None = None) -> list[User]:
+        def run(cur: Any) -> list[User]:
+            cur.execute("SELECT address, password, scram, disabled, max_message_bytes, "
+                        "daily_quota FROM users ORDER BY address")
+            rows = [r for r in cur.fetchall()
+                    if domain is None or r[0].endswith("@" + domain)]
+            cur.execute("SELECT login, pattern FROM user_senders ORDER BY login, pattern")
+            senders: dict[str, list[tuple[str]]] = {}
+            for login, pattern in cur.fetchall():
+                senders.setdefault(login, []).append((pattern,))
+            return [_user(r, senders.get(r[0], [])) for r in rows]  # type: ignore[misc]
+
+        return await self._tx(run)
+
+    async def grant(self, login: str, pattern: str) -> None:
+        def run(cur: Any) -> None:
+            cur.execute(self.sql("SELECT 1 FROM users WHERE address = ?"), (login,))
+            if cur.fetchone() is None:
+                raise DirectoryError(f"no user {login} (add it with `elemta users add {login}`)")
+            cur.execute(self.sql("SELECT 1 FROM user_senders WHERE login = ? AND pattern = ?"),
+                        (login, pattern))
+            if cur.fetchone() is None:
+                cur.execute(self.sql("INSERT INTO user_senders (login, pattern) VALUES (?, ?)"),
+                            (login, pattern))
+
+        await self._tx(run)
+
+    async def revoke(self, login: str, pattern: str) -> bool:
+        def run(cur: Any) -> bool:
+            cur.execute(self.sql("DELETE FROM user_senders WHERE login = ? AND pattern = ?"),
+                        (login, pattern))
+            return cur.rowcount > 0
+
+        return await self._tx(run)
+
+    async def aliases_to(self, address: str) -> list[str]:
+        q = self.sql(_ALIASES_TO_SQL)
+
+        def run(cur: Any) -> list[str]:
+            cur.execute(q, (address,))
+            return [r[0] for r in cur.fetchall()]
+
+        return await self._tx(run)
+
+    async def count_sent(self, login: str, day: str) -> int:
+        q = self.sql(_SENT_SQL)
+
+        def run(cur: Any) -> int:
+            cur.execute(q, (login, day))
+            row = cur.fetchone()
+            return 0 if row is None else int(row[0])
+
+        return await self._tx(run)
+
+    async def add_sent(self, login: str, day: str) -> int:
+        q, prune = self.sql(_ADD_SENT_SQL), self._prune(day)
+
+        def run(cur: Any) -> int:
+            if prune is not None:
+                cur.execute(self.sql(_PRUNE_SENT_SQL), (prune,))
+            cur.execute(q, (login, day))
+            return int(cur.fetchone()[0])
+
+        return await self._tx(run)
+
+    _pruned_day = ""
+
+    def _prune(self, day: str) -> str | None:
+        """Once a day: the oldest day worth keeping (a week back); older counts go."""
+        if day == self._pruned_day:
+            return None
+        self._pruned_day = day
+        return (datetime.date.fromisoformat(day) - datetime.timedelta(days=7)).isoformat()
+
 
 # ---------------------------------------------------------------- SQLite
 
@@ -440,6 +607,35 @@ class PostgresBackend(SQLBackend):
         async with self._connection() as conn:
             return _domain(await (await conn.execute(self.sql(_LOOKUP_SQL[0]),
                                                      (name,))).fetchone())
+
+    # logins and every submitted message ask these: natively async too
+
+    async def get_user(self, login: str) -> User | None:
+        async with self._connection() as conn:
+            row = await (await conn.execute(self.sql(_USER_SQL), (login,))).fetchone()
+            if row is None:
+                return None
+            senders = await (await conn.execute(self.sql(_SENDERS_SQL), (login,))).fetchall()
+        return _user(row, senders)
+
+    async def aliases_to(self, address: str) -> list[str]:
+        async with self._connection() as conn:
+            rows = await (await conn.execute(self.sql(_ALIASES_TO_SQL), (address,))).fetchall()
+        return [r[0] for r in rows]
+
+    async def count_sent(self, login: str, day: str) -> int:
+        async with self._connection() as conn:
+            row = await (await conn.execute(self.sql(_SENT_SQL), (login, day))).fetchone()
+        return 0 if row is None else int(row[0])
+
+    async def add_sent(self, login: str, day: str) -> int:
+        prune = self._prune(day)
+        async with self._connection() as conn:
+            if prune is not None:
+                await conn.execute(self.sql(_PRUNE_SENT_SQL), (prune,))
+            row = await (await conn.execute(self.sql(_ADD_SENT_SQL), (login, day))).fetchone()
+            await conn.commit()
+        return int(row[0])
 
     async def _tx(self, fn: Callable[[Any], Any]) -> Any:
         """Run an editing function (the CLI: a cold path) in one transaction.

@@ -15,10 +15,19 @@
     action = "redirect"
     targets = ["alice@example.org"]
 
+    [users."alice@example.org"]
+    password = "$argon2id$v=19$m=19456,t=2,p=1$…"   # `elemta users add` writes these
+    scram = "SCRAM-SHA-256$4096:…"
+    send_as = ["sales@example.org"]                  # optional; also disabled,
+                                                     # max_message_bytes, daily_quota
+
 The file is read at start-up (a mistake stops the server with the file and the
 key) and again whenever it changes; a change that does not parse is logged and
-the previous contents stay in use. The ``elemta domains|mailboxes|aliases``
-commands edit it with tomlkit, so comments and layout survive.
+the previous contents stay in use. The ``elemta domains|mailboxes|aliases|users``
+commands edit it with tomlkit, so comments and layout survive. The file is
+configuration, not a place to write on every message: the messages each user
+sent per day are counted in a small SQLite database next to the server's state
+(``usage``, an :class:`~.sql.SQLiteBackend` of its own), one per server.
 """
 
 from __future__ import annotations
@@ -32,13 +41,15 @@ from typing import Any
 
 import tomlkit
 
-from .directory import (BackendUnavailable, DirectoryError, Domain, Lookup, Rule, check_rule,
-                        normalize_address, normalize_domain, normalize_target)
+from .directory import (USER_FIELDS, BackendUnavailable, DirectoryError, Domain, Lookup, Rule,
+                        User, check_rule, normalize_address, normalize_domain, normalize_grant,
+                        normalize_login, normalize_target)
 
 log = logging.getLogger("elemta.datasource")
 
 _DOMAIN_KEYS = {"reject_unknown", "catch_all", "max_message_bytes", "mailboxes", "aliases"}
 _RULE_KEYS = {"action", "targets", "code", "enhanced", "text"}
+_USER_KEYS = {*USER_FIELDS, "send_as"}
 
 
 def _check_table(where: str, table: Any, keys: set[str]) -> None:
@@ -66,15 +77,17 @@ class StaticData:
         self.mailboxes: set[str] = set()
         self.aliases: dict[str, tuple[str, ...]] = {}
         self.rules: dict[str, Rule] = {}
+        self.users: dict[str, User] = {}
 
 
 def parse(doc: dict[str, Any], source: str) -> StaticData:
     """Validate a directory document; :class:`DirectoryError` names the key at fault."""
     data = StaticData()
-    unknown = set(doc) - {"domains", "rules"}
+    unknown = set(doc) - {"domains", "rules", "users"}
     if unknown:
         raise DirectoryError(f"{source}: unknown top-level key {sorted(unknown)[0]!r} "
-                             "(expected [domains.\"…\"] and [rules.\"…\"] tables)")
+                             "(expected [domains.\"…\"], [rules.\"…\"] and [users.\"…\"] "
+                             "tables)")
     for raw_name, table in (doc.get("domains") or {}).items():
         where = f'{source}: domains."{raw_name}"'
         _check_table(where, table, _DOMAIN_KEYS)
@@ -109,7 +122,32 @@ def parse(doc: dict[str, Any], source: str) -> StaticData:
         except DirectoryError as e:
             raise DirectoryError(f"{where}: {e}") from None
         data.rules[rule.pattern] = rule
+    for login, table in (doc.get("users") or {}).items():
+        where = f'{source}: users."{login}"'
+        _check_table(where, table, _USER_KEYS)
+        try:
+            data.users[normalize_login(login)] = _parse_user(normalize_login(login), table)
+        except DirectoryError as e:
+            raise DirectoryError(f"{where}: {e}") from None
     return data
+
+
+def _parse_user(login: str, table: dict[str, Any]) -> User:
+    for key in ("password", "scram"):
+        if not isinstance(table.get(key, ""), str):
+            raise DirectoryError(f"{key} must be a string")
+    if not isinstance(table.get("disabled", False), bool):
+        raise DirectoryError("disabled must be true or false")
+    for key in ("max_message_bytes", "daily_quota"):
+        value = table.get(key)
+        if value is not None and (not isinstance(value, int) or value <= 0):
+            raise DirectoryError(f"{key} must be a positive integer")
+    send_as = table.get("send_as", [])
+    if isinstance(send_as, str):
+        send_as = [send_as]
+    return User(login, table.get("password"), table.get("scram"), table.get("disabled", False),
+                table.get("max_message_bytes"), table.get("daily_quota"),
+                tuple(normalize_grant(p) for p in send_as))
 
 
 class StaticBackend:
@@ -117,8 +155,13 @@ class StaticBackend:
 
     RECHECK_SECONDS = 1.0
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, usage_path: Path | None = None) -> None:
+        from .sql import SQLiteBackend
+
         self.path = Path(path)
+        self.usage = SQLiteBackend(usage_path or
+                                   self.path.with_name(f".{self.path.name}.usage.sqlite3"))
+        self._usage_open = False
         self._data = StaticData()
         self._stamp: tuple[int, int] | None = None
         self._checked = 0.0
@@ -127,7 +170,16 @@ class StaticBackend:
         self._load(strict=True)
 
     async def close(self) -> None:
-        pass
+        if self._usage_open:
+            await self.usage.close()
+            self._usage_open = False
+
+    async def _counts(self) -> Any:
+        """The usage database, opened on first use (the commands never need it)."""
+        if not self._usage_open:
+            await self.usage.open()
+            self._usage_open = True
+        return self.usage
 
     def _stat(self) -> tuple[int, int] | None:
         try:
@@ -372,3 +424,104 @@ class StaticBackend:
 
     async def list_rules(self) -> list[Rule]:
         return sorted(self._fresh().rules.values(), key=lambda r: r.pattern)
+
+    # -------------------------------------------------------------- users
+
+    async def get_user(self, login: str) -> User | None:
+        return self._fresh().users.get(login)
+
+    @staticmethod
+    def _users(doc) -> Any:
+        if "users" not in doc:
+            doc["users"] = tomlkit.table(is_super_table=True)
+        return doc["users"]
+
+    def _user_table(self, doc, login: str) -> Any:
+        users = self._users(doc)
+        key = _key_for(users, login, normalize_login)
+        return None if key is None else users[key]
+
+    async def add_user(self, user: User) -> None:
+        def change(doc) -> None:
+            if self._user_table(doc, user.address) is not None:
+                raise DirectoryError(f"user {user.address} exists already (change it with "
+                                     "`elemta users passwd`, `disable`, `enable`, `set`)")
+            table = tomlkit.table()
+            for key in USER_FIELDS:
+                value = getattr(user, key)
+                if value is not None and value is not False:
+                    table[key] = value
+            if user.send_as:
+                table["send_as"] = list(user.send_as)
+            self._users(doc)[user.address] = table
+
+        await self._run_edit(change)
+
+    async def update_user(self, login: str, **changes: object) -> bool:
+        unknown = set(changes) - set(USER_FIELDS)
+        if unknown:
+            raise TypeError(f"not user fields: {sorted(unknown)}")
+
+        def change(doc) -> bool:
+            table = self._user_table(doc, login)
+            if table is None:
+                return False
+            for key, value in changes.items():
+                if value is None or value is False:
+                    table.pop(key, None)
+                else:
+                    table[key] = value
+            return True
+
+        return await self._run_edit(change)
+
+    async def remove_user(self, login: str) -> bool:
+        def change(doc) -> bool:
+            users = self._users(doc)
+            key = _key_for(users, login, normalize_login)
+            if key is None:
+                return False
+            del users[key]
+            return True
+
+        return await self._run_edit(change)
+
+    async def list_users(self, domain: str | None = None) -> list[User]:
+        return sorted((u for u in self._fresh().users.values()
+                       if domain is None or u.address.endswith("@" + domain)),
+                      key=lambda u: u.address)
+
+    async def grant(self, login: str, pattern: str) -> None:
+        def change(doc) -> None:
+            table = self._user_table(doc, login)
+            if table is None:
+                raise DirectoryError(f"no user {login} (add it with `elemta users add {login}`)")
+            grants = table.setdefault("send_as", tomlkit.array())
+            if pattern not in [normalize_grant(g) for g in grants]:
+                grants.append(pattern)
+
+        await self._run_edit(change)
+
+    async def revoke(self, login: str, pattern: str) -> bool:
+        def change(doc) -> bool:
+            table = self._user_table(doc, login)
+            grants = [] if table is None else list(table.get("send_as", []))
+            keep = [g for g in grants if normalize_grant(g) != pattern]
+            if len(keep) == len(grants):
+                return False
+            if keep:
+                table["send_as"] = keep
+            else:
+                del table["send_as"]
+            return True
+
+        return await self._run_edit(change)
+
+    async def aliases_to(self, address: str) -> list[str]:
+        return sorted(a for a, targets in self._fresh().aliases.items() if address in targets)
+
+    async def count_sent(self, login: str, day: str) -> int:
+        return await (await self._counts()).count_sent(login, day)
+
+    async def add_sent(self, login: str, day: str) -> int:
+        return await (await self._counts()).add_sent(login, day)

@@ -144,7 +144,8 @@ async def test_sqlite_schema_is_created_once_and_versioned(tmp_path: Path) -> No
     assert [d.name for d in await b.list_domains()] == ["example.test"]
     await b.close()
     with sqlite3.connect(path) as conn:
-        assert conn.execute("SELECT version FROM elemta_schema").fetchall() == [(SCHEMA_VERSION,)]
+        assert conn.execute("SELECT version FROM elemta_schema ORDER BY version").fetchall() \
+            == [(v,) for v in range(1, SCHEMA_VERSION + 1)], "each migration ran once"
         conn.execute("INSERT INTO elemta_schema VALUES (?)", (SCHEMA_VERSION + 1,))
     b = SQLiteBackend(path)
     with pytest.raises(BackendUnavailable, match="newer than this elemta-datasource"):
@@ -167,7 +168,31 @@ async def test_postgresql_schema_versioned(postgresql) -> None:
         await b.open()
         await b.close()
     with psycopg.connect(postgresql) as conn:
-        assert conn.execute("SELECT version FROM elemta_schema").fetchall() == [(SCHEMA_VERSION,)]
+        assert conn.execute("SELECT version FROM elemta_schema ORDER BY version").fetchall() \
+            == [(v,) for v in range(1, SCHEMA_VERSION + 1)], "each migration ran once"
+
+
+async def test_a_version_1_database_is_migrated_and_keeps_its_data(tmp_path) -> None:
+    """A directory made before users existed gains the users tables, and loses nothing."""
+    from elemta_datasource.directory import User
+    from elemta_datasource.sql import MIGRATIONS
+
+    path = tmp_path / "old.sqlite3"
+    with sqlite3.connect(path) as conn:
+        conn.execute("CREATE TABLE elemta_schema (version INTEGER NOT NULL)")
+        for stmt in MIGRATIONS[0][1]:
+            conn.execute(stmt)
+        conn.execute("INSERT INTO elemta_schema VALUES (1)")
+        conn.execute("INSERT INTO domains (name) VALUES ('example.test')")
+        conn.execute("INSERT INTO mailboxes VALUES ('alice@example.test', 'example.test')")
+    b = SQLiteBackend(path)
+    await b.open()
+    try:
+        assert await b.list_mailboxes() == ["alice@example.test"]
+        await b.add_user(User("alice@example.test", "$argon2id$x", send_as=("@example.test",)))
+        assert (await b.get_user("alice@example.test")).send_as == ("@example.test",)
+    finally:
+        await b.close()
 
 
 # ------------------------------------------------------------------ TOML specifics
