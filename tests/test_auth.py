@@ -483,3 +483,14 @@ async def test_a_mechanism_elemta_does_not_speak_is_logged_and_ignored(elemta_se
     c = await session(server)
     assert "AUTH PLAIN" in (await c.cmd("EHLO client.example")).lines
     c.close()
+
+
+async def test_mail_from_with_auth_parameter_is_accepted(elemta_server):
+    """RFC 4954 §5: AUTH=<> (or an address) on MAIL FROM is accepted and not trusted."""
+    server = await elemta_server(plugins=[("users", Users())])
+    c = await session(server)
+    assert (await c.cmd(f"AUTH PLAIN {plain('alice@example.test', 'correct horse')}")).code == 235
+    assert (await c.cmd("MAIL FROM:<alice@example.test> AUTH=<>")).code == 250
+    assert (await c.cmd("RSET")).code == 250
+    assert (await c.cmd("MAIL FROM:<alice@example.test> AUTH=alice@example.test")).code == 250
+    c.close()

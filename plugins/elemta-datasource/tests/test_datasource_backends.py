@@ -223,3 +223,46 @@ async def test_toml_reloads_on_change_and_keeps_comments(tmp_path: Path) -> None
     # an edit by hand that breaks the file keeps the last good contents
     path.write_text(text + "\n[domains.broken\n")
     assert (await run(b, "bob@example.test")).kind == "accept"
+
+
+async def test_users_on_every_backend(backend) -> None:
+    """Users, grants, the aliases that reach a user and the daily counts, the same on all three."""
+    from elemta_datasource.directory import User
+
+    await populate(backend)
+    await backend.add_user(User("alice@example.test", "$argon2id$hash", "SCRAM-SHA-256$x",
+                                daily_quota=5, send_as=("@brand.example",)))
+    await backend.add_user(User("bob@example.test", max_message_bytes=1000))
+    with pytest.raises(DirectoryError, match="exists already"):
+        await backend.add_user(User("alice@example.test"))
+    alice = await backend.get_user("alice@example.test")
+    assert alice == User("alice@example.test", "$argon2id$hash", "SCRAM-SHA-256$x", False,
+                         None, 5, ("@brand.example",))
+    assert "$argon2id$hash" not in repr(alice), "hashes stay out of logs"
+    assert await backend.update_user("alice@example.test", disabled=True, daily_quota=None)
+    assert not await backend.update_user("nobody@example.test", disabled=True)
+    alice = await backend.get_user("alice@example.test")
+    assert alice.disabled and alice.daily_quota is None
+    await backend.grant("alice@example.test", "sales@example.test")
+    await backend.grant("alice@example.test", "sales@example.test")       # once only
+    assert (await backend.get_user("alice@example.test")).send_as == (
+        "@brand.example", "sales@example.test")
+    assert await backend.revoke("alice@example.test", "@brand.example")
+    assert not await backend.revoke("alice@example.test", "@brand.example")
+    with pytest.raises(DirectoryError, match="no user carol@example.test"):
+        await backend.grant("carol@example.test", "x@example.test")
+    assert [u.address for u in await backend.list_users()] == ["alice@example.test",
+                                                               "bob@example.test"]
+    assert await backend.list_users("catch.test") == []
+    assert await backend.aliases_to("alice@example.test") == ["loop2@example.test",
+                                                              "team@example.test"]
+    assert await backend.count_sent("bob@example.test", "2026-12-06") == 0
+    assert [await backend.add_sent("bob@example.test", "2026-12-06") for _ in range(3)] \
+        == [1, 2, 3]
+    assert await backend.add_sent("bob@example.test", "2026-12-07") == 1
+    assert await backend.count_sent("bob@example.test", "2026-12-06") == 3
+    assert await backend.add_sent("bob@example.test", "2026-12-20") == 1   # prunes a week back
+    assert await backend.count_sent("bob@example.test", "2026-12-06") == 0
+    assert await backend.remove_user("alice@example.test")
+    assert await backend.get_user("alice@example.test") is None
+    assert not await backend.remove_user("alice@example.test")
