@@ -37,6 +37,7 @@ if TYPE_CHECKING:
     from .dns import (MX, DNSError, InvalidName, NoData, NotFound, NullMX, NXDomain, Resolver,
                       TempError)
     from .durable import fsync_dir, sync_data, write_all, write_file_durably
+    from .metrics import BoundedLabels
 
 __version__ = "0.1.0"
 __api_version__ = "1.1"
@@ -55,6 +56,7 @@ _LAZY = {
     "NullMX": "dns", "NXDomain": "dns", "Resolver": "dns", "TempError": "dns",
     "fsync_dir": "durable", "sync_data": "durable", "write_all": "durable",
     "write_file_durably": "durable",
+    "BoundedLabels": "metrics",
 }
 
 __all__ = sorted([

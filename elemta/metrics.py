@@ -360,3 +360,22 @@ class MetricsServer:
             log.exception("readiness check failed")
             return False, f"readiness check failed: {type(e).__name__}"
         return bool(ok), str(reason)
+
+
+class BoundedLabels:
+    """Label values from an open set (domains) folded into a bounded one.
+
+    ``labels("Example.ORG.")`` is ``"example.org"`` when that domain is in
+    ``allowed``, and ``other`` otherwise, so that a metric labelled by domain
+    cannot grow without bound with the domains strangers send from.
+    """
+
+    def __init__(self, allowed: Iterable[str], other: str = "other") -> None:
+        self.allowed = frozenset(a.lower().rstrip(".") for a in allowed)
+        self.other = other
+
+    def __call__(self, value: str | None) -> str:
+        if not value:
+            return self.other
+        v = value.lower().rstrip(".")
+        return v if v in self.allowed else self.other

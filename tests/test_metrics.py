@@ -348,3 +348,14 @@ def test_plugins_can_register_their_own_metrics_in_the_registry():
     m = Metrics()
     Counter("greylist_deferred", "Deferred by greylisting.", registry=m.registry).inc()
     assert samples(m.render())[("greylist_deferred_total", ())] == 1
+
+
+def test_bounded_labels_fold_unknown_values_into_other():
+    from elemta import BoundedLabels
+
+    labels = BoundedLabels(["Example.org."])
+    assert labels("EXAMPLE.org") == "example.org"
+    assert labels("example.org.") == "example.org"
+    assert labels("stranger.example") == "other"
+    assert labels("") == labels(None) == "other"
+    assert BoundedLabels([], other="-")("x.example") == "-"
