@@ -193,14 +193,17 @@ async def test_hook_authorize(elemta_server):
     server = await elemta_server(plugins=[("users", Users())])
     c = await session(server)
     # alice may act as sales@, and the session is then sales@
-    reply = await c.cmd(f"AUTH PLAIN {plain('alice@example.test', 'correct horse', 'sales@example.test')}")
+    alice = plain("alice@example.test", "correct horse", "sales@example.test")
+    reply = await c.cmd(f"AUTH PLAIN {alice}")
     assert reply.code == 235, reply
     c.close()
     c = await session(server)
-    reply = await c.cmd(f"AUTH PLAIN {plain('bob@example.test', 'battery staple', 'alice@example.test')}")
+    bob = plain("bob@example.test", "battery staple", "alice@example.test")
+    reply = await c.cmd(f"AUTH PLAIN {bob}")
     assert str(reply) == "535 5.7.8 Not authorized to act as that identity"
     # the same as the login is no authorization identity at all
-    reply = await c.cmd(f"AUTH PLAIN {plain('bob@example.test', 'battery staple', 'bob@example.test')}")
+    bob = plain("bob@example.test", "battery staple", "bob@example.test")
+    reply = await c.cmd(f"AUTH PLAIN {bob}")
     assert reply.code == 235
     c.close()
 
@@ -258,7 +261,8 @@ def test_guard_slows_then_locks_an_address_and_forgets_with_time():
 
 
 def test_guard_counts_an_ipv6_client_by_its_64():
-    assert client_key("2001:db8:1:2::5") == client_key("2001:db8:1:2:ffff::1") == "2001:db8:1:2::/64"
+    assert client_key("2001:db8:1:2::5") == client_key("2001:db8:1:2:ffff::1") \
+        == "2001:db8:1:2::/64"
     assert client_key("2001:db8:1:3::5") != client_key("2001:db8:1:2::5")
     assert client_key("::ffff:192.0.2.7") == "192.0.2.7"
 
@@ -367,7 +371,8 @@ async def test_start_up_warns_about_plaintext_auth(elemta_server, caplog):
     assert "listener plain offers AUTH before TLS (allow_plaintext_auth = true)" in caplog.text
     async with RawSMTP(server.port("plain")) as c:
         assert "AUTH SCRAM-SHA-256 PLAIN LOGIN" in (await c.cmd("EHLO c.example")).lines
-        assert (await c.cmd(f"AUTH PLAIN {plain('alice@example.test', 'correct horse')}")).code == 235
+        alice = plain("alice@example.test", "correct horse")
+        assert (await c.cmd(f"AUTH PLAIN {alice}")).code == 235
 
 
 # ------------------------------------------------------------------ submission headers
@@ -385,7 +390,8 @@ async def _submit(server, listener: str, data: bytes) -> bytes:
         await c.cmd("EHLO client.example")
     else:
         c = await session(server, listener=listener)
-        assert (await c.cmd(f"AUTH PLAIN {plain('alice@example.test', 'correct horse')}")).code == 235
+        alice = plain("alice@example.test", "correct horse")
+        assert (await c.cmd(f"AUTH PLAIN {alice}")).code == 235
     reply = await c.send_message("alice@example.test", ["bob@example.test"], data)
     assert reply.code == 250, reply
     c.close()

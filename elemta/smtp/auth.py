@@ -50,7 +50,9 @@ _FAKE_SECRET = os.urandom(32)
 
 def allowed(proto: ElemtaSMTP) -> bool:
     """Whether the session may authenticate: over TLS, or where plaintext is allowed."""
-    return proto.conn.tls is not None or proto.listener.allow_plaintext_auth  # type: ignore[union-attr]
+    conn = proto.conn
+    assert conn is not None
+    return conn.tls is not None or proto.listener.allow_plaintext_auth
 
 
 ALL_MECHANISMS = (SCRAM, *PASSWORD_MECHANISMS)   # strongest first

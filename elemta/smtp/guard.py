@@ -106,7 +106,8 @@ class AuthGuard:
 
     def login_locked(self, login: str, ip: str) -> bool:
         """Whether ``login`` is locked for this address (not one it logged in from)."""
-        if self._logins.count(login.lower(), self._since()) < self.settings.user_lock_after_failures:
+        failures = self._logins.count(login.lower(), self._since())
+        if failures < self.settings.user_lock_after_failures:
             return False
         seen = self._known.get(login.lower(), {}).get(client_key(ip))
         return seen is None or self._clock() - seen > KNOWN_SECONDS

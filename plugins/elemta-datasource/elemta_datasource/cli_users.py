@@ -192,8 +192,9 @@ def users_set(login: str, max_message_bytes: str | None, daily_quota: str | None
     if not changes:
         raise click.UsageError("nothing to change: give --max-message-bytes or --daily-quota")
     name = _set(login, **changes)
-    click.echo(f"user {name}: " + ", ".join(f"{k.replace('_', '-')}={v if v is not None else 'none'}"
-                                           for k, v in changes.items()))
+    shown = ", ".join(f"{k.replace('_', '-')}={'none' if v is None else v}"
+                      for k, v in changes.items())
+    click.echo(f"user {name}: {shown}")
 
 
 @users.command("grant")
