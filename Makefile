@@ -22,7 +22,8 @@ serve: venv
 # Debian packages the tests drive: swaks (a real SMTP client), Postfix's
 # smtp-source (load generator), PostgreSQL, OpenLDAP's slapd and Dovecot (the
 # datasource plugin's tests start their own servers from these binaries, on
-# loopback and in temporary folders). Installed only when running as root;
+# loopback and in temporary folders), OpenDKIM's tools (DKIM interoperability),
+# redis-server (shared greylist and rate-limit state). Installed only when running as root;
 # policy-rc.d keeps the packages' own services from starting.
 test-tools:
 	@missing=""; \
@@ -32,6 +33,8 @@ test-tools:
 	[ -x /usr/sbin/slapd ] || missing="$$missing slapd"; \
 	command -v ldapadd >/dev/null || missing="$$missing ldap-utils"; \
 	[ -x /usr/sbin/dovecot ] || missing="$$missing dovecot-core"; \
+	command -v opendkim-testmsg >/dev/null || missing="$$missing opendkim-tools"; \
+	command -v redis-server >/dev/null || missing="$$missing redis-server"; \
 	if [ -n "$$missing" ]; then \
 		if [ "$$(id -u)" = 0 ]; then \
 			echo "installing:$$missing"; \

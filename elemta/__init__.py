@@ -38,6 +38,7 @@ if TYPE_CHECKING:
                       TempError)
     from .durable import fsync_dir, sync_data, write_all, write_file_durably
     from .metrics import BoundedLabels
+    from .state import Rate, StateEntry, StateStore, StateUnavailable, state_store
 
 __version__ = "0.1.0"
 __api_version__ = "1.1"
@@ -57,6 +58,8 @@ _LAZY = {
     "fsync_dir": "durable", "sync_data": "durable", "write_all": "durable",
     "write_file_durably": "durable",
     "BoundedLabels": "metrics",
+    "Rate": "state", "StateStore": "state", "StateUnavailable": "state", "StateEntry": "state",
+    "state_store": "state",
 }
 
 __all__ = sorted([

@@ -30,6 +30,7 @@ from .smtp.protocol import ElemtaSMTP
 from .spool.lock import SpoolLocked, lock_spool, unlock_spool
 from .spool.envelope import Envelope, RecipientState, params_for
 from .spool.store import Spool
+from .state import StateUnavailable, state_store
 
 log = logging.getLogger("elemta")
 
@@ -50,6 +51,8 @@ class App:
         self.metrics = Metrics()
         #: The one DNS resolver of this server: plugins and the SMTP transport share it.
         self.resolver = Resolver(settings.dns)
+        #: Where policy plugins keep shared state (``[state]``): embedded or Redis.
+        self.state = state_store(settings)
         self.hooks = HookCaller(
             self.pm, self.plugin_order, settings.plugins.timeout_for,
             self.metrics.hook_duration if settings.metrics.enabled else None,
@@ -111,6 +114,7 @@ class App:
             raise StartupError(f"[spool] path: cannot lock {self.spool.root}: "
                                f"{_reason(e)}") from None
         try:
+            await self._open_state()
             try:
                 self.hooks.call_at_startup("register_metrics", registry=self.metrics.registry)
                 await self.hooks.call("startup", app=self)
@@ -216,6 +220,7 @@ class App:
         await self.spool.close()
         self._unlock_spool()
         await self.hooks.call("shutdown", app=self)
+        await self.state.close()
 
     def _unlock_spool(self) -> None:
         if self._spool_lock is not None:
@@ -236,6 +241,16 @@ class App:
                 raise StartupError(f"listener {listener.name} has tls = {listener.tls!r} but "
                                    "no plugin provided a TLS context")
             self.smtp.tls_contexts[listener.name] = ctx
+
+    async def _open_state(self) -> None:
+        """The state store: an embedded one that cannot open is a configuration error; Redis
+        that does not answer yet is not (its users decide what a failure means)."""
+        try:
+            await self.state.open()
+        except StateUnavailable as e:
+            if self.settings.state.backend == "embedded":
+                raise StartupError(f"[state] path: {e}") from None
+            log.error("state: %s; policy plugins apply their failure mode until it answers", e)
 
     def _warn_about_auth(self) -> None:
         """Settle the SASL mechanisms; say what would otherwise only show as every
@@ -351,6 +366,7 @@ class App:
         if self.metrics_server is not None:
             await self.metrics_server.stop()
         await self.hooks.call("shutdown", app=self)
+        await self.state.close()
         self._started = False
         log.info("elemta stopped")
 

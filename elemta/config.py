@@ -178,6 +178,25 @@ class AuthSettings(_Settings):
         return self
 
 
+class StateSettings(_Settings):
+    """``[state]``: where policy plugins keep shared state (greylisting, rate limits)."""
+
+    backend: Literal["embedded", "redis"] = "embedded"
+    path: Path | None = None                 # embedded: default <state_dir>/state.sqlite3
+    redis_url: Secret | None = None          # "redis://host:6379/0", "rediss://…" for TLS
+    redis_password: Secret | None = None
+    redis_ca_file: Path | None = None        # rediss://: verify the server against this CA
+    key_prefix: str = Field("elemta:", max_length=64)
+    timeout_seconds: float = Field(1.0, gt=0, le=60)
+
+    @model_validator(mode="after")
+    def _redis_needs_url(self) -> "StateSettings":
+        if self.backend == "redis" and self.redis_url is None:
+            raise ValueError('backend = "redis" needs redis_url (for example '
+                             '"redis://127.0.0.1:6379/0", or { env = "ELEMTA_REDIS_URL" })')
+        return self
+
+
 class TLSSettings(_Settings):
     cert_file: Path | None = None
     key_file: Path | None = None
@@ -357,6 +376,7 @@ class Settings(_Settings):
     tls: TLSSettings = TLSSettings()
     auth: AuthSettings = AuthSettings()
     spool: SpoolSettings = SpoolSettings()
+    state: StateSettings = StateSettings()
     metrics: MetricsSettings = MetricsSettings()
     log: LogSettings = LogSettings()
     dns: DNSSettings = DNSSettings()

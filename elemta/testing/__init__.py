@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from .mail import CliResult, Sent, data_bytes, run_cli, send_mail
     from .outbox import CapturedMessage, Outbox
     from .postgres import PostgresServer
+    from .redis import RedisServer
     from .process import (ServerProcess, elemta_command, find_tool, free_port, listener,
                           require_tool_or_skip, wait_until)
     from .sink import Received, Sink
@@ -40,6 +41,7 @@ _LAZY = {
     "send_mail": "mail",
     "CapturedMessage": "outbox", "Outbox": "outbox",
     "PostgresServer": "postgres",
+    "RedisServer": "redis",
     "ServerProcess": "process", "elemta_command": "process", "find_tool": "process",
     "free_port": "process", "listener": "process", "require_tool_or_skip": "process",
     "wait_until": "process",

@@ -242,6 +242,31 @@ def postgresql(postgresql_server: Any) -> str:
     return postgresql_server.new_database()
 
 
+@pytest.fixture(scope="session")
+def redis_session_server() -> Iterator[Any]:
+    """One ``redis-server`` for the test session; see :mod:`elemta.testing.redis`."""
+    from .redis import RedisServer
+
+    server = RedisServer().start()
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+@pytest.fixture
+def redis_server(redis_session_server: Any) -> Any:
+    """A real ``redis-server`` on loopback, emptied for this test (``.url``, ``.stop()``,
+    ``.start()``); tests that stop it get it started again afterwards."""
+    server = redis_session_server
+    if server.proc is None:
+        server.start()
+    server.flush()
+    yield server
+    if server.proc is None:
+        server.start()
+
+
 @pytest.fixture
 def small_filesystem(tmp_path: Path) -> Iterator[Callable[[str], Path]]:
     """Factory: ``small_filesystem("4m")`` → the folder of a new tmpfs of that size.
