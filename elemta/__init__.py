@@ -41,7 +41,7 @@ if TYPE_CHECKING:
     from .state import Rate, StateEntry, StateStore, StateUnavailable, state_store
 
 __version__ = "0.1.0"
-__api_version__ = "1.1"
+__api_version__ = "1.2"
 
 # name → the private module it comes from, imported on first use
 _LAZY = {

@@ -325,6 +325,21 @@ def rcpt(session: Session, tx: Transaction, recipient: Recipient,
 
 
 @hookspec
+@dispatch(Mode.FIRST_VERDICT, (Reject, TempFail, Disconnect))
+def rcpt_ok(session: Session, tx: Transaction, recipient: Recipient) -> Verdict | None:
+    """The ``rcpt`` stage accepted ``recipient``; a plugin may still refuse it.
+
+    For policies that should see only recipients that exist (greylisting,
+    limits per recipient): they run after validation whatever the plugin
+    order. ``Reject``, ``TempFail`` or ``Disconnect`` refuse the recipient;
+    ``None`` lets it be. Not called for the postmaster, which is always
+    accepted.
+
+    Dispatch: first verdict wins. Default: ``250 2.1.5``.
+    """
+
+
+@hookspec
 @dispatch(Mode.COLLECT_CONCURRENT, (AuthResult,))
 def message_auth(session: Session, tx: Transaction,
                  message: Message) -> AuthResult | list[AuthResult] | None:

@@ -591,3 +591,37 @@ async def test_an_async_hook_call_is_timed_once(elemta_server):
     total = float(body.split('smtp_hook_duration_seconds_sum{hook="mail",plugin="slow"} ')[1]
                   .split()[0])
     assert total >= 0.05
+
+
+async def test_hook_rcpt_ok(elemta_server):
+    """Asked only for recipients the rcpt stage accepted, whatever the plugin order."""
+    from elemta import Accept, Reject, TempFail, hookimpl
+    from elemta.testing import RawSMTP
+
+    seen: list[str] = []
+
+    class Greylistish:
+        @hookimpl
+        def rcpt_ok(self, recipient):
+            seen.append(recipient.address)
+            if recipient.address.startswith("later@"):
+                return TempFail(451, "4.7.1", "Greylisted, try again later")
+            return None
+
+    class Directory:
+        @hookimpl
+        def rcpt(self, recipient):
+            if recipient.address.startswith("nobody@"):
+                return Reject(550, "5.1.1", "User unknown")
+            return Accept()
+
+    server = await elemta_server(plugins=[("greylistish", Greylistish()),
+                                          ("directory", Directory())])
+    async with RawSMTP(server.port("mx")) as c:
+        await c.cmd("EHLO client.example")
+        await c.cmd("MAIL FROM:<s@origin.example>")
+        assert (await c.cmd("RCPT TO:<nobody@example.test>")).code == 550
+        assert str(await c.cmd("RCPT TO:<later@example.test>")).startswith("451 4.7.1 Greylisted")
+        assert (await c.cmd("RCPT TO:<now@example.test>")).code == 250
+        assert (await c.cmd("RCPT TO:<Postmaster>")).code == 250
+    assert seen == ["later@example.test", "now@example.test"], "never the unknown, never postmaster"

@@ -468,6 +468,12 @@ class ElemtaSMTP(_AioSMTP):
                                            params=params)
         plugin, verdict = answer.plugin, answer.value
         if isinstance(verdict, v.Accept):
+            if self.ctx.hooks.impls("rcpt_ok"):
+                after = await self.ctx.hooks.call("rcpt_ok", session=conn, tx=tx,
+                                                  recipient=recipient)
+                if after.value is not None:
+                    self.verdict_reply("rcpt", after.plugin, after.value)
+                    return
             tx.headers.extend(verdict.headers)
             tx.recipients.append(recipient)
             self.reply(replies.RECIPIENT_OK)
