@@ -117,7 +117,12 @@ async def test_scan_and_clear_by_prefix(store):
     assert [(e.key, e.value) for e in entries] == [(f"grey:t:{i}", f"v{i}") for i in range(5)]
     assert all(50 < e.expires_in <= 60 for e in entries)
     assert len(await store.scan("grey:", limit=3)) == 3
-    assert await store.clear("grey:") == 7
+    [rate] = await store.scan("grey:r:")
+    assert 11 < rate.expires_in <= 12 and float(rate.value) > time.time()
+    await store.acquire("grey:l", "a", 5, 60)
+    await store.acquire("grey:l", "b", 5, 60)
+    assert [(e.key, e.value) for e in await store.scan("grey:l")] == [("grey:l", "2")]
+    assert await store.clear("grey:") == 8
     assert await store.scan("grey:") == [] and await store.get("other:x") == "y"
     # glob characters in a prefix are literal
     await store.put("a*b", "1", 60)

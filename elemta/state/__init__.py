@@ -50,11 +50,16 @@ class Rate:
 
 @dataclass(frozen=True, slots=True)
 class StateEntry:
-    """A key as :meth:`StateStore.scan` lists it."""
+    """A key as :meth:`StateStore.scan` lists it.
+
+    For a value or counter, its value and seconds left; for a rate, its GCRA
+    time (seconds since the epoch) and the seconds until it is idle again;
+    for leases, how many are held (``expires_in`` ``None``).
+    """
 
     key: str
     value: str
-    expires_in: float | None    # seconds left; ``None``: a rate or lease key without a value
+    expires_in: float | None
 
 
 class StateStore(Protocol):

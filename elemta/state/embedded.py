@@ -218,13 +218,17 @@ class EmbeddedStore:
                               "AND expires > ? ORDER BY key LIMIT ?",
                               (low, high, now, limit)).fetchall()
             out = [StateEntry(k[cut:], v, e - now) for k, v, e in rows]
-            for table in ("rates", "leases"):
-                if len(out) >= limit:
-                    break
-                keys = db.execute(f"SELECT DISTINCT key FROM {table} WHERE key >= ? AND key < ? "
-                                  "ORDER BY key LIMIT ?", (low, high, limit - len(out)))
-                out += [StateEntry(k[cut:], "", None) for (k,) in keys.fetchall()]
-            return out
+            if len(out) < limit:      # a rate: its GCRA time, until it is idle again
+                rates = db.execute("SELECT key, tat FROM rates WHERE key >= ? AND key < ? "
+                                   "AND tat > ? ORDER BY key LIMIT ?",
+                                   (low, high, now, limit - len(out))).fetchall()
+                out += [StateEntry(k[cut:], f"{t:.6f}", t - now) for k, t in rates]
+            if len(out) < limit:      # leases: how many are held
+                leases = db.execute("SELECT key, COUNT(*) FROM leases WHERE key >= ? AND key < ? "
+                                    "AND expires > ? GROUP BY key ORDER BY key LIMIT ?",
+                                    (low, high, now, limit - len(out))).fetchall()
+                out += [StateEntry(k[cut:], str(n), None) for k, n in leases]
+            return sorted(out, key=lambda e: e.key)
 
         return await self._run(run)
 
@@ -232,8 +236,12 @@ class EmbeddedStore:
         low, high = self._range(prefix)
 
         def run(db: sqlite3.Connection) -> int:
-            return sum(db.execute(f"DELETE FROM {t} WHERE key >= ? AND key < ?",
-                                  (low, high)).rowcount for t in ("kv", "rates", "leases"))
+            """How many keys went: a key's leases count once, as in Redis."""
+            leases = db.execute("SELECT COUNT(DISTINCT key) FROM leases WHERE key >= ? "
+                                "AND key < ?", (low, high)).fetchone()[0]
+            db.execute("DELETE FROM leases WHERE key >= ? AND key < ?", (low, high))
+            return leases + sum(db.execute(f"DELETE FROM {t} WHERE key >= ? AND key < ?",
+                                           (low, high)).rowcount for t in ("kv", "rates"))
 
         return await self._run(run)
 

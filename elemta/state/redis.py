@@ -172,13 +172,16 @@ class RedisStore:
                 if len(out) >= limit:
                     break
                 kind = await client.type(k)
-                if kind == "string":
+                if kind == "string":        # a value, a counter or a rate's GCRA time
                     value, ttl = await client.get(k), await client.pttl(k)
                     if value is None:
                         continue
                     out.append(StateEntry(k[cut:], value, ttl / 1000 if ttl >= 0 else None))
-                else:
-                    out.append(StateEntry(k[cut:], "", None))
+                elif kind == "zset":        # leases: how many are held
+                    now = float((await client.time())[0])
+                    held = await client.zcount(k, f"({now}", "+inf")
+                    if held:
+                        out.append(StateEntry(k[cut:], str(held), None))
 
         await self._do(collect())
         return sorted(out, key=lambda e: e.key)
