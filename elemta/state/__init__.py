@@ -27,7 +27,7 @@ concurrency, constant memory per key, and a refund is the same arithmetic.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Callable, Protocol
 
 if TYPE_CHECKING:
     from ..config import Settings
@@ -105,8 +105,12 @@ class StateStore(Protocol):
         """Delete every key under ``prefix`` (values, rates and leases); how many."""
 
 
-def state_store(settings: Settings) -> StateStore:
-    """The store ``[state]`` configures (not connected yet)."""
+def state_store(settings: Settings, *, clock: Callable[[], float] | None = None) -> StateStore:
+    """The store ``[state]`` configures (not connected yet).
+
+    ``clock`` (tests) is the embedded store's idea of now; Redis keeps the
+    time of its own server.
+    """
     state = settings.state
     if state.backend == "redis":
         import importlib.util
@@ -128,7 +132,8 @@ def state_store(settings: Settings) -> StateStore:
     from .embedded import EmbeddedStore
 
     path = state.path or settings.server.state_dir / "state.sqlite3"
-    return EmbeddedStore(settings.resolve(path), prefix=state.key_prefix)
+    return EmbeddedStore(settings.resolve(path), prefix=state.key_prefix,
+                         **({"clock": clock} if clock is not None else {}))
 
 
 def gcra(tat: float | None, now: float, limit: int, period: float,
