@@ -223,3 +223,24 @@ async def test_redis_down_at_start_up_does_not_stop_the_server(elemta_server, re
     assert "policy plugins apply their failure mode until it answers" in caplog.text
     redis_server.start()
     assert (await server.app.state.rate("k", 1, 60)).allowed
+
+
+async def test_several_rates_at_once_all_or_none(store):
+    items = [("m:ip", 10, 3600), ("m:sender", 2, 3600), ("m:recipient", 10, 3600)]
+    assert all(r.allowed for r in await store.rates(items))
+    assert all(r.allowed for r in await store.rates(items))
+    third = await store.rates(items)
+    assert [r.allowed for r in third] == [True, False, True], "the sender's limit refuses"
+    # nothing was taken from the others: 8 left of 10
+    assert (await store.rate("m:ip", 10, 3600)).remaining == 7
+    assert all(r.allowed for r in await store.rates(items, cost=-1))
+    answers = await asyncio.gather(*(store.rates([("m:a", 30, 3600), ("m:b", 50, 3600)])
+                                     for _ in range(100)))
+    assert sum(all(r.allowed for r in a) for a in answers) == 30
+
+
+async def test_get_many(store):
+    await store.put("x:1", "one", 60)
+    await store.put("x:3", "three", 60)
+    assert await store.get_many(["x:1", "x:2", "x:3"]) == ["one", None, "three"]
+    assert await store.get_many([]) == []

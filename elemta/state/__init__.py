@@ -27,7 +27,7 @@ concurrency, constant memory per key, and a refund is the same arithmetic.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Protocol
+from typing import TYPE_CHECKING, Callable, Protocol, Sequence
 
 if TYPE_CHECKING:
     from ..config import Settings
@@ -78,6 +78,10 @@ class StateStore(Protocol):
         ``cost`` gives units back (a reservation that was not used).
         """
 
+    async def rates(self, items: Sequence[tuple[str, int, float]], cost: int = 1) -> list[Rate]:
+        """:meth:`rate` for several ``(key, limit, period)`` at once, all or none: when
+        one is not allowed, nothing is taken from any. One round trip."""
+
     async def acquire(self, key: str, holder: str, limit: int, ttl: float) -> bool:
         """Hold one of ``limit`` leases of ``key`` as ``holder`` (a connection id)
         for at most ``ttl`` seconds; ``False`` when all are held. Idempotent."""
@@ -85,6 +89,9 @@ class StateStore(Protocol):
     async def release(self, key: str, holder: str) -> None: ...
 
     async def get(self, key: str) -> str | None: ...
+
+    async def get_many(self, keys: Sequence[str]) -> list[str | None]:
+        """Several values in one round trip."""
 
     async def put(self, key: str, value: str, ttl: float) -> None:
         """Set ``key`` for ``ttl`` seconds (replacing value and lifetime)."""

@@ -17,7 +17,7 @@ import sqlite3
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from . import StateEntry, Rate, StateUnavailable, gcra
 
@@ -111,20 +111,30 @@ class EmbeddedStore:
     # ---------------------------------------------------------------- operations
 
     async def rate(self, key: str, limit: int, period: float, cost: int = 1) -> Rate:
-        k = self._key(key)
+        return (await self.rates([(key, limit, period)], cost))[0]
 
-        def run(db: sqlite3.Connection) -> Rate:
+    async def rates(self, items: Sequence[tuple[str, int, float]], cost: int = 1) -> list[Rate]:
+        keyed = [(self._key(key), limit, period) for key, limit, period in items]
+
+        def run(db: sqlite3.Connection) -> list[Rate]:
             now = self._clock()
-            row = db.execute("SELECT tat FROM rates WHERE key = ?", (k,)).fetchone()
-            allowed, new, remaining, retry = gcra(row[0] if row else None, now, limit,
-                                                  period, cost)
-            if new is not None:
-                if new <= now:
-                    db.execute("DELETE FROM rates WHERE key = ?", (k,))
-                else:
-                    db.execute("INSERT INTO rates (key, tat) VALUES (?, ?) ON CONFLICT (key) "
-                               "DO UPDATE SET tat = excluded.tat", (k, new))
-            return Rate(allowed, remaining, retry)
+            answers, writes = [], []
+            for k, limit, period in keyed:
+                row = db.execute("SELECT tat FROM rates WHERE key = ?", (k,)).fetchone()
+                allowed, new, remaining, retry = gcra(row[0] if row else None, now, limit,
+                                                      period, cost)
+                answers.append(Rate(allowed, remaining, retry))
+                writes.append((k, new))
+            if all(a.allowed for a in answers):
+                for k, new in writes:
+                    if new is None:
+                        continue
+                    if new <= now:
+                        db.execute("DELETE FROM rates WHERE key = ?", (k,))
+                    else:
+                        db.execute("INSERT INTO rates (key, tat) VALUES (?, ?) ON CONFLICT "
+                                   "(key) DO UPDATE SET tat = excluded.tat", (k, new))
+            return answers
 
         return await self._run(run)
 
@@ -160,6 +170,20 @@ class EmbeddedStore:
             row = db.execute("SELECT value FROM kv WHERE key = ? AND expires > ?",
                              (k, self._clock())).fetchone()
             return None if row is None else row[0]
+
+        return await self._run(run)
+
+    async def get_many(self, keys: Sequence[str]) -> list[str | None]:
+        keyed = [self._key(k) for k in keys]
+
+        def run(db: sqlite3.Connection) -> list[str | None]:
+            now = self._clock()
+            out = []
+            for k in keyed:
+                row = db.execute("SELECT value FROM kv WHERE key = ? AND expires > ?",
+                                 (k, now)).fetchone()
+                out.append(None if row is None else row[0])
+            return out
 
         return await self._run(run)
 

@@ -13,39 +13,52 @@ from __future__ import annotations
 import math
 import ssl
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from . import StateEntry, Rate, StateUnavailable
 
 MAX_CONNECTIONS = 32
 
-# KEYS[1] the rate key; ARGV: limit, period (s), cost. The same arithmetic as
-# elemta.state.gcra, in milliseconds-precision floats.
-_RATE = """
+# KEYS: the rate keys; ARGV: cost, then limit and period (s) of each key. The same
+# arithmetic as elemta.state.gcra; all or none: when one key refuses, none is written.
+_RATES = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
-local limit, period, cost = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
-local interval = period / limit
-local tat = tonumber(redis.call('GET', KEYS[1]))
-local base = now
-if tat ~= nil and tat > now then base = tat end
-local new
-if cost < 0 then
-  new = math.max(now, base + cost * interval)
-else
-  new = base + cost * interval
+local cost = tonumber(ARGV[1])
+local answers, news, ok = {}, {}, true
+for i, key in ipairs(KEYS) do
+  local limit, period = tonumber(ARGV[2 * i]), tonumber(ARGV[2 * i + 1])
+  local interval = period / limit
+  local tat = tonumber(redis.call('GET', key))
+  local base = now
+  if tat ~= nil and tat > now then base = tat end
+  local new
+  if cost < 0 then
+    new = math.max(now, base + cost * interval)
+  else
+    new = base + cost * interval
+  end
   local allow_at = new - period
-  if now < allow_at - 1e-9 then
+  if cost >= 0 and now < allow_at - 1e-9 then
+    ok = false
     local remaining = math.max(0, math.floor((period - (base - now)) / interval + 1e-9))
-    return {0, remaining, tostring(allow_at - now)}
+    answers[i] = {0, remaining, tostring(allow_at - now)}
+  else
+    answers[i] = {1, math.floor((period - (new - now)) / interval + 1e-9), '0'}
+    news[i] = new
   end
 end
-if new <= now then
-  redis.call('DEL', KEYS[1])
-else
-  redis.call('SET', KEYS[1], string.format('%.6f', new), 'PX', math.ceil((new - now) * 1000))
+if ok then
+  for i, key in ipairs(KEYS) do
+    local new = news[i]
+    if new <= now then
+      redis.call('DEL', key)
+    else
+      redis.call('SET', key, string.format('%.6f', new), 'PX', math.ceil((new - now) * 1000))
+    end
+  end
 end
-return {1, math.floor((period - (new - now)) / interval + 1e-9), '0'}
+return answers
 """
 
 # KEYS[1] the lease set; ARGV: holder, limit, ttl (s)
@@ -102,7 +115,7 @@ class RedisStore:
                 self.url, max_connections=MAX_CONNECTIONS, timeout=self.timeout, **kwargs)
             self._client = redis.asyncio.Redis(connection_pool=pool)
             self._scripts = {name: self._client.register_script(code) for name, code in
-                             (("rate", _RATE), ("acquire", _ACQUIRE), ("incr", _INCR))}
+                             (("rates", _RATES), ("acquire", _ACQUIRE), ("incr", _INCR))}
         return self._client
 
     async def _do(self, call: Any) -> Any:
@@ -131,10 +144,16 @@ class RedisStore:
                 pass
 
     async def rate(self, key: str, limit: int, period: float, cost: int = 1) -> Rate:
+        return (await self.rates([(key, limit, period)], cost))[0]
+
+    async def rates(self, items: Sequence[tuple[str, int, float]], cost: int = 1) -> list[Rate]:
         self._redis()
-        allowed, remaining, retry = await self._do(
-            self._scripts["rate"](keys=[self._key(key)], args=[limit, period, cost]))
-        return Rate(bool(int(allowed)), int(remaining), float(retry))
+        args: list[Any] = [cost]
+        for _, limit, period in items:
+            args += [limit, period]
+        answers = await self._do(self._scripts["rates"](
+            keys=[self._key(k) for k, _, _ in items], args=args))
+        return [Rate(bool(int(a)), int(r), float(t)) for a, r, t in answers]
 
     async def acquire(self, key: str, holder: str, limit: int, ttl: float) -> bool:
         self._redis()
@@ -146,6 +165,11 @@ class RedisStore:
 
     async def get(self, key: str) -> str | None:
         return await self._do(self._redis().get(self._key(key)))
+
+    async def get_many(self, keys: Sequence[str]) -> list[str | None]:
+        if not keys:
+            return []
+        return list(await self._do(self._redis().mget([self._key(k) for k in keys])))
 
     async def put(self, key: str, value: str, ttl: float) -> None:
         await self._do(self._redis().set(self._key(key), value, px=_ms(ttl)))

@@ -29,6 +29,7 @@ from elemta import StateStore
 from .settings import GreylistSettings
 
 PREFIX = "greylist:"
+REFRESH_SECONDS = 3600.0      # a passed triplet's lifetime is renewed at most once an hour
 Outcome = Literal["greylisted", "passed", "allowed"]
 
 
@@ -68,14 +69,16 @@ class Greylist:
         """May this triplet pass now? Raises ``StateUnavailable``."""
         s = self.settings
         net = network_of(ip, s)
-        if await self.store.get(f"{PREFIX}a:{net}") is not None:
-            return Decision("allowed")
         key = triplet(net, sender, recipient)
         lifetime = s.pass_lifetime_days * 86_400
-        if await self.store.get(f"{PREFIX}p:{key}") is not None:
-            await self.store.put(f"{PREFIX}p:{key}", str(int(self.clock())), lifetime)
-            return Decision("passed")
         now = self.clock()
+        allowed, passed = await self.store.get_many([f"{PREFIX}a:{net}", f"{PREFIX}p:{key}"])
+        if allowed is not None:
+            return Decision("allowed")
+        if passed is not None:
+            if now - float(passed) >= REFRESH_SECONDS:   # its lifetime runs from its last use
+                await self.store.put(f"{PREFIX}p:{key}", str(int(now)), lifetime)
+            return Decision("passed")
         if await self.store.add(f"{PREFIX}t:{key}", f"{now:.3f}", s.retry_window_seconds):
             return Decision("greylisted", s.delay_seconds)
         first = await self.store.get(f"{PREFIX}t:{key}")

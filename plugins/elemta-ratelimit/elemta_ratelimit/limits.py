@@ -72,17 +72,16 @@ def recipient_limits(settings: RatelimitSettings, recipient: str) -> list[Limit]
 
 
 async def reserve(store: StateStore, limits: list[Limit]) -> tuple[list[Limit], Refusal | None]:
-    """Take one unit of each limit, all or none: ``(taken, None)`` or ``([], refusal)``."""
-    taken: list[Limit] = []
-    for limit in limits:
-        rate = await store.rate(limit.key, limit.limit, limit.period)
-        if not rate.allowed:
-            await give_back(store, taken)
-            return [], Refusal(limit, rate.retry_after)
-        taken.append(limit)
-    return taken, None
+    """Take one unit of each limit, all or none, in one store operation:
+    ``(taken, None)``, or ``([], the refusal that waits longest)``."""
+    answers = await store.rates([(lim.key, lim.limit, lim.period) for lim in limits])
+    refused = [(a.retry_after, lim) for a, lim in zip(answers, limits) if not a.allowed]
+    if refused:
+        wait, limit = max(refused, key=lambda r: r[0])
+        return [], Refusal(limit, wait)
+    return limits, None
 
 
 async def give_back(store: StateStore, limits: list[Limit]) -> None:
-    for limit in limits:
-        await store.rate(limit.key, limit.limit, limit.period, cost=-1)
+    if limits:
+        await store.rates([(lim.key, lim.limit, lim.period) for lim in limits], cost=-1)
