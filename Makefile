@@ -23,7 +23,7 @@ serve: venv
 # smtp-source (load generator), PostgreSQL, OpenLDAP's slapd and Dovecot (the
 # datasource plugin's tests start their own servers from these binaries, on
 # loopback and in temporary folders), OpenDKIM's tools (DKIM interoperability),
-# redis-server (shared greylist and rate-limit state). Installed only when running as root;
+# redis-server (shared greylist and rate-limit state), pebble (Let's Encrypt's test CA). Installed only when running as root;
 # policy-rc.d keeps the packages' own services from starting.
 test-tools:
 	@missing=""; \
@@ -35,6 +35,7 @@ test-tools:
 	[ -x /usr/sbin/dovecot ] || missing="$$missing dovecot-core"; \
 	command -v opendkim-testmsg >/dev/null || missing="$$missing opendkim-tools"; \
 	command -v redis-server >/dev/null || missing="$$missing redis-server"; \
+	command -v pebble >/dev/null || [ -x /usr/bin/pebble ] || missing="$$missing pebble"; \
 	if [ -n "$$missing" ]; then \
 		if [ "$$(id -u)" = 0 ]; then \
 			echo "installing:$$missing"; \
