@@ -106,7 +106,8 @@ class Session:
     """One client connection, from accept to close.
 
     ``helo`` is the HELO/EHLO argument (``None`` before HELO and again right after
-    STARTTLS), ``auth_user`` the authenticated identity, ``relay_allowed`` a flag a
+    STARTTLS), ``auth_user`` the authenticated identity, ``relay_allowed`` true
+    when the client's address is in ``[server] relay_networks``, and a flag a
     plugin may set in ``connect`` (for example from a network allow-list) so that
     the built-in relay policy lets the session send to any domain.
     """

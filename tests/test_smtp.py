@@ -646,3 +646,21 @@ async def test_postmaster_at_a_foreign_domain_is_not_relayed(elemta_server):
 def test_postmaster_setting_must_be_an_address():
     with pytest.raises(ConfigError, match="postmaster must be a mail address"):
         parse_settings('[server]\npostmaster = "admin"\n', Path("e.toml"))
+
+
+async def test_relay_networks_set_relay_allowed_before_any_plugin_is_asked(elemta_server):
+    from elemta import hookimpl
+
+    seen = []
+
+    class Watch:
+        @hookimpl
+        def connect(self, session):
+            seen.append((session.peer_ip, session.relay_allowed))
+
+    server = await elemta_server({"server": {"relay_networks": ["127.0.0.2/32"]}},
+                                 plugins=[("watch", Watch())])
+    for source in ("127.0.0.2", "127.0.0.3"):
+        async with RawSMTP(server.port("mx"), source=source) as c:
+            await c.cmd("QUIT")
+    assert seen == [("127.0.0.2", True), ("127.0.0.3", False)]

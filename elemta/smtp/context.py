@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import ssl
 from typing import TYPE_CHECKING
@@ -52,6 +53,20 @@ class SMTPContext:
         self.auth_guard = AuthGuard(settings.auth)
         #: The SASL mechanisms EHLO offers, known once the plugins have started.
         self.auth_mechanisms: tuple[str, ...] | None = None
+        self._relay_networks = tuple(ipaddress.ip_network(n, strict=False)
+                                     for n in settings.server.relay_networks)
+
+    def in_relay_networks(self, ip: str) -> bool:
+        """Whether a client address is in ``[server] relay_networks``."""
+        if not self._relay_networks:
+            return False
+        try:
+            addr = ipaddress.ip_address(ip)
+        except ValueError:
+            return False
+        if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+            addr = addr.ipv4_mapped
+        return any(addr in net for net in self._relay_networks)
 
     def tls_context(self, listener: str) -> ssl.SSLContext | None:
         return self.tls_contexts.get(listener)

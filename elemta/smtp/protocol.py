@@ -101,6 +101,7 @@ class ElemtaSMTP(_AioSMTP):
         peer = transport.get_extra_info("peername") or ("", 0)
         sock = transport.get_extra_info("sockname") or ("", 0)
         self.conn = Session(new_id(), (peer[0], peer[1]), (sock[0], sock[1]), self.listener)
+        self.conn.relay_allowed = self.ctx.in_relay_networks(peer[0])
         self._refused = self.ctx.admit(self)
 
     def connection_lost(self, error: Exception | None) -> None:
