@@ -48,7 +48,9 @@ EDNS_PAYLOAD_BYTES = 1232
 
 # characters that have a meaning in DNS presentation format, or that no
 # hostname, selector or macro-expanded SPF name can contain
-_FORBIDDEN = frozenset(' \t\r\n\\()";')
+# Characters with a meaning in DNS presentation format. A space is an ordinary octet
+# in a label (SPF macros can expand to one, RFC 7208 §7.3), so it is allowed.
+_FORBIDDEN = frozenset('\t\r\n\\()";')
 
 # what the answer section of a no-data answer may hold: the CNAME chain that led
 # to the name, DNAMEs that synthesised it, and their signatures

@@ -126,11 +126,14 @@ class GreylistPlugin:
 
 
 def _spf_passed(tx: Transaction, domain: str) -> bool:
-    """Whether elemta-spf, if it is installed and ran, passed ``domain`` as MAIL FROM."""
+    """Whether elemta-spf, if it is installed and checked this transaction (it must come
+    before this plugin in ``[plugins] enabled``), found ``pass`` for ``domain`` as MAIL FROM."""
     try:
-        from elemta_spf import spf_result
+        from elemta_spf import OUTCOME
     except ImportError:
         return False
-    found = spf_result(tx)
-    return found is not None and found[0] == "pass" and found[1].lower() == domain
+    outcome = tx.stash.get(OUTCOME, None)
+    mailfrom = getattr(outcome, "mailfrom", None)
+    return (mailfrom is not None and mailfrom.result == "pass"
+            and mailfrom.domain.lower().rstrip(".") == domain)
 

@@ -222,3 +222,24 @@ async def test_commands_on_a_running_server(elemta_server, state):
     assert (await rcpt(server, "other@example.test")).code == 451
     result = await asyncio.to_thread(run_cli, "greylist", "clear", config=server.config_path)
     assert result.exit_code == 2 and "give a NETWORK, or --all" in result.stderr
+
+
+async def test_a_sender_whose_spf_passes_for_a_listed_domain_is_not_greylisted(
+        elemta_server, dns_server, tmp_path):
+    """With elemta-spf enabled before it: SPF pass for a listed domain skips greylisting."""
+    dns_server.zone("bigmail.example")
+    dns_server.add("bigmail.example", "TXT", "v=spf1 ip4:127.0.0.2 -all")
+    dns_server.zone("small.example")
+    dns_server.add("small.example", "TXT", "v=spf1 ip4:127.0.0.2 -all")
+    server = await elemta_server(
+        {"dns": {"nameservers": [dns_server.nameserver], "timeout_seconds": 1, "attempts": 1},
+         "state": {"backend": "embedded", "path": str(tmp_path / "state.sqlite3")},
+         "plugins": {"enabled": ["spf", "greylist"],
+                     "greylist": {"delay_seconds": DELAY, "retry_window_seconds": 60,
+                                  "spf_pass_domains": ["bigmail.example"]}}},
+        plugins=[("directory", Directory())])
+    assert (await rcpt(server, "user@example.test", sender="a@bigmail.example")).code == 250
+    assert (await rcpt(server, "user@example.test", sender="a@small.example")).code == 451, \
+        "SPF passes, but the domain is not listed"
+    assert (await rcpt(server, "user@example.test", sender="b@bigmail.example",
+                       source="127.0.0.3")).code == 451, "listed, but SPF fails from here"
