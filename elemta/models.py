@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import base64
 import binascii
-import io
 import os
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, BinaryIO, Callable, Iterable
+from typing import TYPE_CHECKING, Callable, Iterable
 
+# the message of a transaction has a module of its own; its names stay importable here
+from .message import Message, check_header, parse_header_block, split_header_fields  # noqa: F401
 from .stash import Stash
 
 if TYPE_CHECKING:
@@ -167,12 +168,7 @@ class Recipient:
         is spooled once. Include ``self.address`` to keep a copy for it. Only
         the final list counts: call it again to replace it.
         """
-        out: list[str] = []
-        for a in addresses:
-            if not isinstance(a, str) or a.count("@") < 1 or not a.rpartition("@")[0] \
-                    or not a.rpartition("@")[2] or any(c in a for c in "<> \t\r\n"):
-                raise ValueError(f"rewrite: {a!r} is not a mail address (local@domain)")
-            out.append(a)
+        out = [_checked_address(a, "rewrite") for a in addresses]
         if not out:
             raise ValueError("rewrite: at least one address is needed (reject the recipient "
                              "to refuse it)")
@@ -204,8 +200,47 @@ class Transaction:
     def sender_domain(self) -> str:
         return self.sender.rpartition("@")[2].lower() if self.sender else ""
 
+    # Envelope edits at the end of DATA (milter CHGFROM, ADDRCPT, DELRCPT): the
+    # spooled envelope is built from the transaction after the data hooks.
+
+    def set_sender(self, address: str, params: dict[str, str | None] | None = None) -> None:
+        """Change the envelope sender (``""``: the null sender); ``params`` replace the
+        MAIL FROM parameters when given."""
+        self.sender = "" if address == "" else _checked_address(address, "set_sender")
+        if params is not None:
+            self.mail_params = dict(params)
+
+    def add_recipient(self, address: str,
+                      params: dict[str, str | None] | None = None) -> Recipient:
+        """Add a recipient (with its RCPT TO parameters); an address already there is
+        not added twice. The recipient, new or existing."""
+        address = _checked_address(address, "add_recipient")
+        for r in self.recipients:
+            if r.address.lower() == address.lower():
+                return r
+        recipient = Recipient(address, params)
+        self.recipients.append(recipient)
+        return recipient
+
+    def remove_recipient(self, address: str) -> bool:
+        """Remove a recipient (its address as given at RCPT, case-insensitive); whether
+        there was one. The sender is not told: at DATA the reply is for the whole
+        message. Removing every recipient makes the message go nowhere (it is
+        answered 250 and dropped, like ``Discard``)."""
+        keep = [r for r in self.recipients if r.address.lower() != address.lower()]
+        removed = len(keep) != len(self.recipients)
+        self.recipients[:] = keep
+        return removed
+
     def __repr__(self) -> str:
         return f"<Transaction {self.id} from <{self.sender}> to {len(self.recipients)}>"
+
+
+def _checked_address(a: object, what: str) -> str:
+    if not isinstance(a, str) or a.count("@") < 1 or not a.rpartition("@")[0] \
+            or not a.rpartition("@")[2] or any(c in a for c in "<> \t\r\n"):
+        raise ValueError(f"{what}: {a!r} is not a mail address (local@domain)")
+    return a
 
 
 @dataclass(slots=True)
@@ -222,158 +257,6 @@ class AuthResult:
     result: str
     reason: str | None = None
     properties: dict[str, str] = field(default_factory=dict)
-
-
-class Message:
-    """The message received in DATA, spooled as it arrived.
-
-    The header section is parsed (``headers``); the body stays in the spool file
-    or buffer. Use :meth:`open` to stream it and :meth:`as_bytes` only when the
-    whole message is needed. Plugins add headers with :meth:`add_header` (they
-    are prepended when the message is committed) and can drop received header
-    fields with :meth:`remove_headers`.
-    """
-
-    __slots__ = ("_header_block", "_body", "_body_path", "size", "_headers", "_removed",
-                 "added", "stash")
-
-    def __init__(self, header_block: bytes, body: bytes | None, body_path: str | None,
-                 size: int) -> None:
-        self._header_block = header_block
-        self._body = body
-        self._body_path = body_path
-        self.size = size
-        self._headers: list[tuple[str, str]] | None = None
-        self._removed: set[int] = set()
-        self.added: list[tuple[str, str]] = []
-        self.stash = Stash()
-
-    @property
-    def headers(self) -> list[tuple[str, str]]:
-        """The received header fields as (name, unfolded value), parsed on first use."""
-        if self._headers is None:
-            self._headers = parse_header_block(self._header_block)
-        return self._headers
-
-    def header(self, name: str) -> str | None:
-        """The first header field called ``name`` (case-insensitive), unfolded."""
-        lname = name.lower()
-        for i, (n, v) in enumerate(self.headers):
-            if i not in self._removed and n.lower() == lname:
-                return v
-        return None
-
-    def get_all(self, name: str) -> list[str]:
-        lname = name.lower()
-        return [v for i, (n, v) in enumerate(self.headers)
-                if i not in self._removed and n.lower() == lname]
-
-    def add_header(self, name: str, value: str) -> None:
-        """Prepend ``name: value`` to the message when it is committed."""
-        check_header(name, value)
-        self.added.append((name, value))
-
-    def remove_headers(self, predicate: Callable[[str, str], bool]) -> int:
-        """Drop received header fields for which ``predicate(name, value)`` is true."""
-        n = 0
-        for i, (name, value) in enumerate(self.headers):
-            if i not in self._removed and predicate(name, value):
-                self._removed.add(i)
-                n += 1
-        return n
-
-    @property
-    def modified(self) -> bool:
-        """True when received header fields were removed."""
-        return bool(self._removed)
-
-    def header_bytes(self) -> bytes:
-        """The received header section, minus removed fields (no added ones)."""
-        if not self._removed:
-            return self._header_block
-        fields = split_header_fields(self._header_block)
-        out = [raw for i, raw in enumerate(fields) if i not in self._removed]
-        tail = self._header_block[sum(len(f) for f in fields):]
-        return b"".join(out) + tail
-
-    def open(self) -> BinaryIO:
-        """A binary file object over the received message (headers then body)."""
-        if self._body_path is None:
-            return io.BytesIO(self.header_bytes() + (self._body or b""))
-        return _ChainReader(self.header_bytes(), self._body_path)
-
-    def as_bytes(self) -> bytes:
-        with self.open() as f:
-            return f.read()
-
-    @property
-    def body_path(self) -> str | None:
-        return self._body_path
-
-    @property
-    def body(self) -> bytes | None:
-        return self._body
-
-
-def check_header(name: str, value: str) -> None:
-    """Refuse a header that would break the message or inject another field."""
-    if not name or any(c in name for c in ": \t\r\n") or not name.isascii():
-        raise ValueError(f"invalid header field name {name!r}")
-    for line in value.split("\r\n")[1:]:
-        if not line[:1] in (" ", "\t"):
-            raise ValueError(f"header {name} continuation lines must start with white space")
-    if "\n" in value.replace("\r\n", "") or "\r" in value.replace("\r\n", ""):
-        raise ValueError(f"header {name} value contains a bare CR or LF")
-
-
-def split_header_fields(block: bytes) -> list[bytes]:
-    """Split a header section into raw fields (each with its continuation lines)."""
-    fields: list[bytes] = []
-    for line in block.splitlines(keepends=True):
-        if line in (b"\r\n", b"\n"):
-            break
-        if line[:1] in (b" ", b"\t") and fields:
-            fields[-1] += line
-        else:
-            fields.append(line)
-    return fields
-
-
-def parse_header_block(block: bytes) -> list[tuple[str, str]]:
-    out: list[tuple[str, str]] = []
-    for raw in split_header_fields(block):
-        name, sep, value = raw.partition(b":")
-        if not sep:
-            out.append(("", raw.decode("utf-8", "surrogateescape").strip()))
-            continue
-        text = value.decode("utf-8", "surrogateescape")
-        unfolded = " ".join(part.strip() for part in text.splitlines())
-        out.append((name.decode("ascii", "replace").strip(), unfolded.strip()))
-    return out
-
-
-class _ChainReader(io.RawIOBase):
-    """Read a bytes prefix, then a file: a received message whose body was spilled."""
-
-    def __init__(self, prefix: bytes, path: str) -> None:
-        self._prefix = memoryview(prefix)
-        self._pos = 0
-        self._file = open(path, "rb")
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, b) -> int:  # type: ignore[override]
-        if self._pos < len(self._prefix):
-            n = min(len(b), len(self._prefix) - self._pos)
-            b[:n] = self._prefix[self._pos:self._pos + n]
-            self._pos += n
-            return n
-        return self._file.readinto(b)
-
-    def close(self) -> None:
-        self._file.close()
-        super().close()
 
 
 def new_id() -> str:

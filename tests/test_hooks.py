@@ -545,16 +545,18 @@ def test_misspelled_hook_is_an_error_at_start_up(tmp_path):
 
 
 def test_enabled_plugin_not_installed_names_the_fix(tmp_path):
-    settings = load_settings(write_config(tmp_path / "s", {"plugins": {"enabled": ["greylist"]}}))
+    settings = load_settings(write_config(tmp_path / "s",
+                                          {"plugins": {"enabled": ["virusscan"]}}))
     with pytest.raises(PluginLoadError) as e:
         App(settings)
     msg = str(e.value)
-    assert "[plugins] enabled" in msg and "'greylist' is not installed" in msg
-    assert "pip install elemta-greylist" in msg
+    assert "[plugins] enabled" in msg and "'virusscan' is not installed" in msg
+    assert "pip install elemta-virusscan" in msg
 
 
 def test_load_plugins_environment_overrides_the_list(tmp_path, monkeypatch):
-    settings = load_settings(write_config(tmp_path / "s", {"plugins": {"enabled": ["greylist"]}}))
+    settings = load_settings(write_config(tmp_path / "s",
+                                          {"plugins": {"enabled": ["virusscan"]}}))
     monkeypatch.setenv("ELEMTA_LOAD_PLUGINS", "")
     app = App(settings)
     assert app.plugin_order[0] == "elemta.default_relay"

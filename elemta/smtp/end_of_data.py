@@ -136,9 +136,11 @@ async def finish(proto: ElemtaSMTP, conn: Session, tx: Transaction,
         proto.tx = None
         proto.verdict_reply("data", plugin, verdict)
         return
-    if isinstance(verdict, v.Discard):
+    if isinstance(verdict, v.Discard) or not tx.recipients:
         incoming.discard()
-        _log_tx(conn, tx, message, f"discarded by {plugin}: {verdict.reason}")
+        why = (f"discarded by {plugin}: {verdict.reason}" if isinstance(verdict, v.Discard)
+               else "discarded: plugins removed every recipient")
+        _log_tx(conn, tx, message, why)
         proto.tx = None
         proto.reply(replies.discarded(tx.id))
         return
@@ -155,6 +157,7 @@ async def finish(proto: ElemtaSMTP, conn: Session, tx: Transaction,
         await proto.ctx.spool.commit(
             incoming, envelope, prepend=prepend,
             header_block=message.header_bytes() if message.modified else None,
+            body=(message.body, message.body_path) if message.modified else None,
             state="hold" if hold else "ready")
     except Exception as e:
         log.error("session %s: spool commit of %s failed: %s", conn.id, tx.id, e)

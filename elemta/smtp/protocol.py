@@ -9,9 +9,10 @@ DATA in memory, refuses long lines and MAIL/RCPT parameters, and spends a
 third of its CPU on per-connection introspection and envelope-address parsing.
 
 This module is the session: connection set-up, the command loop and the
-commands of the envelope (HELO/EHLO, MAIL, RCPT, RSET…). TLS (``starttls.py``),
-AUTH (``auth.py``) and DATA with the end-of-data pipeline (``data.py``) are
-modules of their own; every reply is named in ``replies.py``.
+commands HELO/EHLO, RSET, NOOP, QUIT…. TLS (``starttls.py``), AUTH
+(``auth.py``), MAIL and RCPT (``envelope.py``) and DATA with the end-of-data
+pipeline (``data.py``) are modules of their own; every reply is named in
+``replies.py``.
 """
 
 from __future__ import annotations
@@ -25,8 +26,8 @@ from aiosmtpd.smtp import Session as _AioSession
 
 from .. import verdicts as v
 from ..hookcall import HookFailure
-from ..models import Recipient, Session, Transaction, new_id
-from . import address, auth, data, replies, starttls
+from ..models import Session, Transaction, new_id
+from . import auth, data, envelope, replies, starttls
 from .errors import Close
 from .replies import Reply
 
@@ -42,8 +43,6 @@ READ_LIMIT = 65536               # StreamReader chunk limit while streaming DATA
 _GREETING_ALLOWED = frozenset({"QUIT", "NOOP", "RSET", "HELP"})
 _BEFORE_STARTTLS = frozenset({"EHLO", "HELO", "STARTTLS", "NOOP", "QUIT", "RSET", "HELP"})
 
-_MAIL_PARAMS = frozenset({"SIZE", "BODY", "SMTPUTF8", "AUTH"})
-_RCPT_PARAMS: frozenset[str] = frozenset()
 
 
 class ElemtaSMTP(_AioSMTP):
@@ -376,114 +375,10 @@ class ElemtaSMTP(_AioSMTP):
         await auth.command(self, arg)
 
     async def smtp_MAIL(self, arg: str | None) -> None:
-        conn = self.conn
-        assert conn is not None
-        if conn.helo is None:
-            self.reply(replies.HELO_FIRST)
-            return
-        if self.listener.require_auth and conn.auth_user is None:
-            self.reply(replies.AUTH_REQUIRED)
-            return
-        if self.tx is not None:
-            self.reply(replies.NESTED_MAIL)
-            return
-        try:
-            sender, params, utf8 = address.parse_mail_from(arg, smtputf8_allowed=True)
-        except address.PathError as e:
-            self.reply(e.reply())
-            return
-        if params and not conn.esmtp:
-            self.reply(replies.MAIL_PARAMS_NEED_EHLO)
-            return
-        problem = self._mail_param_problem(params)
-        if problem is not None:
-            self.reply(problem)
-            return
-        if utf8 and "SMTPUTF8" not in params:
-            self.reply(replies.NEEDS_SMTPUTF8)
-            return
-        if self.refuse_for_storage(params.get("SIZE"), "mail"):
-            return
-        params.pop("AUTH", None)  # RFC 4954 AUTH= is advisory; we do not trust it
-        tx = Transaction(new_id(), sender, params)
-        answer = await self.ctx.hooks.call("mail", session=conn, tx=tx, sender=sender,
-                                           params=params)
-        plugin, verdict = answer.plugin, answer.value
-        if isinstance(verdict, v.REPLY_VERDICTS):
-            self.verdict_reply("mail", plugin, verdict)
-            return
-        if verdict is not None:
-            tx.headers.extend(verdict.headers)
-        self.tx = tx
-        self.reply(replies.SENDER_OK)
-
-    def _mail_param_problem(self, params: dict[str, str | None]) -> Reply | None:
-        """Check MAIL's ESMTP parameters (normalising BODY); the refusal, if any."""
-        for key, value in params.items():
-            if key not in _MAIL_PARAMS:
-                return replies.mail_param_unsupported(key)
-            if key == "SIZE":
-                if value is None or not value.isdigit():
-                    return replies.SIZE_SYNTAX
-                if int(value) > self.data_size_limit:
-                    self.count_reject("mail", None, 552)
-                    return replies.MESSAGE_TOO_BIG
-            elif key == "BODY":
-                if value is None or value.upper() not in ("7BIT", "8BITMIME"):
-                    return replies.BODY_SYNTAX
-                params[key] = value.upper()
-            elif key == "SMTPUTF8" and value is not None:
-                return replies.SMTPUTF8_TAKES_NO_VALUE
-        return None
+        await envelope.mail(self, arg)
 
     async def smtp_RCPT(self, arg: str | None) -> None:
-        conn, tx = self.conn, self.tx
-        assert conn is not None
-        if tx is None:
-            self.reply(replies.NEED_MAIL)
-            return
-        try:
-            rcpt, params, utf8 = address.parse_rcpt_to(
-                arg, smtputf8_allowed="SMTPUTF8" in tx.mail_params)
-        except address.PathError as e:
-            self.reply(e.reply())
-            return
-        for key in params:
-            if key not in _RCPT_PARAMS:
-                self.reply(replies.rcpt_param_unsupported(key))
-                return
-        if len(tx.recipients) >= self.ctx.settings.server.max_recipients:
-            self.count_reject("rcpt", None, 452)
-            self.reply(replies.TOO_MANY_RECIPIENTS)
-            return
-        recipient = Recipient(rcpt, params)
-        if address.is_postmaster(rcpt, self.ctx.postmaster_domains):
-            # RFC 5321 §4.5.1: postmaster is always accepted, and delivered to
-            # [server] postmaster; no plugin may refuse it.
-            if rcpt.lower() != self.ctx.postmaster.lower():
-                recipient.rewrite([self.ctx.postmaster])
-            tx.recipients.append(recipient)
-            self.reply(replies.RECIPIENT_OK)
-            return
-        answer = await self.ctx.hooks.call("rcpt", session=conn, tx=tx, recipient=recipient,
-                                           params=params)
-        plugin, verdict = answer.plugin, answer.value
-        if isinstance(verdict, v.Accept):
-            if self.ctx.hooks.impls("rcpt_ok"):
-                after = await self.ctx.hooks.call("rcpt_ok", session=conn, tx=tx,
-                                                  recipient=recipient)
-                if after.value is not None:
-                    self.verdict_reply("rcpt", after.plugin, after.value)
-                    return
-            tx.headers.extend(verdict.headers)
-            tx.recipients.append(recipient)
-            self.reply(replies.RECIPIENT_OK)
-            return
-        if verdict is None:
-            self.count_reject("rcpt", None, replies.RELAY_DENIED.code)
-            self.reply(replies.RELAY_DENIED)
-            return
-        self.verdict_reply("rcpt", plugin, verdict)
+        await envelope.rcpt(self, arg)
 
     async def smtp_DATA(self, arg: str | None) -> None:
         await data.command(self, arg)

@@ -136,7 +136,8 @@ class IncomingMessage:
         if self._message is None:
             p = self.parts()
             self._message = Message(p.header_block, p.body,
-                                    None if p.body_path is None else str(p.body_path), self.size)
+                                    None if p.body_path is None else str(p.body_path), self.size,
+                                    spill=(str(self._tmp_dir), self.queue_id, self._memory_bytes))
         return self._message
 
     def discard(self) -> None:
@@ -149,6 +150,8 @@ class IncomingMessage:
             self._body_file = None
         if self._body_path is not None:
             self._body_path.unlink(missing_ok=True)
+        if self._message is not None:
+            self._message.discard_temp_files()     # bodies a plugin replaced
         self._head = bytearray()
         self._body = bytearray()
 

@@ -190,12 +190,15 @@ class Spool:
         return IncomingMessage(self.tmp_dir, queue_id, self.memory_bytes)
 
     async def commit(self, incoming: IncomingMessage, envelope: Envelope, *, prepend: bytes = b"",
-                     header_block: bytes | None = None, state: str = "ready") -> None:
+                     header_block: bytes | None = None,
+                     body: tuple[bytes | None, str | None] | None = None,
+                     state: str = "ready") -> None:
         """Make the message durable in ``state``; on return it survives a crash.
 
         The content is ``prepend`` (trace headers added here), then
-        ``header_block`` (the received header section minus fields the pipeline
-        removed; by default the received one unchanged), then the body.
+        ``header_block`` (the header section as the pipeline left it; by default
+        the received one unchanged), then the body: the received one, or
+        ``body`` = ``(bytes, None)`` or ``(None, path)`` when a plugin replaced it.
         ``incoming`` is consumed: its tmp files are gone when this returns or
         raises. On failure (an ``OSError`` such as ENOSPC or EIO, or
         ``FileExistsError`` for a queue id already in the spool) nothing of the
@@ -213,10 +216,10 @@ class Spool:
             parts = incoming.parts()
             loop = asyncio.get_running_loop()
             fut: asyncio.Future[None] = loop.create_future()
-            body_path = parts.body_path
+            content, body_path = ((parts.body, parts.body_path) if body is None else body)
             job = Job(incoming.queue_id, state,
                       prepend + (parts.header_block if header_block is None else header_block),
-                      parts.body, None if body_path is None else os.fspath(body_path),
+                      content, None if body_path is None else os.fspath(body_path),
                       envelope.to_json(), fut, loop)
             self._loop = loop
             writer.submit(job)
