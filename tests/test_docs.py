@@ -370,10 +370,11 @@ def readme_problems(plugin_dir: Path, plugin: object) -> list[str]:
         model = schemas[name]
         if sub is not None:
             field = model.model_fields.get(sub.group(1))
-            if field is None or not hasattr(field.annotation, "model_fields"):
+            nested = None if field is None else _settings_model(field.annotation)
+            if nested is None:
                 problems.append(f"documented table {sub.group(1)} is not a nested table")
                 continue
-            model = field.annotation
+            model = nested
         rows = re.findall(r"^\| ((?:`[a-z0-9_]+`(?:, )?)+) \|", table, re.M)
         documented = {k for row in rows for k in re.findall(r"`([a-z0-9_]+)`", row)}
         keys = set(model.model_fields)
@@ -385,6 +386,20 @@ def readme_problems(plugin_dir: Path, plugin: object) -> list[str]:
     problems += [f"hook {hook} is not described under 'Hooks used'"
                  for hook in plugin_hooks_of(plugin) if not re.search(rf"`{hook}[`(]", used)]
     return problems
+
+
+def _settings_model(annotation):
+    """The settings model of a nested table (``Model``, ``Model | None``) or of an array of
+    tables (``list[Model]``); ``None`` for a plain value."""
+    import typing
+
+    if hasattr(annotation, "model_fields"):
+        return annotation
+    for arg in typing.get_args(annotation):
+        found = _settings_model(arg)
+        if found is not None:
+            return found
+    return None
 
 
 @pytest.mark.parametrize("plugin_dir", PLUGIN_DIRS, ids=lambda p: p.name)
