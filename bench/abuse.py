@@ -73,12 +73,16 @@ class Configured(Elemta):
     """``elemta serve`` as bench/accept.py runs it, plus a configuration tail."""
 
     tail = ""
+    relay = False        # the client (127.0.0.1) is in relay_networks
 
     def start(self) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self.config.write_text(ELEMTA_CONFIG.format(loop="asyncio", port=self.port,
-                                                    domain=LOCAL_DOMAIN, spool_extra="")
-                               + self.tail)
+        text = ELEMTA_CONFIG.format(loop="asyncio", port=self.port, domain=LOCAL_DOMAIN,
+                                    spool_extra="")
+        if self.relay:
+            text = text.replace("shutdown_grace_seconds = 5",
+                                'shutdown_grace_seconds = 5\nrelay_networks = ["127.0.0.0/8"]')
+        self.config.write_text(text + self.tail)
         import subprocess
 
         process = subprocess.Popen(self.command(), stdout=subprocess.DEVNULL,

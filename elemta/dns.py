@@ -18,6 +18,7 @@ the final dot.
 from __future__ import annotations
 
 import asyncio
+import functools
 import ipaddress
 import random
 import time
@@ -119,8 +120,12 @@ class _Entry:
         return self.records
 
 
+@functools.lru_cache(maxsize=4096)
 def to_name(name: str) -> dns.name.Name:
     """``name`` as an absolute DNS name, U-labels encoded with IDNA 2008.
+
+    Remembered for the last few thousand names: parsing a name costs more
+    than a cached lookup, and the same few names are asked again and again.
 
     :raises InvalidName: if it is not a valid DNS name.
     """

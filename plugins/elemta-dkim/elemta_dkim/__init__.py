@@ -117,7 +117,7 @@ class DkimPlugin:
             return None
         if session.auth_user is not None and not self.settings.verify_authenticated:
             return None
-        checked = await verifier.verify(message.open)
+        checked = await verifier.verify(message.open, message.size)
         if self.results is not None:
             for c in checked:
                 domain = c.domain if c.result != "none" else from_domain(message.get_all("From"))

@@ -191,7 +191,7 @@ class DmarcPlugin:
                              source_ip=session.peer_ip, envelope_from=envelope_from,
                              envelope_to=envelope_to, helo=session.helo or "")
             if row is not None:
-                await store.add(row)
+                store.submit(row)          # written with the next batch; never waited for
 
 
 def _verdict(decision: Decision) -> Reject | Quarantine | TempFail | None:

@@ -7,8 +7,11 @@ and why it differs from the policy) and the published policy (domain, ``p``,
 ``sp``, ``np``, ``pct``, ``adkim``, ``aspf``, ``fo``, ``rua``). Reports are
 grouped per ``policy_domain`` and day; see the README for the query.
 
-All SQLite work happens on one thread of its own, which owns the connection:
-the event loop only waits for a future. Writes are bounded: when
+All SQLite work happens on one thread of its own, which owns the connection.
+The server hands rows over with :meth:`ReportStore.submit`, which does not
+wait: the rows that arrive while a batch is being written go in the next
+batch, one transaction each, so the writes never hold a message up and cost
+one commit per batch, not per message. Writes are bounded: when
 :data:`MAX_PENDING` rows wait for the thread (a stalled disk), further rows are
 dropped with a warning instead of piling up in memory. Rows older than
 ``retention_days`` are deleted at start-up and every hour, and the table never
@@ -141,6 +144,9 @@ class ReportStore:
         self.clock = clock
         self.dropped = 0
         self._pending = 0
+        self._queued: list[ReportRow] = []
+        self._flushing = False
+        self._drained: asyncio.Event | None = None
         self._warned_at = -_WARN_EVERY_SECONDS
         self._conn: sqlite3.Connection | None = None
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
@@ -188,6 +194,47 @@ class ReportStore:
             return False
         return True
 
+    def submit(self, row: ReportRow) -> None:
+        """Hand ``row`` over to be written with the next batch; never waits, never raises."""
+        if self._executor is None:
+            return
+        if self._pending + len(self._queued) >= MAX_PENDING:
+            self.dropped += 1
+            self._warn("%d report rows are waiting for the disk; dropping rows (%d so far)",
+                       self._pending + len(self._queued), self.dropped)
+            return
+        self._queued.append(row)
+        if not self._flushing:
+            self._flushing = True
+            if self._drained is None:
+                self._drained = asyncio.Event()
+            self._drained.clear()
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        rows, self._queued = self._queued, []
+        if not rows or self._executor is None:
+            self._flushing = False
+            if self._drained is not None:
+                self._drained.set()
+            return
+        self._pending += len(rows)
+        future = asyncio.get_running_loop().run_in_executor(self._executor, self._insert_many,
+                                                            rows)
+        future.add_done_callback(lambda f: self._batch_written(f, len(rows)))
+
+    def _batch_written(self, future: asyncio.Future[None], n: int) -> None:
+        self._pending -= n
+        if not future.cancelled() and future.exception() is not None:
+            self._warn("cannot write %d report rows to %s: %s", n, self.path,
+                       future.exception())
+        self._flush()
+
+    async def drain(self) -> None:
+        """Wait until every row handed to :meth:`submit` so far is written (or failed)."""
+        if self._flushing and self._drained is not None:
+            await self._drained.wait()
+
     async def prune(self) -> int:
         """Delete rows older than ``retention_days`` and beyond ``max_rows``; how many."""
         if self._executor is None:
@@ -196,9 +243,10 @@ class ReportStore:
 
     async def close(self) -> None:
         """Finish the writes under way, then close the database."""
-        executor, self._executor = self._executor, None
-        if executor is None:
+        if self._executor is None:
             return
+        await self.drain()
+        executor, self._executor = self._executor, None
         try:
             await asyncio.get_running_loop().run_in_executor(executor, self._close)
         finally:
@@ -259,6 +307,16 @@ class ReportStore:
             if rowid is not None and rowid > self.max_rows:
                 self._conn.execute("DELETE FROM messages WHERE id <= ?",
                                    (rowid - self.max_rows,))
+
+    def _insert_many(self, rows: list[ReportRow]) -> None:
+        """A batch in one transaction; the table then keeps its newest ``max_rows``."""
+        assert self._conn is not None
+        with self._conn:
+            self._conn.executemany(_INSERT, [r.values() for r in rows])
+            top = self._conn.execute("SELECT max(id) FROM messages").fetchone()[0]
+            if top is not None and top > self.max_rows:
+                self._conn.execute("DELETE FROM messages WHERE id <= ?",
+                                   (top - self.max_rows,))
 
     def _prune(self) -> int:
         assert self._conn is not None

@@ -92,8 +92,13 @@ def auth_results_headers(raw: bytes) -> list[str]:
             if line.lower().startswith("authentication-results:")]
 
 
-def report_rows(server) -> list[dict]:
-    return read_rows(Path(server.settings.server.state_dir) / "dmarc-reports.sqlite3")
+async def report_rows(server) -> list[dict]:
+    """The report rows, once the rows handed over so far are written (they are batched)."""
+    plugin = server.app.pm.get_plugin("dmarc")
+    if plugin.store is not None:
+        await plugin.store.drain()
+    path = Path(server.settings.server.state_dir) / "dmarc-reports.sqlite3"
+    return await asyncio.to_thread(read_rows, path)
 
 
 async def metric(server, name: str, **labels: str) -> float | None:
@@ -125,7 +130,7 @@ async def test_p_reject_with_failing_alignment_is_refused_at_data(elemta_server,
     assert "(p=reject)" in sent.reply.text
     server.app.spool.wait_written()
     assert not list((server.spool_path / "messages").iterdir())
-    [row] = await asyncio.to_thread(report_rows, server)
+    [row] = await report_rows(server)
     assert (row["header_from"], row["result"], row["disposition"]) == \
         ("reject.example", "fail", "reject")
     assert (row["spf_domain"], row["spf_result"], row["spf_aligned"]) == \
@@ -153,7 +158,7 @@ async def test_p_reject_with_an_aligned_dkim_pass_is_accepted_and_annotated(elem
     assert "spf=pass smtp.mailfrom=news@bulk.example.net" in header
     assert "dkim=pass header.d=reject.example" in header
     assert "dmarc=pass header.from=reject.example policy.dmarc=reject" in header
-    [row] = await asyncio.to_thread(report_rows, server)
+    [row] = await report_rows(server)
     assert (row["result"], row["dkim_aligned"], row["disposition"]) == ("pass", 1, "none")
     assert await metric(server, "smtp_dmarc_results_total", domain="reject.example",
                         result="pass") == 1.0
@@ -203,7 +208,7 @@ async def test_p_none_only_annotates(elemta_server, zones):
     assert "spf=fail" in header
     assert "dmarc=fail header.from=none.example policy.dmarc=none" in header
     assert (server.spool_path / "ready" / f"{sent.queue_id}.json").exists()
-    [row] = await asyncio.to_thread(report_rows, server)
+    [row] = await report_rows(server)
     assert (row["disposition"], row["np"], row["sp"]) == ("none", "reject", "none")
 
 
@@ -227,7 +232,7 @@ async def test_a_domain_without_a_record_gets_dmarc_none(elemta_server, zones):
     assert sent.accepted
     [header] = auth_results_headers(stored(server, sent.queue_id))
     assert 'dmarc=none reason="no DMARC record" header.from=plain.example' in header
-    assert await asyncio.to_thread(report_rows, server) == []
+    assert await report_rows(server) == []
 
 
 # ------------------------------------------------------------------ local overrides
@@ -244,7 +249,7 @@ async def test_never_reject_quarantines_instead(elemta_server, zones):
     assert (server.spool_path / "hold" / f"{sent.queue_id}.json").exists()
     [header] = auth_results_headers(stored(server, sent.queue_id))
     assert 'reason="p=reject applied as quarantine (never_reject)"' in header
-    [row] = await asyncio.to_thread(report_rows, server)
+    [row] = await report_rows(server)
     assert (row["disposition"], row["override"]) == ("quarantine", "local_policy")
 
 
@@ -268,7 +273,7 @@ async def test_authenticated_sessions_are_skipped(elemta_server, zones):
 
     assert sent.accepted, sent.reply
     assert "dmarc=" not in header_block(stored(server, sent.queue_id))
-    assert await asyncio.to_thread(report_rows, server) == []
+    assert await report_rows(server) == []
 
 
 async def test_authenticated_sessions_are_checked_when_asked(elemta_server, zones):

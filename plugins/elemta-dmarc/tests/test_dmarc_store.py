@@ -169,3 +169,15 @@ async def test_a_closed_store_takes_no_rows(tmp_path):
     await store.close()
     assert await store.add(row()) is False
     assert await store.prune() == 0
+
+
+async def test_submitted_rows_are_written_in_batches_without_waiting(tmp_path):
+    store = ReportStore(tmp_path / "r.sqlite3", retention_days=14, max_rows=50)
+    await store.open()
+    for n in range(120):
+        store.submit(row(n))          # returns at once: the server never waits for the disk
+    await store.drain()
+    rows = read_rows(tmp_path / "r.sqlite3")
+    assert [r["queue_id"] for r in rows] == [f"Q{n}" for n in range(70, 120)], "newest 50 kept"
+    await store.close()
+    store.submit(row(999))            # closed: ignored, no error

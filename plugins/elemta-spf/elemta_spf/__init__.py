@@ -2,7 +2,7 @@
 
 Enabled as ``spf``; the core makes one :class:`SpfPlugin` per server. This
 module holds only the hooks: the evaluation is :mod:`elemta_spf.checker`
-(pyspf in worker threads, DNS through ``app.resolver``) and what a result
+(pyspf replayed on the event loop, DNS through ``app.resolver``) and what a result
 means is :mod:`elemta_spf.policy`.
 
 When: the check runs at ``MAIL FROM`` (both identities at once; the HELO

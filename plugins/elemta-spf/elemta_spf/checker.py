@@ -1,31 +1,33 @@
 """SPF evaluation (RFC 7208 ``check_host()``) with pyspf, over Elemta's own resolver.
 
-pyspf blocks: it asks DNS through a module-level function, ``spf.DNSLookup``,
-and waits for each answer. So every check runs in a worker thread of a
-bounded pool that belongs to the plugin (the event loop never waits), and
-pyspf's DNS function is replaced by one that hands each question back to the
-event loop as a coroutine of the server's one resolver (``app.resolver``:
-its nameservers, timeouts, cache, TCP fallback), with
-:func:`asyncio.run_coroutine_threadsafe`, and waits for the answer in the
-worker thread.
+pyspf asks DNS through a module-level function, ``spf.DNSLookup``, and waits
+for each answer. Rather than give it a thread and a blocking lookup (every
+answer would then cross between threads, and under load each crossing waits
+for the interpreter lock), the evaluation runs on the event loop itself and
+is *replayed*: pyspf's DNS function answers from the answers gathered so
+far, and a question it has no answer for ends that run. The question is then
+asked of the server's one resolver (``app.resolver``: its nameservers,
+timeouts, cache, TCP fallback), without blocking, and the evaluation runs
+again, until it needs nothing it does not have. An evaluation is pure
+computation on a handful of records (tens of microseconds a run), and a
+policy with ``n`` lookups runs ``n + 1`` times; with a warm resolver cache
+the answers come at once.
 
-The replacement is installed once per process. It finds the check it serves
-through a thread-local: a thread that is not running one of our checks gets
-pyspf's own DNS function, so other users of pyspf in the process are
-unaffected.
+The replacement DNS function is installed once per process. It finds the
+evaluation it serves through a thread-local: a thread that is not running one
+of our checks gets pyspf's own DNS function, so other users of pyspf in the
+process are unaffected.
 
 Limits: pyspf enforces RFC 7208 §4.6.4 (10 DNS-querying terms, 10 MX or PTR
 names, 2 void lookups) in strict mode, which is always used here. On top of
-that every check has a deadline (``time_limit_seconds``): a lookup waits at
-most until then, and a lookup asked after it fails at once. A DNS failure
-(timeout, ``SERVFAIL``, a malformed answer…) ends the check with
-``temperror``, never with a pass.
+that every check has a deadline (``time_limit_seconds``) and a bound on the
+questions it may ask. A DNS failure (timeout, ``SERVFAIL``, a malformed
+answer…) ends the check with ``temperror``, never with a pass.
 """
 
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import ipaddress
 import logging
 import threading
@@ -75,96 +77,66 @@ class SpfResult:
     seconds: float = 0.0
 
 
-class _Lookups:
-    """pyspf's DNS function for one check: every question goes to the event loop.
+class _Missing(BaseException):
+    """Raised by :class:`_Replay` for a question it has no answer for yet.
 
-    Called in a worker thread only. ``deadline`` is on the
-    :func:`time.monotonic` clock.
+    A ``BaseException`` so that pyspf's own ``except Exception`` does not take
+    it for an answer; where pyspf swallows everything (a bare ``except``), the
+    replay still knows the question was asked and runs the evaluation again.
     """
 
-    def __init__(self, resolver: Resolver, loop: asyncio.AbstractEventLoop,
-                 deadline: float, time_limit: float) -> None:
-        self.resolver = resolver
-        self.loop = loop
-        self.deadline = deadline
-        self.time_limit = time_limit
-        self._lock = threading.Lock()
-        self._abandoned = False
-        self._pending: concurrent.futures.Future[list[Any]] | None = None
 
-    def abandon(self) -> None:
-        """Give the check up: the lookup under way and every later one fail at once."""
-        with self._lock:
-            self._abandoned = True
-            pending = self._pending
-        if pending is not None:
-            pending.cancel()
+class _Replay:
+    """pyspf's DNS function for one run of one evaluation: the answers gathered so far."""
+
+    def __init__(self, answers: dict[tuple[str, str], list[Any] | Exception]) -> None:
+        self.answers = answers
+        self.missing: list[tuple[str, str]] = []
 
     def __call__(self, name: str, qtype: str, strict: Any = True,
                  timeout: float | None = None) -> list[tuple[tuple[str, str], Any]]:
         if qtype not in _QTYPES:
             # RFC 7208 §3.1 removed the SPF RR type (99): nobody is to ask for it
             raise spf.TempError(f"refusing to look up {qtype} records for {name}")
-        remaining = self.deadline - time.monotonic()
-        if remaining <= 0:
-            raise spf.TempError(f"SPF evaluation exceeded its time limit of "
-                                f"{self.time_limit:g} s")
-        wait = remaining if timeout is None else min(remaining, float(timeout))
-        with self._lock:
-            if self._abandoned:
-                raise spf.TempError("SPF evaluation abandoned")
-            ask = self._ask(name, qtype)
-            try:
-                future = asyncio.run_coroutine_threadsafe(ask, self.loop)
-            except RuntimeError:
-                # the event loop is closed: the server is stopping
-                ask.close()
-                raise spf.TempError("the server is stopping") from None
-            self._pending = future
-        try:
-            values = future.result(timeout=wait)
-        except concurrent.futures.TimeoutError:
-            future.cancel()
-            raise spf.TempError(f"DNS lookup of {name} {qtype} exceeded the SPF time limit "
-                                f"of {self.time_limit:g} s") from None
-        except concurrent.futures.CancelledError:
-            raise spf.TempError("SPF evaluation abandoned") from None
-        except TempError as e:
-            raise spf.TempError(f"DNS lookup failed: {e}") from None
-        finally:
-            with self._lock:
-                self._pending = None
-        return [((name, qtype), value) for value in values]
+        key = (name.lower(), qtype)
+        found = self.answers.get(key)
+        if found is None:
+            self.missing.append(key)
+            raise _Missing(key)
+        if isinstance(found, Exception):
+            raise found
+        return [((name, qtype), value) for value in found]
 
-    async def _ask(self, name: str, qtype: str) -> list[Any]:
-        """The answer in the shape pyspf expects, ``[]`` when there is none.
 
-        ``NXDOMAIN`` and ``NODATA`` are both "no records" (and count as void
-        lookups in pyspf). A name that cannot be a DNS name (an empty or
-        over-long label, a character DNS names cannot carry) has no records
-        either: RFC 7208 §4.3 and §5 treat such names as not matching.
-        """
-        r = self.resolver
-        try:
-            if qtype == "TXT":
-                # one value per record: its character-strings, joined (RFC 7208 §3.3)
-                return [(data,) for data in await r.txt_bytes(name)]
-            if qtype == "A":
-                return await r.a(name)
-            if qtype == "AAAA":
-                return await r.aaaa(name)
-            if qtype == "MX":
-                return [_mx(text) for text in await r.query(name, "MX")]
-            if qtype == "PTR":
-                return [_hostname(text) for text in await r.query(name, "PTR")]
-        except (NotFound, InvalidName):
-            return []
-        except TempError:
-            raise
-        except DNSError as e:
-            # any other DNS error class the resolver may grow is not an answer
-            raise TempError(e.name, e.rdtype, e.reason) from None
-        raise AssertionError(qtype)
+async def _ask(resolver: Resolver, name: str, qtype: str) -> list[Any]:
+    """The answer in the shape pyspf expects, ``[]`` when there is none.
+
+    ``NXDOMAIN`` and ``NODATA`` are both "no records" (and count as void
+    lookups in pyspf). A name that cannot be a DNS name (an empty or
+    over-long label, a character DNS names cannot carry) has no records
+    either: RFC 7208 §4.3 and §5 treat such names as not matching.
+    """
+    r = resolver
+    try:
+        if qtype == "TXT":
+            # one value per record: its character-strings, joined (RFC 7208 §3.3)
+            return [(data,) for data in await r.txt_bytes(name)]
+        if qtype == "A":
+            return await r.a(name)
+        if qtype == "AAAA":
+            return await r.aaaa(name)
+        if qtype == "MX":
+            return [_mx(text) for text in await r.query(name, "MX")]
+        if qtype == "PTR":
+            return [_hostname(text) for text in await r.query(name, "PTR")]
+    except (NotFound, InvalidName):
+        return []
+    except TempError:
+        raise
+    except DNSError as e:
+        # any other DNS error class the resolver may grow is not an answer
+        raise TempError(e.name, e.rdtype, e.reason) from None
+    raise AssertionError(qtype)
 
 
 def _hostname(text: str) -> str:
@@ -186,7 +158,7 @@ _fallback: Callable[..., Any] | None = None
 
 def _dispatch(name: str, qtype: str, strict: Any = True, timeout: Any = None) -> Any:
     """``spf.DNSLookup``: the lookups of the check running in this thread, else pyspf's own."""
-    lookups: _Lookups | None = getattr(_current, "lookups", None)
+    lookups: _Replay | None = getattr(_current, "lookups", None)
     if lookups is None:
         if _fallback is None:  # pragma: no cover - _install always sets it first
             raise spf.TempError("no DNS function")
@@ -265,17 +237,21 @@ def _client_ip(ip: str) -> str:
 
 
 class SpfChecker:
-    """Evaluates SPF in a bounded pool of worker threads, asking ``resolver``.
+    """Evaluates SPF on the event loop, asking ``resolver`` between replays.
 
     :param resolver: the server's resolver (``app.resolver``), or any
         :class:`elemta.Resolver`.
-    :param time_limit: seconds one check may take in all, queueing for a
-        worker thread included (RFC 7208 §4.6.4 asks for at least 20).
-    :param workers: the most checks that run at once; more wait for a thread.
+    :param time_limit: seconds one check may take in all, waiting for its turn
+        included (RFC 7208 §4.6.4 asks for at least 20).
+    :param workers: the most checks under way at once; more wait their turn.
     :param receiver: this host's name, for the ``%{r}`` macro.
     :param default_explanation: the explanation of a ``fail`` whose domain
         gives none (``None``: pyspf's "SPF fail - not authorized").
     """
+
+    #: the most questions one evaluation may ask (RFC 7208 §4.6.4 allows about 10
+    #: terms, with up to 10 names behind an mx or ptr, and an explanation)
+    MAX_QUESTIONS = 64
 
     def __init__(self, resolver: Resolver, *, time_limit: float = 20.0, workers: int = 32,
                  receiver: str = "unknown", default_explanation: str | None = None) -> None:
@@ -288,17 +264,15 @@ class SpfChecker:
         self.time_limit = time_limit
         self.receiver = receiver
         self.default_explanation = default_explanation
-        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=workers,
-                                                           thread_name_prefix="elemta-spf")
-        self._running: set[_Lookups] = set()
+        self._slots = asyncio.Semaphore(workers)
+        self._running: set[asyncio.Task[Any]] = set()
         self._closed = False
 
     def close(self) -> None:
-        """Give up every check under way (they end with ``temperror``) and stop the threads."""
+        """Give up every check under way (they end with ``temperror``)."""
         self._closed = True
-        for lookups in list(self._running):
-            lookups.abandon()
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        for task in list(self._running):
+            task.cancel()
 
     async def check(self, ip: str, sender: str, helo: str) -> SpfResult:
         """``check_host()`` for ``sender`` (``""``: the HELO identity) from ``ip``.
@@ -326,44 +300,58 @@ class SpfChecker:
             return result("none", f"the client address {ip!r} is not an IP address")
         if self._closed:
             return result("temperror", "the server is stopping")
-        loop = asyncio.get_running_loop()
-        lookups = _Lookups(self.resolver, loop, started + self.time_limit, self.time_limit)
-        self._running.add(lookups)
+        task = asyncio.ensure_future(self._replayed(client, sender, helo, local, domain,
+                                                    started + self.time_limit))
+        self._running.add(task)
         try:
-            try:
-                work = loop.run_in_executor(self._pool, self._evaluate, lookups, client,
-                                            sender, helo, local, domain)
-                # the lookups keep to the deadline; this is the backstop for CPU-bound
-                # trouble inside pyspf, with a little room for the last answer
-                res, comment, explanation, explained, mechanism = await asyncio.wait_for(
-                    asyncio.shield(work), self.time_limit + 1.0)
-            except TimeoutError:
-                lookups.abandon()
-                return result("temperror", f"SPF evaluation exceeded its time limit of "
-                                           f"{self.time_limit:g} s")
-            except asyncio.CancelledError:
-                lookups.abandon()
-                task = asyncio.current_task()
-                if work.cancelled() and task is not None and not task.cancelling():
-                    # not our caller giving up: close() dropped the queued work
-                    return result("temperror", "the server is stopping")
-                raise
-            except RuntimeError as e:
-                # the pool was shut down under us
-                return result("temperror", f"SPF evaluation could not run: {e}")
+            outcome = await asyncio.shield(task)
+        except asyncio.CancelledError:
+            task.cancel()
+            current = asyncio.current_task()
+            if task.cancelled() and self._closed and current is not None \
+                    and not current.cancelling():
+                return result("temperror", "the server is stopping")
+            raise
         finally:
-            self._running.discard(lookups)
+            self._running.discard(task)
+        if isinstance(outcome, str):
+            return result("temperror", outcome)
+        res, comment, explanation, explained, mechanism = outcome
         if res not in RESULTS:  # pragma: no cover - pyspf answers only these in strict mode
             log.error("spf: pyspf answered %r for %s; reporting temperror", res, domain)
             res, comment = "temperror", f"unexpected SPF result {res!r}"
         return result(res, comment, explanation=explanation,
                       explained_by_domain=explained and bool(explanation), mechanism=mechanism)
 
-    def _evaluate(self, lookups: _Lookups, ip: str, sender: str, helo: str, local: str,
+    async def _replayed(self, ip: str, sender: str, helo: str, local: str, domain: str,
+                        deadline: float) -> tuple[str, str, str, bool, str] | str:
+        """Evaluate until nothing is missing; the outcome, or why it is a ``temperror``."""
+        answers: dict[tuple[str, str], list[Any] | Exception] = {}
+        try:
+            async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
+                async with self._slots:
+                    while True:
+                        replay = _Replay(answers)
+                        outcome = self._evaluate(replay, ip, sender, helo, local, domain)
+                        if not replay.missing:
+                            return outcome
+                        if len(answers) + len(replay.missing) > self.MAX_QUESTIONS:
+                            return (f"SPF evaluation asked more than {self.MAX_QUESTIONS} "
+                                    "DNS questions")
+                        for name, qtype in dict.fromkeys(replay.missing):
+                            try:
+                                answers[(name, qtype)] = await _ask(self.resolver, name, qtype)
+                            except TempError as e:
+                                answers[(name, qtype)] = spf.TempError(f"DNS lookup failed: {e}")
+        except TimeoutError:
+            return f"SPF evaluation exceeded its time limit of {self.time_limit:g} s"
+
+    def _evaluate(self, replay: _Replay, ip: str, sender: str, helo: str, local: str,
                   domain: str) -> tuple[str, str, str, bool, str]:
-        """In a worker thread: pyspf's ``check()`` with our lookups; (result, comment,
-        explanation, explained by the domain, mechanism)."""
-        _current.lookups = lookups
+        """One run of pyspf's ``check()`` over ``replay``'s answers; (result, comment,
+        explanation, explained by the domain, mechanism). Its result means nothing
+        when ``replay.missing`` is set afterwards."""
+        _current.lookups = replay
         try:
             q = _Query(i=ip, s=sender, h=helo, receiver=self.receiver, strict=True,
                        timeout=self.time_limit, querytime=self.time_limit)
@@ -382,6 +370,8 @@ class SpfChecker:
             if res != "fail":
                 explanation = ""
             return res, comment, explanation, explanation != default_explanation, mechanism
+        except _Missing:
+            return "temperror", "", "", False, ""      # asked again once the answer is in
         except Exception as e:  # noqa: BLE001 - pyspf's own failure is reported, not raised
             log.error("spf: pyspf failed checking %s for %s from %s: %s: %s", domain,
                       sender or f"HELO {helo}", ip, type(e).__name__, e, exc_info=True)

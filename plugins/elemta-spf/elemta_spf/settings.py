@@ -39,7 +39,7 @@ class SpfSettings(pydantic.BaseModel):
     received_spf_header: bool = True
     # seconds one SPF evaluation may take in all (RFC 7208 §4.6.4: at least 20)
     time_limit_seconds: float = Field(20.0, gt=0, le=300)
-    # the most SPF evaluations running at once, each in a worker thread
+    # the most SPF evaluations under way at once (each may have DNS questions out)
     max_concurrent_checks: int = Field(32, ge=1, le=1024)
     # sender domains that get their own label in smtp_spf_results_total
     metrics_domains: tuple[str, ...] = ()
