@@ -23,7 +23,9 @@ serve: venv
 # smtp-source (load generator), PostgreSQL, OpenLDAP's slapd and Dovecot (the
 # datasource plugin's tests start their own servers from these binaries, on
 # loopback and in temporary folders), OpenDKIM's tools (DKIM interoperability),
-# redis-server (shared greylist and rate-limit state), pebble (Let's Encrypt's test CA). Installed only when running as root;
+# redis-server (shared greylist and rate-limit state), pebble (Let's Encrypt's test CA),
+# the filters the milter and policy clients are tested against (opendkim, rspamd,
+# postgrey, spamass-milter). Installed only when running as root;
 # policy-rc.d keeps the packages' own services from starting.
 test-tools:
 	@missing=""; \
@@ -36,6 +38,10 @@ test-tools:
 	command -v opendkim-testmsg >/dev/null || missing="$$missing opendkim-tools"; \
 	command -v redis-server >/dev/null || missing="$$missing redis-server"; \
 	command -v pebble >/dev/null || [ -x /usr/bin/pebble ] || missing="$$missing pebble"; \
+	[ -x /usr/sbin/opendkim ] || missing="$$missing opendkim"; \
+	[ -x /usr/bin/rspamd ] || missing="$$missing rspamd"; \
+	[ -x /usr/sbin/postgrey ] || missing="$$missing postgrey"; \
+	[ -x /usr/sbin/spamass-milter ] || missing="$$missing spamass-milter"; \
 	if [ -n "$$missing" ]; then \
 		if [ "$$(id -u)" = 0 ]; then \
 			echo "installing:$$missing"; \
