@@ -664,3 +664,18 @@ async def test_relay_networks_set_relay_allowed_before_any_plugin_is_asked(elemt
         async with RawSMTP(server.port("mx"), source=source) as c:
             await c.cmd("QUIT")
     assert seen == [("127.0.0.2", True), ("127.0.0.3", False)]
+
+
+async def test_a_nul_in_data_is_refused_after_the_message_is_read(elemta_server):
+    """RFC 5322 §2.1: no NUL in a message; refused (554 5.6.0), not silently stripped, and
+    the session goes on."""
+    server = await elemta_server()
+    async with RawSMTP(server.port("mx")) as c:
+        await c.cmd("EHLO client.example")
+        reply = await c.send_message("a@example.org", ["b@example.test"],
+                                     b"Subject: nul\r\n\r\nbefore\0after\r\n.\r\n")
+        assert (reply.code, reply.enhanced) == (554, "5.6.0"), reply
+        assert (await c.send_message("a@example.org", ["b@example.test"],
+                                     b"Subject: fine\r\n\r\nok\r\n.\r\n")).code == 250
+    server.app.spool.wait_written()
+    assert len(list((server.spool_path / "ready").glob("*.json"))) == 1

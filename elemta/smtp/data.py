@@ -5,7 +5,9 @@ smuggling). The content is dot-unstuffed and written in chunks of up to 64 KiB
 into an :class:`~elemta.spool.incoming.IncomingMessage`, so a 20 MiB message
 never sits in memory. The size limit is checked as it arrives (the data is
 read to its end, then ``552``); a bare CR or LF is refused (``550 5.5.2``) or
-rewritten to CRLF, as ``[server] bare_newline`` says. What happens to a
+rewritten to CRLF, as ``[server] bare_newline`` says; a NUL octet is refused
+(``554 5.6.0``: neither RFC 5322 text nor 8BITMIME allows one, and silently
+stripping it would change a message a signature may cover). What happens to a
 complete message is ``end_of_data.py``'s.
 """
 
@@ -82,6 +84,7 @@ async def receive(proto: ElemtaSMTP, incoming: IncomingMessage) -> Reply | None:
     size = 0
     too_big = False
     bare = False
+    nul = False    # a NUL octet: no text message carries one (RFC 5322 §2.1, RFC 5321 §2.3.8)
     failed: OSError | None = None  # writing the content failed: read on, then refuse
     first = True
     while True:
@@ -113,10 +116,12 @@ async def receive(proto: ElemtaSMTP, incoming: IncomingMessage) -> Reply | None:
                 chunk = _BARE_CR.sub(b"\r\n", _BARE_LF.sub(b"\r\n", chunk))
             else:
                 bare = True
+        if b"\0" in chunk:
+            nul = True
         size += len(chunk)
         if size > limit:
             too_big = True
-        if not too_big and not bare and failed is None:
+        if not too_big and not bare and not nul and failed is None:
             try:
                 incoming.write(chunk)
             except OSError as e:
@@ -128,6 +133,8 @@ async def receive(proto: ElemtaSMTP, incoming: IncomingMessage) -> Reply | None:
         return replies.MESSAGE_TOO_BIG
     if bare:
         return replies.BARE_NEWLINE
+    if nul:
+        return replies.NUL_IN_DATA
     if failed is not None:
         log.error("session %s: cannot keep the message being received: %s",
                   proto.conn.id if proto.conn else "-", failed)

@@ -192,6 +192,7 @@ START_DATA = Reply(354, None, "End data with <CR><LF>.<CR><LF>")
 MESSAGE_TOO_BIG = Reply(552, "5.3.4", "Message size exceeds fixed maximum message size")
 BARE_NEWLINE = Reply(550, "5.5.2",
                      "Message contains a bare CR or LF; lines must end with CRLF")
+NUL_IN_DATA = Reply(554, "5.6.0", "Message contains a NUL character, which mail may not carry")
 SPOOL_FAILURE = Reply(451, "4.3.0", "Local error in processing, please try again later")
 NO_STORAGE = Reply(452, "4.3.1", "Insufficient system storage, please try again later")
 
