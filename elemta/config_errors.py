@@ -80,10 +80,47 @@ def format_validation_error(err: pydantic.ValidationError, source: str,
                 hint = f'; did you mean "{close[0]}"?' if close else f"; valid keys here: {valid}"
             problems.append(f"{source}: {key}: unknown key{hint}")
         else:
-            msg = e["msg"].removeprefix("Value error, ")
-            if e["type"] == "missing":
-                msg = "this key is required"
-            elif e["type"] == "literal_error":
-                msg = f"got {e['input']!r}; {msg[0].lower()}{msg[1:]}"
-            problems.append(f"{source}: {key or '(top level)'}: {msg}")
+            problems.append(f"{source}: {key or '(top level)'}: {_explain(e)}")
     return problems
+
+
+# what a value of each kind looks like in elemta.toml
+_EXAMPLES = {
+    "int": "a whole number such as 25",
+    "float": "a number such as 30 or 2.5",
+    "bool": "true or false (without quotes)",
+    "string": 'text in quotes, such as "mx.example.com"',
+    "list": 'a list in brackets, such as ["a", "b"]',
+    "tuple": 'a list in brackets, such as ["a", "b"]',
+    "dict": "a table, such as { key = \"value\" }",
+    "model": "a table, such as { key = \"value\" }",
+}
+
+
+def _explain(e: Any) -> str:
+    """A pydantic error record in an operator's words: what was given, what is expected."""
+    kind, msg = e["type"], e["msg"].removeprefix("Value error, ")
+    given = e.get("input")
+    if kind == "missing":
+        return "this key is required"
+    if kind == "literal_error":
+        return f"got {given!r}; {msg[0].lower()}{msg[1:]}"
+    base = kind.split("_")[0]
+    if kind.endswith(("_parsing", "_type")) and base in _EXAMPLES:
+        return f"got {_shown(given)}; write {_EXAMPLES[base]}"
+    if msg.startswith("Input should be "):
+        return f"got {_shown(given)}; it must be {msg.removeprefix('Input should be ')}"
+    return msg
+
+
+def _shown(value: Any) -> str:
+    """A value as the operator wrote it in TOML."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return f'"{value}"'
+    if isinstance(value, dict):
+        return "a table"
+    if isinstance(value, (list, tuple)):
+        return "a list"
+    return repr(value)

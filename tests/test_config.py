@@ -48,8 +48,8 @@ def test_unknown_key_names_file_key_and_suggestion():
 
 
 @pytest.mark.parametrize("text, expected", [
-    ("[server]\nmax_message_bytes = \"big\"\n", "server.max_message_bytes: Input should be a valid integer"),
-    ("[server]\nmax_message_bytes = -1\n", "server.max_message_bytes: Input should be greater than 0"),
+    ("[server]\nmax_message_bytes = \"big\"\n", 'server.max_message_bytes: got "big"; write a whole number such as 25'),
+    ("[server]\nmax_message_bytes = -1\n", "server.max_message_bytes: got -1; it must be greater than 0"),
     ("[server]\nhostname = \"has space\"\n", "server.hostname: hostname must be a DNS name"),
     ("[server]\nrelay_networks = [\"10.0.0.0/33\"]\n", "is not a network"),
     ("[[listeners]]\nname = \"mx\"\naddress = \"127.0.0.1:99999\"\n", "port must be 0..65535"),
@@ -64,7 +64,7 @@ def test_unknown_key_names_file_key_and_suggestion():
      "[[listeners]]\nname = \"b\"\naddress = \"127.0.0.1:25\"\n", "two listeners use 127.0.0.1:25"),
     ("[tls]\ncert_file = \"c.pem\"\n", "set both cert_file and key_file, or neither"),
     ("[plugins]\nenabled = [\"a\", \"a\"]\n", "plugin listed twice: a"),
-    ("[plugins]\ntimeouts = { spf = -1 }\n", "plugins.timeouts.spf: Input should be greater than 0"),
+    ("[plugins]\ntimeouts = { spf = -1 }\n", "plugins.timeouts.spf: got -1; it must be greater than 0"),
 ])
 def test_wrong_values_are_explained(text, expected):
     found = problems(text)
