@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import socket
 import time
 from typing import Any, Iterable
 
@@ -27,6 +28,8 @@ from .plugins import enabled_names, make_plugin_manager, validated_plugin_settin
 from .smtp.auth import available as auth_mechanisms_available
 from .smtp.context import SMTPContext
 from .smtp.protocol import ElemtaSMTP
+from .smtp.tls import TLSConfigError
+from .sockets import Listening, bind_sockets, listen_problem
 from .spool.lock import SpoolLocked, lock_spool, unlock_spool
 from .spool.envelope import Envelope, RecipientState, params_for
 from .spool.store import Spool
@@ -64,7 +67,8 @@ class App:
                            min_free_bytes=spool.min_free_bytes,
                            min_free_inodes=spool.min_free_inodes)
         self.smtp = SMTPContext(settings, self.hooks, self.spool, self.metrics)
-        self.servers: dict[str, asyncio.base_events.Server] = {}
+        self.servers: dict[str, Listening] = {}
+        self._bound: dict[str, list[socket.socket]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self.metrics_server: MetricsServer | None = None
         self.runner: Runner | None = None
@@ -95,6 +99,37 @@ class App:
                             listener=None, trace=[{"queued_by": note}] if note else [])
         await self.spool.commit_bytes(envelope, content)
         return envelope.id
+
+    def bind(self) -> None:
+        """Bind every listener's sockets now, and read the configured TLS key: what needs
+        root, done before the server drops it (``[server] user``); :meth:`start` serves
+        these sockets. Raises :class:`StartupError` saying which address and why."""
+        try:
+            for listener in self.settings.listeners:
+                if listener.name not in self._bound:
+                    self._bound[listener.name] = self._bind(listener)
+            tls = self.pm.get_plugin("elemta.default_tls")
+            if tls is not None and self._tls_listeners():
+                tls.read_configured()
+        except TLSConfigError as e:
+            self._close_bound()
+            raise StartupError(str(e)) from None
+        except BaseException:
+            self._close_bound()
+            raise
+
+    def _bind(self, listener: ListenerSettings) -> list[socket.socket]:
+        try:
+            return bind_sockets(listener.host, listener.port)
+        except OSError as e:
+            raise StartupError(f"listener {listener.name}: cannot listen on {listener.address}"
+                               f": {listen_problem(listener.host, listener.port, e)}") from None
+
+    def _close_bound(self) -> None:
+        for sockets in self._bound.values():
+            for sock in sockets:
+                sock.close()
+        self._bound.clear()
 
     def listener_port(self, name: str) -> int:
         """The bound port of a listener (useful when it was configured as port 0)."""
@@ -130,9 +165,8 @@ class App:
                     await self.metrics_server.start()
                 except OSError as e:
                     raise StartupError(f"[metrics] address: cannot listen on "
-                                       f"{self.settings.metrics.address}: {_reason(e)} (is "
-                                       "another server using it? change [metrics] address)"
-                                       ) from None
+                                       f"{self.settings.metrics.address}: "
+                                       f"{listen_problem(host, port, e)}") from None
             self._warn_about_auth()
             for listener in self.settings.listeners:
                 await self._listen(listener)
@@ -214,6 +248,7 @@ class App:
         for server in self.servers.values():
             server.close()
         self.servers.clear()
+        self._close_bound()
         if self.metrics_server is not None:
             await self.metrics_server.stop()
             self.metrics_server = None
@@ -273,22 +308,21 @@ class App:
                             listener.name)
 
     async def _listen(self, listener: ListenerSettings) -> None:
-        loop = asyncio.get_running_loop()
         ctx = self.smtp
 
         def factory() -> ElemtaSMTP:
             return ElemtaSMTP(ctx, listener)
 
+        sockets = self._bound.pop(listener.name, None) or self._bind(listener)
         try:
             # TLS, implicit or by STARTTLS, is the session's own handshake
             # (elemta/smtp/starttls.py), with the listener's current context
-            server = await loop.create_server(factory, listener.host, listener.port,
-                                              reuse_address=True, backlog=1024)
+            self.servers[listener.name] = await Listening.serve(factory, sockets)
         except OSError as e:
-            raise StartupError(f"listener {listener.name}: cannot listen on "
-                               f"{listener.address}: {_reason(e)} (is another server using "
-                               "it? change [[listeners]] address)") from None
-        self.servers[listener.name] = server
+            for sock in sockets:
+                sock.close()
+            raise StartupError(f"listener {listener.name}: cannot listen on {listener.address}"
+                               f": {listen_problem(listener.host, listener.port, e)}") from None
 
     def readiness(self) -> tuple[bool, str]:
         if not self._started:
@@ -311,6 +345,9 @@ class App:
         context it had. Returns whether every listener got a context.
         """
         ok = True
+        builtin = self.pm.get_plugin("elemta.default_tls")
+        if builtin is not None:
+            builtin.reloading()
         for listener in self._tls_listeners():
             try:
                 ctx = (await self.hooks.call("tls_context", listener=listener)).value
@@ -327,10 +364,6 @@ class App:
             self.smtp.tls_contexts[listener.name] = ctx
         log.info("TLS contexts %s", "reloaded" if ok else "NOT all reloaded (see errors above)")
         return ok
-
-    def request_tls_reload(self) -> None:
-        """:meth:`reload_tls` from a signal handler (SIGHUP)."""
-        self._spawn(self.reload_tls())
 
     async def _cancel_tasks(self) -> None:
         tasks = list(self._tasks)
@@ -354,6 +387,7 @@ class App:
             await self.smtp.wait_idle(5)
         for server in self.servers.values():
             await server.wait_closed()
+        self._close_bound()
         if self.control is not None:
             await self.control.stop()
             self.control = None

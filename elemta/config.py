@@ -91,6 +91,9 @@ class ServerSettings(_Settings):
     postmaster: str | None = None
     bare_newline: Literal["reject", "normalize"] = "reject"
     event_loop: Literal["asyncio", "uvloop"] = "asyncio"
+    # started as root: bind, read the keys, then run as this user (and group)
+    user: str | None = None
+    group: str | None = None
 
     @field_validator("hostname")
     @classmethod
@@ -233,6 +236,8 @@ class MetricsSettings(_Settings):
 class LogSettings(_Settings):
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["text", "json"] = "text"
+    # a file instead of stderr; SIGUSR1 reopens it (after logrotate moved it)
+    file: Path | None = None
 
 
 class DNSSettings(_Settings):

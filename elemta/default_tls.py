@@ -37,11 +37,26 @@ class StaticTLS:
         self._files: tuple[Path, Path] | None = None
         self._signature: _Signature = b""
         self._renew_at: datetime.datetime | None = None  # self-signed only
+        self._read_early = False
+
+    def read_configured(self) -> None:
+        """Build the context from ``[tls] cert_file``/``key_file`` now, while the key can be
+        read (as root, before the server drops privileges): ``tls_context`` answers it
+        without reading the files again until the next reload (:meth:`reloading`)."""
+        if self._configured() and self.context is None:
+            self.context = self._build()
+            self._read_early = True
+
+    def reloading(self) -> None:
+        """A reload (SIGHUP) begins: look at the files again."""
+        self._read_early = False
 
     @hookimpl(trylast=True)
     def tls_context(self, listener: ListenerSettings) -> ssl.SSLContext | None:
         if listener.tls == "none":
             return None
+        if self._read_early:
+            return self.context
         if self.context is not None and not self._changed():
             return self.context
         if self.context is None:

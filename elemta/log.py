@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import sys
 import time
+from pathlib import Path
 from typing import Any, Mapping, MutableMapping, TextIO
 
 from elemta.config import LogSettings
@@ -171,11 +173,15 @@ class JSONFormatter(logging.Formatter):
         return json.dumps(out, ensure_ascii=False, default=str)
 
 
-def setup_logging(settings: LogSettings, stream: TextIO | None = None) -> logging.Handler:
-    """Send all logging to ``stream`` (stderr) in ``settings.format`` at ``settings.level``.
+def setup_logging(settings: LogSettings, stream: TextIO | None = None, *,
+                  path: Path | None = None) -> logging.Handler:
+    """Send all logging to ``stream`` (stderr), or to the file ``path``, in
+    ``settings.format`` at ``settings.level``.
 
     Calling it again replaces the handler it installed before, so tests and a
-    config reload never double the output. Returns the installed handler.
+    config reload never double the output. Returns the installed handler. A log
+    file is created mode 0640 and appended to; :func:`reopen` opens it again
+    (SIGUSR1, after logrotate moved it away).
     """
     level = _LEVELS[settings.level]
     # Neither formatter prints the caller, thread or process: do not collect
@@ -184,7 +190,13 @@ def setup_logging(settings: LogSettings, stream: TextIO | None = None) -> loggin
     logging.logThreads = False
     logging.logProcesses = False
     logging.logMultiprocessing = False
-    handler = logging.StreamHandler(sys.stderr if stream is None else stream)
+    handler: logging.Handler
+    if path is not None:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
+        os.close(fd)  # created with the mode; FileHandler opens it by name
+        handler = logging.FileHandler(path, encoding="utf-8")
+    else:
+        handler = logging.StreamHandler(sys.stderr if stream is None else stream)
     handler.setFormatter(JSONFormatter() if settings.format == "json" else TextFormatter())
     handler.addFilter(RedactingFilter())
     handler._elemta = True  # type: ignore[attr-defined]
@@ -206,6 +218,20 @@ def setup_logging(settings: LogSettings, stream: TextIO | None = None) -> loggin
         if not any(isinstance(f, _AiosmtpdNoise) for f in logger.filters):
             logger.addFilter(_AiosmtpdNoise())
     return handler
+
+
+def reopen(handler: logging.Handler) -> None:
+    """Open a log file again under its name (a no-op for stderr): the next line goes to
+    the new file logrotate expects, and nothing is lost or written to the moved one."""
+    if isinstance(handler, logging.FileHandler):
+        handler.acquire()
+        try:
+            old, handler.stream = handler.stream, handler._open()
+            if old is not None:
+                old.close()
+        finally:
+            handler.release()
+        logging.getLogger("elemta").info("log file %s reopened", handler.baseFilename)
 
 
 def kv(logger: logging.Logger | logging.LoggerAdapter[Any], level: int, msg: str, /,

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Sequence
 import pluggy
 
 from . import hookspecs
+from .config_errors import suggest
 from .hookcall import HookCaller, HookFailure
 
 if TYPE_CHECKING:
@@ -66,7 +67,15 @@ def enabled_names(configured: Sequence[str]) -> list[str]:
     return list(configured)
 
 
-def _load(name: str, installed: dict[str, InstalledPlugin], source: str) -> object:
+def load_plugin(name: str, installed: dict[str, InstalledPlugin] | None = None,
+                source: str = "elemta.toml") -> object:
+    """The plugin object an entry of ``[plugins] enabled`` names: an installed plugin's
+    module or instance, or an importable module path.
+
+    Raises :class:`PluginLoadError` saying what is wrong with this one entry.
+    """
+    if installed is None:
+        installed = installed_plugins()
     if name in installed:
         target = installed[name].module
         modname, _, attr = target.partition(":")
@@ -90,13 +99,21 @@ def _load(name: str, installed: dict[str, InstalledPlugin], source: str) -> obje
         except ImportError as e:
             raise PluginLoadError(f"{source}: [plugins] enabled: cannot import module "
                                   f"{name!r}: {e}") from e
+    raise PluginLoadError(f"{source}: [plugins] enabled: {_not_installed(name, installed)}")
+
+
+def _not_installed(name: str, installed: dict[str, InstalledPlugin]) -> str:
+    """Why ``name`` is not there, and the fix: a misspelling of an installed plugin is
+    pointed at that plugin, never at a package name made from the misspelling."""
     known = ", ".join(sorted(installed)) or "none"
-    raise PluginLoadError(
-        f"{source}: [plugins] enabled: plugin {name!r} is not installed "
-        f"(installed: {known}). Install it with `pip install elemta-{name}` "
-        f"(or `pip install -e plugins/elemta-{name}` from a checkout), "
-        f"or remove it from the list."
-    )
+    close = suggest(name, list(installed))
+    if close:
+        return (f'plugin {name!r} is not installed; did you mean "{close[0]}"? '
+                f"(installed: {known})")
+    return (f"plugin {name!r} is not installed (installed: {known}). Install the package "
+            f"that provides it (Elemta's own plugins are elemta-<name>: "
+            f"`pip install elemta-{name}`, or `pip install -e plugins/elemta-{name}` from a "
+            "checkout), or remove it from the list.")
 
 
 def make_plugin_manager(enabled: Sequence[str], *, source: str = "elemta.toml",
@@ -115,7 +132,7 @@ def make_plugin_manager(enabled: Sequence[str], *, source: str = "elemta.toml",
     installed = installed_plugins()
     order: list[str] = []
     for name in enabled:
-        _register(pm, _load(name, installed, source), name)
+        _register(pm, load_plugin(name, installed, source), name)
         order.append(name)
     for name, obj in extra:
         _register(pm, obj, name)

@@ -38,15 +38,15 @@ def fail(message: str, code: int = 2) -> NoReturn:
     sys.exit(code)
 
 
-def config_problems(e: ConfigError) -> str:
-    return "configuration error:\n  " + "\n  ".join(e.problems)
+def config_problems(problems: list[str]) -> str:
+    return "configuration error:\n  " + "\n  ".join(problems)
 
 
 def load_or_exit(path: Path) -> Settings:
     try:
         return load_settings(path)
     except ConfigError as e:
-        fail(config_problems(e))
+        fail(config_problems(e.problems))
 
 
 def _set_config(ctx: click.Context, param: click.Parameter, value: Path | None) -> None:
@@ -92,7 +92,7 @@ def plugin_settings(name: str) -> Any:
     except PluginLoadError as e:
         fail(str(e))
     except ConfigError as e:
-        fail(config_problems(e))
+        fail(config_problems(e.problems))
     if name not in validated:
         fail(f"{settings.source}: plugin {name!r} is not enabled; add it to [plugins] enabled")
     return validated[name]

@@ -31,24 +31,40 @@ def main() -> None:
 @config_option
 def serve() -> None:
     """Run the server until SIGTERM/SIGINT (SIGHUP reloads TLS certificates)."""
+    from ..checks import check_config
     from ..log import setup_logging
 
-    settings = cli_state().settings
-    setup_logging(settings.log)
+    state = cli_state()
+    # the same checks as check-config, before anything (spool, database, certificate)
+    # is created; binding is tried for real below
+    report = check_config(state.config_path, probe_listeners=False)
+    if report.errors or report.settings is None:
+        fail(config_problems(report.errors))
+    settings = state._settings = report.settings
+    log_file = settings.resolve(settings.log.file) if settings.log.file else None
+    try:
+        handler = setup_logging(settings.log, path=log_file)
+    except OSError as e:
+        fail(f"{settings.source}: [log] file: cannot open {log_file}: {e.strerror}; create its "
+             "folder, writable by the user elemta runs as")
+    for warning in report.warnings:
+        log.warning("%s", warning)
     if settings.server.event_loop == "uvloop":
         try:
             import uvloop
         except ImportError:
             fail('[server] event_loop = "uvloop" but uvloop is not installed '
                  "(pip install uvloop, or set event_loop = \"asyncio\")")
-        uvloop.run(_serve(settings))
+        uvloop.run(_serve(settings, handler))
     else:
-        asyncio.run(_serve(settings))
+        asyncio.run(_serve(settings, handler))
 
 
-async def _serve(settings: Settings) -> None:
+async def _serve(settings: Settings, log_handler: logging.Handler) -> None:
     from .. import cli
     from ..app import App, StartupError
+    from ..log import reopen
+    from ..service import account_to_become, drop_privileges, notify, own_folders
 
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -56,12 +72,24 @@ async def _serve(settings: Settings) -> None:
     # (recovering a big spool, a plugin connecting) stops it cleanly.
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
+    loop.add_signal_handler(signal.SIGUSR1, reopen, log_handler)
     if cli.early_stop is not None:
         stop.set()
     try:
         app = App(settings)
     except (ConfigError, PluginLoadError) as e:
-        fail(str(e) if isinstance(e, PluginLoadError) else config_problems(e))
+        fail(str(e) if isinstance(e, PluginLoadError) else config_problems(e.problems))
+    account = account_to_become(settings)
+    if account is not None:
+        # what needs root, then never root again: nothing is opened or created before
+        try:
+            app.bind()
+            own_folders(settings, account, log_handler)
+            drop_privileges(account)
+        except StartupError as e:
+            fail(f"cannot start: {e}", 1)
+        except OSError as e:
+            fail(f"cannot start: cannot become user {account.name}: {e}", 1)
     starting = asyncio.create_task(app.start())
     stopping = asyncio.create_task(stop.wait())
     await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
@@ -78,12 +106,27 @@ async def _serve(settings: Settings) -> None:
         starting.result()
     except StartupError as e:
         fail(f"cannot start: {e}", 1)
-    loop.add_signal_handler(signal.SIGHUP, app.request_tls_reload)
+    reloads: set[asyncio.Task[None]] = set()
+
+    async def reload() -> None:
+        notify("RELOADING=1")
+        await app.reload_tls()
+        notify("READY=1")
+
+    def on_hup() -> None:
+        task = loop.create_task(reload())
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
+    loop.add_signal_handler(signal.SIGHUP, on_hup)
+    notify("READY=1\nSTATUS=accepting mail on " + ", ".join(
+        f"{lst.name} {lst.address}" for lst in settings.listeners))
     ready = os.environ.get("ELEMTA_READY_FILE")
     if ready:
         Path(ready).write_text(str(os.getpid()))
     await stop.wait()
     log.info("stopping (signal received)")
+    notify("STOPPING=1")
     await app.stop()
 
 
@@ -91,23 +134,26 @@ async def _serve(settings: Settings) -> None:
 @click.argument("path", type=click.Path(path_type=Path), required=False)
 @config_option
 def check_config(path: Path | None) -> None:
-    """Validate a configuration file (and the plugins it enables) without starting."""
-    from ..app import App
+    """Check a configuration file, the plugins it enables and this machine, without starting.
+
+    Every problem is listed at once; exit status 2 if there is an error, 0 otherwise
+    (warnings are printed, and do not fail the check).
+    """
+    from ..checks import check_config as check
 
     state = cli_state()
     if path is not None:
         state.config_path = path
-        state._settings = None
-    settings = state.settings
-    try:
-        App(settings)
-    except PluginLoadError as e:
-        fail(str(e))
-    except ConfigError as e:
-        fail(config_problems(e))
+    report = check(state.config_path)
+    for warning in report.warnings:
+        click.echo(f"elemta: warning: {warning}", err=True)
+    if report.errors or report.settings is None:
+        fail(config_problems(report.errors))
+    settings = report.settings
     click.echo(f"{state.config_path}: OK ({len(settings.listeners)} listeners, "
                f"{len(settings.domains)} local domains, "
-               f"{len(settings.plugins.enabled)} plugins enabled)")
+               f"{len(settings.plugins.enabled)} plugins enabled"
+               f"{f', {len(report.warnings)} warnings' if report.warnings else ''})")
 
 
 @main.command()
@@ -187,7 +233,17 @@ def command_line(args: list[str]) -> click.Group:
         # only a plugin's command (or --help, which lists them) needs the
         # plugins loaded; `serve` loads them itself, once
         _add_plugin_commands(args)
+    _accept_config(main)
     return main
+
+
+def _accept_config(command: click.Command) -> None:
+    """``--config`` after any command name, a plugin's too (``elemta users list --config
+    FILE``), as before it."""
+    if not any(p.name == "config" for p in command.params):
+        config_option(command)
+    for sub in getattr(command, "commands", {}).values():
+        _accept_config(sub)
 
 
 def run(argv: list[str] | None = None) -> Any:
