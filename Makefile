@@ -35,6 +35,8 @@ test-tools:
 	[ -x /usr/sbin/slapd ] || missing="$$missing slapd"; \
 	command -v ldapadd >/dev/null || missing="$$missing ldap-utils"; \
 	[ -x /usr/sbin/dovecot ] || missing="$$missing dovecot-core"; \
+	[ -x /usr/lib/dovecot/lmtp ] || missing="$$missing dovecot-lmtpd"; \
+	[ -x /usr/lib/dovecot/imap ] || missing="$$missing dovecot-imapd"; \
 	command -v opendkim-testmsg >/dev/null || missing="$$missing opendkim-tools"; \
 	command -v redis-server >/dev/null || missing="$$missing redis-server"; \
 	command -v pebble >/dev/null || [ -x /usr/bin/pebble ] || missing="$$missing pebble"; \

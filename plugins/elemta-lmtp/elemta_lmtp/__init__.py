@@ -39,8 +39,9 @@ class LMTPPlugin:
         target = settings.target
         if target.path is not None:
             target = LMTPAddress(path=str(app.settings.resolve(Path(target.path))))
-        self.transport = LMTPTransport(settings, target,
-                                       settings.lhlo_name or app.settings.server.hostname)
+        hostname = app.settings.server.hostname
+        self.transport = LMTPTransport(settings, target, settings.lhlo_name or hostname,
+                                       hostname)
 
     @hookimpl
     async def deliver(self, envelope: Envelope, route: Route, recipients: list[RecipientState],

@@ -23,7 +23,11 @@ class LMTPAddress:
 
     @property
     def remote(self) -> str:
-        """The server's name in outcomes and logs: ``lmtp:unix:/path`` or ``lmtp:host:port``."""
+        """The configured address as a name: ``lmtp:unix:/path`` or ``lmtp:host:port``.
+
+        Outcomes name a unix socket's server after this host instead
+        (:class:`~elemta_lmtp.transport.LMTPTransport`): a path is no name for a sender.
+        """
         return lmtp_remote(self.host or "", self.port, self.path)
 
 

@@ -9,6 +9,10 @@ session breaks, a temporary failure for every recipient not yet answered.
 
 Sessions are reused (the client sends RSET first only after a transaction that
 did not complete) and closed after :data:`IDLE_SECONDS` without a message.
+
+A unix socket's path names no mail server, and a bounce must not show it to a
+sender: an LMTP server on a socket is named after this host (``[server]
+hostname``) in outcomes, replies and logs.
 """
 
 from __future__ import annotations
@@ -29,12 +33,19 @@ IDLE_SECONDS = 5.0
 
 
 class LMTPTransport:
-    """Delivers messages to the LMTP server at ``target``; at most ``max_connections`` at once."""
+    """Delivers messages to the LMTP server at ``target``; at most ``max_connections`` at once.
 
-    def __init__(self, settings: LMTPSettings, target: LMTPAddress, lhlo: str) -> None:
+    ``host_name`` is this host's name: the name of an LMTP server on a unix socket.
+    """
+
+    def __init__(self, settings: LMTPSettings, target: LMTPAddress, lhlo: str,
+                 host_name: str) -> None:
         self.settings = settings
         self.target = target
-        self.remote = target.remote
+        #: The LMTP server's name in outcomes: a DSN's ``Remote-MTA``.
+        self.remote = target.remote if target.path is None else host_name
+        #: The LMTP server's name in reply texts and logs.
+        self.label = target.remote if target.path is None else f"the LMTP server on {host_name}"
         self.lhlo = lhlo
         self.timeouts = Timeouts.scaled(settings.connect_timeout_seconds,
                                         settings.command_timeout_seconds)
@@ -58,9 +69,9 @@ class LMTPTransport:
         outcomes = []
         for r in result.results:
             outcome = Outcome(r.recipient, r.code, r.enhanced or default_enhanced(r.code),
-                              r.text, self.remote)
+                              self._public(r.text), self.remote)
             # the runner logs every outcome at info already
-            log.debug("%s: <%s> %s: %s (%s)", envelope.id, r.recipient, self.remote,
+            log.debug("%s: <%s> %s: %s (%s)", envelope.id, r.recipient, self.label,
                      outcome.reply(), _STAGES.get(r.stage, r.stage))
             outcomes.append(outcome)
         return outcomes
@@ -95,16 +106,22 @@ class LMTPTransport:
         recipients', so it defers too (Postfix's ``smtp_skip_5xx_greeting``).
         """
         if error.temporary:
-            code, enhanced, text = error.code, error.enhanced or "4.4.2", error.text
+            code, enhanced, text = error.code, error.enhanced or "4.4.2", self._public(error.text)
         else:
             code, enhanced = 451, "4.3.0"
-            text = f"{self.remote} refused the LMTP session: {error}"
+            text = f"{self.label} refused the LMTP session: {self._public(str(error))}"
         outcomes = []
         for address in addresses:
-            log.info("%s: <%s> %s: %d %s %s (%s)", envelope.id, address, self.remote, code,
+            log.info("%s: <%s> %s: %d %s %s (%s)", envelope.id, address, self.label, code,
                      enhanced, text, _STAGES.get(error.stage, error.stage))
             outcomes.append(Outcome(address, code, enhanced, text, self.remote))
         return outcomes
+
+    def _public(self, text: str) -> str:
+        """``text`` (the client's own wording names the server) without a socket path."""
+        if self.target.path is None:
+            return text
+        return text.replace(self.target.remote, self.label)
 
     # ------------------------------------------------------------- the session pool
 

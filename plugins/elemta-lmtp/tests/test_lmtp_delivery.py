@@ -7,6 +7,8 @@ Mail is sent with aiosmtplib to the MX listener; bounces go through
 from __future__ import annotations
 
 import asyncio
+import email
+import email.policy
 import json
 from pathlib import Path
 
@@ -119,8 +121,9 @@ async def test_lmtp_delivery_over_a_unix_socket_is_byte_exact(elemta_server, soc
     assert got.content.endswith(b"\r\n" + content) and got.content.startswith(b"Received: ")
     assert "BODY=8BITMIME" in got.mail_options
     assert lmtp.lhlo == ["mx.example.test"]  # [server] hostname
+    # a socket path names no mail server: the LMTP server is named after this host
     assert watch.outcomes == [("delivered", "bob@example.test", 250,
-                               "<bob@example.test> Saved", f"lmtp:unix:{socket_path}")]
+                               "<bob@example.test> Saved", "mx.example.test")]
 
 
 @pytest.mark.parametrize("offered", [True, False])
@@ -200,6 +203,24 @@ async def test_lmtp_a_recipient_refused_at_rcpt_bounces_with_that_reply(elemta_s
     assert parse_dsn(bounce.content)[0]["Final-Recipient"] == "rfc822; ghost@example.test"
 
 
+async def test_lmtp_a_bounce_names_this_host_not_the_socket(elemta_server, socket_path):
+    """A socket path is no mail server's name: Remote-MTA is ``[server] hostname``."""
+    socket_path.parent.mkdir(parents=True)
+    async with LMTPSink(path=str(socket_path)) as lmtp, Sink() as origin:
+        lmtp.data_replies["gone@example.test"] = "550 5.1.1 <gone@example.test> User unknown"
+        server = await elemta_server(lmtp_config(f"unix:{socket_path}", bounces=origin),
+                                     enabled=["lmtp"])
+        queue_id = await submit(server, ["gone@example.test"])
+        [bounce] = await origin.wait_for(1)
+        await wait_gone(server, queue_id)
+    [fields] = parse_dsn(bounce.content)
+    assert fields["Remote-MTA"] == "dns; mx.example.test"
+    text = email.message_from_bytes(bounce.content, policy=email.policy.default)
+    shown = "".join(p.get_content() for p in text.walk() if p.get_content_maintype() == "text")
+    assert "reply from mx.example.test:" in shown
+    assert str(socket_path) not in shown and "lmtp:unix" not in shown
+
+
 # ------------------------------------------------------------------ server down, reuse
 
 
@@ -211,7 +232,9 @@ async def test_lmtp_server_down_defers_then_delivers_once_it_is_up(elemta_server
     env = await wait_deferred(server, queue_id)
     for rcpt in env["recipients"]:
         assert rcpt["state"] == "pending"
-        assert rcpt["last_error"].startswith(f"451 4.4.1 connect to lmtp:unix:{socket_path}: ")
+        assert rcpt["last_error"].startswith(
+            "451 4.4.1 connect to the LMTP server on mx.example.test: ")
+        assert str(socket_path) not in rcpt["last_error"]
     async with lmtp:
         await lmtp.wait_for(2)
         await wait_gone(server, queue_id)

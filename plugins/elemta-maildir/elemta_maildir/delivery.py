@@ -11,14 +11,15 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
 from elemta import Envelope, Outcome, RecipientState
 
 from . import store
-from .layout import Layout, Mailbox, UnsafeAddress, folder_name
-from .settings import MaildirSettings
+from .layout import Layout, Mailbox, UnsafeAddress, folder_dir, folder_of
+from .settings import MaildirSettings, resolve_owner
 
 log = logging.getLogger("elemta.maildir")
 
@@ -33,8 +34,13 @@ class Maildirs:
         self.settings = settings
         self.hostname = hostname
         self.layout = Layout(settings.path, resolve, settings.recipient_delimiter, hostname)
-        self.usage = store.UsageCache()
+        self.owner = resolve_owner(settings.owner) if settings.owner else None
         self.dir_syncer = store.DirSyncer()
+        # one folder creation at a time: two details differing only by case
+        # (bob+Work, bob+work) must not make two folders
+        self._creating = threading.Lock()
+        # one maildirsize recalculation at a time: two would scan the same mailbox
+        self._recalculating = threading.Lock()
         # address → mailbox, and the Maildirs seen complete: both are pure
         # functions of the name or change only when an operator removes a
         # mailbox (a failed write forgets it, and the next attempt checks again)
@@ -115,7 +121,8 @@ class Maildirs:
             if not store.is_maildir(box.root):
                 if not settings.create_mailboxes:
                     raise store.MailboxMissing(box.root)
-                store.make_maildir(box.root, settings.dir_mode, settings.fsync)
+                store.make_maildir(box.root, settings.dir_mode, settings.fsync,
+                                   owner=self.owner, file_mode=settings.file_mode)
             self._known.add(box.root)
         folder = self._folder(box)
         head = store.trace_headers(envelope.sender, address, recipient.original)
@@ -138,44 +145,49 @@ class Maildirs:
             return refusal
         path = store.write_message(content_path, folder, name, head, size,
                                    file_mode=settings.file_mode, fsync=settings.fsync,
-                                   dir_syncer=self.dir_syncer)
+                                   dir_syncer=self.dir_syncer, owner=self.owner)
         try:
-            if not store.append_maildirsize(box.root, size):
-                self.usage.added(box.root, size)
+            store.append_maildirsize(box.root, size)
         except OSError as e:  # delivered all the same; Dovecot recalculates the file
-            log.warning("%s: cannot update %s: %s", envelope.id, box.root / store.MAILDIRSIZE,
-                        e.strerror or e)
+            log.warning("%s: cannot update the maildirsize of <%s>: %s", envelope.id,
+                        box.address, e.strerror or e)
         # the runner logs the outcome at info; the file is for debugging
         log.debug("%s: delivered to <%s> in %s", envelope.id, address, path)
-        where = f" folder {folder.name}" if folder != box.root else ""
+        where = f" folder {folder_of(folder.name)}" if folder != box.root else ""
         return Outcome(address, 250, "2.0.0", f"delivered to the mailbox of "
                        f"<{box.address}>{where}", "maildir")
 
     def _folder(self, box: Mailbox) -> Path:
-        """The INBOX, or the Maildir++ folder ``.detail`` as ``detail_folder`` says."""
+        """The INBOX, or the Maildir++ folder the detail names, as ``detail_folder`` says.
+
+        The folder spelled exactly as the detail if it exists, else one that
+        differs from it only by case, else (``"create"``) a new one.
+        """
         mode = self.settings.detail_folder
         if box.detail is None or mode == "off":
             return box.root
-        name = folder_name(box.detail)
-        if name is None:
+        directory = folder_dir(box.detail)
+        if directory is None:
             return box.root
-        folder = box.root / name
-        if store.is_maildir(folder):
-            return folder
-        if mode == "create":
-            store.make_maildir(folder, self.settings.dir_mode, self.settings.fsync, folder=True)
-            return folder
-        return box.root
+        exact = box.root / directory
+        if store.is_maildir(exact):
+            return exact
+        if mode == "existing":
+            return store.find_folder(box.root, directory) or box.root
+        with self._creating:
+            found = store.find_folder(box.root, directory)
+            if found is None:
+                store.make_maildir(exact, self.settings.dir_mode, self.settings.fsync,
+                                   folder=True, owner=self.owner,
+                                   file_mode=self.settings.file_mode)
+                found = exact
+        return found
 
     def _check_quota(self, envelope: Envelope, box: Mailbox, address: str,
                      size: int) -> Outcome | None:
-        quota = store.read_maildirsize(box.root)
+        quota = self._quota(envelope, box)
         if quota is None:
-            limit = self.settings.quotas.get(box.address, self.settings.quota_bytes)
-            if not limit:
-                return None
-            used, count = self.usage.usage(box.root)
-            quota = store.Quota(limit, 0, used, count, "config")
+            return None
         if quota.limit_bytes and size > quota.limit_bytes:
             return self._failed(envelope, address, 552, "5.2.2",
                                 f"message of {size} bytes is larger than the mailbox quota of "
@@ -189,6 +201,43 @@ class Maildirs:
                                 f"mailbox of <{box.address}> is full ({quota.used_count} of "
                                 f"{quota.limit_count} messages)")
         return None
+
+    def _quota(self, envelope: Envelope, box: Mailbox) -> store.Quota | None:
+        """The mailbox's limits and usage by the Maildir++ rules; ``None`` when it has no limit.
+
+        ``maildirsize`` gives both while it is current. Otherwise its limits
+        (or, without the file, the configured quota) hold, the usage comes
+        from a scan, and ``maildirsize`` is written anew, as Dovecot and
+        Courier do.
+        """
+        sizes = store.read_maildirsize(box.root)
+        if sizes is not None and sizes.current:
+            return sizes.quota
+        if not any(self._limits(box, sizes)):
+            return None
+        with self._recalculating:
+            sizes = store.read_maildirsize(box.root)  # recalculated while this thread waited?
+            if sizes is not None and sizes.current:
+                return sizes.quota
+            limit_bytes, limit_count = self._limits(box, sizes)
+            if not (limit_bytes or limit_count):
+                return None
+            usage = store.scan_usage(box.root)
+            quota = store.Quota(limit_bytes, limit_count, usage.used_bytes, usage.used_count)
+            try:
+                store.replace_maildirsize(box.root, quota, usage, owner=self.owner,
+                                          file_mode=self.settings.file_mode,
+                                          fsync=self.settings.fsync)
+            except OSError as e:  # the scan stands; the next delivery tries again
+                log.warning("%s: cannot write the maildirsize of <%s>: %s", envelope.id,
+                            box.address, e.strerror or e)
+        return quota
+
+    def _limits(self, box: Mailbox, sizes: store.SizeFile | None) -> tuple[int, int]:
+        """Bytes and messages: ``maildirsize``'s limits if it has them, else the configured quota."""
+        if sizes is not None:
+            return sizes.quota.limit_bytes, sizes.quota.limit_count
+        return self.settings.quotas.get(box.address, self.settings.quota_bytes), 0
 
     def _failed(self, envelope: Envelope, address: str, code: int, enhanced: str,
                 text: str) -> Outcome:

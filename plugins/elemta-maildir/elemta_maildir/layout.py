@@ -13,6 +13,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import imap_utf7
+
 
 class UnsafeAddress(ValueError):
     """The address cannot name a mailbox safely (``str()`` says why)."""
@@ -24,7 +26,8 @@ class Mailbox:
 
     ``address`` is ``user@domain`` (lower case, no ``+detail``): the key of
     ``quotas`` and the value of ``{address}``. ``root`` is the Maildir (INBOX);
-    ``detail`` is the sub-address, if any, that may name a Maildir++ folder.
+    ``detail`` is the sub-address, if any, as the sender wrote it (case kept):
+    it may name a Maildir++ folder.
     """
 
     address: str
@@ -54,11 +57,11 @@ class Layout:
         local, at, domain = address.rpartition("@")
         if not at:
             local, domain = address, ""
-        local = local.lower()
         domain = domain.lower().rstrip(".") or self.default_domain
         _check_name(local, "local part", address)
         _check_name(domain, "domain", address)
         user, detail = split_detail(local, self.delimiter)
+        user = user.lower()
         canonical = f"{user}@{domain}"
         root = self._absolute(self.template.format(domain=domain, user=user, address=canonical))
         inside = root == self.base if not self.has_fields else (
@@ -82,12 +85,43 @@ def split_detail(local: str, delimiter: str) -> tuple[str, str | None]:
     return local[:cut], local[cut + 1:] or None
 
 
-def folder_name(detail: str) -> str | None:
-    """The Maildir++ folder (``.lists``) for a detail, or ``None`` if it cannot be one."""
-    if (not detail or detail.startswith(".") or detail.endswith(".") or ".." in detail
-            or any(c in detail for c in "/\0") or not detail.isprintable()):
+def folder_dir(detail: str) -> str | None:
+    """The Maildir++ directory of the IMAP folder a detail names; ``None`` for the INBOX.
+
+    The name is written in modified UTF-7 (``café`` → ``.caf&AOk-``, ``r&d`` →
+    ``.r&-d``), as Dovecot writes it. A ``.`` is Maildir++'s hierarchy
+    separator: ``lists.python`` is the folder ``python`` inside ``lists``. A
+    detail with an empty level (``.x``, ``x.``, ``a..b``), a ``/`` or a
+    character that is not printable names no folder. ``INBOX`` (any case) is
+    the INBOX, and ``inbox.x`` the folder ``INBOX.x``, as in IMAP.
+    """
+    levels = detail.split(".")
+    if not all(levels) or "/" in detail or not detail.isprintable():
         return None
-    return "." + detail
+    if levels[0].casefold() == "inbox":
+        if len(levels) == 1:
+            return None
+        levels[0] = "INBOX"
+    return "." + imap_utf7.encode(".".join(levels))
+
+
+def folder_of(entry: str) -> str | None:
+    """The IMAP name of the Maildir++ folder in directory ``entry``; ``None`` if it is none.
+
+    Exactly the folders Dovecot can open: ``.`` + the modified UTF-7 of the
+    name. ``.café`` (not modified UTF-7), ``.INBOX``, ``.inbox.x`` (Dovecot
+    opens ``INBOX.x`` as ``.INBOX.x``) and ``..DOVECOT-TRASHED`` are none.
+    """
+    if len(entry) < 2 or entry[0] != "." or entry[1] == ".":
+        return None
+    try:
+        name = imap_utf7.decode(entry[1:])
+    except ValueError:
+        return None
+    first = name.split(".", 1)[0]
+    if first.casefold() == "inbox" and (first != "INBOX" or name == "INBOX"):
+        return None
+    return name
 
 
 def _check_name(part: str, what: str, address: str) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import grp
+import pwd
 import string
 from typing import Literal
 
@@ -31,6 +33,9 @@ class MaildirSettings(BaseModel):
     # create Maildir, cur/, new/ and tmp/ on first delivery (like Dovecot's LDA); off by
     # default: with no recipient check at RCPT, every local part would get a mailbox
     create_mailboxes: bool = False
+    # "user" or "user:group" (names or numbers) given every file and directory this
+    # plugin creates; None leaves them to the delivering process
+    owner: str | None = None
     file_mode: int = Field(0o600, ge=0, le=0o7777)
     dir_mode: int = Field(0o700, ge=0, le=0o7777)
     # fsync every message and new/ before answering 250; off loses mail on power failure
@@ -53,6 +58,13 @@ class MaildirSettings(BaseModel):
                                  + ", ".join("{" + p + "}" for p in PLACEHOLDERS))
         return v
 
+    @field_validator("owner")
+    @classmethod
+    def _owner(cls, v: str | None) -> str | None:
+        if v is not None:
+            resolve_owner(v)
+        return v
+
     @field_validator("quotas")
     @classmethod
     def _quotas(cls, v: dict[str, int]) -> dict[str, int]:
@@ -66,3 +78,27 @@ class MaildirSettings(BaseModel):
                                  "bytes, 0 for unlimited")
             out[address.lower()] = limit
         return out
+
+
+def resolve_owner(owner: str) -> tuple[int, int]:
+    """The uid and gid of ``"vmail"``, ``"vmail:mail"`` or ``"5000:5000"``.
+
+    Without a group, the user's primary group. ``ValueError`` names what is missing.
+    """
+    user, sep, group = owner.partition(":")
+    try:
+        entry = pwd.getpwuid(int(user)) if user.isdigit() else pwd.getpwnam(user)
+    except KeyError:
+        if not user.isdigit():
+            raise ValueError(f"owner {owner!r}: there is no user {user!r}") from None
+        entry = None
+    uid = int(user) if entry is None else entry.pw_uid
+    if not sep:
+        if entry is None:
+            raise ValueError(f"owner {owner!r}: uid {uid} has no user entry to take the "
+                             f'group from; write "{uid}:GID"')
+        return uid, entry.pw_gid
+    try:
+        return uid, int(group) if group.isdigit() else grp.getgrnam(group).gr_gid
+    except KeyError:
+        raise ValueError(f"owner {owner!r}: there is no group {group!r}") from None

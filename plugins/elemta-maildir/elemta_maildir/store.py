@@ -1,7 +1,9 @@
-"""Maildir files: names, creation, the tmp/ → new/ write, quota usage (blocking I/O).
+"""Maildir files: names, creation, the tmp/ → new/ write, Maildir++ quota (blocking I/O).
 
 Everything here blocks; the plugin calls it from a worker thread. Nothing
 reads a message into memory: the kernel copies the content (``sendfile``).
+Every file and directory created here gets ``owner`` (a uid and gid), when
+one is given.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import errno
 import hashlib
 import os
 import re
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -17,14 +20,23 @@ from pathlib import Path
 
 from elemta import fsync_dir, write_all
 
+from .layout import folder_of
+
 SUBDIRS = ("cur", "new", "tmp")
 MAILDIRSIZE = "maildirsize"
 CHUNK = 1 << 20
-USAGE_CACHE_SECONDS = 10.0
+#: Maildir++: a ``maildirsize`` this large is recalculated...
+MAILDIRSIZE_MAX_BYTES = 5120
+#: ...and so is one over quota, when it is this old or has more than one total line.
+MAILDIRSIZE_STALE_SECONDS = 15 * 60
+
+#: A uid and a gid, or ``None`` to leave ownership to the process.
+Owner = tuple[int, int] | None
 
 _SAFE_ID = re.compile(r"[A-Za-z0-9_-]{1,64}\Z")
-_SIZE_FIELD = re.compile(r",S=(\d+)")
-_QUOTA_PART = re.compile(r"(-?\d+)([SC])\Z")
+_LIMIT = re.compile(r"(\d+)([SC])\Z")
+_TOTALS = re.compile(r"\s*([+-]?\d+)\s+([+-]?\d+)")
+_DIGITS = re.compile(r"\d*")
 
 
 class MailboxMissing(Exception):
@@ -72,11 +84,13 @@ def is_maildir(path: Path) -> bool:
     return all(os.path.isdir(path / d) for d in SUBDIRS)
 
 
-def make_maildir(path: Path, dir_mode: int, fsync: bool, folder: bool = False) -> None:
+def make_maildir(path: Path, dir_mode: int, fsync: bool, folder: bool = False,
+                 owner: Owner = None, file_mode: int = 0o600) -> None:
     """Create ``path`` (and missing parents) with ``cur/``, ``new/`` and ``tmp/``.
 
     ``folder`` marks a Maildir++ sub-folder with the ``maildirfolder`` file, as
-    Dovecot and Courier do. Directories get exactly ``dir_mode`` (no umask).
+    Dovecot and Courier do. Directories get exactly ``dir_mode`` (no umask),
+    the marker ``file_mode``; both get ``owner``.
     """
     created: list[Path] = []
     missing: list[Path] = []
@@ -87,21 +101,26 @@ def make_maildir(path: Path, dir_mode: int, fsync: bool, folder: bool = False) -
             break
         p = p.parent
     for d in reversed(missing):
-        if _mkdir(d, dir_mode):
+        if _mkdir(d, dir_mode, owner):
             created.append(d)
     for sub in SUBDIRS:
-        if _mkdir(path / sub, dir_mode):
+        if _mkdir(path / sub, dir_mode, owner):
             created.append(path / sub)
     if folder:
         marker = path / "maildirfolder"
         if not marker.exists():
-            os.close(os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600))
+            fd = os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW,
+                         file_mode)
+            try:
+                _own(fd, file_mode, owner)
+            finally:
+                os.close(fd)
     if fsync:
         for parent in dict.fromkeys(d.parent for d in created):
             fsync_dir(parent)
 
 
-def _mkdir(path: Path, mode: int) -> bool:
+def _mkdir(path: Path, mode: int, owner: Owner) -> bool:
     try:
         os.mkdir(path, mode)
     except FileExistsError:
@@ -109,8 +128,34 @@ def _mkdir(path: Path, mode: int) -> bool:
             raise NotADirectoryError(errno.ENOTDIR, "exists but is not a directory; move it "
                                      "away", str(path)) from None
         return False
+    if owner is not None:
+        os.chown(path, *owner, follow_symlinks=False)
     os.chmod(path, mode)
     return True
+
+
+def _own(fd: int, mode: int, owner: Owner) -> None:
+    """Give a file this plugin created its owner, then exactly ``mode``."""
+    if owner is not None:
+        os.fchown(fd, *owner)
+    os.fchmod(fd, mode)
+
+
+def find_folder(root: Path, directory: str) -> Path | None:
+    """The existing folder of ``root`` named as ``directory``'s folder but for case.
+
+    Names are compared as IMAP names, with Unicode case folding; of several
+    such folders, the first by name. ``None`` when there is none.
+    """
+    wanted = folder_of(directory)
+    if wanted is None:
+        return None
+    wanted = wanted.casefold()
+    with os.scandir(root) as it:
+        names = sorted(e.name for e in it
+                       if (name := folder_of(e.name)) is not None
+                       and name.casefold() == wanted)
+    return next((root / n for n in names if is_maildir(root / n)), None)
 
 
 class DirSyncer:
@@ -205,7 +250,8 @@ def find_delivered(folders: list[Path], name: str, scan_cur: bool) -> Path | Non
 
 
 def write_message(content_path: str, folder: Path, name: str, head: bytes, size: int, *,
-                  file_mode: int, fsync: bool, dir_syncer: DirSyncer | None = None) -> Path:
+                  file_mode: int, fsync: bool, dir_syncer: DirSyncer | None = None,
+                  owner: Owner = None) -> Path:
     """Write ``head`` + the spooled content to ``tmp/name``, then move it to ``new/name``.
 
     The file is created exclusively (a stale one of the same name, left by a
@@ -221,7 +267,7 @@ def write_message(content_path: str, folder: Path, name: str, head: bytes, size:
         fd = os.open(tmp, flags, file_mode)
     try:
         try:
-            os.fchmod(fd, file_mode)
+            _own(fd, file_mode, owner)
             write_all(fd, head)
             written = len(head)
             src = os.open(content_path, os.O_RDONLY | os.O_CLOEXEC)
@@ -265,45 +311,76 @@ def _copy_all(src: int, dst: int) -> int:
 
 @dataclass(frozen=True, slots=True)
 class Quota:
-    """A mailbox's limit (0 = none) and what it holds now."""
+    """A mailbox's limits (0: none) and what it holds now."""
 
     limit_bytes: int
     limit_count: int
     used_bytes: int
     used_count: int
-    source: str  # "maildirsize" or "config"
+
+    @property
+    def over(self) -> bool:
+        return (0 < self.limit_bytes < self.used_bytes) or (0 < self.limit_count < self.used_count)
 
 
-def read_maildirsize(root: Path) -> Quota | None:
-    """Dovecot's ``maildirsize``: ``<bytes>S,<count>C`` then ``<bytes> <count>`` lines.
+@dataclass(frozen=True, slots=True)
+class SizeFile:
+    """What a ``maildirsize`` file says, and whether its totals are to be trusted.
 
-    ``None`` when the file does not exist or its first line is not a quota
-    definition (the configured quota applies then).
+    ``current`` is false when the Maildir++ rules (and Dovecot) recalculate
+    the totals: the file is 5120 bytes or more, a totals line is malformed,
+    a total is negative, or the mailbox is over quota and the file is older
+    than 15 minutes or has more than one totals line.
+    """
+
+    quota: Quota
+    current: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    """A scan's bytes and messages, and when each ``new/`` and ``cur/`` it read last changed."""
+
+    used_bytes: int
+    used_count: int
+    stamps: tuple[tuple[str, int | None], ...]
+
+
+def read_maildirsize(root: Path) -> SizeFile | None:
+    """``root/maildirsize``: a ``<bytes>S,<count>C`` line, then ``<bytes> <count>`` lines.
+
+    ``None`` when there is no such file, or not even one complete line. A
+    last line without its newline is being written and does not count.
     """
     try:
         with open(root / MAILDIRSIZE, "rb") as f:
-            raw = f.read(1 << 20).decode("ascii", "replace")
+            raw = f.read(MAILDIRSIZE_MAX_BYTES)
+            mtime = os.fstat(f.fileno()).st_mtime
     except FileNotFoundError:
         return None
-    lines = raw.split("\n")
+    complete = raw.rpartition(b"\n")[0]
+    if not complete:
+        return None
+    lines = complete.decode("ascii", "replace").split("\n")
+    limit_bytes, limit_count = _limits(lines[0])
+    totals = [_TOTALS.match(line) for line in lines[1:]]
+    used_bytes = sum(int(m.group(1)) for m in totals if m is not None)
+    used_count = sum(int(m.group(2)) for m in totals if m is not None)
+    quota = Quota(limit_bytes, limit_count, max(used_bytes, 0), max(used_count, 0))
+    stale = quota.over and (len(totals) > 1 or mtime < time.time() - MAILDIRSIZE_STALE_SECONDS)
+    current = (len(raw) < MAILDIRSIZE_MAX_BYTES and None not in totals and used_bytes >= 0
+               and used_count >= 0 and not stale)
+    return SizeFile(quota, current)
+
+
+def _limits(line: str) -> tuple[int, int]:
+    """``(bytes, count)`` of a ``<bytes>S,<count>C`` line; a part that is neither is ignored."""
     limits = {"S": 0, "C": 0}
-    for part in lines[0].strip().split(","):
-        m = _QUOTA_PART.match(part.strip())
-        if m is None:
-            return None
-        limits[m.group(2)] = max(int(m.group(1)), 0)
-    used_bytes = used_count = 0
-    for line in lines[1:]:
-        fields = line.split()
-        if len(fields) != 2:
-            continue  # a partial line from a crashed writer
-        try:
-            used_bytes += int(fields[0])
-            used_count += int(fields[1])
-        except ValueError:
-            continue
-    return Quota(limits["S"], limits["C"], max(used_bytes, 0), max(used_count, 0),
-                 MAILDIRSIZE)
+    for part in line.split(","):
+        m = _LIMIT.match(part)
+        if m is not None:
+            limits[m.group(2)] = int(m.group(1))
+    return limits["S"], limits["C"]
 
 
 def append_maildirsize(root: Path, size: int) -> bool:
@@ -319,63 +396,92 @@ def append_maildirsize(root: Path, size: int) -> bool:
     return True
 
 
-def scan_usage(root: Path) -> tuple[int, int]:
-    """Bytes and messages in ``new/`` and ``cur/`` of the INBOX and every Maildir++ folder.
+def scan_usage(root: Path) -> Usage:
+    """Bytes and messages in ``new/`` and ``cur/`` of the INBOX and its folders, as Dovecot counts.
 
-    Sizes come from the ``,S=`` field of each name; a name without one is stat'ed.
+    The folders are the directories Dovecot can open (:func:`folder_of`); a
+    directory whose name is not modified UTF-7 is not counted. In ``new/`` and
+    ``cur/`` every entry counts but those whose name starts with ``..``. Its
+    size is the number after the first ``,S=`` when a ``:``, a ``,`` or the
+    end of the name follows it, else the size ``stat`` gives.
     """
+    stamps: list[tuple[str, int | None]] = []
     folders = [root]
     with os.scandir(root) as it:
-        folders += [Path(e.path) for e in it
-                    if e.name.startswith(".") and e.name not in (".", "..") and e.is_dir()]
+        folders += sorted(Path(e.path) for e in it
+                          if folder_of(e.name) is not None and e.is_dir())
     total = count = 0
     for folder in folders:
         for sub in ("new", "cur"):
+            path = folder / sub
+            stamps.append((str(path), _mtime_ns(path)))
             try:
-                it = os.scandir(folder / sub)
-            except FileNotFoundError:
+                it = os.scandir(path)
+            except (FileNotFoundError, NotADirectoryError):
                 continue
             with it:
                 for entry in it:
-                    m = _SIZE_FIELD.search(entry.name)
-                    if m is not None:
-                        total += int(m.group(1))
-                    else:
+                    if entry.name.startswith(".."):
+                        continue
+                    size = _named_size(entry.name)
+                    if size is None:
                         try:
-                            total += entry.stat().st_size
+                            size = entry.stat().st_size
                         except FileNotFoundError:
                             continue  # expunged meanwhile
+                    total += size
                     count += 1
-    return total, count
+    return Usage(total, count, tuple(stamps))
 
 
-class UsageCache:
-    """Scanned usage per mailbox for a few seconds, plus what this server added since.
+def _named_size(name: str) -> int | None:
+    """The size in a maildir name (``…,S=<size>`` then ``:``, ``,`` or the end), if any."""
+    at = name.find(",S=")
+    if at < 0:
+        return None
+    digits = _DIGITS.match(name, at + 3).group()
+    end = at + 3 + len(digits)
+    if end < len(name) and name[end] not in ":,":
+        return None
+    return int(digits or 0)
 
-    A quota is checked before writing, so concurrent deliveries to one mailbox
-    may overshoot it by a message, as with Dovecot.
+
+def replace_maildirsize(root: Path, quota: Quota, usage: Usage, *, file_mode: int,
+                        owner: Owner, fsync: bool) -> bool:
+    """Write ``maildirsize`` anew with ``quota``'s limits and ``usage``'s totals.
+
+    As Dovecot does: a temporary file renamed over the old one, given up
+    (False) when a ``new/`` or ``cur/`` the scan read changed meanwhile, since
+    the totals may then miss a message.
     """
+    head = f"{quota.limit_bytes}S" if quota.limit_bytes or not quota.limit_count else ""
+    if quota.limit_count:
+        head += ("," if head else "") + f"{quota.limit_count}C"
+    fd, tmp = tempfile.mkstemp(prefix=MAILDIRSIZE + ".", dir=root)
+    try:
+        try:
+            _own(fd, file_mode, owner)
+            write_all(fd, f"{head}\n{usage.used_bytes} {usage.used_count}\n".encode())
+            if fsync:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+        if any(_mtime_ns(path) != stamp for path, stamp in usage.stamps):
+            os.unlink(tmp)
+            return False
+        os.rename(tmp, root / MAILDIRSIZE)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    return True
 
-    def __init__(self, ttl: float = USAGE_CACHE_SECONDS) -> None:
-        self.ttl = ttl
-        self._lock = threading.Lock()
-        self._entries: dict[Path, tuple[float, int, int]] = {}
 
-    def usage(self, root: Path) -> tuple[int, int]:
-        now = time.monotonic()
-        with self._lock:
-            entry = self._entries.get(root)
-            if entry is not None and entry[0] > now:
-                return entry[1], entry[2]
-        used, count = scan_usage(root)
-        with self._lock:
-            self._entries[root] = (now + self.ttl, used, count)
-            if len(self._entries) > 10_000:
-                self._entries = {k: v for k, v in self._entries.items() if v[0] > now}
-        return used, count
-
-    def added(self, root: Path, size: int) -> None:
-        with self._lock:
-            entry = self._entries.get(root)
-            if entry is not None:
-                self._entries[root] = (entry[0], entry[1] + size, entry[2] + 1)
+def _mtime_ns(path: str | Path) -> int | None:
+    """When ``path`` last changed; ``None`` while it does not exist."""
+    try:
+        return os.stat(path).st_mtime_ns
+    except (FileNotFoundError, NotADirectoryError):
+        return None

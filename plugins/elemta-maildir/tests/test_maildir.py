@@ -202,6 +202,21 @@ async def test_detail_goes_to_a_maildir_plus_plus_folder(elemta_server, mode):
                             b"Delivered-To: bob+news@example.test"}
 
 
+@pytest.mark.parametrize("mode", ["existing", "create"])
+async def test_a_detail_finds_its_folder_whatever_the_case(elemta_server, mode):
+    server = await start(elemta_server, detail_folder=mode)
+    box = maildir(server, "bob")
+    for sub in ("cur", "new", "tmp"):
+        (box / ".Work" / sub).mkdir(parents=True)
+    # one message each: a transaction keeps one of two addresses differing only by case
+    for detail in ("Work", "work", "WORK"):
+        queue_id = await submit(server, "alice@example.test", [f"bob+{detail}@example.test"],
+                                on_the_wire(message(detail)))
+        await wait_gone(server, queue_id)
+    assert len(files(box / ".Work")) == 3 and files(box) == []
+    assert sorted(p.name for p in box.iterdir() if p.name.startswith(".")) == [".Work"]
+
+
 # ------------------------------------------------------------------ quota
 
 
@@ -232,6 +247,8 @@ async def test_a_full_mailbox_defers_and_the_message_stays_queued(elemta_server)
     assert rcpt["state"] == "pending" and rcpt["last_error"].startswith("452 4.2.2")
     assert files(box) == [] and files(box, "tmp") == []
     assert files(maildir(server, "alice")) == []  # no bounce for a temporary failure
+    # Maildir++: the configured quota and the scanned usage, for Dovecot to go on with
+    assert (box / "maildirsize").read_text() == "5000S\n4800 1\n"
 
 
 async def test_maildirsize_sets_the_limit_and_is_updated(elemta_server):
@@ -254,6 +271,21 @@ async def test_maildirsize_sets_the_limit_and_is_updated(elemta_server):
     assert (maildir(server, "carol") / "maildirsize").read_text() == (
         f"1000000S,100C\n5000 2\n-1000 -1\n{path.stat().st_size} 1\n")
     assert (maildir(server, "dave") / "maildirsize").read_text() == "2000S\n1900 5\n"
+
+
+async def test_a_stale_maildirsize_is_recalculated(elemta_server):
+    """Over quota with more than one totals line: Maildir++ says count again, and rewrite it."""
+    server = await start(elemta_server, retry=60)
+    box = maildir(server, "erin")
+    for sub in ("cur", "new", "tmp"):
+        (box / sub).mkdir(parents=True)
+    (box / "cur" / "1700000000.M1Q1.host,S=700:2,S").write_bytes(b"x")
+    (box / "maildirsize").write_text("2000S\n1900 2\n700 1\n")   # the user deleted mail since
+    queue_id = await submit(server, "alice@example.test", ["erin@example.test"],
+                            on_the_wire(message("recalc")))
+    await wait_gone(server, queue_id)
+    [path] = files(box)
+    assert (box / "maildirsize").read_text() == f"2000S\n700 1\n{path.stat().st_size} 1\n"
 
 
 # ------------------------------------------------------------------ failures
