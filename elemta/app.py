@@ -30,7 +30,7 @@ from .smtp.context import SMTPContext
 from .smtp.protocol import ElemtaSMTP
 from .smtp.tls import TLSConfigError
 from .sockets import Listening, bind_sockets, listen_problem
-from .spool.lock import SpoolLocked, lock_spool, unlock_spool
+from .spool.lock import SpoolFormatError, SpoolLocked, lock_spool, unlock_spool
 from .spool.envelope import Envelope, RecipientState, params_for
 from .spool.store import Spool
 from .state import StateUnavailable, state_store
@@ -142,6 +142,8 @@ class App:
         except SpoolLocked as e:
             raise StartupError(f"[spool] path: {self.spool.root} is in use: {e} (is another "
                                "elemta server running on this spool?)") from None
+        except SpoolFormatError as e:
+            raise StartupError(f"[spool] path: {e}") from None
         except OSError as e:
             if os.path.exists(self.spool.root) and not os.path.isdir(self.spool.root):
                 raise StartupError(f"[spool] path: {self.spool.root} is not a directory; "

@@ -7,7 +7,8 @@ misspelling is pointed at the installed plugin it resembles), and each
 hold, the machine is checked against the file: the TLS certificate and key
 (present, readable, a pair, not expired), the listeners (at least one; a host
 this machine has; a port free to bind), the spool and state folders (creatable,
-not writable by others) and the ``[server] user``/``group`` to run as.
+not writable by others; a spool format this version reads) and the ``[server]
+user``/``group`` to run as.
 
 ``serve`` runs the same checks before it creates anything (a database, a
 certificate, the spool), so it never finds a configuration mistake this module
@@ -33,6 +34,7 @@ from .config import ConfigError, PluginsSettings, Settings, load_settings
 from .plugins import (InstalledPlugin, PluginLoadError, enabled_names, installed_plugins,
                       load_plugin, make_plugin_manager, validated_plugin_settings)
 from .sockets import probe_bind
+from .spool.lock import SpoolFormatError, spool_format
 
 #: A certificate expiring sooner than this is worth a warning.
 EXPIRY_WARNING = datetime.timedelta(days=14)
@@ -156,7 +158,12 @@ def check_machine(report: Report, settings: Settings, *, probe_listeners: bool =
     if any(lst.tls != "none" for lst in settings.listeners):
         _check_tls_files(report, settings)
     owner = _check_user(report, settings)
-    _check_folder(report, settings, "[spool] path", settings.resolve(settings.spool.path))
+    spool = settings.resolve(settings.spool.path)
+    _check_folder(report, settings, "[spool] path", spool)
+    try:
+        spool_format(spool)
+    except SpoolFormatError as e:
+        report.error(f"{src}: [spool] path: {e}")
     _check_folder(report, settings, "[server] state_dir",
                   settings.resolve(settings.server.state_dir))
     privileged = any(0 < lst.port < 1024 for lst in settings.listeners)

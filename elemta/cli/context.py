@@ -112,10 +112,15 @@ def queue_settings() -> Settings:
 
 def config_spool() -> Spool:
     """The spool named by the configuration in use; a click error when there is none."""
+    from ..spool.lock import SpoolFormatError, spool_format
     from ..spool.store import Spool
 
     settings = queue_settings()
     root = settings.resolve(settings.spool.path)
     if not root.is_dir():
         raise click.ClickException(f"no spool at {root} (check [spool] path in {settings.source})")
+    try:
+        spool_format(root)
+    except SpoolFormatError as e:
+        raise click.ClickException(str(e)) from None
     return Spool(root)

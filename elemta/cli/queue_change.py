@@ -17,7 +17,7 @@ import click
 
 from .. import control
 from ..delivery.admin import ADMIN_WAIT_SECONDS, AdminResult
-from ..spool.lock import SpoolLocked, lock_spool, unlock_spool
+from ..spool.lock import SpoolFormatError, SpoolLocked, lock_spool, unlock_spool
 from ..spool.store import SpoolError
 from . import output
 from .context import config_option, config_spool, fail, queue_settings
@@ -50,6 +50,8 @@ def _change(cmd: str, ids: list[str] | None) -> None:
             lock = lock_spool(spool.root)
         except SpoolLocked as e:
             answer = _wait_for_server(sock, payload, spool.root, e)
+        except SpoolFormatError as e:
+            fail(str(e), 1)
         except OSError as e:
             fail(f"cannot lock the spool at {spool.root}: {e.strerror or e}", 1)
         else:

@@ -3,6 +3,7 @@
 Under the spool root::
 
     .lock               held (flock) by the process that owns the spool
+    format              the spool format version, one number ("1\n"); see lock.py
     journal/<seq>.log   write-ahead journal: committed messages not yet checkpointed
     tmp/                in-progress files; emptied at start-up
     messages/<ID>       message content (RFC 5322, CRLF); immutable once committed
@@ -29,6 +30,7 @@ ENVELOPE_SUFFIX = ".json"
 CORRUPT_SUFFIX = ".json.corrupt"
 SEGMENT_SUFFIX = ".log"
 LOCK_NAME = ".lock"
+FORMAT_NAME = "format"
 
 
 class InvalidQueueId(ValueError):
@@ -73,7 +75,7 @@ def queue_id_of(envelope_name: str) -> str | None:
 class Layout:
     """The paths of one spool."""
 
-    __slots__ = ("root", "tmp", "messages", "journal", "lock")
+    __slots__ = ("root", "tmp", "messages", "journal", "lock", "format")
 
     def __init__(self, root: str | os.PathLike[str]) -> None:
         self.root = os.fspath(root)
@@ -81,6 +83,7 @@ class Layout:
         self.messages = f"{self.root}/messages"
         self.journal = f"{self.root}/journal"
         self.lock = f"{self.root}/{LOCK_NAME}"
+        self.format = f"{self.root}/{FORMAT_NAME}"
 
     def folders(self) -> list[str]:
         """Every folder of the spool, the root first."""

@@ -1,10 +1,19 @@
-"""The spool lock: one process owns a spool for writing.
+"""The spool lock: one process owns a spool for writing; and the spool's format version.
 
 A running server holds an exclusive ``flock`` on ``<spool>/.lock`` from start
 to stop, so a second server on the same spool refuses to start; ``elemta
 queue`` takes it to change a spool no server runs on. The lock belongs to the
 open file, so it goes away with the process however that ends: no stale locks
 after a crash.
+
+Whoever takes the lock also checks the spool's format (``<spool>/format``, one
+number): a spool of a format this version does not know, written by a newer
+Elemta, is refused before anything in it is read or changed
+(:class:`SpoolFormatError`); a spool without the file was written before the
+format was recorded, is format 1, and gets the file. A release that changes the
+format raises :data:`SPOOL_FORMAT` and converts a spool of the previous one here,
+under the lock, before recovery reads it; the test suite keeps a spool of every
+earlier format and starts a server on it.
 """
 
 from __future__ import annotations
@@ -14,7 +23,15 @@ import fcntl
 import os
 from pathlib import Path
 
+from ..durable import write_file_durably
 from .layout import Layout
+
+#: The format this version writes and reads.
+SPOOL_FORMAT = 1
+
+
+class SpoolFormatError(Exception):
+    """The spool's format is one this version cannot read; ``str()`` says what to do."""
 
 
 class SpoolLocked(Exception):
@@ -50,7 +67,36 @@ def lock_spool(spool_root: str | os.PathLike[str]) -> int:
         os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
     except OSError:
         pass
+    try:
+        if spool_format(layout.root) is None:
+            write_file_durably(layout.format, f"{SPOOL_FORMAT}\n".encode("ascii"))
+    except BaseException:
+        os.close(fd)
+        raise
     return fd
+
+
+def spool_format(spool_root: str | os.PathLike[str]) -> int | None:
+    """The format of the spool at ``spool_root``: None when it does not say (new, or
+    written before the format was recorded: format 1). Raises :class:`SpoolFormatError`
+    for a format this version cannot read."""
+    path = Layout(spool_root).format
+    try:
+        text = Path(path).read_text(encoding="ascii").strip()
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError) as e:
+        raise SpoolFormatError(f"{path}: cannot read the spool format: {e}") from None
+    if not text.isdigit():
+        raise SpoolFormatError(f"{path}: {text[:20]!r} is not a spool format number; it "
+                               f"should hold {SPOOL_FORMAT}")
+    found = int(text)
+    if found > SPOOL_FORMAT:
+        raise SpoolFormatError(
+            f"the spool at {spool_root} is format {found}, written by a newer Elemta; this "
+            f"version reads format {SPOOL_FORMAT}: run the newer version on it (or let it "
+            "deliver the queue, then point this one at a new, empty spool)")
+    return found
 
 
 def unlock_spool(fd: int) -> None:
