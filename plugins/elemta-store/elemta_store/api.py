@@ -222,6 +222,7 @@ class Store:
         self._backend = backend
         self._hub = _Hub()
         self._closed = False
+        self.pruned_total = 0       # messages pruned by this store's writes since it opened
 
     @classmethod
     async def open(cls, settings: StoreSettings, *, base: str | Path | None = None) -> Store:
@@ -320,6 +321,7 @@ class Store:
         repeated after a crash keeps one copy.
         """
         id, created, pruned = await self._backend.put(item)
+        self.pruned_total += len(pruned)
         for p in pruned:
             self._notify({"type": "deleted", "id": p})
         self._notify({"type": "stored", "id": id, "new": created})
