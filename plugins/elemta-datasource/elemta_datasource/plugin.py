@@ -187,6 +187,16 @@ class DatasourcePlugin:
         self._cache.put(key, result)
         return result
 
+    def _postmaster(self, address: str, res: Resolution) -> bool:
+        """Whether an address refused as unknown is postmaster@ a hosted domain (or
+        [server] postmaster itself), which is accepted without a mailbox."""
+        if res.enhanced != "5.1.1" or self.app is None:
+            return False
+        local, _, domain = address.rpartition("@")
+        return bool(domain) and (
+            local.lower() == "postmaster"
+            or address.lower() == self.app.settings.postmaster_address.lower())
+
     # -------------------------------------------------------------- AUTH
 
     @hookimpl
@@ -240,6 +250,15 @@ class DatasourcePlugin:
             log.warning("%s: <%s>: %s", tx.id, recipient.address, line)
         if res.kind == "foreign":
             return None
+        if res.kind == "reject" and self._postmaster(recipient.address, res):
+            # RFC 5321 §4.5.1: postmaster at every domain we accept mail for, mailbox or
+            # not; it goes where the core sends postmaster@ its own domains
+            target = self.app.settings.postmaster_address
+            if recipient.address.lower() != target.lower():
+                recipient.rewrite([target])
+                log.info("%s: <%s> → <%s> ([server] postmaster)", tx.id, recipient.address,
+                         target)
+            return Accept()
         if res.kind == "reject":
             if res.code < 500:
                 return TempFail(res.code, res.enhanced, res.text)
@@ -300,6 +319,8 @@ class DatasourcePlugin:
                 return Route(transport=self.settings.transport, destination=domain)
             res = stale  # type: ignore[assignment]
         if res.kind == "reject":
+            if self._postmaster(recipient.address, res):
+                return Route(transport=self.settings.transport, destination=domain)
             return Route(transport=UNKNOWN, destination=domain)
         if res.deliver_to is not None:
             return Route(transport=ALIAS, destination=domain)

@@ -294,3 +294,37 @@ async def test_a_hung_database_answers_451_fast_after_the_first_timeout(
                 r = await c.cmd("RCPT TO:<alice@example.test>")
                 assert (r.code, r.enhanced) == (451, "4.3.0")
             assert time.monotonic() - t0 < 0.5, "later lookups fail fast, not after 1 s each"
+
+
+async def test_postmaster_of_every_hosted_domain_is_accepted_without_a_mailbox(
+        elemta_server, tmp_path, elemta_outbox) -> None:
+    """RFC 5321 §4.5.1: postmaster@ every domain we take mail for; the hosted domains
+    live in the datasource, not in [domains], so the core does not know them."""
+    db = tmp_path / "ds.sqlite3"
+    await directory(db)
+    server = await elemta_server({
+        "server": {"postmaster": "admin@example.test"},
+        "domains": {},
+        "plugins": {"datasource": {"sqlite_path": str(db), "cache_seconds": 0.2}},
+    }, enabled=["datasource"], outbox=elemta_outbox)
+    async with RawSMTP(server.port("mx")) as c:
+        await c.cmd("EHLO client.example")
+        assert (await c.cmd("MAIL FROM:<s@origin.example>")).code == 250
+        for rcpt in ("postmaster@example.test", "PostMaster@Small.Test",
+                     "postmaster@catch.test", "Postmaster", "postmaster@mx.example.test"):
+            r = await c.cmd(f"RCPT TO:<{rcpt}>")
+            assert r.code == 250, (rcpt, r)
+        r = await c.cmd("RCPT TO:<admin@example.test>")
+        assert r.code == 250, "[server] postmaster itself, though not a mailbox"
+        r = await c.cmd("RCPT TO:<postmaster@elsewhere.example>")
+        assert (r.code, r.enhanced) == (550, "5.7.1"), "not ours: never relayed"
+        r = await c.cmd("RCPT TO:<admin2@example.test>")
+        assert (r.code, r.enhanced) == (550, "5.1.1"), "other unknown users still refused"
+        assert (await c.cmd("DATA")).code == 354
+        await c.send(MSG)
+        assert (await c.read_reply()).code == 250
+    delivered = await elemta_outbox.wait(1)
+    got = sorted(r for d in delivered for r in d.recipients)
+    # postmaster@catch.test is a mailbox there; every other postmaster goes to admin
+    assert got == ["admin@example.test", "postmaster@catch.test"]
+    assert {d.route.transport for d in delivered} == {"local"}
