@@ -192,7 +192,8 @@ async def test_malformed_mail_from_is_refused(elemta_server, line, code, enhance
     ("RCPT TO:user@example.test", 501),
     ("RCPT TO:<" + "l" * 65 + "@example.test>", 553),
     ("RCPT TO:<user>", 553),
-    ("RCPT TO:<user@example.test> NOTIFY=NEVER", 555),
+    ("RCPT TO:<user@example.test> XFOO=1", 555),
+    ("RCPT TO:<user@example.test> NOTIFY=NEVER,SUCCESS", 501),
     ("RCPT TO:<us er@example.test>", 553),
 ])
 async def test_malformed_rcpt_to_is_refused(elemta_server, line, code):

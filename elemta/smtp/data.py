@@ -19,7 +19,7 @@ import logging
 import re
 from typing import TYPE_CHECKING
 
-from . import end_of_data, replies
+from . import bdat, end_of_data, replies
 from .errors import Close
 from .replies import Reply
 
@@ -40,6 +40,8 @@ async def command(proto: ElemtaSMTP, arg: str | None) -> None:
     assert conn is not None
     if tx is None:
         proto.reply(replies.NEED_MAIL)
+        return
+    if bdat.refuse_data(proto):
         return
     if not tx.recipients:
         proto.reply(replies.NO_VALID_RECIPIENTS)

@@ -12,14 +12,14 @@ from typing import TYPE_CHECKING
 
 from .. import verdicts as v
 from ..models import Recipient, Transaction, new_id
-from . import address, replies
+from . import address, dsn_params, replies
 from .replies import Reply
 
 if TYPE_CHECKING:
     from .protocol import ElemtaSMTP
 
-_MAIL_PARAMS = frozenset({"SIZE", "BODY", "SMTPUTF8", "AUTH"})
-_RCPT_PARAMS: frozenset[str] = frozenset()
+_MAIL_PARAMS = frozenset({"SIZE", "BODY", "SMTPUTF8", "AUTH", "RET", "ENVID"})
+_RCPT_PARAMS = frozenset({"NOTIFY", "ORCPT"})
 
 
 async def mail(proto: ElemtaSMTP, arg: str | None) -> None:
@@ -77,12 +77,12 @@ def _mail_param_problem(proto: ElemtaSMTP, params: dict[str, str | None]) -> Rep
                 proto.count_reject("mail", None, 552)
                 return replies.MESSAGE_TOO_BIG
         elif key == "BODY":
-            if value is None or value.upper() not in ("7BIT", "8BITMIME"):
+            if value is None or value.upper() not in ("7BIT", "8BITMIME", "BINARYMIME"):
                 return replies.BODY_SYNTAX
             params[key] = value.upper()
         elif key == "SMTPUTF8" and value is not None:
             return replies.SMTPUTF8_TAKES_NO_VALUE
-    return None
+    return dsn_params.check_mail(params)
 
 async def rcpt(proto: ElemtaSMTP, arg: str | None) -> None:
     """RCPT TO: the path, the limit, the postmaster, then ``rcpt`` and ``rcpt_ok``."""
@@ -100,6 +100,11 @@ async def rcpt(proto: ElemtaSMTP, arg: str | None) -> None:
     for key in params:
         if key not in _RCPT_PARAMS:
             proto.reply(replies.rcpt_param_unsupported(key))
+            return
+    if params:
+        problem = dsn_params.check_rcpt(params)
+        if problem is not None:
+            proto.reply(problem)
             return
     if len(tx.recipients) >= proto.ctx.settings.server.max_recipients:
         proto.count_reject("rcpt", None, 452)

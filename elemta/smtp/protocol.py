@@ -27,7 +27,7 @@ from aiosmtpd.smtp import Session as _AioSession
 from .. import verdicts as v
 from ..hookcall import HookFailure
 from ..models import Session, Transaction, new_id
-from . import auth, data, envelope, replies, starttls
+from . import auth, bdat, data, envelope, replies, starttls
 from .errors import Close
 from .replies import Reply
 
@@ -76,6 +76,7 @@ class ElemtaSMTP(_AioSMTP):
         self._proxy_timeout = None
         self.conn: Session | None = None
         self.tx: Transaction | None = None
+        self.chunks: bdat.Chunks | None = None   # BDAT content of the transaction
         self._out: list[bytes] = []
         self._refused: Reply | None = None
         self._greeting_rejected = False
@@ -199,6 +200,7 @@ class ElemtaSMTP(_AioSMTP):
             raise
         finally:
             self.tx = None
+            bdat.discard(self)
             self.ctx.session_ended(self)
 
     async def _greet(self, conn: Session) -> None:
@@ -360,7 +362,7 @@ class ElemtaSMTP(_AioSMTP):
             self.reply(replies.helo_ok(self.hostname))
             return
         keywords = ["PIPELINING", f"SIZE {self.data_size_limit}", "8BITMIME", "SMTPUTF8",
-                    "ENHANCEDSTATUSCODES"]
+                    "ENHANCEDSTATUSCODES", "CHUNKING", "BINARYMIME", "DSN"]
         if starttls.offered(self):
             keywords.append("STARTTLS")
         mechanisms = auth.offered(self)
@@ -383,11 +385,15 @@ class ElemtaSMTP(_AioSMTP):
     async def smtp_DATA(self, arg: str | None) -> None:
         await data.command(self, arg)
 
+    async def smtp_BDAT(self, arg: str | None) -> None:
+        await bdat.command(self, arg)
+
     async def smtp_RSET(self, arg: str | None) -> None:
         if arg:
             self.reply(replies.RSET_SYNTAX)
             return
         self.tx = None
+        bdat.discard(self)
         self.reply(replies.OK)
 
     async def smtp_NOOP(self, arg: str | None) -> None:

@@ -161,7 +161,13 @@ AUTH_REQUIRED = Reply(530, "5.7.0", "Authentication required")
 NESTED_MAIL = Reply(503, "5.5.1", "Nested MAIL command")
 MAIL_PARAMS_NEED_EHLO = Reply(555, "5.5.4", "MAIL parameters require EHLO")
 SIZE_SYNTAX = Reply(501, "5.5.4", "Syntax: SIZE=<number>")
-BODY_SYNTAX = Reply(501, "5.5.4", "Syntax: BODY=7BIT|8BITMIME")
+BODY_SYNTAX = Reply(501, "5.5.4", "Syntax: BODY=7BIT|8BITMIME|BINARYMIME")
+RET_SYNTAX = Reply(501, "5.5.4", "Syntax: RET=FULL|HDRS")
+ENVID_SYNTAX = Reply(501, "5.5.4", "Syntax: ENVID=<xtext of at most 100 characters>")
+NOTIFY_SYNTAX = Reply(501, "5.5.4", "Syntax: NOTIFY=NEVER or NOTIFY=SUCCESS,FAILURE,DELAY "
+                      "(one or more)")
+ORCPT_SYNTAX = Reply(501, "5.5.4", "Syntax: ORCPT=<address type>;<xtext address>, "
+                     "e.g. ORCPT=rfc822;user@example.com")
 SMTPUTF8_TAKES_NO_VALUE = Reply(501, "5.5.4", "SMTPUTF8 takes no value")
 NEEDS_SMTPUTF8 = Reply(553, "5.6.7", "Non-ASCII address requires the SMTPUTF8 parameter")
 SENDER_OK = Reply(250, "2.1.0", "Sender OK")
@@ -193,8 +199,15 @@ MESSAGE_TOO_BIG = Reply(552, "5.3.4", "Message size exceeds fixed maximum messag
 BARE_NEWLINE = Reply(550, "5.5.2",
                      "Message contains a bare CR or LF; lines must end with CRLF")
 NUL_IN_DATA = Reply(554, "5.6.0", "Message contains a NUL character, which mail may not carry")
+BDAT_SYNTAX = Reply(501, "5.5.4", "Syntax: BDAT size [LAST]")
+DATA_AFTER_BDAT = Reply(503, "5.5.1", "DATA cannot follow BDAT in one transaction; send RSET")
+BINARYMIME_NEEDS_BDAT = Reply(503, "5.5.1", "BODY=BINARYMIME content must be sent with BDAT")
 SPOOL_FAILURE = Reply(451, "4.3.0", "Local error in processing, please try again later")
 NO_STORAGE = Reply(452, "4.3.1", "Insufficient system storage, please try again later")
+
+
+def chunk_received(size: int, total: int) -> Reply:
+    return Reply(250, "2.0.0", f"{size} octets received, {total} in all")
 
 
 def queued(queue_id: str) -> Reply:
