@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 
 from .config import Settings, parse_hostport
 from .dns import DNSError, NoData, NullMX, NXDomain, Resolver
-from .delivery.smtp import (SMTPConnection, SMTPError, Timeouts, TLSPolicy,
+from .delivery.smtp import (DSNParams, SMTPConnection, SMTPError, Timeouts, TLSPolicy,
                                    default_enhanced)
 from .hookspecs import hookimpl
 from .models import Outcome, Route
@@ -102,7 +102,7 @@ class SMTPTransport:
         last = Outcome("", 451, "4.4.1", f"no mail host of {route.destination} answered")
         for target in targets:
             try:
-                outcomes = await self._send(target, route, envelope, addresses, content_path)
+                outcomes = await self._send(target, route, envelope, recipients, content_path)
             except SMTPError as e:
                 log.info("%s: %s[%s]:%d: %s %s", envelope.id, target.host, target.ip,
                          target.port, e.code, e.text)
@@ -187,7 +187,7 @@ class SMTPTransport:
                                   f"{e.reason}") from None
 
     async def _send(self, target: Target, route: Route, envelope: Envelope,
-                    addresses: list[str], content_path: str) -> list[Outcome]:
+                    recipients: list[RecipientState], content_path: str) -> list[Outcome]:
         """One outcome per recipient; ``remote`` is ``None`` on those the server never
         answered about (lost connection, timeout), which the next host may take."""
         limit = self._limits.get((target.ip, target.port))
@@ -195,12 +195,16 @@ class SMTPTransport:
             limit = self._limits[(target.ip, target.port)] = asyncio.Semaphore(
                 self.delivery.max_per_destination)
         params = envelope.mail_params
+        addresses = [r.address for r in recipients]
+        dsn = DSNParams.of(params, [(r.params, r.original) for r in recipients])
         async with limit:
             for _ in range(2):  # a pooled connection may have died while idle
                 conn = await self._connection(target, route)
                 result = await conn.send(envelope.sender, addresses, content_path,
                                          utf8="SMTPUTF8" in params,
                                          eight_bit=params.get("BODY") == "8BITMIME",
+                                         binary=params.get("BODY") == "BINARYMIME",
+                                         chunking=self.delivery.chunking, dsn=dsn,
                                          size=envelope.size)
                 if not result.stale:
                     break
@@ -213,7 +217,7 @@ class SMTPTransport:
                     for r in result.results]
         remote = f"{target.host}[{target.ip}]:{target.port}"
         return [Outcome(r.recipient, r.code, r.enhanced or default_enhanced(r.code), r.text,
-                        remote) for r in result.results]
+                        remote, relayed=True, dsn_passed=result.dsn) for r in result.results]
 
     def _key(self, target: Target, route: Route) -> tuple[str, int, str, str | None]:
         return (target.ip, target.port, route.tls, route.auth[0] if route.auth else None)

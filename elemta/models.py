@@ -315,6 +315,9 @@ class Outcome:
     ``code`` is the SMTP reply code (``250`` delivered, ``4xx`` try again later,
     ``5xx`` failed for good), ``enhanced`` the RFC 3463 status, ``text`` the
     reply or local error text, ``remote`` the host that answered, if any.
+    ``relayed``: the message went on to another mail server rather than into a
+    mailbox; ``dsn_passed``: that server took the RFC 3461 DSN parameters and
+    reports from there (no success notice is then sent from here).
     """
 
     recipient: str
@@ -322,6 +325,8 @@ class Outcome:
     enhanced: str
     text: str
     remote: str | None = None
+    relayed: bool = False
+    dsn_passed: bool = False
 
     @property
     def delivered(self) -> bool:

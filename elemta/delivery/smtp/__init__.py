@@ -65,6 +65,16 @@ Behaviour worth knowing:
   their reply and makes the others temporary. Everything else (pipelining,
   BODY/SMTPUTF8/SIZE, content encoding, reuse, timeouts) is as for SMTP.
 
+* **CHUNKING** (RFC 3030): content marked ``BODY=BINARYMIME`` goes in BDAT
+  chunks, octet for octet, and only to a server that offers BINARYMIME and
+  CHUNKING (otherwise ``554 5.6.3``, nothing sent; LMTP never takes it);
+  with ``chunking=True`` text goes in BDAT chunks too whenever CHUNKING is
+  offered (CRLF line ends and long lines wrapped as for DATA, no dot-stuffing).
+  Chunks are 256 KiB, pipelined two deep when PIPELINING is offered; after a
+  refused chunk nothing more is sent.
+* **DSN** (RFC 3461): ``RET``/``ENVID`` on MAIL and ``NOTIFY``/``ORCPT`` on
+  each RCPT go to a server that offers DSN, and only to one that does.
+
 A connection is for one task at a time: ``send`` must not be called again before
 the previous call returned.
 """
@@ -73,10 +83,12 @@ from __future__ import annotations
 
 from .connection import SMTPConnection, lmtp_remote
 from .encoding import DataEncoder
+from .params import DSNParams
 from .results import DeliveryResult, RecipientResult, SMTPError, default_enhanced
 from .settings import Timeouts, TLSPolicy
 
 __all__ = [
+    "DSNParams",
     "DataEncoder",
     "DeliveryResult",
     "RecipientResult",

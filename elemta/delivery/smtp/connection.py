@@ -20,7 +20,8 @@ from typing import BinaryIO, Self, Union
 
 from ...models import TLSInfo
 from .encoding import DataEncoder
-from .results import DeliveryResult, Lost, RecipientResult, SMTPError, Stage
+from .params import DSNParams
+from .results import DeliveryResult, Lost, Reply, RecipientResult, SMTPError, Stage
 from .settings import Timeouts, TLSPolicy, client_context, tls_reason
 from .wire import Wire
 
@@ -30,6 +31,7 @@ Content = Union[bytes, bytearray, memoryview, str, "os.PathLike[str]", BinaryIO]
 _Body = bytes | bytearray | memoryview | BinaryIO
 
 _FILE_CHUNK_BYTES = 131_072
+CHUNK_BYTES = 262_144   # content per BDAT chunk (read, encoded and sent one at a time)
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
@@ -265,7 +267,8 @@ class SMTPConnection:
 
     async def send(self, sender: str, recipients: Iterable[str], content: Content, *,
                    utf8: bool = False, eight_bit: bool = False,
-                   size: int | None = None) -> DeliveryResult:
+                   size: int | None = None, binary: bool = False, chunking: bool = False,
+                   dsn: DSNParams | None = None) -> DeliveryResult:
         """Send one message to ``recipients``; never raises for what the server or network did.
 
         ``sender`` is the bare reverse-path (``""`` for the null sender).
@@ -274,6 +277,12 @@ class SMTPConnection:
         SMTPUTF8 (non-ASCII addresses imply it). ``eight_bit``: the content has
         8-bit octets (declared with BODY=8BITMIME when the server offers it).
         ``size``: the message size for SIZE; taken from bytes or the file if None.
+        ``binary``: the content is ``BODY=BINARYMIME`` (sent only with BDAT to a
+        server that offers BINARYMIME and CHUNKING; otherwise every recipient
+        gets ``554 5.6.3`` and nothing is sent). ``chunking``: send with BDAT
+        whenever the server offers CHUNKING, not only for binary content.
+        ``dsn``: the RFC 3461 parameters, passed on when the server offers DSN
+        (:attr:`DeliveryResult.dsn` then says so).
 
         A file that cannot be opened raises ``OSError`` before anything is sent;
         one that fails while being read raises it too, and the connection is
@@ -290,14 +299,16 @@ class SMTPConnection:
             with open(content, "rb") as stream:  # noqa: ASYNC230 -- see _stream
                 if size is None:
                     size = os.fstat(stream.fileno()).st_size
-                return await self._send_once(sender, rcpts, stream, utf8, eight_bit, size)
-        return await self._send_once(sender, rcpts, content, utf8, eight_bit, size)
+                return await self._send_once(sender, rcpts, stream, utf8, eight_bit, size,
+                                             _Options(binary, chunking, dsn))
+        return await self._send_once(sender, rcpts, content, utf8, eight_bit, size,
+                                     _Options(binary, chunking, dsn))
 
     async def _send_once(self, sender: str, rcpts: list[str], content: _Body, utf8: bool,
-                         eight_bit: bool, size: int | None) -> DeliveryResult:
+                         eight_bit: bool, size: int | None, options: _Options) -> DeliveryResult:
         self._busy = True
         try:
-            return await self._send(sender, rcpts, content, utf8, eight_bit, size)
+            return await self._send(sender, rcpts, content, utf8, eight_bit, size, options)
         except BaseException:
             # Cancelled, or the content could not be read: where the
             # conversation stood is unknown, so it is never reused.
@@ -307,26 +318,35 @@ class SMTPConnection:
             self._busy = False
 
     async def _send(self, sender: str, rcpts: list[str], content: _Body, utf8: bool,
-                    eight_bit: bool, size: int | None) -> DeliveryResult:
+                    eight_bit: bool, size: int | None, options: _Options) -> DeliveryResult:
         results: list[RecipientResult | None] = [None] * len(rcpts)
         ext = self.extensions
+        binary = options.binary
         if size is None and isinstance(content, (bytes, bytearray, memoryview)):
             size = len(content)
         ascii_only = sender.isascii() and all(map(str.isascii, rcpts))
         utf8 = utf8 or not ascii_only
-        refusal = self._refusal(sender, rcpts, utf8, size)
+        refusal = self._refusal(sender, rcpts, utf8, size, binary)
         if refusal is not None:
             return self._result(refusal)
+        bdat = "CHUNKING" in ext and not self.lmtp and (binary or options.chunking)
+        dsn = options.dsn if "DSN" in ext else None
         params = ""
         if size is not None and "SIZE" in ext:
             params += f" SIZE={size}"
-        if (eight_bit or utf8) and "8BITMIME" in ext:
+        if binary:
+            params += " BODY=BINARYMIME"
+        elif (eight_bit or utf8) and "8BITMIME" in ext:
             params += " BODY=8BITMIME"
         if utf8:
             params += " SMTPUTF8"
+        if dsn is not None:
+            params += dsn.mail()
         encoding = "ascii" if ascii_only else "utf-8"
         mail = f"MAIL FROM:<{sender}>{params}\r\n".encode(encoding)
-        rcpt_lines = [f"RCPT TO:<{rcpt}>\r\n".encode(encoding) for rcpt in rcpts]
+        rcpt_lines = [f"RCPT TO:<{rcpt}>{dsn.rcpt(i) if dsn else ''}\r\n".encode(encoding)
+                      for i, rcpt in enumerate(rcpts)]
+        data_command = b"" if bdat else b"DATA\r\n"
 
         accepted: list[int] = []
         stage: Stage = "mail"
@@ -334,7 +354,8 @@ class SMTPConnection:
         try:
             if "PIPELINING" in ext:
                 rset, self._needs_rset = self._needs_rset, True
-                self.wire.write(b"".join([b"RSET\r\n" if rset else b"", mail, *rcpt_lines, b"DATA\r\n"]))
+                self.wire.write(b"".join([b"RSET\r\n" if rset else b"", mail, *rcpt_lines,
+                                          data_command]))
                 if rset:
                     await self.wire.read_reply(self.timeouts.rset_seconds, "sending RSET")
                 mail_reply = await self.wire.read_reply(self.timeouts.mail_seconds, "sending MAIL FROM")
@@ -344,7 +365,9 @@ class SMTPConnection:
                 rcpt_replies = [await self.wire.read_reply(self.timeouts.rcpt_seconds, "sending RCPT TO")
                                 for _ in rcpts]
                 stage = "data"
-                data_reply = await self.wire.read_reply(self.timeouts.data_init_seconds, "sending DATA")
+                if not bdat:
+                    data_reply = await self.wire.read_reply(self.timeouts.data_init_seconds,
+                                                            "sending DATA")
                 if mail_reply.code // 100 != 2:
                     results = [mail_reply.result(rcpt, "mail") for rcpt in rcpts]
                     rcpt_replies = []
@@ -375,9 +398,22 @@ class SMTPConnection:
                 if not accepted:
                     return self._result(results)
                 stage = "data"
-                self.wire.write(b"DATA\r\n")
-                data_reply = await self.wire.read_reply(self.timeouts.data_init_seconds, "sending DATA")
+                if not bdat:
+                    self.wire.write(b"DATA\r\n")
+                    data_reply = await self.wire.read_reply(self.timeouts.data_init_seconds,
+                                                            "sending DATA")
 
+            if bdat:
+                if not accepted:
+                    return self._result(results, stale=not answered)
+                stage = "end_of_data"
+                final, dot_sent = await self._send_chunks(content, binary)
+                for index in accepted:
+                    results[index] = final.result(rcpts[index], "end_of_data")
+                if final.code // 100 == 2:
+                    self._needs_rset = False
+                    self.transactions += 1
+                return self._result(results, dsn=dsn is not None)
             if data_reply.code != 354:
                 for index in accepted:
                     results[index] = data_reply.result(rcpts[index], "data")
@@ -405,7 +441,7 @@ class SMTPConnection:
                     results[index] = final.result(rcpts[index], "end_of_data")
             self._needs_rset = False
             self.transactions += 1
-            return self._result(results)
+            return self._result(results, dsn=dsn is not None)
         except Lost as lost:
             if dot_sent:
                 lost.note = " -- message may be sent more than once"
@@ -428,7 +464,7 @@ class SMTPConnection:
             results[index] = reply.result(rcpts[index], "end_of_data")
 
     def _refusal(self, sender: str, rcpts: list[str], utf8: bool,
-                 size: int | None) -> list[RecipientResult] | None:
+                 size: int | None, binary: bool = False) -> list[RecipientResult] | None:
         """Results for a message this server cannot take, decided before sending anything."""
         if _CONTROL.search(sender):
             return [RecipientResult(rcpt, 553, "5.1.7", f"bad sender address syntax: {sender!r}",
@@ -442,6 +478,12 @@ class SMTPConnection:
             return [RecipientResult(rcpt, 553, "5.6.7", f"the message needs SMTPUTF8, which "
                                     f"{self.remote} does not support", "mail", local=True)
                     for rcpt in rcpts]
+        if binary and (self.lmtp or not {"BINARYMIME", "CHUNKING"} <= self.extensions.keys()):
+            # RFC 3030 §3: binary content goes only where BINARYMIME is offered; a MIME
+            # conversion would break signatures, so it is returned instead.
+            return [RecipientResult(rcpt, 554, "5.6.3", f"the message is BINARYMIME content, "
+                                    f"which {self.remote} does not accept (no BINARYMIME and "
+                                    "CHUNKING offered)", "mail", local=True) for rcpt in rcpts]
         limit = self.size_limit
         if limit is not None and size is not None and size > limit:
             return [RecipientResult(rcpt, 552, "5.3.4", f"message size {size} exceeds the size "
@@ -450,9 +492,57 @@ class SMTPConnection:
         return None
 
     def _result(self, results: list[RecipientResult | None] | list[RecipientResult], *,
-                stale: bool = False) -> DeliveryResult:
+                stale: bool = False, dsn: bool = False) -> DeliveryResult:
         return DeliveryResult(results, self.remote,  # type: ignore[arg-type]
-                              self.tls.version if self.tls else None, stale)
+                              self.tls.version if self.tls else None, stale, dsn)
+
+    async def _send_chunks(self, content: _Body, binary: bool) -> tuple[Reply, bool]:
+        """The content in BDAT chunks; the reply that decides, and whether all was sent.
+
+        That reply is the first refusal of a chunk, or the reply to the last one.
+        With PIPELINING the next chunk goes out before the reply to the previous
+        one is read; after a refusal nothing more is sent (RFC 3030 §2).
+        """
+        encoder = None if binary else DataEncoder(dots=False)
+        window = 2 if self.pipelining else 1
+        unanswered = 0
+        refusal: Reply | None = None
+        if isinstance(content, (bytes, bytearray, memoryview)):
+            view = memoryview(content)
+            pieces: Iterable[bytes] = (bytes(view[i:i + CHUNK_BYTES])
+                                       for i in range(0, len(view), CHUNK_BYTES))
+        else:
+            stream = content
+            pieces = iter(lambda: stream.read(CHUNK_BYTES), b"")
+        for piece in pieces:
+            data = piece if encoder is None else encoder.feed(piece)
+            if not data:
+                continue
+            self.wire.write(b"BDAT %d\r\n" % len(data) + data)
+            await self.wire.drain(self.timeouts.data_block_seconds)
+            unanswered += 1
+            if unanswered >= window:
+                reply = await self.wire.read_reply(self.timeouts.data_block_seconds,
+                                                   "sending a BDAT chunk")
+                unanswered -= 1
+                if reply.code // 100 != 2:
+                    refusal = reply
+                    break
+        if refusal is None:
+            tail = b"" if encoder is None else encoder.finish()
+            self.wire.write(b"BDAT %d LAST\r\n" % len(tail) + tail)
+            await self.wire.drain(self.timeouts.data_block_seconds)
+            unanswered += 1
+        last: Reply | None = None
+        while unanswered:
+            unanswered -= 1
+            last = await self.wire.read_reply(
+                self.timeouts.data_done_seconds if not unanswered else
+                self.timeouts.data_block_seconds, "sending the last BDAT chunk")
+            if refusal is None and last.code // 100 != 2 and unanswered:
+                refusal = last
+        assert refusal is not None or last is not None
+        return (refusal or last), refusal is None  # type: ignore[return-value]
 
     async def _send_content(self, content: _Body) -> None:
         encoder = DataEncoder()
@@ -498,6 +588,17 @@ class SMTPConnection:
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.close()
+
+
+class _Options:
+    """What :meth:`SMTPConnection.send` was asked beyond the basics."""
+
+    __slots__ = ("binary", "chunking", "dsn")
+
+    def __init__(self, binary: bool, chunking: bool, dsn: DSNParams | None) -> None:
+        self.binary = binary
+        self.chunking = chunking
+        self.dsn = dsn
 
 
 def lmtp_remote(host: str, port: int, path: str | None) -> str:

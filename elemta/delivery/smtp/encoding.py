@@ -1,4 +1,7 @@
-"""Message content as it goes on the wire after DATA: CRLF, dot-stuffing, long lines wrapped."""
+"""Message content as it goes on the wire after DATA: CRLF, dot-stuffing, long lines wrapped.
+
+The same without dot-stuffing or final dot (``dots=False``) is text content in BDAT chunks.
+"""
 
 from __future__ import annotations
 
@@ -14,13 +17,15 @@ class DataEncoder:
     ``feed`` any number of chunks, then ``finish``; together the outputs are the
     content with CRLF line ends, dot-stuffed, no line longer than 998 octets,
     ending in CRLF and the final dot. Chunks may split a line, or a CRLF, anywhere.
+    With ``dots=False`` (content for BDAT) nothing is dot-stuffed and there is no final dot.
     """
 
-    __slots__ = ("_cr", "_partial")
+    __slots__ = ("_cr", "_dots", "_partial")
 
-    def __init__(self) -> None:
+    def __init__(self, dots: bool = True) -> None:
         self._partial = b""  # an unfinished line, already dot-stuffed
         self._cr = False     # the last chunk ended in CR: the line end depends on what follows
+        self._dots = dots
 
     def feed(self, chunk: bytes) -> bytes:
         if self._cr:
@@ -43,26 +48,28 @@ class DataEncoder:
         if cut < 2:
             return out + self._grow_partial(chunk) if chunk else out
         lines, rest = chunk[:cut], chunk[cut:]
-        if (lines[:1] == b"." or b"\n." in lines
+        if ((self._dots and (lines[:1] == b"." or b"\n." in lines))
                 or (cut > LINE_LIMIT_OCTETS and max(map(len, lines.split(b"\r\n"))) > LINE_LIMIT_OCTETS)):
-            lines = _transparent(lines)
+            lines = _transparent(lines, self._dots)
         if rest:
             out += lines
             return out + self._grow_partial(rest)
         return out + lines if out else lines
 
     def finish(self) -> bytes:
+        dot = b".\r\n" if self._dots else b""
         if self._partial or self._cr:
-            tail = _wrap(self._partial) + b"\r\n.\r\n"
+            tail = _wrap(self._partial) + b"\r\n" + dot
         else:
-            tail = b".\r\n"
+            tail = dot
         self._partial = b""
         self._cr = False
         return tail
 
     def _grow_partial(self, more: bytes) -> bytes:
         """Add to the unfinished line; emit what can already be wrapped of a long one."""
-        partial = self._partial + more if self._partial else (b"." + more if more[:1] == b"." else more)
+        partial = (self._partial + more if self._partial
+                   else (b"." + more if self._dots and more[:1] == b"." else more))
         if len(partial) <= _PARTIAL_LINE_MAX_OCTETS:
             self._partial = partial
             return b""
@@ -74,11 +81,11 @@ class DataEncoder:
         return wrapped[:split + 2]
 
 
-def _transparent(lines: bytes) -> bytes:
+def _transparent(lines: bytes, dots: bool = True) -> bytes:
     """Dot-stuff and wrap complete CRLF-terminated lines (the slow path)."""
     out = []
     for line in lines.split(b"\r\n")[:-1]:
-        if line[:1] == b".":
+        if dots and line[:1] == b".":
             line = b"." + line
         if len(line) > LINE_LIMIT_OCTETS:
             line = _wrap(line)

@@ -62,12 +62,15 @@ class DeliveryResult:
     encrypted. ``stale`` is true when the connection turned out to be dead
     before the server answered MAIL: nothing of the message can have been
     accepted, so it can be tried again at once on a fresh connection.
+    ``dsn`` is true when the server offers DSN and the message's RFC 3461
+    parameters went with it: the server reports on it from here on.
     """
 
     results: list[RecipientResult]
     remote: str
     tls: str | None
     stale: bool = False
+    dsn: bool = False
 
     @property
     def delivered(self) -> list[RecipientResult]:
