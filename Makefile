@@ -25,7 +25,8 @@ serve: venv
 # loopback and in temporary folders), OpenDKIM's tools (DKIM interoperability),
 # redis-server (shared greylist and rate-limit state), pebble (Let's Encrypt's test CA),
 # the filters the milter and policy clients are tested against (opendkim, rspamd,
-# postgrey, spamass-milter). Installed only when running as root;
+# postgrey, spamass-milter), HAProxy (a load balancer sending the PROXY protocol).
+# Installed only when running as root;
 # policy-rc.d keeps the packages' own services from starting.
 test-tools:
 	@missing=""; \
@@ -44,6 +45,8 @@ test-tools:
 	[ -x /usr/bin/rspamd ] || missing="$$missing rspamd"; \
 	[ -x /usr/sbin/postgrey ] || missing="$$missing postgrey"; \
 	[ -x /usr/sbin/spamass-milter ] || missing="$$missing spamass-milter"; \
+	[ -x /usr/sbin/spamd ] || missing="$$missing spamd"; \
+	[ -x /usr/sbin/haproxy ] || missing="$$missing haproxy"; \
 	if [ -n "$$missing" ]; then \
 		if [ "$$(id -u)" = 0 ]; then \
 			echo "installing:$$missing"; \

@@ -134,12 +134,21 @@ class ListenerSettings(_Settings):
     allow_plaintext_auth: bool = False
     add_missing_headers: bool | None = None
     received_hide_client: bool = False
+    # a load balancer in front: read its PROXY header (v1 or v2) before the greeting
+    proxy_protocol: bool = False
+    proxy_trusted: tuple[str, ...] = ()
+    proxy_timeout_seconds: float = Field(5.0, gt=0, le=300)
 
     @field_validator("address")
     @classmethod
     def _address(cls, v: str) -> str:
         parse_hostport(v)
         return v
+
+    @field_validator("proxy_trusted")
+    @classmethod
+    def _proxy_trusted(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        return ServerSettings._networks(v)
 
     @model_validator(mode="after")
     def _submission_defaults(self) -> "ListenerSettings":
@@ -152,6 +161,12 @@ class ListenerSettings(_Settings):
             object.__setattr__(self, "add_missing_headers", submission)
         if self.require_tls and self.tls == "none":
             raise ValueError("require_tls = true needs tls = \"starttls\" or \"implicit\"")
+        if self.proxy_protocol and not self.proxy_trusted:
+            raise ValueError("proxy_protocol = true needs proxy_trusted, the addresses of the "
+                             'proxies allowed to connect: proxy_trusted = ["10.0.0.5/32"]')
+        if self.proxy_trusted and not self.proxy_protocol:
+            raise ValueError("proxy_trusted is set but proxy_protocol is false: set "
+                             "proxy_protocol = true, or remove proxy_trusted")
         return self
 
     @property

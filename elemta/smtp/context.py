@@ -53,20 +53,18 @@ class SMTPContext:
         self.auth_guard = AuthGuard(settings.auth)
         #: The SASL mechanisms EHLO offers, known once the plugins have started.
         self.auth_mechanisms: tuple[str, ...] | None = None
-        self._relay_networks = tuple(ipaddress.ip_network(n, strict=False)
-                                     for n in settings.server.relay_networks)
+        self._relay_networks = _networks(settings.server.relay_networks)
+        #: Per PROXY-protocol listener, the networks its proxies connect from.
+        self._proxy_trusted = {lst.name: _networks(lst.proxy_trusted)
+                               for lst in settings.listeners if lst.proxy_protocol}
 
     def in_relay_networks(self, ip: str) -> bool:
         """Whether a client address is in ``[server] relay_networks``."""
-        if not self._relay_networks:
-            return False
-        try:
-            addr = ipaddress.ip_address(ip)
-        except ValueError:
-            return False
-        if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-            addr = addr.ipv4_mapped
-        return any(addr in net for net in self._relay_networks)
+        return _in_networks(ip, self._relay_networks)
+
+    def proxy_trusted(self, listener: str, ip: str) -> bool:
+        """Whether ``ip`` may send a PROXY header to ``listener`` (its ``proxy_trusted``)."""
+        return _in_networks(ip, self._proxy_trusted.get(listener, ()))
 
     def tls_context(self, listener: str) -> ssl.SSLContext | None:
         return self.tls_contexts.get(listener)
@@ -164,3 +162,22 @@ class SMTPContext:
             return True
         except TimeoutError:
             return False
+
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def _networks(cidrs: tuple[str, ...]) -> tuple[Network, ...]:
+    return tuple(ipaddress.ip_network(n, strict=False) for n in cidrs)
+
+
+def _in_networks(ip: str, networks: tuple[Network, ...]) -> bool:
+    if not networks:
+        return False
+    try:
+        addr = ipaddress.ip_address(ip)
+    except ValueError:
+        return False
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        addr = addr.ipv4_mapped
+    return any(addr in net for net in networks)

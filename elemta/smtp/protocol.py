@@ -27,7 +27,7 @@ from aiosmtpd.smtp import Session as _AioSession
 from .. import verdicts as v
 from ..hookcall import HookFailure
 from ..models import Session, Transaction, new_id
-from . import auth, bdat, data, envelope, replies, starttls
+from . import auth, bdat, data, envelope, proxy, replies, starttls
 from .errors import Close
 from .replies import Reply
 
@@ -101,6 +101,8 @@ class ElemtaSMTP(_AioSMTP):
         peer = transport.get_extra_info("peername") or ("", 0)
         sock = transport.get_extra_info("sockname") or ("", 0)
         self.conn = Session(new_id(), (peer[0], peer[1]), (sock[0], sock[1]), self.listener)
+        if self.listener.proxy_protocol:
+            return  # admitted once the PROXY header named the client (_handle_client)
         self.conn.relay_allowed = self.ctx.in_relay_networks(peer[0])
         self._refused = self.ctx.admit(self)
 
@@ -181,6 +183,16 @@ class ElemtaSMTP(_AioSMTP):
     async def _handle_client(self) -> None:
         conn = self.conn
         assert conn is not None
+        if self.listener.proxy_protocol:
+            received = False
+            try:
+                received = await proxy.receive(self)
+            finally:
+                if not received:
+                    self.ctx.session_ended(self)
+            if not received:
+                return
+            self._refused = self.ctx.admit(self)
         if self._refused is not None:
             # Over a limit on an implicit-TLS listener: closed before any handshake,
             # which is the work an overload must not pay for; the client retries.

@@ -128,6 +128,8 @@ async def _handshake(proto: ElemtaSMTP, deadline: float, *, implicit: bool) -> N
     proto.transport = tls_protocol._app_transport
     proto.implicit_tls = implicit
     tls_protocol.connection_made(proto._original_transport)
+    if implicit:
+        _replay(proto, tls_protocol)
     try:
         async with asyncio.timeout_at(deadline):
             await waiter
@@ -136,6 +138,25 @@ async def _handshake(proto: ElemtaSMTP, deadline: float, *, implicit: bool) -> N
                  "timed out" if isinstance(e, TimeoutError) else e or type(e).__name__)
         _close(proto)
         raise Close from None
+
+
+def _replay(proto: ElemtaSMTP, tls_protocol: sslproto.SSLProtocol) -> None:
+    """Hand the TLS layer what arrived before it took over the connection.
+
+    On an implicit-TLS listener the client speaks TLS from its first byte: what
+    the session's reader holds already (the ClientHello, sent right behind a
+    PROXY header or while the handshake waited for a slot) is the handshake's.
+    """
+    pending = proto._reader._buffer  # type: ignore[attr-defined]
+    data = bytes(pending)
+    pending.clear()
+    view = memoryview(data)
+    while view:
+        buffer = tls_protocol.get_buffer(len(view))
+        n = min(len(buffer), len(view))
+        buffer[:n] = view[:n]
+        tls_protocol.buffer_updated(n)
+        view = view[n:]
 
 
 def _close(proto: ElemtaSMTP) -> None:
