@@ -322,8 +322,10 @@ class DatasourcePlugin:
             if self._postmaster(recipient.address, res):
                 return Route(transport=self.settings.transport, destination=domain)
             return Route(transport=UNKNOWN, destination=domain)
-        if res.deliver_to is not None:
+        if res.deliver_to is not None and not _keeps_a_copy(recipient.address, res.deliver_to):
             return Route(transport=ALIAS, destination=domain)
+        # a mailbox, or one with a forward rule: its own copy of a message whose recipients
+        # were already expanded at RCPT (passing it on again would never end)
         return Route(transport=self.settings.transport, destination=domain)
 
     @hookimpl
@@ -376,3 +378,9 @@ def _int(value: Any) -> int | None:
         return int(value)
     except (TypeError, ValueError):
         return None
+
+
+def _keeps_a_copy(address: str, deliver_to: tuple[str, ...]) -> bool:
+    """Whether ``address`` is among its own final recipients (a forward rule)."""
+    lowered = address.lower()
+    return any(target.lower() == lowered for target in deliver_to)

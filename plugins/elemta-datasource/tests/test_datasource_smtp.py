@@ -328,3 +328,37 @@ async def test_postmaster_of_every_hosted_domain_is_accepted_without_a_mailbox(
     # postmaster@catch.test is a mailbox there; every other postmaster goes to admin
     assert got == ["admin@example.test", "postmaster@catch.test"]
     assert {d.route.transport for d in delivered} == {"local"}
+
+
+async def test_a_forward_rule_keeps_one_local_copy_and_never_passes_it_on_again(
+        elemta_server, tmp_path) -> None:
+    """The recipients of a forward rule are expanded at RCPT; the mailbox's own copy is
+    routed to its mailbox, not treated as an alias again (which re-queued it forever)."""
+    async with Sink() as sink:
+        db = tmp_path / "ds.sqlite3"
+        await directory(db)
+        b = SQLiteBackend(db)
+        await b.open()
+        await b.set_rule(check_rule(Rule("alice@example.test", "forward",
+                                         targets=("alice@home.example",))))
+        await b.close()
+        server = await elemta_server({
+            "domains": {},
+            "plugins": {"datasource": {"sqlite_path": str(db), "cache_seconds": 0.2}},
+            "delivery": {"enabled": True, "workers": 2, "retry_intervals_seconds": [30],
+                         "routes": {"*": {"host": f"127.0.0.1:{sink.port}", "tls": "none"}}},
+        }, enabled=["datasource"])
+        async with RawSMTP(server.port("mx")) as c:
+            await c.cmd("EHLO client.example")
+            assert (await c.send_message("s@origin.example", ["alice@example.test"],
+                                         MSG)).code == 250
+        await server.app.spool.checkpoint()
+        [got] = await sink.wait_for(1)
+        assert got.recipients == ["alice@home.example"]
+        await asyncio.sleep(0.5)
+        # one message in the spool: the local copy, waiting for a local transport (none is
+        # loaded here); nothing passed on
+        envs = [e for state in ("ready", "deferred") for e in spooled(server, state)]
+        assert len(envs) == 1, [e["recipients"] for e in envs]
+        states = {r["address"]: r["state"] for r in envs[0]["recipients"]}
+        assert states == {"alice@example.test": "pending", "alice@home.example": "delivered"}
