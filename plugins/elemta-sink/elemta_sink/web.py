@@ -301,26 +301,32 @@ class Api:
                 metrics.stream(+1)
             iterator = subscription.__aiter__()
             stop = asyncio.ensure_future(self.stopping.wait())
+            nxt: asyncio.Future[Any] | None = None
             try:
                 yield b"retry: 2000\n: connected\n\n"
-                while not self.stopping.is_set():
-                    nxt = asyncio.ensure_future(iterator.__anext__())
+                while True:
+                    if nxt is None:
+                        nxt = asyncio.ensure_future(iterator.__anext__())
                     done, _ = await asyncio.wait({nxt, stop}, timeout=KEEPALIVE_SECONDS,
                                                  return_when=asyncio.FIRST_COMPLETED)
+                    if stop in done:
+                        return
                     if nxt not in done:
-                        nxt.cancel()
-                        if stop in done:
-                            return
                         yield b": keepalive\n\n"
                         continue
-                    try:
-                        event = nxt.result()
-                    except StopAsyncIteration:
+                    finished, nxt = nxt, None
+                    if finished.exception() is not None:    # StopAsyncIteration: closed
                         return
+                    event = finished.result()
                     data = json.dumps(event, separators=(",", ":"), default=str)
                     yield f"event: {event.get('type', 'message')}\ndata: {data}\n\n".encode()
             finally:
                 stop.cancel()
+                if nxt is not None:
+                    if nxt.done():
+                        nxt.exception()
+                    else:
+                        nxt.cancel()
                 subscription.close()
                 if metrics is not None:
                     metrics.stream(-1)
