@@ -6,7 +6,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 PLUGINS := $(wildcard plugins/*/pyproject.toml)
 
-.PHONY: serve test test-tools venv bench clean
+.PHONY: serve sink test test-tools venv bench clean
 
 venv: $(VENV)/.installed
 
@@ -19,13 +19,19 @@ $(VENV)/.installed: pyproject.toml $(PLUGINS)
 serve: venv
 	$(BIN)/elemta serve --config elemta.toml
 
+# Elemta as a mail sink for development (sink.toml): SMTP on 127.0.0.1:1025, every
+# message kept, the web UI on http://127.0.0.1:8025/ (docs/how-to/sink.md).
+sink: venv
+	$(BIN)/elemta serve --config sink.toml
+
 # Debian packages the tests drive: swaks (a real SMTP client), Postfix's
 # smtp-source (load generator), PostgreSQL, OpenLDAP's slapd and Dovecot (the
 # datasource plugin's tests start their own servers from these binaries, on
 # loopback and in temporary folders), OpenDKIM's tools (DKIM interoperability),
 # redis-server (shared greylist and rate-limit state), pebble (Let's Encrypt's test CA),
 # the filters the milter and policy clients are tested against (opendkim, rspamd,
-# postgrey, spamass-milter), HAProxy (a load balancer sending the PROXY protocol).
+# postgrey, spamass-milter), HAProxy (a load balancer sending the PROXY protocol),
+# Chromium and its WebDriver (the sink's web UI is tested in a headless browser).
 # Installed only when running as root;
 # policy-rc.d keeps the packages' own services from starting.
 test-tools:
@@ -45,6 +51,8 @@ test-tools:
 	[ -x /usr/bin/rspamd ] || missing="$$missing rspamd"; \
 	[ -x /usr/sbin/postgrey ] || missing="$$missing postgrey"; \
 	[ -x /usr/sbin/spamass-milter ] || missing="$$missing spamass-milter"; \
+	[ -x /usr/bin/chromium ] || missing="$$missing chromium"; \
+	[ -x /usr/bin/chromedriver ] || missing="$$missing chromium-driver"; \
 	[ -x /usr/sbin/spamd ] || missing="$$missing spamd"; \
 	[ -x /usr/sbin/haproxy ] || missing="$$missing haproxy"; \
 	if [ -n "$$missing" ]; then \
