@@ -24,7 +24,7 @@ serve: venv
 sink: venv
 	$(BIN)/elemta serve --config sink.toml
 
-# Debian packages the tests drive: swaks (a real SMTP client), Postfix's
+# Debian packages the tests drive: swaks (a real SMTP client), jq (the how-to guides use it), Postfix's
 # smtp-source (load generator), PostgreSQL, OpenLDAP's slapd and Dovecot (the
 # datasource plugin's tests start their own servers from these binaries, on
 # loopback and in temporary folders), OpenDKIM's tools (DKIM interoperability),
@@ -37,6 +37,7 @@ sink: venv
 test-tools:
 	@missing=""; \
 	command -v swaks >/dev/null || missing="$$missing swaks"; \
+	command -v jq >/dev/null || missing="$$missing jq"; \
 	command -v smtp-source >/dev/null || [ -x /usr/sbin/smtp-source ] || missing="$$missing postfix"; \
 	command -v initdb >/dev/null || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing="$$missing postgresql"; \
 	[ -x /usr/sbin/slapd ] || missing="$$missing slapd"; \
