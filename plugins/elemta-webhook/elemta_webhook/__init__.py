@@ -11,6 +11,7 @@ in :mod:`elemta_webhook.delivery`; this module only holds the hooks.
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import logging
 import urllib.parse
@@ -20,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 from elemta import Envelope, Outcome, RecipientState, Route, StartupError, hookimpl
 
 from .client import TargetClient
-from .delivery import Metrics, post_message
+from .delivery import PARSERS, Metrics, post_message
 from .settings import TargetSettings, WebhookSettings
 
 if TYPE_CHECKING:
@@ -41,6 +42,7 @@ class WebhookPlugin:
         self.local_domains: frozenset[str] = frozenset()
         self._clients: dict[str, TargetClient] = {}
         self._metrics = Metrics()
+        self._parsers = asyncio.Semaphore(PARSERS)
 
     @hookimpl
     def register_config(self) -> Mapping[str, type[WebhookSettings]]:
@@ -129,4 +131,5 @@ class WebhookPlugin:
                         route.destination, ", ".join(self._clients) or "none")
             return [Outcome(r.address, 451, "4.3.0", f"no webhook target named "
                             f"{route.destination!r}") for r in recipients]
-        return await post_message(client, self._metrics, envelope, recipients, content_path)
+        return await post_message(client, self._metrics, self._parsers, envelope, recipients,
+                                  content_path)

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import httpx
 
+from .payload import Post
 from .settings import TargetSettings
 
 SIGNATURE_HEADER = "X-Elemta-Signature"
@@ -100,11 +101,14 @@ def tls_context(ca_file: Path | None) -> ssl.SSLContext:
                          "certificate)") from None
 
 
-def new_boundary(body_parts: bytes) -> str:
-    """A multipart boundary that does not occur in ``body_parts``."""
+def new_boundary(post: Post) -> str:
+    """A multipart boundary that occurs in none of the parts (the other fields are JSON
+    or short strings the check covers: a boundary is never a JSON token)."""
+    texts = [post.text or "", post.html or ""] + [v for _, v in post.headers]
     while True:
         boundary = "elemta-" + secrets.token_hex(16)
-        if boundary.encode("ascii") not in body_parts:
+        if (post.raw is None or boundary.encode("ascii") not in post.raw) \
+                and not any(boundary in t for t in texts):
             return boundary
 
 

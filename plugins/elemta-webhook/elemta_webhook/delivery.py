@@ -21,8 +21,10 @@ from .settings import TargetSettings
 
 log = logging.getLogger("elemta.webhook")
 
-# A message larger than this is read and encoded off the event loop.
+# A message larger than this is read and encoded off the event loop, at most
+# PARSERS at a time: parsing costs about eight times the message's size at its peak.
 INLINE_BYTES = 256 * 1024
+PARSERS = 2
 
 # Enhanced status codes (RFC 3463) of bounces, by HTTP status; others are 5.0.0.
 _BOUNCE_STATUS = {
@@ -105,14 +107,14 @@ def _build(target: TargetSettings, post: payload.Post, content_path: str
                      raw=target.raw, link_base=target.link_base)
     if target.format == "json":
         return payload.json_body(post), "application/json"
-    probe = payload.multipart_body(post, "-")
-    boundary = new_boundary(probe)
+    boundary = new_boundary(post)
     return (payload.multipart_body(post, boundary),
             f"multipart/form-data; boundary={boundary}")
 
 
-async def post_message(client: TargetClient, metrics: Metrics, envelope: Envelope,
-                       recipients: list[RecipientState], content_path: str) -> list[Outcome]:
+async def post_message(client: TargetClient, metrics: Metrics, parsers: asyncio.Semaphore,
+                       envelope: Envelope, recipients: list[RecipientState],
+                       content_path: str) -> list[Outcome]:
     """POST the spooled message for ``recipients`` to ``client``'s target; their outcomes."""
     target = client.target
     addresses = [r.address for r in recipients]
@@ -124,7 +126,9 @@ async def post_message(client: TargetClient, metrics: Metrics, envelope: Envelop
         recipients=addresses)
     try:
         if envelope.size > INLINE_BYTES:
-            body, content_type = await asyncio.to_thread(_build, target, post, content_path)
+            async with parsers:
+                body, content_type = await asyncio.to_thread(_build, target, post,
+                                                             content_path)
         else:
             body, content_type = _build(target, post, content_path)
     except OSError as e:

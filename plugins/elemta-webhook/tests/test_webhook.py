@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import email
 import json
 import logging
 import time
@@ -15,6 +16,7 @@ import pytest
 from conftest import SECRET
 from webhook_receiver import Hold, decode, readme_verifier
 
+from elemta import Route, hookimpl
 from elemta.testing import parse_dsn, send_mail
 from elemta_webhook import payload
 from elemta_webhook.client import signature
@@ -408,3 +410,95 @@ def test_two_catch_all_targets_are_refused():
     with pytest.raises(ValueError, match="all catch-alls"):
         WebhookSettings.model_validate({"targets": [{"name": "a", **entry},
                                                     {"name": "b", **entry}]})
+
+
+# ------------------------------------------------------------------ more ways in
+
+
+async def test_a_401_defers_whatever_on_4xx_says(elemta_server, sender_mx, receiver):
+    rx = await receiver(secret="the-receiver-has-another-secret")
+    server = await start(elemta_server, sender_mx, target(rx))
+
+    qid = await submit(server, ["help@example.test"])
+
+    envelope = await wait_state(server, qid, "deferred")
+    assert "answered HTTP 401" in envelope["recipients"][0]["last_error"]
+    assert rx.requests == [] and rx.refused == ["bad signature or timestamp"]
+    assert sender_mx.messages == []
+
+
+async def test_https_with_a_private_ca_in_ca_file(elemta_server, sender_mx, receiver,
+                                                   receiver_tls):
+    rx = await receiver(tls=receiver_tls["context"])
+    trusting = await start(elemta_server, sender_mx,
+                           target(rx, ca_file=str(receiver_tls["ca_file"])))
+    qid = await submit(trusting, ["help@example.test"])
+    await wait_state(trusting, qid, None)
+    assert len(rx.delivered()) == 1
+
+    # without ca_file the system's CAs do not know the receiver's: deferred, never sent
+    doubting = await start(elemta_server, sender_mx, target(rx))
+    qid = await submit(doubting, ["help@example.test"])
+    envelope = await wait_state(doubting, qid, "deferred")
+    error = envelope["recipients"][0]["last_error"]
+    assert error.startswith("451 4.7.5 ") and "set ca_file" in error
+    assert len(rx.requests) == 1
+
+
+class RouteToCrm:
+    """A routing plugin of the site: tickets@ goes to the crm target, lost@ to none.
+    (``tryfirst``, as if listed before ``webhook`` in ``[plugins] enabled``.)"""
+
+    @hookimpl(tryfirst=True)
+    def route(self, recipient):
+        local = recipient.address.partition("@")[0]
+        if local in ("tickets", "lost"):
+            return Route("webhook", destination="crm" if local == "tickets" else "nowhere")
+        return None
+
+
+async def test_a_routing_plugin_can_send_a_recipient_to_a_target_by_name(
+        elemta_server, sender_mx, receiver):
+    desk, crm = await receiver(), await receiver()
+    server = await elemta_server({
+        "delivery": {"enabled": True, "retry_intervals_seconds": [60.0],
+                     "routes": {"*": {"host": sender_mx.address, "tls": "none"}}},
+        "plugins": {"webhook": {"targets": [
+            target(desk, name="desk"),
+            target(crm, name="crm", recipients=["sales@example.test"])]}}},
+        plugins=[("site", RouteToCrm())], enabled=["webhook"])
+
+    qid = await submit(server, ["tickets@example.test", "help@example.test",
+                                "lost@example.test"])
+
+    envelope = await wait_state(server, qid, "deferred")
+    states = {r["address"]: (r["state"], r["last_error"]) for r in envelope["recipients"]}
+    assert states["tickets@example.test"][0] == states["help@example.test"][0] == "delivered"
+    assert states["lost@example.test"] == ("pending",
+                                           "451 4.3.0 no webhook target named 'nowhere'")
+    assert [r.document["to"] for r in crm.requests] == [["tickets@example.test"]]
+    assert [r.document["to"] for r in desk.requests] == [["help@example.test"]]
+
+
+async def test_a_message_over_256_kib_is_prepared_off_the_event_loop_and_sent_whole(
+        elemta_server, sender_mx, receiver):
+    rx = await receiver()
+    server = await start(elemta_server, sender_mx, target(rx, format="multipart"))
+    msg = rich_message()
+    blob = bytes(range(256)) * 2048          # 512 KiB
+    msg.add_attachment(blob, maintype="application", subtype="octet-stream",
+                       filename="blob.bin")
+
+    qid = await submit(server, ["help@example.test"], msg)
+
+    [request] = await rx.wait(1)
+    await wait_state(server, qid, None)
+    attachments = json.loads(request.document["attachments"])
+    assert [(a["filename"], a["size"]) for a in attachments] == [("report.pdf", len(PDF)),
+                                                                 ("blob.bin", len(blob))]
+    raw = request.files["raw"][2]
+    assert int(request.document["size"]) == len(raw) > len(blob)
+    parsed = email.message_from_bytes(raw)
+    [found] = [p.get_payload(decode=True) for p in parsed.walk()
+               if p.get_filename() == "blob.bin"]
+    assert found == blob

@@ -19,6 +19,7 @@ import email.parser
 import email.policy
 import json
 import re
+import ssl
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -61,8 +62,10 @@ class Request:
 class Receiver:
     """``async with Receiver(secret) as r: r.url``."""
 
-    def __init__(self, secret: str, *, max_skew: float = 300.0) -> None:
+    def __init__(self, secret: str, *, tls: ssl.SSLContext | None = None,
+                 max_skew: float = 300.0) -> None:
         self.secret = secret
+        self.tls = tls
         self.max_skew = max_skew
         self.verify = readme_verifier()
         self.answers: list[Any] = []
@@ -78,10 +81,11 @@ class Receiver:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/inbound?token=t0ps3cret"
+        scheme = "https" if self.tls else "http"
+        return f"{scheme}://127.0.0.1:{self.port}/inbound?token=t0ps3cret"
 
     async def __aenter__(self) -> "Receiver":
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0, ssl=self.tls)
         self.port = self._server.sockets[0].getsockname()[1]
         return self
 
@@ -106,7 +110,7 @@ class Receiver:
         try:
             while await self._one(reader, writer):
                 pass
-        except (ConnectionError, asyncio.IncompleteReadError):
+        except (ConnectionError, asyncio.IncompleteReadError, ssl.SSLError):
             pass
         finally:
             self._writers.discard(writer)
