@@ -40,8 +40,8 @@ class SinkSettings(BaseModel):
     username: str | None = Field(None, min_length=1)
     password_hash: str | None = None
     read_only: bool = False
-    page_size: int = Field(50, ge=1, le=10_000)
-    max_page_size: int = Field(500, ge=1, le=10_000)
+    page_size: int = Field(50, ge=1, le=1000)
+    max_page_size: int = Field(500, ge=1, le=1000)    # the store answers at most 1000
 
     @field_validator("address")
     @classmethod

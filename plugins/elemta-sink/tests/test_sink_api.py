@@ -146,6 +146,9 @@ async def test_search_filters_and_pages(sink_server):
         assert (await ids(before="2000-01-01"))["total"] == 0
         assert (await ids(before=str(int(now.timestamp()) + 300)))["total"] == 5
         assert (await ids(q="nothing-matches-this"))["total"] == 0
+        # search syntax is never an error: operators and stray quotes are words
+        assert (await ids(q='"unbalanced AND OR * NEAR('))["total"] == 0
+        assert (await ids(q="report*"))["total"] == 5
         # a page size beyond the maximum is clamped to it, and says so
         clamped = await ids(limit=1_000_000)
         assert clamped["limit"] == 500 and clamped["count"] == 5
