@@ -240,6 +240,50 @@ async def test_ui_shows_mail_live_blocks_remote_images_searches_and_deletes(
         page = (await client.get("/api/v1/messages")).json()
     assert [m["subject"] for m in page["messages"]] == ["Invoice 7"]
     assert seen["console"] == [], seen["console"]
-    assert sorted(p.name for p in screenshots.glob("*.png")) == [
+    assert sorted(p.name for p in screenshots.glob("[1-5]-*.png")) == [
         "1-list.png", "2-html-remote-blocked.png", "3-authentication-results.png",
         "4-search.png", "5-deleted.png"]
+
+
+async def test_ui_behind_a_password_in_read_only_mode(browser_tools, sink_server, screenshots):
+    from argon2 import PasswordHasher
+
+    hashed = PasswordHasher(time_cost=1, memory_cost=8192).hash("let me in")
+    sink = await sink_server(sink={"username": "dev", "password_hash": hashed,
+                                   "read_only": True})
+    host = sink.base.removeprefix("http://")
+
+    def in_browser() -> dict[str, object]:
+        from selenium.webdriver.common.by import By
+        from selenium.webdriver.support import expected_conditions as ec
+        from selenium.webdriver.support.ui import WebDriverWait
+
+        seen: dict[str, object] = {}
+        driver = start_browser()
+        wait = WebDriverWait(driver, 15)
+        try:
+            driver.get(sink.base + "/")
+            seen["without"] = driver.find_elements(By.ID, "list")    # the UI is not served
+            driver.get(f"http://dev:let%20me%20in@{host}/")
+            wait.until(lambda d: "on" in d.find_element(By.ID, "live").get_attribute("class"))
+            swaks(sink.smtp_port, "Read only", html_message("Read only", "data:,"),
+                  screenshots)
+            wait.until(ec.presence_of_element_located(
+                (By.XPATH, "//ul[@id='list']/li[contains(., 'Read only')]"))).click()
+            wait.until(ec.text_to_be_present_in_element((By.ID, "message-subject"),
+                                                        "Read only"))
+            driver.switch_to.frame(driver.find_element(By.ID, "html-frame"))
+            seen["heading"] = wait.until(
+                ec.presence_of_element_located((By.ID, "greeting"))).text
+            driver.switch_to.default_content()
+            seen["buttons"] = {b: driver.find_element(By.ID, b).is_displayed()
+                               for b in ("delete-btn", "clear-btn", "release-btn")}
+            driver.save_screenshot(str(screenshots / "6-read-only.png"))
+        finally:
+            driver.quit()
+        return seen
+
+    seen = await asyncio.to_thread(in_browser)
+    assert seen["without"] == []
+    assert seen["heading"] == "Hello from the sink"      # the frame loads behind the password
+    assert seen["buttons"] == {"delete-btn": False, "clear-btn": False, "release-btn": False}

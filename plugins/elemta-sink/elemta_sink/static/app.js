@@ -16,8 +16,12 @@ function el(tag, attrs, ...children) {
   return node;
 }
 
+// Absolute URLs from location.origin, which has no user:password@ even when the page's
+// address does (a URL with credentials cannot be fetched).
+const url = (path) => location.origin + path;
+
 async function api(path, options) {
-  const response = await fetch(path, options);
+  const response = await fetch(url(path), options);
   const type = response.headers.get("content-type") || "";
   const body = type.includes("json") ? await response.json() : await response.text();
   if (!response.ok) throw new Error((body && body.error) || response.statusText);
@@ -106,7 +110,7 @@ async function loadRaw() {
 }
 
 function frameSource() {
-  return `/api/v1/messages/${state.selected}/html` + (state.remote ? "?remote=1" : "");
+  return url(`/api/v1/messages/${state.selected}/html`) + (state.remote ? "?remote=1" : "");
 }
 
 function renderAuth(fields) {
@@ -205,7 +209,7 @@ function scheduleReload() {
 }
 
 function listen() {
-  const source = new EventSource("/api/v1/events");
+  const source = new EventSource(url("/api/v1/events"));
   source.onopen = () => $("#live").classList.add("on");
   source.onerror = () => $("#live").classList.remove("on");
   for (const type of ["stored", "overflow"]) source.addEventListener(type, scheduleReload);
