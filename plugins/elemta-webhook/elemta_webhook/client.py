@@ -201,6 +201,7 @@ class TargetClient:
 
 
 def _one_line(data: bytes) -> str:
-    """Printable text on one line: a reply text may end up in a bounce."""
-    text = data.decode("utf-8", "replace")
-    return " ".join("".join(c if c.isprintable() else " " for c in text).split())
+    """Printable ASCII on one line, as an SMTP reply text is: it may end up in a bounce."""
+    text = data.decode("ascii", "replace")
+    return " ".join("".join(c if c.isprintable() and c.isascii() else "?" if c == "\ufffd"
+                            else " " for c in text).split())

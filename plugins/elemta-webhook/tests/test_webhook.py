@@ -502,3 +502,14 @@ async def test_a_message_over_256_kib_is_prepared_off_the_event_loop_and_sent_wh
     [found] = [p.get_payload(decode=True) for p in parsed.walk()
                if p.get_filename() == "blob.bin"]
     assert found == blob
+
+
+async def test_start_up_warns_about_a_domain_that_is_not_local_and_plain_http_abroad(
+        elemta_server, sender_mx, caplog):
+    await start(elemta_server, sender_mx,
+                {"name": "far", "url": "http://hooks.example.net/in", "secret": SECRET,
+                 "domains": ["in.example.net"]})
+
+    assert "target far takes in.example.net, which is no local domain" in caplog.text
+    assert '[domains."in.example.net"]' in caplog.text
+    assert "target far sends messages over plain HTTP to hooks.example.net" in caplog.text
