@@ -149,6 +149,9 @@ class SinkPlugin:
         config = uvicorn.Config(asgi, log_config=None, access_log=False, lifespan="off",
                                 timeout_graceful_shutdown=STOP_SECONDS, server_header=False,
                                 http="auto")
+        # uvicorn's "Started server process" and "Waiting for application startup" would
+        # say the wrong thing here; its warnings and errors still reach Elemta's log
+        logging.getLogger("uvicorn.error").setLevel(logging.WARNING)
         self._server = _uvicorn_server(config)
         self._task = asyncio.create_task(self._serve(sock), name="elemta-sink-http")
         for _ in range(200):    # uvicorn's startup is quick: wait for it, bounded
