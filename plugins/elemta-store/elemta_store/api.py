@@ -116,8 +116,9 @@ class Subscription:
     "cleared", "id": int | None}`` (``id`` is ``None`` for ``cleared``;
     ``stored`` also has ``"new"``: ``False`` when recipients were added to a
     message already stored, as a repeated delivery does). A
-    subscriber that does not keep up loses the oldest events beyond
-    ``queue_size`` and then receives ``{"type": "overflow", "id": None}``: reload.
+    subscriber that lets ``queue_size`` events wait loses them all and receives
+    ``{"type": "overflow", "id": None}`` instead, then the events after it:
+    reload what it shows.
     Iteration ends when the store closes or :meth:`close` is called. Use it as an
     async context manager, or call :meth:`close`, so the store forgets it.
     """
@@ -126,7 +127,6 @@ class Subscription:
         self._hub = hub
         self._queue: asyncio.Queue[Event | None] = asyncio.Queue()
         self._size = queue_size
-        self._overflowed = False
         self._closed = False
         self._loop = asyncio.get_running_loop()
 
@@ -134,12 +134,10 @@ class Subscription:
         if self._closed:
             return
         if event is not None and self._queue.qsize() >= self._size:
-            if not self._overflowed:
-                self._overflowed = True
-                while self._queue.qsize() >= self._size:
-                    self._queue.get_nowait()
-                self._queue.put_nowait({"type": "overflow", "id": None})
-            return
+            # what is queued is stale anyway: the subscriber must reload
+            while not self._queue.empty():
+                self._queue.get_nowait()
+            self._queue.put_nowait({"type": "overflow", "id": None})
         self._queue.put_nowait(event)
 
     def __aiter__(self) -> AsyncIterator[Event]:
@@ -152,8 +150,6 @@ class Subscription:
         if event is None:
             self._closed = True
             raise StopAsyncIteration
-        if event["type"] == "overflow":
-            self._overflowed = False
         return event
 
     async def __aenter__(self) -> Subscription:

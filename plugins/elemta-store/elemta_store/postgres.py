@@ -29,6 +29,7 @@ from .sqlite import load
 log = logging.getLogger("elemta.store")
 
 CHANNEL = "elemta_store"
+_IDLE = 0   # psycopg.pq.TransactionStatus.IDLE: no transaction open
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS elemta_store_messages (
@@ -68,6 +69,34 @@ CREATE TABLE IF NOT EXISTS elemta_store_totals (
     bytes BIGINT NOT NULL
 );
 INSERT INTO elemta_store_totals VALUES (0, 0, 0) ON CONFLICT DO NOTHING;
+"""
+
+INSERT = """
+WITH m AS (
+    INSERT INTO elemta_store_messages (queue_id, received, sender, recipients, subject,
+        from_header, to_header, size, has_attachments, snippet, headers, envelope, words)
+    VALUES (%(queue_id)s, %(received)s, %(sender)s, %(recipients)s, %(subject)s,
+        %(from_header)s, %(to_header)s, %(size)s, %(has_attachments)s, %(snippet)s,
+        %(headers)s, %(envelope)s, to_tsvector('simple', %(words)s))
+    ON CONFLICT (queue_id) DO NOTHING
+    RETURNING id
+), c AS (
+    INSERT INTO elemta_store_contents SELECT id, %(raw)s FROM m
+), r AS (
+    INSERT INTO elemta_store_recipients
+    SELECT m.id, x.position, x.address, x.original, x.params
+    FROM m, jsonb_to_recordset(%(rcpts)s::jsonb)
+        AS x(position INTEGER, address TEXT, original TEXT, params JSONB)
+    ON CONFLICT DO NOTHING
+), t AS (
+    UPDATE elemta_store_totals SET messages = messages + 1, bytes = bytes + %(size)s
+    WHERE k = 0 AND EXISTS (SELECT 1 FROM m)
+    RETURNING messages, bytes
+)
+SELECT m.id, t.messages, t.bytes,
+    pg_notify('elemta_store', json_build_object('type', 'stored', 'id', m.id, 'new', true,
+                                                'origin', %(origin)s::text)::text)
+FROM m, t
 """
 
 SUMMARY = ("m.id, m.received, m.sender, m.recipients, m.subject, m.from_header, m.to_header, "
@@ -110,7 +139,8 @@ class PostgresBackend:
 
         pool = AsyncConnectionPool(self._dsn, min_size=1, max_size=self.settings.postgresql_pool_size,
                                    open=False, timeout=self.settings.timeout_seconds,
-                                   name="elemta-store")
+                                   name="elemta-store", kwargs={"autocommit": True},
+                                   configure=_durable)
         try:
             await pool.open(wait=True, timeout=self.settings.timeout_seconds)
             async with pool.connection() as conn:
@@ -172,13 +202,18 @@ class PostgresBackend:
     def _event(self, type: str, id: int | None, **more: Any) -> str:
         return json.dumps({"type": type, "id": id, "origin": self._origin, **more})
 
-    async def _tx(self, fn: Callable[[Any], Any]) -> Any:
+    async def _tx(self, fn: Callable[[Any], Any], atomic: bool = True) -> Any:
+        """``fn(cursor)`` in a transaction; with ``atomic=False``, each statement commits
+        by itself (one statement: one round trip less on each side)."""
         from psycopg import Error
 
         if self._pool is None:
             raise StoreError("the message store is closed")
         try:
             async with self._pool.connection() as conn:
+                if not atomic:
+                    async with conn.cursor() as cur:
+                        return await fn(cur)
                 async with conn.transaction():
                     async with conn.cursor() as cur:
                         return await fn(cur)
@@ -190,47 +225,47 @@ class PostgresBackend:
     # -- writes --------------------------------------------------------------
 
     async def put(self, item: Incoming) -> tuple[int, bool, list[int]]:
-        incoming = await asyncio.to_thread(load, item)
-        p = await asyncio.to_thread(parse, incoming.raw, self.settings.index_bytes)
+        p, incoming = await asyncio.to_thread(self._prepare, item)
         addresses = [r[0] for r in incoming.recipients]
         words = plain_words(" ".join([incoming.sender, *addresses, p.subject, p.body]))
-        words = words[:MAX_WORDS_CHARS]
         envelope = {"mail_params": incoming.mail_params, "helo": incoming.helo,
                     "peer": incoming.peer, "auth": incoming.auth}
+        rcpts = [{"position": n, "address": a, "original": o, "params": params}
+                 for n, (a, params, o) in enumerate(incoming.recipients)]
 
         async def run(cur: Any) -> tuple[int, bool, list[int]]:
-            await cur.execute(
-                "INSERT INTO elemta_store_messages (queue_id, received, sender, recipients,"
-                " subject, from_header, to_header, size, has_attachments, snippet, headers,"
-                " envelope, words) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s,"
-                " to_tsvector('simple', %s)) ON CONFLICT (queue_id) DO NOTHING RETURNING id",
-                (incoming.queue_id, incoming.received, incoming.sender, json.dumps(addresses),
-                 _nul(p.subject), _nul(p.from_header), _nul(p.to_header), len(incoming.raw),
-                 p.has_attachments, _nul(p.snippet),
-                 _nul(json.dumps(p.headers)), json.dumps(envelope), words))
+            # one round trip: the message, its content, its recipients, the totals, NOTIFY
+            await cur.execute(INSERT, {
+                "queue_id": incoming.queue_id, "received": incoming.received,
+                "sender": _nul(incoming.sender), "recipients": json.dumps(addresses),
+                "subject": _nul(p.subject), "from_header": _nul(p.from_header),
+                "to_header": _nul(p.to_header), "size": len(incoming.raw),
+                "has_attachments": p.has_attachments, "snippet": _nul(p.snippet),
+                "headers": _nul(json.dumps(p.headers)), "envelope": json.dumps(envelope),
+                "words": words[:MAX_WORDS_CHARS], "raw": incoming.raw,
+                "rcpts": json.dumps(rcpts), "origin": self._origin})
             row = await cur.fetchone()
             if row is None:
+                if cur.connection.info.transaction_status == _IDLE:
+                    raise _Again    # autocommit: redo it in a transaction
                 return await self._add_recipients(cur, incoming)
-            id = row[0]
-            for n, (address, params, original) in enumerate(incoming.recipients):
-                await cur.execute("INSERT INTO elemta_store_recipients VALUES (%s, %s, %s, %s, %s)"
-                                  " ON CONFLICT DO NOTHING",
-                                  (id, n, address, original, json.dumps(params)))
-            await cur.execute("INSERT INTO elemta_store_contents VALUES (%s, %s)",
-                              (id, incoming.raw))
-            # the totals row, last: its lock is held only until the commit just after
-            await cur.execute("UPDATE elemta_store_totals SET messages = messages + 1,"
-                              " bytes = bytes + %s WHERE k = 0 RETURNING messages, bytes",
-                              (len(incoming.raw),))
-            count, total = await cur.fetchone()
+            id, count, total = row[:3]
             pruned = await self._prune(cur, id, count, total)
-            await cur.execute("SELECT pg_notify(%s, %s)",
-                              (CHANNEL, self._event("stored", id, new=True)))
             for d in pruned:
                 await cur.execute("SELECT pg_notify(%s, %s)", (CHANNEL, self._event("deleted", d)))
             return id, True, pruned
 
-        return await self._tx(run)
+        # unbounded, the insert is one statement: atomic and durable by itself once it
+        # returns (autocommit); a repeated delivery takes the transaction path
+        bounded = bool(self.settings.max_messages or self.settings.max_bytes)
+        try:
+            return await self._tx(run, atomic=bounded)
+        except _Again:
+            return await self._tx(run, atomic=True)
+
+    def _prepare(self, item: Incoming) -> tuple[Any, Incoming]:
+        incoming = load(item)
+        return parse(incoming.raw, self.settings.index_bytes), incoming
 
     async def _add_recipients(self, cur: Any, incoming: Incoming) -> tuple[int, bool, list[int]]:
         await cur.execute("SELECT id, recipients FROM elemta_store_messages WHERE queue_id = %s"
@@ -313,7 +348,7 @@ class PostgresBackend:
         async def run(cur: Any) -> int:
             await cur.execute("SELECT messages FROM elemta_store_totals WHERE k = 0")
             return int((await cur.fetchone())[0])
-        return await self._tx(run)
+        return await self._tx(run, atomic=False)
 
     async def search(self, text: str | None, to: str | None, sender: str | None,
                      since: datetime | None, before: datetime | None,
@@ -354,7 +389,7 @@ class PostgresBackend:
             await cur.execute(f"SELECT {SUMMARY} FROM elemta_store_messages m{clause}"
                               " ORDER BY m.id DESC LIMIT %s OFFSET %s", [*args, limit, offset])
             return Page(int(total), [_summary(r) for r in await cur.fetchall()])
-        return await self._tx(run)
+        return await self._tx(run, atomic=False)
 
     async def get(self, id: int) -> StoredMessage | None:
         async def run(cur: Any) -> StoredMessage | None:
@@ -374,14 +409,26 @@ class PostgresBackend:
             return StoredMessage(s.id, s.received, s.sender, s.recipients, s.subject,
                                  s.from_header, s.to_header, s.size, s.has_attachments,
                                  s.snippet, [tuple(h) for h in row[10]], envelope)
-        return await self._tx(run)
+        return await self._tx(run, atomic=False)
 
     async def raw(self, id: int) -> bytes | None:
         async def run(cur: Any) -> bytes | None:
             await cur.execute("SELECT raw FROM elemta_store_contents WHERE id = %s", (id,))
             row = await cur.fetchone()
             return None if row is None else bytes(row[0])
-        return await self._tx(run)
+        return await self._tx(run, atomic=False)
+
+
+async def _durable(conn: Any) -> None:
+    """A commit must be on disk when it returns: never ``synchronous_commit = off``."""
+    cur = await conn.execute("SHOW synchronous_commit")
+    (value,) = await cur.fetchone()
+    if value == "off":
+        await conn.execute("SET synchronous_commit = on")
+
+
+class _Again(Exception):
+    """The statement needs a transaction around it."""
 
 
 def _nul(text: str) -> str:

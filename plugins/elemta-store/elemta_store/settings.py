@@ -49,7 +49,6 @@ class StoreSettings(BaseModel):
         for d in v:
             name = d.strip().lower().rstrip(".")
             if not name or "@" in name or any(c.isspace() for c in name):
-                raise ValueError(f"domains: {d!r} is not a domain name; write such as "
-                                 "\"example.com\"")
+                raise ValueError(f'"{d}" is not a domain name; write such as "example.com"')
             out.append(name)
         return out
