@@ -16,6 +16,9 @@ from elemta.testing.client import RawSMTP
 from elemta.testing.sink import Sink
 
 from tests.postfix_instance import Postfix
+from tests import test_dsn_notices
+
+runner_sends_success_notices = test_dsn_notices.runner_sends_success_notices  # the fixture
 
 MSG = b"Subject: relay me\r\nMessage-ID: <r1@origin.test>\r\n\r\n.a line with a dot\r\nbody\r\n"
 
@@ -173,3 +176,20 @@ async def test_binary_content_to_a_server_without_binarymime_bounces_with_5_6_3(
     assert held == []
     [fields] = parse_dsn(bounce.content)
     assert fields["Status"] == "5.6.3" and fields["Action"] == "failed"
+
+
+async def test_no_success_report_when_the_next_hop_takes_the_dsn_parameters(
+        elemta_server, runner_sends_success_notices):
+    async with Sink() as origin:
+        with Postfix() as postfix:
+            server = await elemta_server(relay_config(postfix, origin))
+            queue_id = await submit(server, ["MAIL FROM:<a@origin.test>",
+                                             "RCPT TO:<bob@remote.test> NOTIFY=SUCCESS"], MSG)
+            [held] = await asyncio.to_thread(postfix.wait_held, 1)
+            record = postfix.postcat(held["queue_id"])
+            async with asyncio.timeout(10):
+                while (server.spool_path / "ready" / f"{queue_id}.json").exists():
+                    await asyncio.sleep(0.05)
+            await asyncio.sleep(0.5)
+    assert "notify_flags=2" in record           # SUCCESS went on; Postfix reports from there
+    assert origin.messages == []

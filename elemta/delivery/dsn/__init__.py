@@ -14,9 +14,15 @@ Decisions, and why:
   without NOTIFY failures and delays are reported (§4.1 lets the MTA choose
   ``FAILURE`` or ``FAILURE,DELAY``; whether to warn about delays at all is the
   runner's schedule).
-* **Headers only, never the body**, even with ``RET=FULL``: the body is the
-  sender's own data, can be large, and a bounce with a body is what makes
-  backscatter useful to spammers. The header section is enough to diagnose.
+* **Headers, or the whole message when the sender asked for it.** Without
+  ``RET`` (the MTA's choice, RFC 3461 §4.3), with ``RET=HDRS`` and in every
+  report that has no failure in it, only the header section goes back: the
+  body is the sender's own data, can be large, and a bounce with a body is
+  what makes backscatter useful to spammers. With ``RET=FULL`` a failure
+  report returns the whole message as ``message/rfc822`` (``message/global``
+  with UTF-8 headers) when it is at most :data:`MAX_RETURNED_MESSAGE_BYTES`;
+  a larger one, or ``BINARYMIME`` content (which no 8-bit MIME part can
+  carry), gets its headers only, and the text part says so.
 * **The text part is quoted-printable UTF-8.** Remote replies are attacker
   controlled and may be long or non-ASCII; QP keeps every line at 76 octets
   and the part 7-bit, so the DSN passes any relay without 8BITMIME. Control
@@ -46,6 +52,7 @@ import secrets
 import time
 
 from ...spool.envelope import Envelope, RecipientState
+from ..smtp.encoding import DataEncoder
 from .headers import (_FOLDED, MAX_RETURNED_HEADER_BYTES, _header_section, _message_id,
                       _read_header_section, _returnable_headers)
 from .outcome import ACTIONS, RecipientOutcome
@@ -57,6 +64,7 @@ __all__ = [
     "ACTIONS",
     "MAX_DIAGNOSTIC_CHARS",
     "MAX_RETURNED_HEADER_BYTES",
+    "MAX_RETURNED_MESSAGE_BYTES",
     "RecipientOutcome",
     "build_dsn",
     "is_bounce",
@@ -64,6 +72,9 @@ __all__ = [
 ]
 
 _STATUS = re.compile(r"[245]\.[0-9]{1,3}\.[0-9]{1,3}")
+
+# RET=FULL: a message up to this size goes back whole (Postfix's bounce_size_limit is 50 000)
+MAX_RETURNED_MESSAGE_BYTES = 256 * 1024
 
 
 def is_bounce(envelope: Envelope) -> bool:
@@ -81,7 +92,10 @@ def build_dsn(*, envelope: Envelope, outcomes: list[RecipientOutcome], reporting
         batches them (one DSN for this batch's failures, another for its delays).
     :param reporting_mta: this host's name, for ``From:`` and ``Reporting-MTA``.
     :param original_headers: the original message, or its header section, or a
-        path to it; only the header section is read and returned.
+        path to it; only the header section is read and returned, unless the
+        sender asked for the full message (``RET=FULL``) and this report has a
+        failure: then the whole message (bytes or file) is returned when it is
+        at most :data:`MAX_RETURNED_MESSAGE_BYTES`.
     :param postmaster: an address the sender can write to for help.
     :param now: the ``Date:`` of the DSN (epoch seconds); defaults to the clock.
     :param message_id_domain: the right-hand side of the ``Message-ID``;
@@ -116,12 +130,30 @@ def build_dsn(*, envelope: Envelope, outcomes: list[RecipientOutcome], reporting
         section = _read_header_section(original_headers)
     returned, returned_is_utf8 = _returnable_headers(section)
     original_id = _message_id(section)
+    whole: bytes | None = None
+    note = None
+    if (envelope.mail_params.get("RET") == "FULL" and returned
+            and any(o.action == "failed" for o in reported)):
+        whole = _whole_message(original_headers, envelope)
+        if whole is None:
+            note = ("The message was too large to return whole"
+                    if envelope.mail_params.get("BODY") != "BINARYMIME"
+                    else "The message holds binary content, which a report cannot carry")
+            note += "; its header section is attached."
 
     now = time.time() if now is None else now
-    text_part = _text_part(envelope, reported, host, postmaster)
+    text_part = _text_part(envelope, reported, host, postmaster, note)
     status_part = _status_part(envelope, reported, by_address, host)
     parts = [text_part, status_part]
-    if returned:
+    if whole is not None:
+        eight_bit = not whole.isascii()
+        returned_is_utf8 = eight_bit
+        content_type = "message/global" if not section.isascii() else "message/rfc822"
+        part_headers = (f"Content-Type: {content_type}\r\n"
+                        f"Content-Transfer-Encoding: {'8bit' if eight_bit else '7bit'}\r\n"
+                        "Content-Description: The original message\r\n")
+        parts.append((part_headers.encode("ascii"), whole))
+    elif returned:
         content_type, encoding = (("message/global-headers", "8bit") if returned_is_utf8
                                   else ("text/rfc822-headers", "7bit"))
         part_headers = (f"Content-Type: {content_type}\r\n"
@@ -156,6 +188,28 @@ def build_dsn(*, envelope: Envelope, outcomes: list[RecipientOutcome], reporting
         out += b"\r\n" if body.endswith(b"\r\n") else b"\r\n\r\n"
     out += delimiter + b"--\r\n"
     return "", [envelope.sender], bytes(out)
+
+
+def _whole_message(original: bytes | os.PathLike[str], envelope: Envelope) -> bytes | None:
+    """The original message to return with RET=FULL: CRLF lines of at most 998 octets.
+
+    ``None`` when it is larger than :data:`MAX_RETURNED_MESSAGE_BYTES` or binary.
+    """
+    if envelope.mail_params.get("BODY") == "BINARYMIME":
+        return None
+    if isinstance(original, (bytes, bytearray, memoryview)):
+        data = bytes(original[:MAX_RETURNED_MESSAGE_BYTES + 1])
+    else:
+        try:
+            with open(original, "rb") as f:
+                data = f.read(MAX_RETURNED_MESSAGE_BYTES + 1)
+        except OSError:
+            return None
+    if len(data) > MAX_RETURNED_MESSAGE_BYTES or b"\0" in data:
+        return None
+    encoder = DataEncoder(dots=False)   # CRLF and 998-octet lines, as it would be relayed
+    out = encoder.feed(data) + encoder.finish()
+    return out if out.endswith(b"\r\n") else out + b"\r\n"
 
 
 def parse_dsn(raw: bytes) -> list[dict[str, str]]:

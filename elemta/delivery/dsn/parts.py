@@ -94,7 +94,7 @@ def _address_field(address: str) -> str:
 
 
 def _text_part(envelope: Envelope, reported: list[RecipientOutcome], host: str,
-               postmaster: str | None) -> tuple[bytes, bytes]:
+               postmaster: str | None, note: str | None = None) -> tuple[bytes, bytes]:
     lines = [f"This is the mail system at {host}.", ""]
     for action in ACTIONS:
         group = [o for o in reported if o.action == action]
@@ -115,6 +115,9 @@ def _text_part(envelope: Envelope, reported: list[RecipientOutcome], host: str,
             else:
                 lines.append(f"    Status {outcome.status}{where}.")
             lines.append("")
+    if note:
+        lines += _wrap(note)
+        lines.append("")
     lines.append(f"Queue ID: {_safe_queue_id(envelope.id)}")
     lines.append(f"Arrival date: {_date(envelope.received_at)}")
     if postmaster:
