@@ -24,7 +24,8 @@ serve: venv
 sink: venv
 	$(BIN)/elemta serve --config sink.toml
 
-# Debian packages the tests drive: swaks (a real SMTP client), jq (the how-to guides use it), Postfix's
+# Debian packages the tests drive: swaks (a real SMTP client), jq (the how-to
+# guides use it), systemd-analyze and logrotate (the files in contrib/), Postfix's
 # smtp-source (load generator), PostgreSQL, OpenLDAP's slapd and Dovecot (the
 # datasource plugin's tests start their own servers from these binaries, on
 # loopback and in temporary folders), OpenDKIM's tools (DKIM interoperability),
@@ -38,6 +39,8 @@ test-tools:
 	@missing=""; \
 	command -v swaks >/dev/null || missing="$$missing swaks"; \
 	command -v jq >/dev/null || missing="$$missing jq"; \
+	command -v systemd-analyze >/dev/null || missing="$$missing systemd"; \
+	[ -x /usr/sbin/logrotate ] || missing="$$missing logrotate"; \
 	command -v smtp-source >/dev/null || [ -x /usr/sbin/smtp-source ] || missing="$$missing postfix"; \
 	command -v initdb >/dev/null || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing="$$missing postgresql"; \
 	[ -x /usr/sbin/slapd ] || missing="$$missing slapd"; \
