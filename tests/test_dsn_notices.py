@@ -17,6 +17,7 @@ from elemta.delivery import runner as runner_module
 from elemta.delivery.dsn import parse_dsn
 from elemta.delivery.runner import Runner
 from elemta.testing.client import RawSMTP
+from elemta.testing.mail import run_cli
 from elemta.testing.sink import Sink
 
 MSG = (b"Subject: report me\r\nMessage-ID: <n1@origin.test>\r\n\r\n"
@@ -182,3 +183,18 @@ async def test_ret_full_returns_the_message_and_hdrs_its_headers(elemta_server, 
     assert parts(bounce.content)[-1] == ("message/rfc822" if whole else "text/rfc822-headers")
     assert (b"only RET=FULL returns" in bounce.content) == whole
     assert b"Subject: report me" in bounce.content
+
+
+async def test_queue_show_displays_the_dsn_parameters(elemta_server):
+    server = await elemta_server({"server": {"relay_networks": ["127.0.0.0/8"]}})
+    queue_id = await submit(server, " RET=HDRS ENVID=QQ314159+2Bx",
+                            "bob@remote.test> NOTIFY=SUCCESS,DELAY ORCPT=rfc822;robert@remote.test",
+                            "carol@remote.test>")
+    server.app.spool.wait_written()
+    shown = await asyncio.to_thread(run_cli, "queue", "show", queue_id,
+                                    config=server.config_path)
+    assert shown.exit_code == 0, shown.stderr
+    out = " ".join(shown.stdout.split())
+    assert "DSN envelope ID QQ314159+x" in out
+    assert "DSN returns headers only" in out
+    assert "NOTIFY=SUCCESS,DELAY ORCPT=rfc822;robert@remote.test" in out

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import json
+import re
 import time
 from collections import Counter
 from collections.abc import Iterable, Iterator
@@ -280,6 +281,9 @@ def show_message(queue_id: str, as_json: bool) -> None:
         ("Authenticated", env.auth),
         ("MAIL parameters", " ".join(k if v is None else f"{k}={v}"
                                      for k, v in env.mail_params.items()) or None),
+        ("DSN envelope ID", _xtext_decoded(env.mail_params.get("ENVID"))),
+        ("DSN returns", {"FULL": "the full message", "HDRS": "headers only"}.get(
+            env.mail_params.get("RET") or "")),
     ]
     for name, value in rows:
         if value is not None:
@@ -287,12 +291,15 @@ def show_message(queue_id: str, as_json: bool) -> None:
     console.print(facts)
 
     rcpts = Table(title="Recipients", title_justify="left", box=None, header_style="bold")
-    for column in ("Address", "State", "Attempts", "Last error"):
+    dsn = any(r.params.get("NOTIFY") or r.params.get("ORCPT") for r in env.recipients)
+    for column in ("Address", "State", "Attempts", *(("DSN",) if dsn else ()), "Last error"):
         rcpts.add_column(column, overflow="fold")
     for r in env.recipients:
         address = r.address if r.original is None else f"{r.address} (for {r.original})"
+        notify = ([" ".join(f"{k}={r.params[k]}" for k in ("NOTIFY", "ORCPT")
+                            if r.params.get(k))] if dsn else [])
         rcpts.add_row(output.text(address), r.state, str(r.attempts),
-                      output.text(r.last_error or ""))
+                      *(output.text(n) for n in notify), output.text(r.last_error or ""))
     console.print()
     console.print(rcpts)
 
@@ -306,6 +313,20 @@ def show_message(queue_id: str, as_json: bool) -> None:
         return
     section = header.decode("utf-8", "replace").rstrip("\r\n").replace("\r\n", "\n")
     console.print(output.text(section), soft_wrap=True)
+
+
+def _xtext_decoded(value: str | None) -> str | None:
+    """An RFC 3461 xtext value as text (``+2B`` is ``+``)."""
+    if not value:
+        return None
+    octets = bytearray()
+    pos = 0
+    for m in re.finditer(r"\+([0-9A-F]{2})", value):
+        octets += value[pos:m.start()].encode("utf-8", "surrogateescape")
+        octets.append(int(m.group(1), 16))
+        pos = m.end()
+    octets += value[pos:].encode("utf-8", "surrogateescape")
+    return octets.decode("utf-8", "replace")
 
 
 def _read_header_section(path: Path) -> bytes:
