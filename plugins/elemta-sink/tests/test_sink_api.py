@@ -238,8 +238,10 @@ async def test_delete_one_and_clear_all(sink_server):
 
 async def test_release_sends_a_stored_message_on_to_a_real_address(sink_server):
     async with Sink() as remote:
+        metrics = free_port()
         sink = await sink_server(config={"delivery": {"routes": {
-            "remote.example": {"host": remote.address, "tls": "none"}}}})
+            "remote.example": {"host": remote.address, "tls": "none"}}},
+            "metrics": {"address": f"127.0.0.1:{metrics}"}})
         sent = await send_mail(sink.server, "alice@sender.example",
                                ["someone@remote.example"], rich_message("Release me"))
         assert sent.accepted
@@ -259,6 +261,9 @@ async def test_release_sends_a_stored_message_on_to_a_real_address(sink_server):
         # it left; the store did not get a second copy
         await asyncio.sleep(0.3)
         assert (await sink.wait_total(1))["messages"][0]["id"] == m["id"]
+        async with httpx.AsyncClient() as client:
+            text = (await client.get(f"http://127.0.0.1:{metrics}/metrics")).text
+        assert 'elemta_sink_releases_total{result="queued"} 1.0' in text
 
 
 async def test_without_capture_all_mail_is_not_captured(sink_server):
