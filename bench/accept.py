@@ -37,6 +37,15 @@ each session sends about ten messages, then quits, and the next batch starts.
 Each batch start costs a few milliseconds of dead time, so that column is a
 slight lower bound.
 
+``--servers elemta-data,elemta-bdat``: Elemta loaded by a small Python client
+(a subprocess, so its CPU is counted as smtp-source's is) that sends the same
+4 KiB messages either with DATA (MAIL, RCPT and DATA pipelined, then the
+content after the 354) or with BDAT (MAIL, RCPT and ``BDAT <n> LAST`` with the
+content, all in one write: one round trip fewer). The same client for both
+makes the two columns comparable; neither is comparable with the smtp-source
+rows. ``--servers elemta-data,elemta-bdat --concurrency 10 --rounds 3`` is the
+BDAT against DATA comparison.
+
 ``--profile DIR``: after the rounds, one more Elemta run per setting
 (``--profile-messages`` messages) under ``py-spy record --gil`` at 500 Hz
 writes ``DIR/elemta-s<S>-r<R>.txt`` (raw collapsed stacks) and prints where the
@@ -353,7 +362,77 @@ class Elemta(Server):
         return count_files(self.ready_dir)
 
 
-SERVERS = {"aiosmtpd": Baseline, "elemta": Elemta}
+class ElemtaData(Elemta):
+    name = "elemta-data"
+
+
+class ElemtaBdat(Elemta):
+    name = "elemta-bdat"
+
+
+SERVERS = {"aiosmtpd": Baseline, "elemta": Elemta, "elemta-data": ElemtaData,
+           "elemta-bdat": ElemtaBdat}
+
+LOAD_CLIENT = textwrap.dedent('''
+    import asyncio, sys
+
+    port, messages, sessions, per_session, mode = (int(sys.argv[1]), int(sys.argv[2]),
+                                                   int(sys.argv[3]), int(sys.argv[4]), sys.argv[5])
+    sender, rcpt, size = sys.argv[6], sys.argv[7], int(sys.argv[8])
+    line = b"x" * 76 + b"\\r\\n"
+    head = b"Subject: load\\r\\nFrom: <" + sender.encode() + b">\\r\\n\\r\\n"
+    body = head + line * ((size - len(head)) // len(line))
+    envelope = f"MAIL FROM:<{sender}>\\r\\nRCPT TO:<{rcpt}>\\r\\n".encode()
+
+    async def reply(reader, expect):
+        while True:
+            got = await reader.readline()
+            if got[3:4] != b"-":
+                break
+        if not got.startswith(expect):
+            raise SystemExit(f"expected {expect!r}, got {got!r}")
+
+    async def session(count):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        await reply(reader, b"220")
+        writer.write(b"EHLO load.example\\r\\n")
+        await reply(reader, b"250")
+        for _ in range(count):
+            if mode == "bdat":
+                writer.write(envelope + b"BDAT %d LAST\\r\\n" % len(body) + body)
+                for code in (b"250", b"250", b"250"):
+                    await reply(reader, code)
+            else:
+                writer.write(envelope + b"DATA\\r\\n")
+                for code in (b"250", b"250", b"354"):
+                    await reply(reader, code)
+                writer.write(body + b".\\r\\n")
+                await reply(reader, b"250")
+        writer.write(b"QUIT\\r\\n")
+        await reply(reader, b"221")
+        writer.close()
+
+    async def worker(share):
+        per = max(1, per_session)
+        while share > 0:
+            n = min(per, share)
+            await session(n)
+            share -= n
+
+    async def main():
+        shares = [messages // sessions + (i < messages % sessions) for i in range(sessions)]
+        await asyncio.gather(*(worker(n) for n in shares if n))
+
+    asyncio.run(main())
+''')
+
+
+def load_client_commands(kind: str, port: int, messages: int, sessions: int,
+                         per_session: int) -> list[list[str]]:
+    """The Python client's command line for ``elemta-data`` and ``elemta-bdat``."""
+    mode = "bdat" if kind == "elemta-bdat" else "data"
+    return [[sys.executable, "-c", LOAD_CLIENT, str(port), str(messages), str(sessions),
+             str(per_session), mode, SENDER, RECIPIENT, str(MESSAGE_BYTES)]]
 
 
 # ----------------------------------------------------------------------------- load
@@ -450,11 +529,11 @@ class Bench:
         try:
             server.start()
             self._show(kind, server, sessions, per_session)
+            load = (smtp_source_batches if kind in ("aiosmtpd", "elemta") else
+                    (lambda _exe, *a: load_client_commands(kind, *a)))
             if self.warmup:
-                send(smtp_source_batches(self.smtp_source, server.port, self.warmup,
-                                         sessions, per_session))
-            commands = smtp_source_batches(self.smtp_source, server.port, messages,
-                                           sessions, per_session)
+                send(load(self.smtp_source, server.port, self.warmup, sessions, per_session))
+            commands = load(self.smtp_source, server.port, messages, sessions, per_session)
             before_accepted = server.accepted()
             deadline = time.monotonic() + 10  # Elemta writes files out just after the 250
             while (self.warmup and before_accepted is not None
@@ -522,8 +601,14 @@ class Bench:
             print(f"  server {kind}: {' '.join(server.command())}")
             if isinstance(server, Elemta):
                 print(textwrap.indent(server.config.read_text().strip(), "      "))
-        cmds = smtp_source_batches(self.smtp_source, server.port, self.messages,
-                                   sessions, per_session)
+        if kind in ("aiosmtpd", "elemta"):
+            cmds = smtp_source_batches(self.smtp_source, server.port, self.messages,
+                                       sessions, per_session)
+        else:
+            cmds = [[*load_client_commands(kind, server.port, self.messages, sessions,
+                                           per_session)[0][:2], "<LOAD_CLIENT>",
+                     *load_client_commands(kind, server.port, self.messages, sessions,
+                                           per_session)[0][3:]]]
         more = f"  (and {len(cmds) - 1} more batches like it)" if len(cmds) > 1 else ""
         print(f"  load s={sessions} r={per_session}: {' '.join(cmds[0])}{more}")
         self.shown.add(key)
