@@ -30,6 +30,7 @@ from .delivery.smtp import (DSNParams, SMTPConnection, SMTPError, Timeouts, TLSP
 from .hookspecs import hookimpl
 from .models import Outcome, Route
 from .spool.envelope import Envelope, RecipientState
+from .spool.incoming import HEADER_CAP_BYTES
 
 if TYPE_CHECKING:
     from .app import App
@@ -197,11 +198,12 @@ class SMTPTransport:
         params = envelope.mail_params
         addresses = [r.address for r in recipients]
         dsn = DSNParams.of(params, [(r.params, r.original) for r in recipients])
+        utf8 = "SMTPUTF8" in params and _needs_smtputf8(envelope, content_path)
         async with limit:
             for _ in range(2):  # a pooled connection may have died while idle
                 conn = await self._connection(target, route)
                 result = await conn.send(envelope.sender, addresses, content_path,
-                                         utf8="SMTPUTF8" in params,
+                                         utf8=utf8,
                                          eight_bit=params.get("BODY") == "8BITMIME",
                                          binary=params.get("BODY") == "BINARYMIME",
                                          chunking=self.delivery.chunking, dsn=dsn,
@@ -247,6 +249,21 @@ class SMTPTransport:
         conns = [c for idle in self._idle.values() for c, _ in idle]
         self._idle.clear()
         await asyncio.gather(*(c.close() for c in conns), return_exceptions=True)
+
+
+def _needs_smtputf8(envelope: Envelope, content_path: str) -> bool:
+    """Whether a message received with SMTPUTF8 still needs it: a non-ASCII address or
+    header field. One that has neither goes to a server without SMTPUTF8 as it is."""
+    if not envelope.sender.isascii() or not all(r.address.isascii()
+                                                for r in envelope.recipients):
+        return True
+    try:
+        with open(content_path, "rb") as f:
+            head = f.read(HEADER_CAP_BYTES)
+    except OSError:
+        return True
+    end = head.find(b"\r\n\r\n")
+    return not (head if end < 0 else head[:end]).isascii()
 
 
 def make_plugin(settings: Settings) -> SMTPTransport:

@@ -193,3 +193,25 @@ async def test_no_success_report_when_the_next_hop_takes_the_dsn_parameters(
             await asyncio.sleep(0.5)
     assert "notify_flags=2" in record           # SUCCESS went on; Postfix reports from there
     assert origin.messages == []
+
+
+@pytest.mark.parametrize("header, bounced", [
+    ("Subject: caf\u00e9", True),     # UTF-8 in a header field: X.6.9, nothing sent
+    ("Subject: plain", False),        # SMTPUTF8 asked for, nothing needs it: sent as it is
+])
+async def test_smtputf8_mail_with_ascii_addresses_to_a_server_without_it(elemta_server, header,
+                                                                         bounced):
+    async with Sink() as origin:
+        with Postfix(smtputf8=False) as postfix:
+            server = await elemta_server(relay_config(postfix, origin))
+            await submit(server, ["MAIL FROM:<a@origin.test> SMTPUTF8",
+                                  "RCPT TO:<bob@remote.test>"],
+                         header.encode() + b"\r\n\r\nbody\r\n")
+            if bounced:
+                [bounce] = await origin.wait_for(1)
+                [fields] = parse_dsn(bounce.content)
+                assert (fields["Action"], fields["Status"]) == ("failed", "5.6.9")
+                assert postfix.held() == []
+            else:
+                [held] = await asyncio.to_thread(postfix.wait_held, 1)
+                assert "Subject: plain" in postfix.postcat(held["queue_id"])

@@ -475,9 +475,15 @@ class SMTPConnection:
                     RecipientResult(rcpt, 451, "4.3.0", "not sent: the message has a recipient "
                                     "with a bad address", "rcpt", local=True) for rcpt in rcpts]
         if utf8 and "SMTPUTF8" not in self.extensions:
-            return [RecipientResult(rcpt, 553, "5.6.7", f"the message needs SMTPUTF8, which "
-                                    f"{self.remote} does not support", "mail", local=True)
-                    for rcpt in rcpts]
+            # RFC 6531 §3.2: never downgraded; 5.6.7 for addresses, 5.6.9 for headers alone
+            if not sender.isascii() or not all(map(str.isascii, rcpts)):
+                return [RecipientResult(rcpt, 553, "5.6.7", f"the message has non-ASCII "
+                                        f"addresses and needs SMTPUTF8, which {self.remote} "
+                                        "does not support", "mail", local=True)
+                        for rcpt in rcpts]
+            return [RecipientResult(rcpt, 550, "5.6.9", f"the message has UTF-8 header fields "
+                                    f"and needs SMTPUTF8, which {self.remote} does not "
+                                    "support", "mail", local=True) for rcpt in rcpts]
         if binary and (self.lmtp or not {"BINARYMIME", "CHUNKING"} <= self.extensions.keys()):
             # RFC 3030 §3: binary content goes only where BINARYMIME is offered; a MIME
             # conversion would break signatures, so it is returned instead.
