@@ -276,3 +276,31 @@ async def test_20_mib_in_1_mib_chunks_grows_peak_rss_by_less_than_5_mib(tmp_path
     spool = tmp_path / "srv" / "queue"
     wait_until(lambda: (spool / "ready" / f"{queue_id}.json").exists(), what="envelope written")
     assert (spool / "messages" / queue_id).stat().st_size > sent
+
+
+async def test_the_outbound_client_sends_bdat_that_this_server_stores_as_sent(elemta_server,
+                                                                            tmp_path):
+    from elemta.delivery.smtp import SMTPConnection, Timeouts, TLSPolicy
+    server = await elemta_server()
+    text = HEAD + b".leading dot\r\n" + b"y" * 300_000 + b"\r\nend\r\n"
+    binary = HEAD + bytes(range(256)) * 1200 + b"\0\r"
+    path = tmp_path / "binary.eml"
+    path.write_bytes(binary)
+    conn = await SMTPConnection.open("127.0.0.1", server.port("mx"), mx_host="mx.example.test",
+                                     helo="client.example", tls=TLSPolicy("none"),
+                                     timeouts=Timeouts.uniform(10))
+    async with conn:
+        assert {"CHUNKING", "BINARYMIME"} <= conn.extensions.keys()
+        sent_text = await conn.send("a@client.example", ["u@example.test"], text, chunking=True)
+        sent_binary = await conn.send("a@client.example", ["u@example.test"], str(path),
+                                      binary=True)
+    queue_ids = [r.results[0].text.rsplit(" ", 1)[1] for r in (sent_text, sent_binary)]
+    assert all(r.results[0].delivered for r in (sent_text, sent_binary))
+    # text as DATA would carry it: no dot-stuffing in BDAT, the long line wrapped
+    stored_text = stored(server, queue_ids[0])
+    assert stored_text.startswith(HEAD + b".leading dot\r\n")
+    assert max(map(len, stored_text.split(b"\r\n"))) <= 998
+    assert stored_text.replace(b"\r\n ", b"").replace(b"\r\n", b"") == text.replace(b"\r\n", b"")
+    assert stored(server, queue_ids[1]) == binary
+    env = {e["id"]: e for e in spooled(server)}
+    assert env[queue_ids[1]]["mail_params"]["BODY"] == "BINARYMIME"

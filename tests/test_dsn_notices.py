@@ -198,3 +198,26 @@ async def test_queue_show_displays_the_dsn_parameters(elemta_server):
     assert "DSN envelope ID QQ314159+x" in out
     assert "DSN returns headers only" in out
     assert "NOTIFY=SUCCESS,DELAY ORCPT=rfc822;robert@remote.test" in out
+
+
+def test_ret_full_falls_back_to_headers_for_a_large_or_binary_message():
+    from elemta.delivery.dsn import MAX_RETURNED_MESSAGE_BYTES, RecipientOutcome, build_dsn
+    from elemta.spool.envelope import Envelope, RecipientState
+
+    def bounce(content: bytes, **params: str) -> bytes:
+        env = Envelope(id="Q1", sender="alice@origin.test",
+                       recipients=[RecipientState("bob@remote.test")], received_at=0,
+                       size=len(content), mail_params={"RET": "FULL", **params})
+        built = build_dsn(envelope=env, outcomes=[RecipientOutcome(
+            "bob@remote.test", "failed", "5.1.1", "550 5.1.1 no")], reporting_mta="mx.test",
+            original_headers=content, now=0)
+        assert built is not None
+        return built[2]
+
+    small = bounce(MSG)
+    assert parts(small)[-1] == "message/rfc822" and b"only RET=FULL returns" in small
+    big = MSG + b"z" * 76 * (MAX_RETURNED_MESSAGE_BYTES // 76)
+    for report in (bounce(big), bounce(MSG + b"\0", BODY="BINARYMIME")):
+        assert parts(report)[-1] == "text/rfc822-headers"
+        text = b" ".join(report.replace(b"=\r\n", b"").split())
+        assert b"zzzz" not in report and b"its header section is attached" in text
