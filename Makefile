@@ -24,8 +24,8 @@ serve: venv
 sink: venv
 	$(BIN)/elemta serve --config sink.toml
 
-# Debian packages the tests drive: swaks (a real SMTP client), jq (the how-to
-# guides use it), systemd-analyze and logrotate (the files in contrib/), Postfix's
+# Debian packages the tests drive: swaks (a real SMTP client), jq, curl and
+# sqlite3 (the how-to guides use them), systemd-analyze and logrotate (the files in contrib/), Postfix's
 # smtp-source (load generator), PostgreSQL, OpenLDAP's slapd and Dovecot (the
 # datasource plugin's tests start their own servers from these binaries, on
 # loopback and in temporary folders), OpenDKIM's tools (DKIM interoperability),
@@ -39,6 +39,8 @@ test-tools:
 	@missing=""; \
 	command -v swaks >/dev/null || missing="$$missing swaks"; \
 	command -v jq >/dev/null || missing="$$missing jq"; \
+	command -v curl >/dev/null || missing="$$missing curl"; \
+	command -v sqlite3 >/dev/null || missing="$$missing sqlite3"; \
 	command -v systemd-analyze >/dev/null || missing="$$missing systemd"; \
 	[ -x /usr/sbin/logrotate ] || missing="$$missing logrotate"; \
 	command -v smtp-source >/dev/null || [ -x /usr/sbin/smtp-source ] || missing="$$missing postfix"; \

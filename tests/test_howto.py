@@ -27,6 +27,7 @@ import email
 import os
 import re
 import shlex
+import sqlite3
 import subprocess
 import sys
 import tomllib
@@ -36,6 +37,7 @@ from typing import Any
 
 import pytest
 import tomlkit
+import trustme
 
 from elemta.testing import Sink, default_config, free_port, listener, merge
 
@@ -60,14 +62,16 @@ def fenced_blocks(path: Path, language: str) -> list[Block]:
     blocks: list[Block] = []
     i = 0
     while i < len(lines):
-        if re.fullmatch(rf"```{language}\s*", lines[i]):
+        fence = re.fullmatch(rf"(\s*)```{language}\s*", lines[i])
+        if fence:   # also indented, in a list item: its lines lose that indentation
+            indent = len(fence.group(1))
             before = next((lines[j] for j in range(i - 1, -1, -1) if lines[j].strip()), "")
             marker = NOT_RUN.search(before)
             start = i
             body: list[str] = []
             i += 1
-            while i < len(lines) and not lines[i].startswith("```"):
-                body.append(lines[i])
+            while i < len(lines) and not lines[i].lstrip().startswith("```"):
+                body.append(lines[i][indent:] if lines[i][:indent].isspace() else lines[i])
                 i += 1
             blocks.append(Block(path.name, start + 1, "\n".join(body),
                                 marker.group("reason") if marker else None))
@@ -135,11 +139,18 @@ def script(cmds: list[str]) -> str:
 
 @dataclass
 class Guide:
-    """How to run one guide: its server and what stands in for the real host."""
+    """How to run one guide: its server and what stands in for the real host.
+
+    ``replace`` maps the host's addresses and paths, in the guide's commands and ``toml``
+    blocks, to the test's: ``{mx}``, ``{submission}``, ``{smtps}``, ``{metrics}`` are free
+    loopback ports and ``{tmp}`` the test's folder.
+    """
 
     toml_blocks: list[int]                     # which ```toml blocks make its configuration
+    replace: dict[str, str]
     tools: list[str] = field(default_factory=list)
-    after: Any = None                          # async check(sink, root) after the script
+    prepare: Any = None                        # prepare(tmp) before the server starts
+    after: Any = None                          # async check(sink, tmp) after the script
 
 
 async def _local_delivery_after(sink: Sink, root: Path) -> None:
@@ -158,10 +169,35 @@ async def _local_delivery_after(sink: Sink, root: Path) -> None:
     assert len(sink.messages) == 1, [m.recipients for m in sink.messages]
 
 
+def _production_prepare(tmp: Path) -> None:
+    # the certificate [tls] names, made by a CA of the test's
+    tls = tmp / "tls"
+    tls.mkdir()
+    cert = trustme.CA().issue_cert("mx.example.com")
+    cert.private_key_pem.write_to_path(str(tls / "privkey.pem"))
+    (tls / "fullchain.pem").write_bytes(b"".join(b.bytes() for b in cert.cert_chain_pems))
+
+
+async def _production_after(sink: Sink, tmp: Path) -> None:
+    backup = tmp / "backups" / "datasource.sqlite3"
+    with sqlite3.connect(backup) as db:
+        tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master")}
+    assert "domains" in tables, tables
+
+
 GUIDES: dict[str, Guide] = {
     # blocks 0: [plugins] datasource + maildir (1: LMTP instead, 2: Dovecot's settings)
-    "local-delivery.md": Guide(toml_blocks=[0], tools=["swaks", "jq"],
-                               after=_local_delivery_after),
+    "local-delivery.md": Guide(
+        toml_blocks=[0], tools=["swaks", "jq"], after=_local_delivery_after,
+        replace={"127.0.0.1:25": "127.0.0.1:{mx}", "/var/vmail": "{tmp}/vmail"}),
+    # block 0: the whole configuration
+    "production.md": Guide(
+        toml_blocks=[0], tools=["curl", "sqlite3"], prepare=_production_prepare,
+        after=_production_after,
+        replace={"0.0.0.0:25": "127.0.0.1:{mx}", "0.0.0.0:587": "127.0.0.1:{submission}",
+                 "0.0.0.0:465": "127.0.0.1:{smtps}", "127.0.0.1:9025": "127.0.0.1:{metrics}",
+                 "/var/lib/elemta": "{tmp}/data", "/var/backups/elemta": "{tmp}/backups",
+                 "/etc/elemta/tls": "{tmp}/tls"}),
 }
 
 
@@ -232,10 +268,12 @@ async def test_guide_runs_as_written(name: str, tmp_path: Path, start_server,
     root = tmp_path / "etc"
     root.mkdir()
     config_path = root / "elemta.toml"
-    mx_port = free_port()
-    replace = {"127.0.0.1:25": f"127.0.0.1:{mx_port}",
-               "/var/vmail": str(tmp_path / "vmail"),
-               "/etc/elemta/elemta.toml": str(config_path)}
+    ports = {name: free_port() for name in ("mx", "submission", "smtps", "metrics")}
+    replace = {"/etc/elemta/elemta.toml": str(config_path)}
+    replace.update({old: new.format(tmp=tmp_path, **ports) for old, new in guide.replace.items()})
+    mx_port = ports["mx"]
+    if guide.prepare is not None:
+        guide.prepare(tmp_path)
     async with Sink() as sink:
         config = _configuration(guide, path, root, replace, mx_port, sink.port)
         config_path.write_text(tomlkit.dumps(config))
