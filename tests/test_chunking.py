@@ -271,6 +271,7 @@ async def test_20_mib_in_1_mib_chunks_grows_peak_rss_by_less_than_5_mib(tmp_path
         reply = await bdat(c, b"", last=True)
         assert reply.code == 250, str(reply)
     growth_mib = (rss_peak_kib(server.pid) - before) / 1024
+    print(f"peak RSS growth for 20 MiB in 1 MiB BDAT chunks: {growth_mib:.2f} MiB")
     assert growth_mib < 5, f"peak RSS grew by {growth_mib:.1f} MiB for a 20 MiB message"
     queue_id = reply.text.rsplit(" ", 1)[1]
     spool = tmp_path / "srv" / "queue"
