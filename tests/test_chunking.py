@@ -305,3 +305,13 @@ async def test_the_outbound_client_sends_bdat_that_this_server_stores_as_sent(el
     assert stored(server, queue_ids[1]) == binary
     env = {e["id"]: e for e in spooled(server)}
     assert env[queue_ids[1]]["mail_params"]["BODY"] == "BINARYMIME"
+
+
+async def test_a_chunk_refused_before_starttls_is_skipped(elemta_server):
+    server = await elemta_server()
+    async with RawSMTP(server.port("submission")) as c:
+        await c.cmd("EHLO client.example")
+        await c.send(b"BDAT 6 LAST\r\nQUIT\r\nNOOP\r\n")
+        reply = await c.read_reply()
+        assert (reply.code, reply.enhanced) == (530, "5.7.0"), reply
+        assert (await c.read_reply()).code == 250, "QUIT was chunk data, NOOP the next command"

@@ -166,6 +166,15 @@ async def command(proto: ElemtaSMTP, arg: str | None) -> None:
         raise
 
 
+async def skip_refused(proto: ElemtaSMTP, verb: str, arg: str | None) -> None:
+    """Read the chunk of a BDAT the session refuses before it is handled (greeting
+    refused, STARTTLS required), so that its octets are not read as commands."""
+    if verb == "BDAT":
+        m = _ARGUMENT.fullmatch(arg or "")
+        if m is not None:
+            await _skip(proto, int(m.group(1)))
+
+
 def _end(proto: ElemtaSMTP) -> None:
     discard(proto)
     proto.tx = None
@@ -245,4 +254,4 @@ def refuse_data(proto: ElemtaSMTP) -> bool:
     return False
 
 
-__all__ = ["Chunks", "command", "discard", "in_progress", "refuse_data"]
+__all__ = ["Chunks", "command", "discard", "in_progress", "refuse_data", "skip_refused"]

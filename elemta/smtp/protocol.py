@@ -274,11 +274,13 @@ class ElemtaSMTP(_AioSMTP):
                 self._bad(max_bad)
                 continue
             if self._greeting_rejected and verb not in _GREETING_ALLOWED:
+                await bdat.skip_refused(self, verb, arg)
                 self.reply(replies.GREETING_WAS_REFUSED)
                 self._bad(max_bad)
                 continue
             if (self.listener.require_tls and self.conn.tls is None  # type: ignore[union-attr]
                     and verb not in _BEFORE_STARTTLS):
+                await bdat.skip_refused(self, verb, arg)
                 self.reply(replies.STARTTLS_FIRST)
                 continue
             self._busy = True
