@@ -100,10 +100,12 @@ class MilterConnection:
         if self.closed:
             raise MilterFailure("closed", f"milter {self.name}: the connection is closed")
         try:
-            for data in packets:
-                self.writer.write(data)
-            async with asyncio.timeout(self.settings.command_timeout_seconds):
-                await self.writer.drain()
+            # one write, one segment: a command and its macros go out together
+            self.writer.write(packets[0] if len(packets) == 1 else b"".join(packets))
+            if self.writer.transport.get_write_buffer_size():
+                # the milter has not read everything yet: wait for it, within the limit
+                async with asyncio.timeout(self.settings.command_timeout_seconds):
+                    await self.writer.drain()
         except TimeoutError:
             self.close()
             raise MilterFailure("timeout", f"milter {self.name}: did not read what was sent "

@@ -19,6 +19,9 @@ class Metrics:
         self.results: Any = None
         self.failures: Any = None
         self.connections: Any = None
+        # labelled children by label values (bounded: milter names come from the settings)
+        self._children: dict[tuple[str, str], tuple[Any, Any]] = {}
+        self._results: dict[tuple[str, str, str], Any] = {}
 
     def register(self, registry: Any) -> None:
         from prometheus_client import Counter, Histogram
@@ -45,12 +48,21 @@ class Metrics:
 
     def call(self, milter: str, stage: str, seconds: float) -> None:
         if self.calls is not None:
-            self.calls.labels(milter=milter, stage=stage).inc()
-            self.latency.labels(milter=milter, stage=stage).observe(seconds)
+            children = self._children.get((milter, stage))
+            if children is None:
+                children = self._children[(milter, stage)] = (
+                    self.calls.labels(milter=milter, stage=stage),
+                    self.latency.labels(milter=milter, stage=stage))
+            children[0].inc()
+            children[1].observe(seconds)
 
     def result(self, milter: str, stage: str, result: str) -> None:
         if self.results is not None:
-            self.results.labels(milter=milter, stage=stage, result=result).inc()
+            child = self._results.get((milter, stage, result))
+            if child is None:
+                child = self._results[(milter, stage, result)] = self.results.labels(
+                    milter=milter, stage=stage, result=result)
+            child.inc()
 
     def failure(self, milter: str, reason: str, action: str) -> None:
         if self.failures is not None:

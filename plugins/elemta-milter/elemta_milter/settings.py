@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 from dataclasses import dataclass
@@ -29,6 +30,7 @@ class SocketAddress:
         return f"inet:{host}:{self.port}"
 
 
+@functools.lru_cache(maxsize=256)
 def parse_address(text: str) -> SocketAddress:
     """A milter socket as Postfix or Sendmail write it; ``ValueError`` says what to write."""
     raw = text.strip()
