@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import datetime
 import logging
+import os
 import sqlite3
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -450,6 +451,9 @@ class SQLiteBackend(SQLBackend):
 
     def _connect(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        # password hashes and SCRAM keys: the owner's alone (SQLite gives its -wal and -shm
+        # files the database's mode)
+        os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o600))
         conn = sqlite3.connect(self.path, timeout=5.0, isolation_level=None)
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=FULL")

@@ -6,6 +6,7 @@ with the same expectations, so the three cannot drift apart.
 
 from __future__ import annotations
 
+import os
 import sqlite3
 from pathlib import Path
 
@@ -150,6 +151,23 @@ async def test_sqlite_schema_is_created_once_and_versioned(tmp_path: Path) -> No
     b = SQLiteBackend(path)
     with pytest.raises(BackendUnavailable, match="newer than this elemta-datasource"):
         await b.open()
+
+
+async def test_sqlite_database_is_the_owners_alone(tmp_path: Path) -> None:
+    """It holds password hashes and SCRAM keys: mode 0600 whatever the umask, and so are
+    SQLite's -wal and -shm files next to it."""
+    path = tmp_path / "ds.sqlite3"
+    old = os.umask(0o022)
+    try:
+        b = SQLiteBackend(path)
+        await b.open()
+        await b.add_domain(Domain("example.test"))
+        modes = {p.name: p.stat().st_mode & 0o777 for p in tmp_path.iterdir()}
+        await b.close()
+    finally:
+        os.umask(old)
+    assert modes["ds.sqlite3"] == 0o600
+    assert all(mode == 0o600 for mode in modes.values()), modes
 
 
 async def test_postgresql_down_is_unavailable_not_empty() -> None:
