@@ -51,7 +51,8 @@ class App:
         names = enabled if enabled is not None else enabled_names(settings.plugins.enabled)
         self.pm, self.plugin_order = make_plugin_manager(
             names, source=str(settings.source), extra=extra_plugins, settings=settings)
-        self.metrics = Metrics()
+        # the domain label's values besides "other" and "none" (docs/metrics.md)
+        self.metrics = Metrics(domains=(*settings.domains, *settings.metrics.domains))
         #: The one DNS resolver of this server: plugins and the SMTP transport share it.
         self.resolver = Resolver(settings.dns)
         #: Where policy plugins keep shared state (``[state]``): embedded or Redis.
@@ -61,6 +62,8 @@ class App:
             self.metrics.hook_duration if settings.metrics.enabled else None,
             hook_minimum_seconds={"deliver": settings.delivery.attempt_timeout_seconds})
         self._plugin_settings = validated_plugin_settings(self.hooks, settings)
+        self.hooks.observe("deliver", lambda call, seconds: self.metrics.observe_delivery(
+            call["route"], call["recipients"], seconds))
         spool = settings.spool
         self.spool = Spool(settings.resolve(spool.path), commit_threads=spool.commit_threads,
                            memory_bytes=spool.memory_bytes, visible_on_commit=False,
@@ -159,6 +162,7 @@ class App:
                 raise StartupError(f"plugin {f.plugin} failed to start: {f.reason}") from None
             await self._recover()
             self.metrics.bind_spool(self.spool.counts)
+            await self._count_queue()
             await self._load_tls()
             if self.settings.metrics.enabled:
                 host, port = parse_hostport(self.settings.metrics.address)
@@ -208,6 +212,32 @@ class App:
                                "(permissions, a failing disk) and start again") from None
         log.info("spool %s recovered: %s", self.spool.root,
                  ", ".join(f"{k}={n}" for k, n in counts.items()))
+
+    async def _count_queue(self) -> None:
+        """``smtp_queue_size``: the spool read once, after recovery; events keep it since
+        (``default_metrics``), and what the server queues itself (bounces, notices,
+        :meth:`queue_message`) is added when it becomes durable."""
+        queue = self.metrics.queue_size
+
+        def scan() -> list[tuple[str, str, list[str]]]:
+            return [(env.id, state, [r.address for r in env.pending()])
+                    for state, env in self.spool.iter_envelopes()
+                    if state in queue.STATUSES]
+
+        for queue_id, state, pending in await asyncio.to_thread(scan):
+            queue.set(queue_id, state, pending)
+
+        def durable(entries: list[tuple[str, str]]) -> None:
+            for queue_id, state in entries:
+                if queue_id in queue or state not in queue.STATUSES:
+                    continue
+                try:
+                    state, env = self.spool.load(queue_id)
+                except (KeyError, ValueError):
+                    continue  # delivered or moved meanwhile, or unreadable (logged elsewhere)
+                queue.set(queue_id, state, (r.address for r in env.pending()))
+
+        self.spool.on_durable(durable)
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)

@@ -134,8 +134,7 @@ class ListenerSettings(_Settings):
     allow_plaintext_auth: bool = False
     add_missing_headers: bool | None = None
     received_hide_client: bool = False
-    # a load balancer in front: read its PROXY header (v1 or v2) before the greeting
-    proxy_protocol: bool = False
+    proxy_protocol: bool = False   # a load balancer's PROXY header comes first
     proxy_trusted: tuple[str, ...] = ()
     proxy_timeout_seconds: float = Field(5.0, gt=0, le=300)
 
@@ -240,6 +239,7 @@ class SpoolSettings(_Settings):
 class MetricsSettings(_Settings):
     enabled: bool = True
     address: str = "127.0.0.1:9025"
+    domains: tuple[str, ...] = Field((), max_length=1000)   # domain label values
 
     @field_validator("address")
     @classmethod

@@ -98,6 +98,12 @@ class HookCaller:
         self._histogram = histogram
         self._cache: dict[str, tuple[Impl, ...]] = {}
         self._specs: dict[str, Dispatch] = {}
+        self._observers: dict[str, Callable[[dict[str, Any], float], None]] = {}
+
+    def observe(self, hook: str, observer: Callable[[dict[str, Any], float], None]) -> None:
+        """Call ``observer(kwargs, seconds)`` after every call of ``hook``, failed ones too
+        (metrics that need the hook's arguments: a delivery's route and recipients)."""
+        self._observers[hook] = observer
 
     def impls(self, hook: str) -> tuple[Impl, ...]:
         """The implementations of ``hook`` in call order."""
@@ -133,6 +139,16 @@ class HookCaller:
 
     async def call(self, hook: str, **kwargs: Any) -> Answers:
         """Call ``hook`` as its contract says; raises :class:`HookFailure` (except notify)."""
+        observer = self._observers.get(hook)
+        if observer is None:
+            return await self._dispatch(hook, kwargs)
+        start = time.perf_counter()
+        try:
+            return await self._dispatch(hook, kwargs)
+        finally:
+            observer(kwargs, time.perf_counter() - start)
+
+    async def _dispatch(self, hook: str, kwargs: dict[str, Any]) -> Answers:
         spec = self._specs.get(hook) or self.dispatch(hook)
         mode = spec.mode
         if mode.is_first:

@@ -19,6 +19,8 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.process_collector import ProcessCollector
 
+from .domain_metrics import NO_DOMAIN, DeliveryDuration, FoldedDomain, QueueSize, reject_reason
+
 log = logging.getLogger("elemta.metrics")
 
 SpoolCounts = Callable[[], Mapping[str, int]]
@@ -64,7 +66,6 @@ class _SpoolCollector:
 DELIVERY_DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60,
                              300)
 
-
 class Metrics:
     """The server's metrics, in a registry of their own.
 
@@ -74,15 +75,25 @@ class Metrics:
     - ``connections_active{listener}`` — ``smtp_connections_active``
     - ``connections_refused{listener,reason}`` — ``smtp_connections_refused_total``;
       reason is e.g. ``"global_limit"`` or ``"per_ip_limit"``
-    - ``messages_received{listener}`` — ``smtp_messages_received_total``
-    - ``messages_rejected{stage,plugin,code}`` — ``smtp_messages_rejected_total``;
-      plugin is ``"core"`` when the core itself rejected
-    - ``message_size`` — ``smtp_message_size_bytes``
+    - ``messages_received{listener,domain}`` — ``smtp_messages_received_total``
+    - ``messages_rejected{stage,plugin,code,domain,reason}`` —
+      ``smtp_messages_rejected_total``; plugin is ``"core"`` when the core itself
+      rejected, reason one of ``domain_metrics.REJECT_REASONS``
+    - ``message_size{domain}`` — ``smtp_message_size_bytes``
+    - ``messages_sent{domain}`` — ``smtp_messages_sent_total``, per recipient delivered
+    - ``delivery_duration{domain,type}`` — ``smtp_delivery_duration_seconds``, observed
+      per ``deliver`` call (:meth:`observe_delivery`)
+    - ``queue_size`` — ``smtp_queue_size{domain,status}``, a :class:`QueueSize`
     - ``hook_duration{hook,plugin}`` — ``smtp_hook_duration_seconds``
     - ``spool_commit`` — ``smtp_spool_commit_seconds``
     - ``auth_attempts{listener,mechanism,result}`` — ``smtp_auth_attempts_total``
     - ``spool_free_bytes``, ``spool_free_inodes``, ``spool_refusing`` — the spool's room
     - ``elemta_spool_messages{state}``, fed by :meth:`bind_spool`
+
+    ``domain`` is a recipient domain folded by :attr:`domain_label` into the
+    ``domains`` given (the local domains and ``[metrics] domains``) or
+    ``other``; ``none`` where there is no recipient yet. A message is counted
+    once for each domain among its recipients.
 
     ``.labels(...)`` hashes its arguments and takes a lock on every call. On the
     SMTP hot path look the child up once (per listener, per hook and plugin) and
@@ -90,9 +101,11 @@ class Metrics:
     ``received.inc()`` per message.
     """
 
-    def __init__(self, *, process_metrics: bool = True) -> None:
+    def __init__(self, *, process_metrics: bool = True, domains: Iterable[str] = ()) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
+        #: Folds a domain into the bounded set a ``domain`` label takes.
+        self.domain_label = BoundedLabels(domains)
         self.connections_total = Counter(
             "smtp_connections", "SMTP connections accepted.", ["listener"], registry=r)
         self.connections_active = Gauge(
@@ -101,27 +114,33 @@ class Metrics:
             "smtp_connections_refused", "SMTP connections refused before the greeting.",
             ["listener", "reason"], registry=r)
         self.messages_received = Counter(
-            "smtp_messages_received", "Messages accepted and committed to the spool.",
-            ["listener"], registry=r)
+            "smtp_messages_received", "Messages accepted and committed to the spool, once "
+            "per recipient domain.", ["listener", "domain"], registry=r)
         self.messages_rejected = Counter(
-            "smtp_messages_rejected", "Transactions rejected, by stage, plugin and reply code.",
-            ["stage", "plugin", "code"], registry=r)
+            "smtp_messages_rejected", "Commands and messages refused, by stage, plugin, reply "
+            "code, recipient domain and reason.",
+            ["stage", "plugin", "code", "domain", "reason"], registry=r)
         self.message_size = Histogram(
-            "smtp_message_size_bytes", "Size of accepted messages.",
-            buckets=MESSAGE_SIZE_BUCKETS, registry=r)
+            "smtp_message_size_bytes", "Size of accepted messages, once per recipient domain.",
+            ["domain"], buckets=MESSAGE_SIZE_BUCKETS, registry=r)
         self.hook_duration = Histogram(
             "smtp_hook_duration_seconds", "Time one plugin spent in one hook call.",
             ["hook", "plugin"], buckets=HOOK_DURATION_BUCKETS, registry=r)
         self.spool_commit = Histogram(
             "smtp_spool_commit_seconds", "Time to make a message durable before the 250 reply.",
             buckets=SPOOL_COMMIT_BUCKETS, registry=r)
-        self.messages_sent = Counter(
+        self.messages_sent = FoldedDomain(Counter(
             "smtp_messages_sent", "Recipients delivered, by recipient domain.",
-            ["domain"], registry=r)
-        self.delivery_duration = Histogram(
+            ["domain"], registry=r), self.domain_label)
+        self.delivery_duration = DeliveryDuration(Histogram(
             "smtp_delivery_duration_seconds",
-            "Time one delivery (one route, one connection's transaction) took.",
-            buckets=DELIVERY_DURATION_BUCKETS, registry=r)
+            "Time one delivery (one route, one connection's transaction) took, by recipient "
+            "domain and transport.",
+            ["domain", "type"], buckets=DELIVERY_DURATION_BUCKETS, registry=r))
+        self.queue_size = QueueSize(Gauge(
+            "smtp_queue_size", "Messages waiting for delivery, by recipient domain and spool "
+            "state (ready, deferred, hold).", ["domain", "status"], registry=r),
+            self.domain_label)
         self.delivery_attempts = Counter(
             "smtp_delivery_attempts", "Recipient delivery attempts, by result "
             "(delivered, deferred, failed).", ["result"], registry=r)
@@ -141,6 +160,26 @@ class Metrics:
         if process_metrics:
             # The default registry would add these by itself; ours has to ask.
             ProcessCollector(registry=r)
+
+    def domains_of(self, addresses: Iterable[str]) -> set[str]:
+        """The ``domain`` labels of these recipient addresses (``{"none"}`` for none)."""
+        fold = self.domain_label
+        labels = {fold(a.rpartition("@")[2]) for a in addresses}
+        return labels or {NO_DOMAIN}
+
+    def count_rejected(self, stage: str, plugin: str | None, code: int,
+                       recipients: Iterable[str] = ()) -> None:
+        """One refusal, by ``plugin`` (``None``: the core), for these recipients."""
+        reason = reject_reason(stage, plugin, code)
+        for domain in self.domains_of(recipients):
+            self.messages_rejected.labels(stage=stage, plugin=plugin or "core", code=str(code),
+                                          domain=domain, reason=reason).inc()
+
+    def observe_delivery(self, route: Any, recipients: Iterable[Any], seconds: float) -> None:
+        """One ``deliver`` call: ``seconds`` for ``recipients`` along ``route``."""
+        histogram = self.delivery_duration.histogram
+        for domain in self.domains_of(r.address for r in recipients):
+            histogram.labels(domain=domain, type=route.transport).observe(seconds)
 
     def bind_spool(self, counts: SpoolCounts) -> None:
         """Read ``elemta_spool_messages{state}`` from ``counts()`` at every scrape.

@@ -34,6 +34,7 @@ DEFAULT_PLUGINS = (
     "elemta.default_authres",
     "elemta.default_tls",
     "elemta.default_transport",
+    "elemta.default_metrics",
 )
 
 

@@ -413,7 +413,7 @@ async def test_hook_register_metrics(elemta_server):
     url = f"http://127.0.0.1:{server.metrics_port}/metrics"
     body = (await asyncio.to_thread(lambda: urllib.request.urlopen(url).read())).decode()
     assert "greylist_deferred_total 1.0" in body
-    assert 'smtp_messages_received_total{listener="mx"} 1.0' in body
+    assert 'smtp_messages_received_total{domain="example.test",listener="mx"} 1.0' in body
     assert 'elemta_spool_messages{state="ready"} 1.0' in body
     assert 'smtp_hook_duration_seconds_count{hook="rcpt",plugin="count"} 1.0' in body
 
@@ -497,7 +497,8 @@ async def test_a_failing_plugin_is_a_temporary_failure_never_a_pass(elemta_serve
     assert logged in caplog.text
     url = f"http://127.0.0.1:{server.metrics_port}/metrics"
     body = (await asyncio.to_thread(lambda: urllib.request.urlopen(url).read())).decode()
-    assert 'smtp_messages_rejected_total{code="451",plugin="bad",stage="rcpt"} 1.0' in body
+    assert ('smtp_messages_rejected_total{code="451",domain="none",plugin="bad",'
+            'reason="tempfail",stage="rcpt"} 1.0') in body
 
 
 async def test_a_failing_data_plugin_spools_nothing(elemta_server):

@@ -71,9 +71,10 @@ async def test_metrics_endpoint_exposes_smtp_metrics_after_increments(start_serv
     m.connections_total.labels(listener="mx").inc()
     m.connections_active.labels(listener="mx").inc()
     m.connections_refused.labels(listener="mx", reason="per_ip_limit").inc()
-    m.messages_received.labels(listener="mx").inc(2)
-    m.messages_rejected.labels(stage="rcpt", plugin="core", code="550").inc()
-    m.message_size.observe(3000)
+    m.messages_received.labels(listener="mx", domain="example.test").inc(2)
+    m.messages_rejected.labels(stage="rcpt", plugin="core", code="550", domain="other",
+                               reason="relay_denied").inc()
+    m.message_size.labels(domain="example.test").observe(3000)
     m.hook_duration.labels(hook="rcpt", plugin="greylist").observe(0.002)
     m.spool_commit.observe(0.004)
     server = await start_server(m)
@@ -87,12 +88,15 @@ async def test_metrics_endpoint_exposes_smtp_metrics_after_increments(start_serv
     assert got[("smtp_connections_active", (("listener", "mx"),))] == 1
     assert got[("smtp_connections_refused_total",
                 (("listener", "mx"), ("reason", "per_ip_limit")))] == 1
-    assert got[("smtp_messages_received_total", (("listener", "mx"),))] == 2
+    assert got[("smtp_messages_received_total",
+                (("domain", "example.test"), ("listener", "mx")))] == 2
     assert got[("smtp_messages_rejected_total",
-                (("code", "550"), ("plugin", "core"), ("stage", "rcpt")))] == 1
-    assert got[("smtp_message_size_bytes_bucket", (("le", "4096.0"),))] == 1
-    assert got[("smtp_message_size_bytes_bucket", (("le", "1024.0"),))] == 0
-    assert got[("smtp_message_size_bytes_bucket", (("le", "6.7108864e+07"),))] == 1
+                (("code", "550"), ("domain", "other"), ("plugin", "core"),
+                 ("reason", "relay_denied"), ("stage", "rcpt")))] == 1
+    size = (("domain", "example.test"),)
+    assert got[("smtp_message_size_bytes_bucket", (*size, ("le", "4096.0")))] == 1
+    assert got[("smtp_message_size_bytes_bucket", (*size, ("le", "1024.0")))] == 0
+    assert got[("smtp_message_size_bytes_bucket", (*size, ("le", "6.7108864e+07")))] == 1
     assert got[("smtp_hook_duration_seconds_count",
                 (("hook", "rcpt"), ("plugin", "greylist")))] == 1
     assert got[("smtp_spool_commit_seconds_count", ())] == 1
@@ -127,7 +131,7 @@ async def test_spool_gauge_reads_bound_counts_at_every_scrape(start_server):
 
 async def test_failing_spool_counts_leave_the_rest_of_the_scrape_intact(start_server):
     m = Metrics()
-    m.messages_received.labels(listener="mx").inc()
+    m.messages_received.labels(listener="mx", domain="none").inc()
 
     def broken() -> dict[str, int]:
         raise RuntimeError("spool gone")
@@ -138,7 +142,8 @@ async def test_failing_spool_counts_leave_the_rest_of_the_scrape_intact(start_se
     status, _, body = await http(server.port, "/metrics")
 
     assert status == 200
-    assert samples(body)[("smtp_messages_received_total", (("listener", "mx"),))] == 1
+    assert samples(body)[("smtp_messages_received_total",
+                          (("domain", "none"), ("listener", "mx")))] == 1
 
 
 async def test_healthz_is_ok_while_running(start_server):
@@ -316,7 +321,7 @@ def test_port_before_start_is_an_error():
 
 async def test_two_metrics_instances_in_one_process_do_not_collide(start_server):
     a, b = Metrics(), Metrics()
-    a.messages_received.labels(listener="mx").inc(5)
+    a.messages_received.labels(listener="mx", domain="other").inc(5)
     a.bind_spool(lambda: {"ready": 7})
     b.bind_spool(lambda: {"ready": 1})
     server_a, server_b = await start_server(a), await start_server(b)
@@ -324,21 +329,22 @@ async def test_two_metrics_instances_in_one_process_do_not_collide(start_server)
     got_a = samples((await http(server_a.port, "/metrics"))[2])
     got_b = samples((await http(server_b.port, "/metrics"))[2])
 
-    assert got_a[("smtp_messages_received_total", (("listener", "mx"),))] == 5
-    assert ("smtp_messages_received_total", (("listener", "mx"),)) not in got_b
+    series = ("smtp_messages_received_total", (("domain", "other"), ("listener", "mx")))
+    assert got_a[series] == 5
+    assert series not in got_b
     assert got_a[("elemta_spool_messages", (("state", "ready"),))] == 7
     assert got_b[("elemta_spool_messages", (("state", "ready"),))] == 1
 
 
 def test_cached_label_children_are_the_registry_series():
     m = Metrics()
-    received = m.messages_received.labels(listener="mx")
+    received = m.messages_received.labels(listener="mx", domain="other")
     observe = m.hook_duration.labels(hook="data", plugin="spf").observe
     for _ in range(3):
         received.inc()
         observe(0.01)
     got = samples(m.render())
-    assert got[("smtp_messages_received_total", (("listener", "mx"),))] == 3
+    assert got[("smtp_messages_received_total", (("domain", "other"), ("listener", "mx")))] == 3
     assert got[("smtp_hook_duration_seconds_count", (("hook", "data"), ("plugin", "spf")))] == 3
 
 

@@ -98,6 +98,7 @@ class RunningAdmin:
         """Keep messages from delivery until they are released."""
         def hold(queue_id: str) -> None:
             if self.queue.hold(queue_id, reason):
+                self.runner.metrics.queue_size.moved(queue_id, "hold")
                 log.info("%s: held by the administrator", queue_id)
         return await self._each_claimed(queue_ids, hold)
 
@@ -105,6 +106,7 @@ class RunningAdmin:
         """Put held messages back in the queue, due now."""
         def release(queue_id: str) -> None:
             self.queue.release(queue_id)
+            self.runner.metrics.queue_size.moved(queue_id, "ready")
             log.info("%s: released by the administrator", queue_id)
         return await self._each_claimed(queue_ids, release)
 
@@ -136,6 +138,7 @@ class RunningAdmin:
         """Remove messages without delivering them or telling anyone."""
         def delete(queue_id: str) -> None:
             state = self.queue.delete(queue_id)
+            self.runner.metrics.queue_size.remove(queue_id)
             log.info("%s: deleted by the administrator (was in %s/)", queue_id, state)
         return await self._each_claimed(queue_ids, delete)
 

@@ -40,7 +40,8 @@ class SMTPContext:
         self._per_ip: dict[str, int] = {}
         self._idle = asyncio.Event()
         self._idle.set()
-        self._label_cache: dict[str, tuple[object, object, object]] = {}
+        self._label_cache: dict[str, tuple[object, object]] = {}
+        self._received_cache: dict[tuple[str, str], tuple[object, object]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         #: The TLS context of each TLS listener, by name, for new connections:
         #: the server fills it from the ``tls_context`` hook and replaces it on reload.
@@ -69,13 +70,12 @@ class SMTPContext:
     def tls_context(self, listener: str) -> ssl.SSLContext | None:
         return self.tls_contexts.get(listener)
 
-    def _labels(self, listener: str) -> tuple[object, object, object]:
+    def _labels(self, listener: str) -> tuple[object, object]:
         cached = self._label_cache.get(listener)
         if cached is None:
             m = self.metrics
             cached = (m.connections_total.labels(listener=listener),
-                      m.connections_active.labels(listener=listener),
-                      m.messages_received.labels(listener=listener))
+                      m.connections_active.labels(listener=listener))
             self._label_cache[listener] = cached
         return cached
 
@@ -84,7 +84,7 @@ class SMTPContext:
         assert proto.conn is not None
         server = self.settings.server
         name = proto.listener.name
-        total, active, _ = self._labels(name)
+        total, active = self._labels(name)
         total.inc()  # type: ignore[attr-defined]
         ip = proto.conn.peer[0]
         if len(self.sessions) >= server.max_connections:
@@ -151,9 +151,17 @@ class SMTPContext:
             proto._timeout_handle.cancel()
         self.release(proto)
 
-    def count_received(self, listener: str, size: int) -> None:
-        self._labels(listener)[2].inc()  # type: ignore[attr-defined]
-        self.metrics.message_size.observe(size)
+    def count_received(self, listener: str, size: int, recipients: list[str]) -> None:
+        """An accepted message: once for each domain among its recipients."""
+        m = self.metrics
+        for domain in m.domains_of(recipients):
+            children = self._received_cache.get((listener, domain))
+            if children is None:
+                children = self._received_cache[(listener, domain)] = (
+                    m.messages_received.labels(listener=listener, domain=domain),
+                    m.message_size.labels(domain=domain))
+            children[0].inc()  # type: ignore[attr-defined]
+            children[1].observe(size)  # type: ignore[attr-defined]
 
     async def wait_idle(self, timeout: float) -> bool:
         try:

@@ -59,8 +59,8 @@ async def command(proto: ElemtaSMTP, arg: str | None) -> None:
         problem = await receive(proto, incoming)
         if problem is not None:
             incoming.discard()
-            proto.tx = None
             proto.count_reject("data", None, problem.code)
+            proto.tx = None
             proto.reply(problem)
             return
         await end_of_data.finish(proto, conn, tx, incoming)

@@ -133,8 +133,10 @@ async def finish(proto: ElemtaSMTP, conn: Session, tx: Transaction,
     if isinstance(verdict, v.REPLY_VERDICTS):
         incoming.discard()
         _log_tx(conn, tx, message, f"rejected by {plugin}: {verdict.code}")
-        proto.tx = None
-        proto.verdict_reply("data", plugin, verdict)
+        try:
+            proto.verdict_reply("data", plugin, verdict)
+        finally:
+            proto.tx = None
         return
     if isinstance(verdict, v.Discard) or not tx.recipients:
         incoming.discard()
@@ -169,7 +171,8 @@ async def finish(proto: ElemtaSMTP, conn: Session, tx: Transaction,
     proto.tx = None
     conn.transactions += 1
     await hooks.call("queued", session=conn, tx=tx, envelope=envelope)
-    proto.ctx.count_received(proto.listener.name, message.size)
+    proto.ctx.count_received(proto.listener.name, message.size,
+                             [r.address for r in envelope.recipients])
     _log_tx(conn, tx, message, "held" if hold else "queued")
     proto.reply(replies.queued(tx.id))
 
@@ -178,8 +181,8 @@ def _refuse(proto: ElemtaSMTP, incoming: IncomingMessage, tx: Transaction, messa
             stage: str, plugin: str | None, reply: Reply) -> None:
     incoming.discard()
     _log_tx(proto.conn, tx, message, f"temporary failure ({stage})")  # type: ignore[arg-type]
-    proto.tx = None
     proto.count_reject(stage, plugin, reply.code)
+    proto.tx = None
     proto.reply(reply)
 
 

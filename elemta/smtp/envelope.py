@@ -107,7 +107,7 @@ async def rcpt(proto: ElemtaSMTP, arg: str | None) -> None:
             proto.reply(problem)
             return
     if len(tx.recipients) >= proto.ctx.settings.server.max_recipients:
-        proto.count_reject("rcpt", None, 452)
+        proto.count_reject("rcpt", None, 452, rcpt)
         proto.reply(replies.TOO_MANY_RECIPIENTS)
         return
     recipient = Recipient(rcpt, params)
@@ -127,14 +127,14 @@ async def rcpt(proto: ElemtaSMTP, arg: str | None) -> None:
             after = await proto.ctx.hooks.call("rcpt_ok", session=conn, tx=tx,
                                               recipient=recipient)
             if after.value is not None:
-                proto.verdict_reply("rcpt", after.plugin, after.value)
+                proto.verdict_reply("rcpt", after.plugin, after.value, rcpt)
                 return
         tx.headers.extend(verdict.headers)
         tx.recipients.append(recipient)
         proto.reply(replies.RECIPIENT_OK)
         return
     if verdict is None:
-        proto.count_reject("rcpt", None, replies.RELAY_DENIED.code)
+        proto.count_reject("rcpt", None, replies.RELAY_DENIED.code, rcpt)
         proto.reply(replies.RELAY_DENIED)
         return
-    proto.verdict_reply("rcpt", plugin, verdict)
+    proto.verdict_reply("rcpt", plugin, verdict, rcpt)

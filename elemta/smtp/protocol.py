@@ -319,11 +319,14 @@ class ElemtaSMTP(_AioSMTP):
             self.reply(replies.TOO_MANY_ERRORS)
             raise Close
 
-    def count_reject(self, stage: str, plugin: str | None, code: int) -> None:
-        """Count and log a refusal at ``stage`` (by ``plugin``, or the core)."""
-        self.ctx.metrics.messages_rejected.labels(stage=stage, plugin=plugin or "core",
-                                                  code=str(code)).inc()
+    def count_reject(self, stage: str, plugin: str | None, code: int,
+                     recipient: str | None = None) -> None:
+        """Count and log a refusal at ``stage`` (by ``plugin``, or the core), of
+        ``recipient`` or else of the transaction's recipients so far."""
         conn, tx = self.conn, self.tx
+        self.ctx.metrics.count_rejected(
+            stage, plugin, code, (recipient,) if recipient is not None else
+            (r.address for r in tx.recipients) if tx is not None else ())
         log.info("session %s: %s refused with %d by %s (client=%s%s)",
                  conn.id if conn else "-", stage, code, plugin or "core",
                  conn.peer[0] if conn else "-",
@@ -340,9 +343,10 @@ class ElemtaSMTP(_AioSMTP):
         return True
 
     def verdict_reply(self, stage: str, plugin: str | None,
-                      verdict: v.Reject | v.TempFail | v.Disconnect) -> None:
+                      verdict: v.Reject | v.TempFail | v.Disconnect,
+                      recipient: str | None = None) -> None:
         """Answer a plugin's refusal; ``Disconnect`` then ends the session."""
-        self.count_reject(stage, plugin, verdict.code)
+        self.count_reject(stage, plugin, verdict.code, recipient)
         self.reply(Reply.of(verdict))
         if isinstance(verdict, v.Disconnect):
             raise Close
