@@ -274,3 +274,15 @@ def test_queue_size_sets_rather_than_adds_so_repeated_events_change_nothing():
     assert len(q) == 0
     assert all(value(d, s) == 0 for d in ("example.test", "other")
                for s in ("ready", "deferred", "hold"))
+
+
+async def test_mail_the_server_queues_itself_is_counted_once_durable(elemta_server):
+    server = await elemta_server(CONFIG)
+    queue_id = await server.app.queue_message(
+        "postmaster@example.test", ["n@partner.example", "m@example.test"],
+        b"Subject: notice\r\n\r\nfrom the server\r\n", note="test notice")
+    await server.app.spool.checkpoint()
+    got = await settle(server, lambda g: queue(g, "partner.example", "ready") == 1)
+    assert queue(got, "example.test", "ready") == 1
+    assert queue_id in server.app.metrics.queue_size
+    agrees_with_spool(server, got)
