@@ -1,9 +1,11 @@
 """The delivery runner: takes due messages from the spool and delivers them.
 
 The schedule is an in-memory heap rebuilt from the spool at start-up and fed by
-the spool's checkpoints (a message is handed to the runner only once its
-journal segment is checkpointed, so a crash can never resurrect a message the
-runner already delivered). Workers take due messages, ask the ``route`` hook
+the spool: small messages as soon as their commit returns (*resident* ones,
+delivered from memory; a retire record in the journal keeps a crash from
+resurrecting one the runner delivered), the others once their journal segment
+is checkpointed, so that a crash can never resurrect a message the runner
+already delivered. Workers take due messages, ask the ``route`` hook
 where each pending recipient goes, group the recipients by route and hand
 each group to the ``deliver`` hook. The envelope is rewritten after every
 attempt, so per-recipient state survives crashes: a recipient delivered once
@@ -57,6 +59,7 @@ class Runner:
         self._busy: set[str] = set()
         self._workers: list[asyncio.Task[None]] = []
         self._unsubscribe: Any = None
+        self._unsubscribe_journaled: Any = None
         self._stopping = False
 
     # ------------------------------------------------------------- schedule
@@ -73,6 +76,11 @@ class Runner:
     def unschedule(self, queue_id: str) -> None:
         self._due.pop(queue_id, None)  # its heap entry is skipped when popped
 
+    def _on_journaled(self, queue_ids: list[str]) -> None:
+        now = time.time()
+        for queue_id in queue_ids:
+            self.schedule(queue_id, now)
+
     def _on_durable(self, entries: list[tuple[str, str]]) -> None:
         now = time.time()
         for queue_id, state in entries:
@@ -80,13 +88,14 @@ class Runner:
                 self.schedule(queue_id, now)
 
     def rebuild(self) -> int:
-        """Fill the schedule from the spool (start-up only: this reads every envelope)."""
+        """Fill the schedule from the spool (start-up only). ``ready`` is due now, from a
+        directory listing; ``deferred`` envelopes are read for their next attempt."""
         n = 0
         now = time.time()
         awaiting = self.spool.awaiting_checkpoint
-        for state, env in self.spool.iter_envelopes("ready"):
-            if not awaiting(env.id):  # still in the journal: scheduled once written out
-                self.schedule(env.id, now)
+        for queue_id in self.spool.ids_in("ready"):
+            if not awaiting(queue_id):  # still in the journal: scheduled once written out
+                self.schedule(queue_id, now)
                 n += 1
         for state, env in self.spool.iter_envelopes("deferred"):
             if not awaiting(env.id):
@@ -97,6 +106,7 @@ class Runner:
     async def start(self) -> None:
         n = self.rebuild()
         self._unsubscribe = self.spool.on_durable(self._on_durable)
+        self._unsubscribe_journaled = self.spool.on_journaled(self._on_journaled)
         self._workers = [asyncio.create_task(self._worker(i), name=f"delivery-{i}")
                          for i in range(self.settings.workers)]
         log.info("delivery runner started: %d workers, %d messages scheduled",
@@ -107,6 +117,8 @@ class Runner:
         self._wakeup.set()
         if self._unsubscribe is not None:
             self._unsubscribe()
+        if self._unsubscribe_journaled is not None:
+            self._unsubscribe_journaled()
         if self._workers:
             done, pending = await asyncio.wait(self._workers, timeout=grace)
             for task in pending:
@@ -183,7 +195,6 @@ class Runner:
                 outcomes[rcpt.address] = Outcome(rcpt.address, 451, "4.3.0", "no route")
                 continue
             groups.setdefault(route, []).append(rcpt)
-        content = self.spool.message_file(queue_id)
         unfinished = len(groups)
         removed = False
 
@@ -209,7 +220,9 @@ class Runner:
             else:
                 self.spool.rewrite(env, state, state)
 
-        await asyncio.gather(*(deliver_group(route, rcpts) for route, rcpts in groups.items()))
+        with self.spool.content(queue_id) as content:
+            await asyncio.gather(*(deliver_group(route, rcpts)
+                                   for route, rcpts in groups.items()))
         await self._apply(state, env, pending, outcomes, removed)
 
     async def _deliver(self, env: Envelope, route: Route, rcpts: list[RecipientState],
@@ -341,10 +354,9 @@ class Runner:
             recipient=r.address, action=action, status=o.enhanced, diagnostic=o.reply(),
             remote_mta=o.remote, last_attempt=now, will_retry_until=will_retry_until)
             for r, o in failed]
-        content = self.spool.message_path(env.id)
         # a message in failed/ may have lost its content; returned, it is reported without
         built = dsn.build_dsn(envelope=env, outcomes=outcomes, reporting_mta=self.hostname,
-                              original_headers=content if content.exists() else b"", now=now)
+                              original_headers=self.spool.original(env.id), now=now)
         if built is None:
             return
         sender, recipients, message = built

@@ -9,6 +9,11 @@ fsynced. Only then are its messages announced as durable (``on_durable``):
 from that moment they may be delivered, moved or deleted. Nothing of this is
 on the path of a commit.
 
+Resident messages (delivered from memory, see ``writer.py``) are not
+announced: the runner has them already. Once their segment is checkpointed the
+spool forgets that they were resident; those delivered meanwhile were never
+written out, and replay skips them.
+
 A segment whose files could not be written, or a sync that failed, keeps the
 segment: the next attempt first writes its files again from the journal
 (write-back errors are reported only once), and so does the next start-up.
@@ -28,7 +33,7 @@ from .layout import Layout
 from .replay import Syncer, replay_segment
 from .segments import Segment, Segments, close_quietly, unlink_quietly
 from .space import SpaceMonitor
-from .threads import Flags, SpoolStats
+from .threads import Flags, Residents, SpoolStats
 
 log = logging.getLogger("elemta.spool")
 
@@ -40,7 +45,8 @@ class Checkpointer:
 
     def __init__(self, layout: Layout, segments: Segments, syncer: Syncer, flags: Flags,
                  stats: SpoolStats, undurable: set[str], announce: Callable[[Entries], None],
-                 retry: Callable[[], None], retry_after: float, space: SpaceMonitor) -> None:
+                 retry: Callable[[], None], retry_after: float, space: SpaceMonitor,
+                 residents: Residents) -> None:
         self.layout = layout
         self.segments = segments
         self.syncer = syncer
@@ -51,6 +57,7 @@ class Checkpointer:
         self.retry = retry
         self.retry_after = retry_after
         self.space = space
+        self.residents = residents
         self.sealed: list[Segment] = []  # this thread only
         self._executor: ThreadPoolExecutor | None = ThreadPoolExecutor(
             1, thread_name_prefix="spool-checkpoint")
@@ -121,7 +128,7 @@ class Checkpointer:
         for seg in self.sealed:
             if seg.replay:
                 try:
-                    replay_segment(self.layout, seg.fd, seg.seq, seg.path)
+                    replay_segment(self.layout, seg.fd, seg.seq, seg.path, self.residents)
                 except OSError as e:
                     error = e
                     log.error("spool: cannot write out the messages of %s: %s; retrying later",
@@ -134,8 +141,11 @@ class Checkpointer:
         entries: Entries = []
         if ready:
             entries = [entry for seg in ready for entry in seg.entries]
+            with self.residents.lock:
+                retired = self.residents.retired
+                files = [e for e in entries if e[0] not in retired] if retired else entries
             try:
-                self.syncer.make_durable(entries)
+                self.syncer.make_durable(files)
             except OSError as e:
                 error = e
                 # Write-back errors are reported once: data lost now would not
@@ -175,9 +185,26 @@ class Checkpointer:
                     self.segments.offer_spare(fresh)
                 for queue_id, _ in entries:
                     self.undurable.discard(queue_id)
+                resident = self._forget_residents(ready)
                 self.stats.checkpoints += 1
                 self.stats.checkpointed += len(entries)
                 self.stats.checkpoint_seconds = time.perf_counter() - started
-                self.announce(entries)
+                self.announce([e for e in entries if e[0] not in resident]
+                              if resident else entries)
         if error is not None and raise_errors:
             raise error
+
+    def _forget_residents(self, segments: list[Segment]) -> set[str]:
+        """The resident messages of checkpointed segments are ordinary from now on
+        (or gone, if retired); their ids."""
+        ids: set[str] = set()
+        residents = self.residents
+        with residents.lock:
+            for seg in segments:
+                for job in seg.resident:
+                    queue_id = job.queue_id
+                    ids.add(queue_id)
+                    residents.jobs.pop(queue_id, None)
+                    residents.retired.discard(queue_id)
+                seg.resident = []
+        return ids

@@ -8,6 +8,12 @@ records, one per committed message, back to back::
     queue id, envelope JSON, content
     trailer  CRC32 (zlib) of header, id, envelope and content: u32
 
+A *retire* record (state byte 255, no envelope, no content) says that the
+message of that queue id, journaled earlier, was delivered (or bounced) from
+memory before any file of it was written: replay skips it. It is written
+with the next batch and needs no sync of its own: lost, it only means the
+message is delivered again after a crash.
+
 A record counts only if it is complete, its checksum matches and it carries
 the segment's own sequence number. The last point lets a checkpointed segment
 be reused under a new sequence number without erasing it: its old records then
@@ -36,6 +42,9 @@ MAGIC = b"ELJ1"
 HEADER = struct.Struct("<4sQBBIQ")
 TRAILER = struct.Struct("<I")
 STATE_INDEX = {state: i for i, state in enumerate(STATES)}
+#: The state byte of a retire record, and the state its :class:`Record` has.
+RETIRE_INDEX = 255
+RETIRED = "retired"
 
 # Larger envelopes do not exist; a header claiming one is damaged, and reading
 # it must not allocate what a flipped bit asks for.
@@ -49,6 +58,12 @@ def record_head(seq: int, state: str, queue_id: bytes, envelope: bytes,
     """Header and queue id of a record, the first bytes its checksum covers."""
     return HEADER.pack(MAGIC, seq, STATE_INDEX[state], len(queue_id), len(envelope),
                        content_length) + queue_id
+
+
+def retire_record(seq: int, queue_id: bytes) -> bytes:
+    """A whole retire record: the message ``queue_id`` needs no replay."""
+    head = HEADER.pack(MAGIC, seq, RETIRE_INDEX, len(queue_id), 0, 0) + queue_id
+    return head + TRAILER.pack(zlib.crc32(head))
 
 
 @dataclass(slots=True)
@@ -128,7 +143,7 @@ class SegmentReader:
             return None, f"checksum mismatch in the record at offset {pos}", False
         try:
             queue_id = meta[:id_len].decode("ascii")
-            state = STATES[state_index]
+            state = RETIRED if state_index == RETIRE_INDEX else STATES[state_index]
         except (UnicodeDecodeError, IndexError):
             return None, f"record at offset {pos} names no valid queue id or state", False
         if self._queue_id_ok is not None and not self._queue_id_ok(queue_id):

@@ -10,10 +10,18 @@ Whoever takes the lock also checks the spool's format (``<spool>/format``, one
 number): a spool of a format this version does not know, written by a newer
 Elemta, is refused before anything in it is read or changed
 (:class:`SpoolFormatError`); a spool without the file was written before the
-format was recorded, is format 1, and gets the file. A release that changes the
-format raises :data:`SPOOL_FORMAT` and converts a spool of the previous one here,
-under the lock, before recovery reads it; the test suite keeps a spool of every
-earlier format and starts a server on it.
+format was recorded, is format 1. A release that changes the format raises
+:data:`SPOOL_FORMAT` and converts a spool of the previous one here, under the
+lock, before recovery reads it; the test suite keeps a spool of every earlier
+format and starts a server on it. Whoever takes the lock stamps the spool with
+this version's format, since from then on it may write what older versions
+cannot read.
+
+Formats: 1, the first; 2 adds retire records to the journal (a resident
+message delivered from memory, see ``store.py``). A format 1 spool is a valid
+format 2 spool, so converting it is only the new stamp; format 1 code would
+take a retire record for damage and stop replaying the segment there, which is
+why it must refuse a format 2 spool.
 """
 
 from __future__ import annotations
@@ -27,7 +35,7 @@ from ..durable import write_file_durably
 from .layout import Layout
 
 #: The format this version writes and reads.
-SPOOL_FORMAT = 1
+SPOOL_FORMAT = 2
 
 
 class SpoolFormatError(Exception):
@@ -68,7 +76,8 @@ def lock_spool(spool_root: str | os.PathLike[str]) -> int:
     except OSError:
         pass
     try:
-        if spool_format(layout.root) is None:
+        found = spool_format(layout.root)
+        if found is None or found < SPOOL_FORMAT:
             write_file_durably(layout.format, f"{SPOOL_FORMAT}\n".encode("ascii"))
     except BaseException:
         os.close(fd)

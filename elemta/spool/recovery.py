@@ -3,7 +3,8 @@
 1. Create the folders that are missing; empty ``tmp/``.
 2. Replay every journal segment left behind, in order: each valid record's
    content and envelope are written and renamed over whatever is there
-   (unless the envelope has since moved to another state). Reading a segment
+   (unless the envelope has since moved to another state, or a retire record
+   in any segment says the message was delivered from memory). Reading a segment
    stops at the first record that is incomplete, fails its checksum or belongs
    to another segment: a batch cut short by a crash was never acknowledged.
    The replayed files are made durable, then the segments deleted.
@@ -36,7 +37,7 @@ from . import journal
 from .envelope import STATES, parse_envelope
 from .layout import CORRUPT_SUFFIX, Layout, is_queue_id, queue_id_of
 from .replay import Syncer, replay_segment
-from .threads import SpoolStats
+from .threads import Residents, SpoolStats
 
 log = logging.getLogger("elemta.spool")
 
@@ -78,8 +79,8 @@ def recover(layout: Layout, syncer: Syncer, stats: SpoolStats) -> Recovered:
             removed_tmp += 1
 
     syncer.open()
-    last_seq, pending = replay_journal(layout, syncer, stats)
-    pending_ids = ids_in_segments(pending)
+    last_seq, pending, retired = replay_journal(layout, syncer, stats)
+    pending_ids = ids_in_segments(pending) - retired
 
     with os.scandir(layout.messages) as it:
         contents = {e.name for e in it}
@@ -143,27 +144,44 @@ def _referenced(layout: Layout) -> set[str]:
 
 
 def replay_journal(layout: Layout, syncer: Syncer,
-                   stats: SpoolStats) -> tuple[int, list[tuple[int, str]]]:
+                   stats: SpoolStats) -> tuple[int, list[tuple[int, str]], set[str]]:
     """Replay, sync and delete the segments in ``journal/``, in order, as far as room allows.
 
-    Returns the highest sequence number seen and the segments left (from the
-    first one whose files did not fit on, ``ENOSPC``/``EDQUOT``).
+    Returns the highest sequence number seen, the segments left (from the
+    first one whose files did not fit on, ``ENOSPC``/``EDQUOT``) and the
+    messages retire records say were delivered.
     """
     segments, others = layout.journal_segments()
     for path in others:
         log.warning("spool: ignoring unexpected file %s", path)
     if not segments:
-        return 0, []
-    entries, pending = replay_segments(layout, syncer, segments)
+        return 0, [], set()
+    retired = retired_in(segments)
+    entries, pending = replay_segments(layout, syncer, segments, Residents(retired))
     stats.replayed = len(entries)
     if pending:
         log.error("spool: no room to write out the messages of %d journal segment(s) from %s "
                   "on; they stay in the journal, new mail is refused with 452 4.3.1, and they "
                   "are written out as deliveries free room", len(pending), pending[0][1])
-    return segments[-1][0], pending
+    return segments[-1][0], pending, retired
 
 
-def replay_segments(layout: Layout, syncer: Syncer, segments: list[tuple[int, str]]
+def retired_in(segments: list[tuple[int, str]]) -> set[str]:
+    """The queue ids the retire records of these segments name (read before replaying
+    any of them: a message's retire record can be in a later segment than the message)."""
+    out: set[str] = set()
+    for seq, path in segments:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            out.update(rec.queue_id for rec in journal.SegmentReader(fd, seq, is_queue_id)
+                       if rec.state == journal.RETIRED)
+        finally:
+            os.close(fd)
+    return out
+
+
+def replay_segments(layout: Layout, syncer: Syncer, segments: list[tuple[int, str]],
+                    residents: Residents | None = None
                     ) -> tuple[list[tuple[str, str]], list[tuple[int, str]]]:
     """Replay segments in order: ``(queue id, state)`` of the records replayed, and the
     segments left for lack of room.
@@ -177,7 +195,7 @@ def replay_segments(layout: Layout, syncer: Syncer, segments: list[tuple[int, st
     for index, (seq, path) in enumerate(segments):
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         try:
-            entries += replay_segment(layout, fd, seq, path)
+            entries += replay_segment(layout, fd, seq, path, residents)
         except OSError as e:
             if e.errno not in NO_ROOM:
                 raise
@@ -205,7 +223,8 @@ def ids_in_segments(segments: list[tuple[int, str]]) -> set[str]:
     for seq, path in segments:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         try:
-            out.update(rec.queue_id for rec in journal.SegmentReader(fd, seq, is_queue_id))
+            out.update(rec.queue_id for rec in journal.SegmentReader(fd, seq, is_queue_id)
+                       if rec.state != journal.RETIRED)
         finally:
             os.close(fd)
     return out

@@ -17,6 +17,7 @@ from ..durable import fsync_dir, write_all
 from . import journal
 from .envelope import STATES, parse_envelope
 from .layout import Layout, is_queue_id
+from .threads import WRITTEN, Residents
 
 log = logging.getLogger("elemta.spool")
 
@@ -31,10 +32,27 @@ _FILE_MODE = 0o600
 USE_SYNCFS = True
 
 
-def replay_segment(layout: Layout, fd: int, seq: int, path: str) -> list[tuple[str, str]]:
-    """Write out every valid record of one segment; ``(queue id, state)`` of each."""
+def replay_segment(layout: Layout, fd: int, seq: int, path: str,
+                   residents: Residents | None = None) -> list[tuple[str, str]]:
+    """Write out every valid record of one segment; ``(queue id, state)`` of each.
+
+    Retire records, and messages ``residents`` knows were delivered, are skipped.
+    """
     reader = journal.SegmentReader(fd, seq, is_queue_id)
-    entries = [(rec.queue_id, materialize_record(layout, fd, rec)) for rec in reader]
+    entries = []
+    for rec in reader:
+        if rec.state == journal.RETIRED:
+            continue
+        if residents is None:
+            entries.append((rec.queue_id, materialize_record(layout, fd, rec)))
+            continue
+        with residents.lock:
+            if rec.queue_id in residents.retired:
+                continue
+            entries.append((rec.queue_id, materialize_record(layout, fd, rec)))
+            job = residents.jobs.get(rec.queue_id)
+            if job is not None:
+                job.status = WRITTEN
     if reader.damaged:
         log.error("spool: journal %s is damaged (%s); the %d byte(s) from offset %d on are "
                   "not replayed although valid records follow: acknowledged messages may "

@@ -12,18 +12,32 @@ modules with one job each:
   journal segments (``segments.py`` creates and reuses them);
 * ``recovery.py`` and ``replay.py`` — start-up, and rewriting files from the
   journal;
+* ``resident.py`` — small messages delivered from memory, retired without files;
 * ``admin.py`` — what ``elemta queue`` does to one message.
 
 The threads pass typed messages (``threads.py``). The rules they keep
 together — an acknowledged message is durable in the journal; its files are
 acted on only after its checkpoint (:meth:`Spool.on_durable`); recovery always
 completes what the journal holds — are told in ``docs/architecture.md``.
+
+A small message committed while a runner listens (:meth:`Spool.on_journaled`)
+is *resident*: handed to the runner as soon as the journal holds it and
+delivered from memory. Delivered before its journal segment is sealed, it never
+gets files: a retire record in the journal tells replay to skip it. Deferred,
+or still undelivered when the segment is sealed, it is written out then and
+goes on as any other message.
+
+Longer than 500 lines because :class:`Spool` is the spool's whole public
+surface: every method is a thin front for one of the modules above, but each
+states the durability promise its callers rely on, and those promises are the
+point of this file.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import logging
 import os
 import threading
@@ -40,6 +54,7 @@ from .recovery import recover, replay_segments
 from .replay import Syncer
 from .segments import Segments, close_quietly
 from .space import SpaceMonitor
+from .resident import JournaledCallback, ResidentMessages
 from .threads import Backlog, Barrier, Checkpoint, Flags, Job, SpoolError, SpoolStats, Stop
 from .writeout import WriteOutThread
 from .writer import JournalWriter
@@ -106,6 +121,7 @@ class Spool:
         self._segments = Segments(self.layout, self._flags, self.stats, segment_bytes)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._durable_callbacks: list[DurableCallback] = []
+        self._resident = ResidentMessages(self.layout, self.space, self.stats, self._count)
         # Started on first write, so that read-only users never start threads.
         self._writer: JournalWriter | None = None
         self._writeout: WriteOutThread | None = None
@@ -221,6 +237,8 @@ class Spool:
                       prepend + (parts.header_block if header_block is None else header_block),
                       content, None if body_path is None else os.fspath(body_path),
                       envelope.to_json(), fut, loop)
+            job.resident = (not self.visible_on_commit
+                            and self._resident.eligible(state, body_path is None))
             self._loop = loop
             writer.submit(job)
             await fut
@@ -250,20 +268,22 @@ class Spool:
 
     def _start_threads(self) -> None:
         backlog = Backlog(self._flags)
+        residents = self._resident.table
         checkpointer = Checkpointer(
             self.layout, self._segments, self._syncer, self._flags, self.stats,
             self._undurable, self._announce,
             retry=lambda: writeout.inbox.put(Checkpoint()), retry_after=self.checkpoint_interval,
-            space=self.space)
+            space=self.space, residents=residents)
         writeout = WriteOutThread(self.layout, self._flags, self.stats, backlog, checkpointer,
-                                  self._answer, self.space)
+                                  self._answer, self.space, residents)
         writer = JournalWriter(
             self.layout, self._segments, self._flags, self.stats, backlog, writeout.inbox,
-            self._undurable, self._answer, self.space,
+            self._undurable, self._answer, self.space, residents,
             checkpoint_interval=self.checkpoint_interval,
             checkpoint_idle=self.checkpoint_idle, segment_bytes=self.segment_bytes,
             visible_on_commit=self.visible_on_commit)
         self._checkpointer, self._writeout, self._writer = checkpointer, writeout, writer
+        self._resident.submit_retire = writer.submit_retire
         writeout.thread.start()
         writer.thread.start()
 
@@ -273,10 +293,13 @@ class Spool:
         self.stats.largest_batch = max(self.stats.largest_batch, len(jobs))
         counts = self._counts
         assert counts is not None
+        resident: list[str] = []
         for job in jobs:
             if job.error is None:
                 counts[job.state] += 1
                 self.stats.committed += 1
+                if job.resident:
+                    resident.append(job.queue_id)
             else:
                 self.stats.failed += 1
             fut = job.future
@@ -286,6 +309,8 @@ class Spool:
                 fut.set_result(None)
             else:
                 fut.set_exception(job.error)
+        if resident:
+            self._resident.journaled(resident)
 
     async def checkpoint(self) -> None:
         """Write out every acknowledged message, make its files durable and empty the journal.
@@ -330,6 +355,19 @@ class Spool:
                 self._durable_callbacks.remove(callback)
 
         return remove
+
+    def on_journaled(self, callback: JournaledCallback) -> Callable[[], None]:
+        """Call ``callback([queue_id, …])`` on the event loop for resident messages, as
+        soon as their commit returns (the delivery runner; see the module docstring).
+
+        Those messages are *not* announced by :meth:`on_durable` later. While one
+        listens, small messages committed in ``ready`` are kept in memory: read
+        them with :meth:`load` and :meth:`content`, and change them only with
+        :meth:`rewrite`, :meth:`move` and :meth:`remove`. Returns a function that
+        removes the callback. Without ``memfd_create`` (not Linux) nothing is
+        resident and the callback is never called.
+        """
+        return self._resident.subscribe(callback)
 
     def _announce(self, entries: Entries) -> None:
         """From the checkpoint thread: tell the ``on_durable`` callbacks, on the event loop."""
@@ -410,6 +448,9 @@ class Spool:
         """
         if not is_queue_id(queue_id):
             raise KeyError(queue_id)
+        found = self._resident.load(queue_id)
+        if found is not None:
+            return found
         # Two passes: a message moving between states while we look could be
         # missed by the first one.
         for _ in range(2):
@@ -474,8 +515,12 @@ class Spool:
         """Store ``envelope`` (changed recipients, attempts…) in ``to_state``.
 
         The old envelope is first moved, then replaced atomically: at every
-        moment exactly one envelope of the message exists.
+        moment exactly one envelope of the message exists. A resident message
+        that stays ``ready`` stays in memory; moved to another state it is
+        written out now.
         """
+        if self._resident.rewrite(envelope, to_state):
+            return
         src = self.layout.envelope(from_state, envelope.id)
         dst = self.layout.envelope(to_state, envelope.id)
         if src != dst:
@@ -492,19 +537,49 @@ class Spool:
 
     def move(self, queue_id: str, from_state: str, to_state: str) -> None:
         """Move a message between states without changing its envelope."""
+        if self._resident.move(queue_id, to_state):
+            return
         os.rename(self.layout.envelope(from_state, queue_id),
                   self.layout.envelope(to_state, queue_id))
         self._count(from_state, -1)
         self._count(to_state, +1)
 
     def remove(self, queue_id: str, state: str) -> None:
-        """Delete a message: envelope first (it is the commit marker), then content."""
+        """Delete a message: envelope first (it is the commit marker), then content.
+
+        A resident message is retired: a retire record keeps replay from bringing
+        it back, and if it never had files, none are touched.
+        """
+        if self._resident.remove(queue_id, state):
+            return
         os.unlink(self.layout.envelope(state, queue_id))
         self._count(state, -1)
         try:
             os.unlink(self.layout.content(queue_id))
         except FileNotFoundError:
             pass
+
+    @contextlib.contextmanager
+    def content(self, queue_id: str) -> Iterator[str]:
+        """The path of a message's content, for as long as the ``with`` block lasts.
+
+        That is :meth:`message_file`, or for a resident message a memory file
+        (``/proc/self/fd/N``): read it by opening the path, as a file.
+        """
+        parts = self._resident.content_bytes(queue_id)
+        if parts is None:
+            yield self.message_file(queue_id)
+        else:
+            with self._resident.memory_file(parts) as path:
+                yield path
+
+    def original(self, queue_id: str) -> bytes | Path:
+        """A message's content (or its path) to quote in a report; ``b""`` if it is gone."""
+        parts = self._resident.content_bytes(queue_id)
+        if parts is not None:
+            return b"".join(parts)
+        path = self.message_path(queue_id)
+        return path if path.exists() else b""
 
     def __repr__(self) -> str:
         return f"<Spool {self.root}>"

@@ -45,6 +45,7 @@ class SpoolStats:
     materialize_errors: int = 0
     segments_reused: int = 0
     replayed: int = 0                # records replayed by the last recover()
+    retired: int = 0                 # resident messages delivered without ever having files
 
 
 @dataclass(slots=True)
@@ -53,6 +54,10 @@ class Flags:
 
     stopping: bool = False
     crashed: bool = False  # tests: the threads stop dead, as a crash would stop them
+
+
+# What became of a resident job (``Job.resident``): kept in memory, delivered from there.
+RESIDENT, WRITTEN, RETIRED = 0, 1, 2
 
 
 @dataclass(slots=True, eq=False)
@@ -72,6 +77,12 @@ class Job:
     content_offset: int = 0
     content_length: int = 0
     error: BaseException | None = None
+    # A resident job stays in memory after its commit, for the runner to deliver from
+    # there; it gets files only if its segment is sealed before it is delivered (or when
+    # the runner defers it). ``status``: RESIDENT, WRITTEN or RETIRED; ``envelope`` is
+    # replaced by the runner's changes while it is RESIDENT.
+    resident: bool = False
+    status: int = RESIDENT
 
     @property
     def placed_bytes(self) -> int:
@@ -82,6 +93,19 @@ class Job:
     def held_bytes(self) -> int:
         """What this job keeps in memory until its files are written."""
         return len(self.envelope) + len(self.prefix) + len(self.body or b"")
+
+
+class Residents:
+    """Resident jobs by queue id, until their segment is checkpointed, and the ids
+    retired before that (replay skips those). The event loop and the spool's threads
+    change a job's status, and write or skip its files, only under :attr:`lock`."""
+
+    __slots__ = ("lock", "jobs", "retired")
+
+    def __init__(self, retired: set[str] | None = None) -> None:
+        self.lock = threading.Lock()
+        self.jobs: dict[str, Job] = {}
+        self.retired: set[str] = retired if retired is not None else set()
 
 
 # ---------------------------------------------------------------------- write-out queue

@@ -8,6 +8,11 @@ journal still holds the message until the checkpoint has made these files
 durable. Files that cannot be written mark their segment for replay; the
 checkpoint writes them again from the journal.
 
+Resident messages (``Job.resident``: the runner delivers them from memory)
+are skipped here; when their segment is sealed, those still in memory are
+written out then, before the checkpoint, and so are all of them at a
+:class:`~.threads.Barrier`.
+
 The thread also passes sealed segments and checkpoint requests to the
 checkpointer, in the order they arrive, which is what guarantees that a
 sealed segment's messages are all written out before it is checkpointed.
@@ -26,8 +31,8 @@ from . import journal, threads
 from .checkpoint import Checkpointer
 from .layout import Layout
 from .space import SpaceMonitor
-from .threads import (Backlog, Barrier, Checkpoint, Flags, Job, Sealed, SpoolStats, Stop,
-                      WriteOut)
+from .threads import (RESIDENT, WRITTEN, Backlog, Barrier, Checkpoint, Flags, Job, Residents,
+                      Sealed, SpoolStats, Stop, WriteOut)
 
 log = logging.getLogger("elemta.spool")
 
@@ -40,8 +45,9 @@ class WriteOutThread:
 
     def __init__(self, layout: Layout, flags: Flags, stats: SpoolStats, backlog: Backlog,
                  checkpointer: Checkpointer, answer: Callable[[list[Job]], None],
-                 space: SpaceMonitor) -> None:
+                 space: SpaceMonitor, residents: Residents) -> None:
         self.layout = layout
+        self.residents = residents
         self.flags = flags
         self.stats = stats
         self.backlog = backlog
@@ -73,8 +79,12 @@ class WriteOutThread:
                     finally:
                         self.backlog.written(sum(job.held_bytes for job in message.jobs))
                 elif isinstance(message, Barrier):  # every batch queued before it is written out
+                    with self.residents.lock:
+                        jobs = list(self.residents.jobs.values())
+                    self.write_residents(jobs)
                     message.done.set()
                 elif isinstance(message, Sealed):  # its messages are all written out by now
+                    self.write_residents(message.segment.resident)
                     self.checkpointer.seal(message.segment)
                 elif isinstance(message, Checkpoint):
                     self.checkpointer.request(message.done)
@@ -84,12 +94,25 @@ class WriteOutThread:
             except BaseException:
                 log.exception("spool: background writer failed")
 
-    def write(self, jobs: list[Job]) -> None:
+    def write_residents(self, jobs: list[Job]) -> None:
+        """Write the files of the resident jobs still only in memory."""
+        lock = self.residents.lock
+        for job in jobs:
+            with lock:  # the event loop neither delivers nor changes it meanwhile
+                if job.status == RESIDENT:
+                    self.write([job], resident=True)
+                    job.status = WRITTEN
+
+    def write(self, jobs: list[Job], resident: bool = False) -> None:
+        """Write the jobs' files; resident jobs only with ``resident`` (see
+        :meth:`write_residents`)."""
         layout = self.layout
         failed: list[str] = []
         error: Exception | None = None
         placed_bytes = placed = 0
         for job in jobs:
+            if job.resident and not resident:
+                continue  # delivered from memory; written only if it is still there at sealing
             queue_id = job.queue_id
             try:
                 # Straight under its final name: content without an envelope

@@ -1,0 +1,210 @@
+"""Resident messages: delivered from memory, written out only if they must be.
+
+A small message (its body held in memory) committed in ``ready`` while a
+runner listens (:meth:`~.store.Spool.on_journaled`) stays in memory after its
+journal batch is synced, and the runner is told at once. From then on:
+
+* delivered (or bounced) before its journal segment is sealed, it is
+  *retired*: a retire record goes into the journal and no file of it is ever
+  written; replay skips a message with a retire record;
+* deferred, held or failed first, it gets its files then, in that state;
+* still in memory when its segment is sealed (it takes longer than
+  ``checkpoint_interval``, or a barrier asks for files), the write-out thread
+  writes it out before the segment's checkpoint, as if it had never been
+  resident.
+
+A job's status (``threads.RESIDENT``, ``WRITTEN``, ``RETIRED``) changes only
+under :attr:`Residents.lock`, and whoever writes or skips its files holds it,
+so the event loop and the spool's threads never both write one. Once its
+segment is checkpointed the message is an ordinary one (or gone).
+
+Content is passed to transports as a memory file, ``/proc/self/fd/N``: a
+path they open like any other. Where that is not possible (not Linux, or a
+process made non-dumpable by a privilege drop, whose ``/proc/self/fd`` it
+cannot open) nothing is resident.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import uuid
+from collections.abc import Callable, Iterator
+
+from ..durable import write_all
+from .envelope import Envelope, parse_envelope
+from .layout import Layout
+from .space import SpaceMonitor
+from .threads import RESIDENT, RETIRED, WRITTEN, Job, Residents, SpoolStats
+
+log = logging.getLogger("elemta.spool")
+
+JournaledCallback = Callable[[list[str]], None]
+
+_CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+_FILE_MODE = 0o600
+
+
+class ResidentMessages:
+    """The spool's resident messages, as the event loop sees them."""
+
+    def __init__(self, layout: Layout, space: SpaceMonitor, stats: SpoolStats,
+                 count: Callable[[str, int], None]) -> None:
+        self.layout = layout
+        self.stats = stats
+        self.space = space
+        self._count = count
+        self.table = Residents()
+        self.callbacks: list[JournaledCallback] = []
+        #: where retire records go: ``JournalWriter.submit_retire`` once the threads run
+        self.submit_retire: Callable[[str], None] | None = None
+
+    def eligible(self, state: str, body_in_memory: bool) -> bool:
+        return bool(self.callbacks) and body_in_memory and state == "ready"
+
+    def subscribe(self, callback: JournaledCallback) -> Callable[[], None]:
+        if not memfd_usable():
+            return lambda: None
+        self.callbacks.append(callback)
+
+        def remove() -> None:
+            if callback in self.callbacks:
+                self.callbacks.remove(callback)
+
+        return remove
+
+    def journaled(self, queue_ids: list[str]) -> None:
+        """On the event loop: these resident messages' commits were answered."""
+        for callback in list(self.callbacks):
+            try:
+                callback(queue_ids)
+            except Exception:
+                log.exception("spool: on_journaled callback %r failed", callback)
+
+    def _resident(self, queue_id: str) -> Job | None:
+        """The job if it is still only in memory (call with the lock held)."""
+        job = self.table.jobs.get(queue_id)
+        if job is not None and job.status == RETIRED:
+            raise KeyError(queue_id)
+        return job if job is not None and job.status == RESIDENT else None
+
+    def load(self, queue_id: str) -> tuple[str, Envelope] | None:
+        """``(state, envelope)`` of a message in memory; ``None`` if it has files (or is
+        not resident); ``KeyError`` if it was retired."""
+        if queue_id not in self.table.jobs:
+            return None
+        with self.table.lock:
+            job = self._resident(queue_id)
+            return None if job is None else (job.state, parse_envelope(job.envelope, queue_id))
+
+    def rewrite(self, envelope: Envelope, to_state: str) -> bool:
+        """Store a changed envelope of a message in memory; ``False`` if it has files."""
+        if envelope.id not in self.table.jobs:
+            return False
+        with self.table.lock:
+            job = self._resident(envelope.id)
+            if job is None:
+                return False
+            if to_state == job.state:
+                job.envelope = envelope.to_json()
+            else:
+                self._write_out(job, to_state, envelope.to_json())
+            return True
+
+    def move(self, queue_id: str, to_state: str) -> bool:
+        if queue_id not in self.table.jobs:
+            return False
+        with self.table.lock:
+            job = self._resident(queue_id)
+            if job is None:
+                return False
+            if to_state != job.state:
+                self._write_out(job, to_state, job.envelope)
+            return True
+
+    def _write_out(self, job: Job, state: str, envelope: bytes) -> None:
+        """Give a message in memory its files, in ``state`` (lock held)."""
+        queue_id, layout = job.queue_id, self.layout
+        fd = os.open(layout.content(queue_id), os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+                     | os.O_CLOEXEC, _FILE_MODE)
+        try:
+            write_all(fd, job.prefix, job.body or b"")
+        finally:
+            os.close(fd)
+        tmp = layout.tmp_file(queue_id, f"{uuid.uuid4().hex[:8]}.envelope")
+        fd = os.open(tmp, _CREATE_FLAGS, _FILE_MODE)
+        try:
+            write_all(fd, envelope)
+        finally:
+            os.close(fd)
+        os.rename(tmp, layout.envelope(state, queue_id))
+        job.status = WRITTEN
+        self.space.placed(job.placed_bytes, 1)
+        self._count(job.state, -1)
+        self._count(state, +1)
+
+    def remove(self, queue_id: str, state: str) -> bool:
+        """Retire a resident message; ``True`` once it is removed, ``False`` if it is
+        not resident or has files for the caller to delete."""
+        table = self.table
+        job = table.jobs.get(queue_id)
+        if job is None:
+            return False
+        with table.lock:
+            status = job.status
+            if status == RETIRED:
+                raise FileNotFoundError(errno.ENOENT, "message already removed", queue_id)
+            job.status = RETIRED
+            table.retired.add(queue_id)
+        if self.submit_retire is not None:
+            self.submit_retire(queue_id)
+        if status == RESIDENT:
+            self._count(job.state, -1)
+            self.space.placed(job.placed_bytes, 1)
+            self.stats.retired += 1
+            return True
+        if os.path.lexists(self.layout.envelope(state, queue_id)):
+            return False
+        # its write-out failed: the retire record keeps replay from writing it later
+        self._count(state, -1)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.layout.content(queue_id))
+        return True
+
+    def content_bytes(self, queue_id: str) -> tuple[bytes, bytes] | None:
+        if queue_id not in self.table.jobs:
+            return None
+        with self.table.lock:
+            try:
+                job = self._resident(queue_id)
+            except KeyError:
+                return None
+            return None if job is None else (job.prefix, job.body or b"")
+
+    @contextlib.contextmanager
+    def memory_file(self, parts: tuple[bytes, bytes]) -> Iterator[str]:
+        fd = os.memfd_create("elemta-message", os.MFD_CLOEXEC)
+        try:
+            write_all(fd, *parts)
+            yield f"/proc/self/fd/{fd}"
+        finally:
+            os.close(fd)
+
+
+def memfd_usable() -> bool:
+    """Whether memory files can be created and opened by path, now (asked once per
+    runner start: a privilege drop can change the answer)."""
+    try:
+        fd = os.memfd_create("elemta-probe", os.MFD_CLOEXEC)
+    except (AttributeError, OSError):
+        return False
+    try:
+        os.write(fd, b"x")
+        with open(f"/proc/self/fd/{fd}", "rb") as f:
+            return f.read() == b"x"
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
