@@ -488,3 +488,18 @@ async def test_direct_connection_to_a_proxied_listener_is_refused(behind_haproxy
     finally:
         writer.close()
     assert f"refused {CLIENT} on mx: not a trusted proxy" in caplog.text
+
+
+async def test_rate_limit_plugin_counts_the_client_behind_the_proxy(elemta_server):
+    pytest.importorskip("elemta_ratelimit")
+    server = await elemta_server({**listeners(), "plugins": {
+        "enabled": ["ratelimit"], "ratelimit": {"connections_concurrent": 1}}})
+    a = await Proxied(server.port("mx"), v2("192.0.2.1")).__aenter__()
+    b = await Proxied(server.port("mx"), v2("192.0.2.2")).__aenter__()
+    c = await Proxied(server.port("mx"), v2("192.0.2.1", sport=40001)).__aenter__()
+    try:
+        assert (a.greeting.code, b.greeting.code) == (220, 220)
+        assert (c.greeting.code, c.greeting.enhanced) == (421, "4.7.0")
+    finally:
+        for client in (a, b, c):
+            client.close()
