@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import queue
 import sqlite3
@@ -28,8 +29,14 @@ from .message import Incoming, parse
 from .query import fts_query, like_pattern
 from .settings import StoreSettings
 
+log = logging.getLogger("elemta.store")
+
 GROUP = 64
 READERS = 2
+# checkpoints: at most every CHECKPOINT_SECONDS, in their own thread; past WAL_LIMIT_PAGES
+# (64 MiB of 4 KiB pages) the writer waits for one to finish, so the WAL stays bounded
+CHECKPOINT_SECONDS = 0.2
+WAL_LIMIT_PAGES = 16384
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS messages (
@@ -113,6 +120,9 @@ class SQLiteBackend:
         self._lock = threading.Lock()
         self.pruned = 0          # messages pruned since start (for metrics)
         self.pruned_bytes = 0
+        self._checkpointer: threading.Thread | None = None
+        self._commits = threading.Event()
+        self._stopping = threading.Event()
 
     # -- lifecycle -----------------------------------------------------------
 
@@ -121,6 +131,9 @@ class SQLiteBackend:
         self._writer = threading.Thread(target=self._write_loop, name="elemta-store-writer",
                                         daemon=True)
         self._writer.start()
+        self._checkpointer = threading.Thread(target=self._checkpoint_loop,
+                                              name="elemta-store-checkpoint", daemon=True)
+        self._checkpointer.start()
         self._readers = ThreadPoolExecutor(READERS, thread_name_prefix="elemta-store-read")
 
     def _create(self) -> None:
@@ -142,6 +155,11 @@ class SQLiteBackend:
             self._jobs.put(None)
             await asyncio.to_thread(self._writer.join)
             self._writer = None
+        if self._checkpointer is not None:
+            self._stopping.set()
+            self._commits.set()
+            await asyncio.to_thread(self._checkpointer.join)
+            self._checkpointer = None
         if self._readers is not None:
             self._readers.shutdown(wait=True)
             self._readers = None
@@ -154,6 +172,9 @@ class SQLiteBackend:
 
     def _write_loop(self) -> None:
         conn = connect(self.path, self.settings.timeout_seconds)
+        # the checkpoint thread copies the WAL into the database; done here, a commit
+        # now and then would also wait for that copy and its fsync
+        conn.execute("PRAGMA wal_autocheckpoint = 0")
         try:
             while True:
                 job = self._jobs.get()
@@ -211,6 +232,7 @@ class SQLiteBackend:
             for fut, _, _ in results:
                 fut.set_exception(StoreError(f"message store {self.path}: commit failed: {e}"))
             return
+        self._commits.set()
         for fut, value, error in results:
             if error is None:
                 fut.set_result(value)
@@ -218,6 +240,30 @@ class SQLiteBackend:
                 fut.set_exception(StoreError(f"message store {self.path}: {error}"))
             else:
                 fut.set_exception(error)
+
+    def _checkpoint_loop(self) -> None:
+        """Copy committed WAL pages into the database while the writer goes on (PASSIVE);
+        a WAL beyond ``WAL_LIMIT_PAGES`` is checkpointed with RESTART, which makes the
+        writer wait, so that it starts again from the beginning of the file."""
+        conn = connect(self.path, self.settings.timeout_seconds)
+        try:
+            while True:
+                self._commits.wait()
+                if self._stopping.is_set():
+                    return
+                self._commits.clear()
+                try:
+                    _, frames, copied = conn.execute(
+                        "PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+                    if frames > WAL_LIMIT_PAGES and copied < frames:
+                        conn.execute("PRAGMA wal_checkpoint(RESTART)")
+                except sqlite3.Error as e:
+                    log.warning("store: checkpoint of %s failed (tried again after the next "
+                                "commit): %s", self.path, e)
+                if self._stopping.wait(CHECKPOINT_SECONDS):
+                    return
+        finally:
+            conn.close()
 
     async def _write(self, fn: Callable[[sqlite3.Connection], Any]) -> Any:
         if self._writer is None:

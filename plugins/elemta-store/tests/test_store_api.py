@@ -208,6 +208,25 @@ async def test_the_sqlite_file_is_private(tmp_path):
         await store.close()
 
 
+async def test_the_wal_is_copied_into_the_database_in_the_background(tmp_path):
+    store = await Store.open(StoreSettings(path=str(tmp_path / "m.db")))
+    try:
+        before = os.path.getsize(tmp_path / "m.db")
+        for n in range(0, 300, 50):
+            await asyncio.gather(*(store.put(incoming(f"Q{k}", plain(f"m{k}", "x" * 3000)))
+                                   for k in range(n, n + 50)))
+        async with asyncio.timeout(10):
+            while os.path.getsize(tmp_path / "m.db") < before + 300 * 3000:
+                await asyncio.sleep(0.05)
+        assert (await store.search(text="m299")).total == 1
+    finally:
+        await store.close()
+    import sqlite3
+    conn = sqlite3.connect(tmp_path / "m.db")
+    assert conn.execute("SELECT count(*) FROM messages").fetchone()[0] == 300
+    conn.close()
+
+
 async def test_an_unusable_path_says_what_to_fix(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(StoreError, match=r"cannot open the message store .*file/m\.db.*path"):

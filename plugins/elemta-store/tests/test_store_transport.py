@@ -52,6 +52,16 @@ async def spool_state(server, queue_id: str, state: str | None):
     return await wait_for(check, what=f"message {state or 'gone from the spool'}")
 
 
+def metric(server, name: str, **labels: str) -> float:
+    """The value of one sample of the server's metrics (0 when it was never counted)."""
+    shown = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+    wanted = f"{name}{{{shown}}} " if labels else f"{name} "
+    for line in server.app.metrics.render().decode().splitlines():
+        if line.startswith(wanted):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
 def smtplib_send(port: int, sender: str, rcpts: list[str], data: bytes,
                  mail_options=(), rcpt_options=()) -> str:
     with smtplib.SMTP("127.0.0.1", port, timeout=10) as c:
@@ -104,6 +114,10 @@ async def test_smtp_into_the_store_one_message_with_a_row_per_recipient(
     assert [s.id for s in (await store.search(text="approved")).items] == [message.id]
     assert (await store.search(text="pangolin", to="carol")).total == 1
     assert await store.count() == 1
+    assert metric(server, "elemta_store_messages_total") == 1
+    assert metric(server, "elemta_store_recipients_total") == 2
+    assert metric(server, "elemta_store_bytes_total") == len(raw)
+    assert metric(server, "elemta_store_write_seconds_count") == 1
 
 
 @pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
@@ -163,6 +177,8 @@ async def test_a_store_that_fails_defers_and_the_spool_keeps_the_message(
         assert env["recipients"][0]["last_error"].startswith("451 4.3.0")
         assert (server.spool_path / "messages" / queue_id).exists()
         assert await store.count() == 0
+        assert metric(server, "elemta_store_failures_total", reason="error") >= 1
+        assert metric(server, "elemta_store_messages_total") == 0
         db.execute(undo)
         if backend == "sqlite":
             db.commit()
@@ -172,6 +188,24 @@ async def test_a_store_that_fails_defers_and_the_spool_keeps_the_message(
     await spool_state(server, queue_id, None)
     page = await store.search()
     assert page.total == 1 and page.items[0].recipients == ["bob@example.test"]
+    assert metric(server, "elemta_store_messages_total") == 1
+
+
+async def test_the_bound_prunes_the_oldest_and_counts_it(elemta_server, request):
+    server = await start(elemta_server, "sqlite", request, max_messages=2)
+    store = current_store()
+    for n in range(4):
+        await asyncio.to_thread(smtplib_send, server.port("mx"), "alice@example.org",
+                                ["bob@example.test"], MESSAGE.replace(b"quarterly",
+                                                                      b"q%d" % n))
+        await server.app.spool.checkpoint()
+
+        async def stored(n=n):
+            return (await store.search(text=f"q{n}")).total == 1
+        await wait_for(stored, what=f"message {n} stored")
+    page = await store.search()
+    assert [s.subject for s in page.items] == ["q3 figures", "q2 figures"]
+    assert metric(server, "elemta_store_pruned_messages_total") == 2
 
 
 async def test_only_the_configured_recipients_are_routed_to_the_store(
