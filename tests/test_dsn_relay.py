@@ -215,3 +215,13 @@ async def test_smtputf8_mail_with_ascii_addresses_to_a_server_without_it(elemta_
             else:
                 [held] = await asyncio.to_thread(postfix.wait_held, 1)
                 assert "Subject: plain" in postfix.postcat(held["queue_id"])
+
+
+async def test_rcpt_parameters_need_ehlo(elemta_server):
+    server = await elemta_server({"server": {"relay_networks": ["127.0.0.0/8"]}})
+    async with RawSMTP(server.port("mx")) as c:
+        await c.cmd("HELO client.origin.test")
+        await c.cmd("MAIL FROM:<a@origin.test>")
+        reply = await c.cmd("RCPT TO:<bob@remote.test> NOTIFY=NEVER")
+        assert (reply.code, reply.enhanced) == (555, "5.5.4"), reply
+        assert (await c.cmd("RCPT TO:<bob@remote.test>")).code == 250

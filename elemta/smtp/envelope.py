@@ -101,6 +101,9 @@ async def rcpt(proto: ElemtaSMTP, arg: str | None) -> None:
         if key not in _RCPT_PARAMS:
             proto.reply(replies.rcpt_param_unsupported(key))
             return
+    if params and not conn.esmtp:
+        proto.reply(replies.RCPT_PARAMS_NEED_EHLO)
+        return
     if params:
         problem = dsn_params.check_rcpt(params)
         if problem is not None:

@@ -66,6 +66,7 @@ class SMTPConnection:
         self.wire = Wire(self.remote)
         self._needs_rset = False
         self._busy = False
+        self._last_chunk_sent = False   # BDAT ... LAST went out: the server may hold the message
         self._stage: Stage = "connect"
 
     def __repr__(self) -> str:
@@ -443,7 +444,7 @@ class SMTPConnection:
             self.transactions += 1
             return self._result(results, dsn=dsn is not None)
         except Lost as lost:
-            if dot_sent:
+            if dot_sent or self._last_chunk_sent:
                 lost.note = " -- message may be sent more than once"
             error = self.wire.lost_error(lost, stage)
             for index, result in enumerate(results):
@@ -511,6 +512,7 @@ class SMTPConnection:
         """
         encoder = None if binary else DataEncoder(dots=False)
         window = 2 if self.pipelining else 1
+        self._last_chunk_sent = False
         unanswered = 0
         refusal: Reply | None = None
         if isinstance(content, (bytes, bytearray, memoryview)):
@@ -537,6 +539,7 @@ class SMTPConnection:
         if refusal is None:
             tail = b"" if encoder is None else encoder.finish()
             self.wire.write(b"BDAT %d LAST\r\n" % len(tail) + tail)
+            self._last_chunk_sent = True
             await self.wire.drain(self.timeouts.data_block_seconds)
             unanswered += 1
         last: Reply | None = None
