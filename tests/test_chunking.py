@@ -315,3 +315,25 @@ async def test_a_chunk_refused_before_starttls_is_skipped(elemta_server):
         reply = await c.read_reply()
         assert (reply.code, reply.enhanced) == (530, "5.7.0"), reply
         assert (await c.read_reply()).code == 250, "QUIT was chunk data, NOOP the next command"
+
+
+async def test_a_full_disk_mid_chunk_is_452_after_the_chunk_and_the_session_goes_on(
+        elemta_server, small_filesystem):
+    disk = small_filesystem("8m")
+    server = await elemta_server({
+        "server": {"max_message_bytes": 64 * MIB},
+        "spool": {"path": str(disk / "queue"), "memory_bytes": 65536,
+                  "min_free_bytes": 1 << 20}})
+    chunk = (b"z" * 78 + b"\r\n") * (MIB // 80)
+    async with RawSMTP(server.port("mx")) as c:
+        await c.cmd("EHLO client.example")
+        await transaction(c)
+        replies = [await bdat(c, HEAD)]
+        while replies[-1].code == 250 and len(replies) < 20:
+            replies.append(await bdat(c, chunk))
+        reply = replies[-1]
+        assert (reply.code, reply.enhanced) == (452, "4.3.1"), replies
+        assert (await c.cmd("NOOP")).code == 250, "the chunk was read to its end"
+        assert (await bdat(c, b"", last=True)).code == 503
+        assert (await c.cmd("RSET")).code == 250
+    assert not list((disk / "queue" / "tmp").glob("*")), "the spilled body was removed"
