@@ -171,7 +171,12 @@ class SQLiteBackend:
     # -- threads -------------------------------------------------------------
 
     def _write_loop(self) -> None:
-        conn = connect(self.path, self.settings.timeout_seconds)
+        try:
+            conn = connect(self.path, self.settings.timeout_seconds)
+        except sqlite3.Error as e:
+            log.error("store: cannot open %s for writing: %s", self.path, e)
+            self._fail_waiting(StoreError(f"cannot open the message store {self.path}: {e}"))
+            return
         # the checkpoint thread copies the WAL into the database; done here, a commit
         # now and then would also wait for that copy and its fsync
         conn.execute("PRAGMA wal_autocheckpoint = 0")
@@ -199,47 +204,54 @@ class SQLiteBackend:
 
     def _run_group(self, conn: sqlite3.Connection,
                    group: list[tuple[Callable[[sqlite3.Connection], Any], Future[Any]]]) -> None:
+        # a caller that gave up (a delivery's timeout) before its write started is skipped;
+        # a started write can no longer be cancelled, so every future below gets a result
+        group = [(fn, fut) for fn, fut in group if fut.set_running_or_notify_cancel()]
+        if not group:
+            return
         results: list[tuple[Future[Any], Any, BaseException | None]] = []
         try:
             conn.execute("BEGIN IMMEDIATE")
-        except sqlite3.Error as e:
-            for _, fut in group:
-                fut.set_exception(StoreError(f"message store {self.path}: {e}"))
-            return
-        for fn, fut in group:
-            if not fut.set_running_or_notify_cancel():
-                continue
-            conn.execute("SAVEPOINT job")
-            try:
-                value = fn(conn)
-            except BaseException as e:  # noqa: BLE001 - handed to the caller
+            for fn, fut in group:
+                conn.execute("SAVEPOINT job")
                 try:
+                    value = fn(conn)
+                except Exception as e:  # noqa: BLE001 - handed to its caller
                     conn.execute("ROLLBACK TO job")
                     conn.execute("RELEASE job")
+                    results.append((fut, None, e))
+                else:
+                    conn.execute("RELEASE job")
+                    results.append((fut, value, None))
+            conn.execute("COMMIT")
+        except BaseException as e:  # noqa: BLE001 - every caller hears of it
+            if conn.in_transaction:
+                try:
+                    conn.execute("ROLLBACK")
                 except sqlite3.Error:
                     pass
-                results.append((fut, None, e))
-            else:
-                conn.execute("RELEASE job")
-                results.append((fut, value, None))
-        try:
-            conn.execute("COMMIT")
-        except sqlite3.Error as e:
-            try:
-                conn.execute("ROLLBACK")
-            except sqlite3.Error:
-                pass
-            for fut, _, _ in results:
-                fut.set_exception(StoreError(f"message store {self.path}: commit failed: {e}"))
+            error = StoreError(f"message store {self.path}: {e}")
+            log.warning("store: a write to %s failed and was rolled back: %s", self.path, e)
+            for _, fut in group:
+                fut.set_exception(error)
             return
         self._commits.set()
-        for fut, value, error in results:
-            if error is None:
+        for fut, value, err in results:
+            if err is None:
                 fut.set_result(value)
-            elif isinstance(error, (sqlite3.Error, OSError)):
-                fut.set_exception(StoreError(f"message store {self.path}: {error}"))
+            elif isinstance(err, (sqlite3.Error, OSError)):
+                fut.set_exception(StoreError(f"message store {self.path}: {err}"))
             else:
-                fut.set_exception(error)
+                fut.set_exception(err)
+
+    def _fail_waiting(self, error: StoreError) -> None:
+        while True:
+            try:
+                job = self._jobs.get_nowait()
+            except queue.Empty:
+                return
+            if job is not None and job[1].set_running_or_notify_cancel():
+                job[1].set_exception(error)
 
     def _checkpoint_loop(self) -> None:
         """Copy committed WAL pages into the database while the writer goes on (PASSIVE);
@@ -268,6 +280,9 @@ class SQLiteBackend:
     async def _write(self, fn: Callable[[sqlite3.Connection], Any]) -> Any:
         if self._writer is None:
             raise StoreError("the message store is closed")
+        if not self._writer.is_alive():
+            raise StoreError(f"the writer of the message store {self.path} has stopped; "
+                             "see the log, and restart the server")
         fut: Future[Any] = Future()
         self._jobs.put((fn, fut))
         return await asyncio.wrap_future(fut)

@@ -227,6 +227,24 @@ async def test_the_wal_is_copied_into_the_database_in_the_background(tmp_path):
     conn.close()
 
 
+async def test_a_lock_held_too_long_fails_the_write_and_the_store_goes_on(tmp_path):
+    import sqlite3
+    store = await Store.open(StoreSettings(path=str(tmp_path / "m.db"), timeout_seconds=0.5))
+    try:
+        other = sqlite3.connect(tmp_path / "m.db", isolation_level=None)
+        other.execute("BEGIN IMMEDIATE")        # another process writing, for too long
+        started = time.monotonic()
+        with pytest.raises(StoreError, match="locked"):
+            await store.put(incoming("Q1", plain("locked out", "x")))
+        assert time.monotonic() - started < 5
+        other.execute("ROLLBACK")
+        other.close()
+        id = await store.put(incoming("Q1", plain("let in", "x")))
+        assert (await store.get(id)).subject == "let in"
+    finally:
+        await store.close()
+
+
 async def test_an_unusable_path_says_what_to_fix(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(StoreError, match=r"cannot open the message store .*file/m\.db.*path"):
