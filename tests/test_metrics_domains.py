@@ -286,3 +286,18 @@ async def test_mail_the_server_queues_itself_is_counted_once_durable(elemta_serv
     assert queue(got, "example.test", "ready") == 1
     assert queue_id in server.app.metrics.queue_size
     agrees_with_spool(server, got)
+
+
+async def test_quarantined_message_waits_in_hold(elemta_server):
+    class Quarantining:
+        @hookimpl
+        def data(self):
+            from elemta import Quarantine
+            return Quarantine("suspicious")
+
+    server = await elemta_server(CONFIG, plugins=[("q", Quarantining())])
+    await send(server, ["u@example.test", "x@faraway.example"])
+    got = await scrape(server)
+    assert (queue(got, "example.test", "hold"), queue(got, "other", "hold")) == (1, 1)
+    assert queue(got, "example.test", "ready") == 0
+    agrees_with_spool(server, got)
