@@ -161,8 +161,9 @@ async def test_failure_reports_follow_notify(elemta_server, notify, reported):
 async def test_delay_reports_follow_notify(elemta_server, notify, warned):
     async with Sink() as origin, Sink() as remote:
         remote.rcpt_replies["bob@remote.test"] = "451 4.3.0 Try later"
-        server = await elemta_server(config(origin, remote, delay_notice_after_seconds=0.01,
-                                            retry_intervals_seconds=[30]))
+        # the notice goes out with the first attempt at least 0.1 s after arrival
+        server = await elemta_server(config(origin, remote, delay_notice_after_seconds=0.1,
+                                            retry_intervals_seconds=[0.2]))
         await submit(server, "", f"bob@remote.test>{notify}")
         if warned:
             [warning] = await origin.wait_for(1)
