@@ -62,8 +62,6 @@ class App:
             self.metrics.hook_duration if settings.metrics.enabled else None,
             hook_minimum_seconds={"deliver": settings.delivery.attempt_timeout_seconds})
         self._plugin_settings = validated_plugin_settings(self.hooks, settings)
-        self.hooks.observe("deliver", lambda call, seconds: self.metrics.observe_delivery(
-            call["route"], call["recipients"], seconds))
         spool = settings.spool
         self.spool = Spool(settings.resolve(spool.path), commit_threads=spool.commit_threads,
                            memory_bytes=spool.memory_bytes, visible_on_commit=False,
@@ -238,6 +236,8 @@ class App:
                 queue.set(queue_id, state, (r.address for r in env.pending()))
 
         self.spool.on_durable(durable)
+        if self.settings.delivery.enabled:  # small messages reach the runner at once
+            self.spool.on_journaled(lambda ids: durable([(i, "ready") for i in ids]))
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)

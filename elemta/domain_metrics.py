@@ -55,10 +55,8 @@ class FoldedDomain:
 class DeliveryDuration:
     """``smtp_delivery_duration_seconds{domain,type}``.
 
-    Observed per ``deliver`` call with its route and recipients
-    (:meth:`Metrics.observe_delivery`, wired to the hook by the server). A bare
-    ``observe(seconds)`` knows neither and is not counted, so that no delivery
-    is counted twice.
+    Observed per ``deliver`` call with its route and recipients, by the runner
+    (:meth:`Metrics.observe_delivery`).
     """
 
     def __init__(self, histogram: Histogram) -> None:
@@ -66,9 +64,6 @@ class DeliveryDuration:
 
     def labels(self, *, domain: str, type: str) -> Any:
         return self.histogram.labels(domain=domain, type=type)
-
-    def observe(self, seconds: float) -> None:
-        pass
 
 
 class QueueSize:

@@ -98,12 +98,6 @@ class HookCaller:
         self._histogram = histogram
         self._cache: dict[str, tuple[Impl, ...]] = {}
         self._specs: dict[str, Dispatch] = {}
-        self._observers: dict[str, Callable[[dict[str, Any], float], None]] = {}
-
-    def observe(self, hook: str, observer: Callable[[dict[str, Any], float], None]) -> None:
-        """Call ``observer(kwargs, seconds)`` after every call of ``hook``, failed ones too
-        (metrics that need the hook's arguments: a delivery's route and recipients)."""
-        self._observers[hook] = observer
 
     def impls(self, hook: str) -> tuple[Impl, ...]:
         """The implementations of ``hook`` in call order."""
@@ -141,16 +135,7 @@ class HookCaller:
         """Call ``hook`` as its contract says (await it); raises :class:`HookFailure`
         (except notify)."""
         # A plain function handing back the coroutine: awaiting it costs no extra frame.
-        if hook in self._observers:
-            return self._observed(hook, kwargs)
         return self._dispatch(hook, kwargs)
-
-    async def _observed(self, hook: str, kwargs: dict[str, Any]) -> Answers:
-        start = time.perf_counter()
-        try:
-            return await self._dispatch(hook, kwargs)
-        finally:
-            self._observers[hook](kwargs, time.perf_counter() - start)
 
     async def _dispatch(self, hook: str, kwargs: dict[str, Any]) -> Answers:
         spec = self._specs.get(hook) or self.dispatch(hook)

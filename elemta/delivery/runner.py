@@ -180,6 +180,7 @@ class Runner:
         pending = env.pending()
         if not pending:
             self.spool.remove(queue_id, state)
+            self.metrics.queue_size.remove(queue_id)
             return
         env.attempts += 1
         groups: dict[Route, list[RecipientState]] = {}
@@ -237,7 +238,7 @@ class Runner:
         else:
             text = NO_TRANSPORT
         metrics = self.metrics
-        metrics.delivery_duration.observe(time.perf_counter() - start)
+        metrics.observe_delivery(route, rcpts, time.perf_counter() - start)
         if answer is not None:
             text = "the transport gave no outcome for this recipient"
         by_rcpt = {o.recipient: _checked(o) for o in answer or ()}
@@ -312,6 +313,7 @@ class Runner:
             self.schedule(env.id, env.next_attempt_at)
         elif not removed:
             self.spool.remove(env.id, state)
+        self.metrics.queue_size.update(env)
         for rcpt, outcome in failed:
             await self.hooks.call("bounced", envelope=env, recipient=rcpt, outcome=outcome)
         for rcpt in pending:
