@@ -53,7 +53,7 @@ class Summary:
     """One message in a list: what a list row shows."""
 
     id: int
-    received: datetime              # when the store took it, UTC
+    received: datetime              # when the server accepted the message (UTC)
     sender: str                     # the envelope sender (MAIL FROM); "" for a bounce
     recipients: list[str]           # the envelope recipients stored, in RCPT order
     subject: str                    # decoded (RFC 2047); "" when there is none
