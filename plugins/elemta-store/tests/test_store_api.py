@@ -258,3 +258,22 @@ async def test_an_unreachable_postgresql_says_what_to_fix():
         await Store.open(StoreSettings(backend="postgresql", postgresql_dsn=dsn,
                                        timeout_seconds=1))
     assert "postgresql_dsn" in str(e.value) and "hunter2" not in str(e.value)
+
+
+async def test_postgresql_stores_on_one_database_hear_each_other(postgresql):
+    a = await Store.open(StoreSettings(backend="postgresql", postgresql_dsn=postgresql))
+    b = await Store.open(StoreSettings(backend="postgresql", postgresql_dsn=postgresql))
+    try:
+        heard_by_b, heard_by_a = b.subscribe(), a.subscribe()
+        id = await a.put(incoming("Q1", plain("across", "nodes")))
+        assert await b.delete(id) is True
+        assert await events(heard_by_b, 2) == [{"type": "stored", "id": id, "new": True},
+                                               {"type": "deleted", "id": id}]
+        # each store hears its own changes once, not again through NOTIFY
+        assert await events(heard_by_a, 2) == [{"type": "stored", "id": id, "new": True},
+                                               {"type": "deleted", "id": id}]
+        await asyncio.sleep(0.3)
+        assert heard_by_a._queue.empty() and heard_by_b._queue.empty()
+    finally:
+        await a.close()
+        await b.close()
