@@ -10,6 +10,7 @@ base64 or quoted-printable on the wire.
 from __future__ import annotations
 
 import html
+import logging
 import re
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -17,6 +18,8 @@ from email import message_from_bytes
 from email.header import decode_header, make_header
 from email.message import Message
 from email.policy import compat32
+
+log = logging.getLogger("elemta.store")
 
 SNIPPET_CHARS = 200
 _FOLD = re.compile(r"\r?\n[ \t]*")
@@ -64,10 +67,14 @@ def decode(value: str) -> str:
 
 
 def _is_attachment(part: Message) -> bool:
-    disposition = (part.get("Content-Disposition") or "").split(";", 1)[0].strip().lower()
+    # with 8-bit bytes in it, a header comes back as an email.header.Header: str() it
+    disposition = str(part.get("Content-Disposition") or "").split(";", 1)[0].strip().lower()
     if disposition == "attachment":
         return True
-    return part.get_filename() is not None and not part.is_multipart()
+    try:
+        return part.get_filename() is not None and not part.is_multipart()
+    except (ValueError, LookupError, UnicodeError, AttributeError, TypeError):
+        return True     # a filename parameter there is, if malformed
 
 
 def _text(part: Message) -> str:
@@ -82,7 +89,22 @@ def _text(part: Message) -> str:
 
 
 def parse(raw: bytes, index_bytes: int) -> Parsed:
-    """Headers, summary fields and at most ``index_bytes`` of body text."""
+    """Headers, summary fields and at most ``index_bytes`` of body text; never raises.
+
+    A message the parser cannot take apart is still stored, whole, with its
+    raw bytes as text for search (and a warning in the log).
+    """
+    try:
+        return _parse(raw, index_bytes)
+    except Exception as e:  # noqa: BLE001 - the message is kept whatever its shape
+        log.warning("store: a message could not be taken apart (%s: %s); stored as it is",
+                    type(e).__name__, e)
+        text = raw.decode("utf-8", "replace")
+        return Parsed([], "", "", "", False, _SPACE.sub(" ", text[:800]).strip()[:SNIPPET_CHARS],
+                      text[:index_bytes])
+
+
+def _parse(raw: bytes, index_bytes: int) -> Parsed:
     msg = message_from_bytes(raw, policy=compat32)
     headers = [(str(name), decode(value)) for name, value in msg.items()]
     first = {}
@@ -95,13 +117,16 @@ def parse(raw: bytes, index_bytes: int) -> Parsed:
     for part in msg.walk():
         if part.is_multipart():
             continue
-        if _is_attachment(part):
-            has_attachments = True
-            continue
-        ctype = part.get_content_type()
-        if ctype not in ("text/plain", "text/html") or size >= index_bytes:
-            continue
-        text = _text(part)
+        try:
+            if _is_attachment(part):
+                has_attachments = True
+                continue
+            ctype = part.get_content_type()
+            if ctype not in ("text/plain", "text/html") or size >= index_bytes:
+                continue
+            text = _text(part)
+        except (ValueError, LookupError, UnicodeError, AttributeError, TypeError):
+            continue    # a part too broken to read is kept in raw, not indexed
         if ctype == "text/html":
             text = html.unescape(_TAGS.sub(" ", text))
             htmls.append(text)

@@ -19,7 +19,7 @@ LINES = st.lists(st.one_of(
     st.binary(max_size=40)), max_size=30)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=1500, deadline=None)
 @given(LINES)
 def test_any_bytes_parse_without_an_error(lines):
     raw = b"\r\n".join(lines)
