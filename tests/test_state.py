@@ -138,6 +138,8 @@ async def test_embedded_state_survives_a_restart_and_is_seen_by_another_process(
     first = EmbeddedStore(path)
     await first.put("grey:t:1", "seen", 3600)
     await first.rate("r:k", 2, 3600)
+    for sidecar in ("-wal", "-shm"):  # while it is open, SQLite's own files too
+        assert stat.S_IMODE((tmp_path / f"state.sqlite3{sidecar}").stat().st_mode) == 0o600
     await first.close()
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     second = EmbeddedStore(path)

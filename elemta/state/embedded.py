@@ -13,6 +13,7 @@ stake here. Expired rows are deleted once a minute.
 from __future__ import annotations
 
 import asyncio
+import os
 import sqlite3
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -65,6 +66,9 @@ class EmbeddedStore:
     def _connect(self) -> sqlite3.Connection:
         if self._db is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            # made 0600 before SQLite opens it: its -wal and -shm files take the database
+            # file's mode when they are created
+            os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600))
             db = sqlite3.connect(self.path, timeout=5.0, isolation_level=None,
                                  check_same_thread=False)
             db.execute("PRAGMA journal_mode=WAL")
@@ -72,10 +76,11 @@ class EmbeddedStore:
             db.execute("PRAGMA busy_timeout=5000")
             for statement in SCHEMA:
                 db.execute(statement)
-            try:
-                self.path.chmod(0o600)
-            except OSError:
-                pass
+            for suffix in ("", "-wal", "-shm"):  # a database made before this was
+                try:
+                    os.chmod(f"{self.path}{suffix}", 0o600)
+                except OSError:
+                    pass
             self._db = db
         return self._db
 
