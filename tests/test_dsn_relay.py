@@ -225,3 +225,18 @@ async def test_rcpt_parameters_need_ehlo(elemta_server):
         reply = await c.cmd("RCPT TO:<bob@remote.test> NOTIFY=NEVER")
         assert (reply.code, reply.enhanced) == (555, "5.5.4"), reply
         assert (await c.cmd("RCPT TO:<bob@remote.test>")).code == 250
+
+
+async def test_utf8_dsn_values_to_a_server_without_smtputf8_are_made_ascii(elemta_server):
+    async with Sink() as origin:
+        with Postfix(smtputf8=False) as postfix:
+            server = await elemta_server(relay_config(postfix, origin))
+            # SMTPUTF8 only for the DSN values: addresses and header fields are ASCII
+            await submit(server, ["MAIL FROM:<a@origin.test> SMTPUTF8 ENVID=caf\u00e9",
+                                  "RCPT TO:<bob@remote.test> ORCPT=utf-8;j\u00f6rg@remote.test"],
+                         MSG)
+            [held] = await asyncio.to_thread(postfix.wait_held, 1)
+            record = postfix.postcat(held["queue_id"])
+    assert "envelope_id" not in record      # a non-ASCII ENVID cannot go without SMTPUTF8
+    # sent as utf-8;j\\x{F6}rg@remote.test (RFC 6533), which Postfix decodes
+    assert "dsn_orig_rcpt=utf-8;j\u00f6rg@remote.test" in record

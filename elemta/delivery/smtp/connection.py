@@ -342,10 +342,10 @@ class SMTPConnection:
         if utf8:
             params += " SMTPUTF8"
         if dsn is not None:
-            params += dsn.mail()
-        encoding = "ascii" if ascii_only else "utf-8"
+            params += dsn.mail(utf8)
+        encoding = "utf-8" if utf8 else "ascii"
         mail = f"MAIL FROM:<{sender}>{params}\r\n".encode(encoding)
-        rcpt_lines = [f"RCPT TO:<{rcpt}>{dsn.rcpt(i) if dsn else ''}\r\n".encode(encoding)
+        rcpt_lines = [f"RCPT TO:<{rcpt}>{dsn.rcpt(i, utf8) if dsn else ''}\r\n".encode(encoding)
                       for i, rcpt in enumerate(rcpts)]
         data_command = b"" if bdat else b"DATA\r\n"
 

@@ -40,13 +40,25 @@ class DSNParams:
             return None
         return dsn
 
-    def mail(self) -> str:
-        return ((f" RET={self.ret}" if self.ret else "")
-                + (f" ENVID={self.envid}" if self.envid else ""))
+    def mail(self, utf8: bool = True) -> str:
+        """The MAIL parameters; without ``utf8`` (no SMTPUTF8 in this transaction) a
+        non-ASCII ENVID is left out: servers want its xtext to decode to ASCII."""
+        envid = self.envid if self.envid and (utf8 or self.envid.isascii()) else None
+        return (f" RET={self.ret}" if self.ret else "") + (f" ENVID={envid}" if envid else "")
 
-    def rcpt(self, index: int) -> str:
+    def rcpt(self, index: int, utf8: bool = True) -> str:
         params = self.recipients[index] if index < len(self.recipients) else {}
-        return "".join(f" {k}={params[k]}" for k in ("NOTIFY", "ORCPT") if params.get(k))
+        return "".join(f" {k}={_ascii_orcpt(params[k]) if k == 'ORCPT' and not utf8 else params[k]}"
+                       for k in ("NOTIFY", "ORCPT") if params.get(k))
+
+
+def _ascii_orcpt(value: str | None) -> str:
+    """An ORCPT value without non-ASCII characters: RFC 6533 ``utf-8;`` with ``\\x{HEX}``."""
+    assert value is not None
+    if value.isascii():
+        return value
+    _type, _, address = value.partition(";")
+    return "utf-8;" + "".join(c if c.isascii() else f"\\x{{{ord(c):X}}}" for c in address)
 
 
 def orcpt(address: str) -> str:
