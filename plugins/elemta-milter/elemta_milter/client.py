@@ -22,6 +22,10 @@ from . import protocol as p
 from .settings import MilterSettings, SocketAddress
 
 
+# Linux's TCP_QUICKACK (None elsewhere)
+QUICKACK = getattr(socket, "TCP_QUICKACK", None)
+
+
 class MilterFailure(Exception):
     """The milter could not be used: ``reason`` is one of connect, timeout, closed, protocol."""
 
@@ -53,6 +57,10 @@ class MilterConnection:
         self.closed = False
         self.idle_since = 0.0      # when it went back to the pool
         self.sessions = 0          # SMTP sessions it has served
+        sock = writer.get_extra_info("socket")
+        # a TCP socket, for ack_now (a unix socket has no delayed ACKs)
+        self._tcp = sock if sock is not None and sock.family in (
+            socket.AF_INET, socket.AF_INET6) else None
 
     # ------------------------------------------------------------ opening
 
@@ -153,6 +161,19 @@ class MilterConnection:
             reply = await self.read(deadline, what)
             if reply.code != p.PROGRESS:
                 return reply
+            self.ack_now()
+
+    def ack_now(self) -> None:
+        """Acknowledge what was received at once (TCP_QUICKACK), when more replies are due.
+
+        A milter writes each modification, and then its final answer, as a packet of its
+        own. With Nagle's algorithm on the milter's side (libmilter leaves it on) the next
+        small packet waits until the last one is acknowledged, and the kernel here delays
+        that acknowledgement (40 ms on Linux) when it has nothing to send back: without
+        this, every message that a milter modifies costs 40 ms."""
+        if self._tcp is not None and QUICKACK is not None:
+            with contextlib.suppress(OSError):
+                self._tcp.setsockopt(socket.IPPROTO_TCP, QUICKACK, 1)
 
     # ------------------------------------------------------------ state
 

@@ -66,9 +66,11 @@ async def read_end(conn: MilterConnection, tx: Transaction, message: Message,
     while True:
         reply = await conn.read(deadline, "the end of the message")
         if reply.code == p.PROGRESS:
+            conn.ack_now()
             continue
         if reply.code not in p.MODIFICATIONS:
             break
+        conn.ack_now()              # the next reply is on its way: don't hold it up
         if not conn.negotiated.actions & ACTION_OF[reply.code]:
             # Sendmail logs "lied about …" and honours it; so does Elemta
             log.info("milter %s: sent %s without having asked for that action in the "
