@@ -12,43 +12,13 @@ import asyncio
 import pytest
 
 from elemta import Outcome, hookimpl
-from elemta.delivery import notices
-from elemta.delivery import runner as runner_module
 from elemta.delivery.dsn import parse_dsn
-from elemta.delivery.runner import Runner
 from elemta.testing.client import RawSMTP
 from elemta.testing.mail import run_cli
 from elemta.testing.sink import Sink
 
 MSG = (b"Subject: report me\r\nMessage-ID: <n1@origin.test>\r\n\r\n"
        b"the body, which only RET=FULL returns\r\n")
-
-
-@pytest.fixture
-def runner_sends_success_notices(monkeypatch):
-    """The two calls ``Runner.attempt`` makes to :mod:`elemta.delivery.notices`.
-
-    Until the runner makes them itself, they are made here around its own
-    steps: the headers are read when the first group of an attempt is handed
-    to a transport (the content is still there), the report is queued once
-    the attempt is recorded.
-    """
-    if hasattr(runner_module, "notices"):
-        return
-    headers: dict[str, bytes | None] = {}
-    deliver, apply = Runner._deliver, Runner._apply
-
-    async def _deliver(self, env, route, rcpts, content):
-        if env.id not in headers:
-            headers[env.id] = notices.headers_if_wanted(env, env.pending(), content)
-        return await deliver(self, env, route, rcpts, content)
-
-    async def _apply(self, state, env, pending, outcomes, removed=False):
-        await apply(self, state, env, pending, outcomes, removed)
-        await notices.send_success(self, env, pending, outcomes, headers.pop(env.id, None))
-
-    monkeypatch.setattr(Runner, "_deliver", _deliver)
-    monkeypatch.setattr(Runner, "_apply", _apply)
 
 
 class Mailbox:
@@ -101,7 +71,7 @@ def parts(report: bytes) -> list[str]:
 
 
 async def test_success_reports_say_delivered_or_relayed_with_envid_and_orcpt(
-        elemta_server, runner_sends_success_notices):
+        elemta_server):
     async with Sink() as origin, Sink() as remote:
         server = await elemta_server(config(origin, remote), plugins=[("mailbox", Mailbox())])
         queue_id = await submit(
@@ -127,7 +97,7 @@ async def test_success_reports_say_delivered_or_relayed_with_envid_and_orcpt(
     assert b"only RET=FULL returns" not in report.content
 
 
-async def test_no_success_report_unless_asked(elemta_server, runner_sends_success_notices):
+async def test_no_success_report_unless_asked(elemta_server):
     async with Sink() as origin, Sink() as remote:
         server = await elemta_server(config(origin, remote), plugins=[("mailbox", Mailbox())])
         queue_id = await submit(server, "", "bob@example.test> NOTIFY=FAILURE",

@@ -16,9 +16,7 @@ from elemta.testing.client import RawSMTP
 from elemta.testing.sink import Sink
 
 from tests.postfix_instance import Postfix
-from tests import test_dsn_notices
 
-runner_sends_success_notices = test_dsn_notices.runner_sends_success_notices  # the fixture
 
 MSG = b"Subject: relay me\r\nMessage-ID: <r1@origin.test>\r\n\r\n.a line with a dot\r\nbody\r\n"
 
@@ -179,7 +177,7 @@ async def test_binary_content_to_a_server_without_binarymime_bounces_with_5_6_3(
 
 
 async def test_no_success_report_when_the_next_hop_takes_the_dsn_parameters(
-        elemta_server, runner_sends_success_notices):
+        elemta_server):
     async with Sink() as origin:
         with Postfix() as postfix:
             server = await elemta_server(relay_config(postfix, origin))

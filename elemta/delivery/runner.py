@@ -15,6 +15,7 @@ is never delivered again.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import heapq
 import itertools
 import logging
@@ -26,7 +27,7 @@ from ..hookcall import HookCaller, HookFailure
 from ..models import Outcome, Route, new_id
 from ..spool.envelope import DELIVERED, FAILED, PENDING, Envelope, RecipientState, params_for
 from ..verdicts import Discard
-from . import dsn
+from . import dsn, notices
 
 if TYPE_CHECKING:
     from ..config import DeliverySettings
@@ -222,9 +223,12 @@ class Runner:
                 self.spool.rewrite(env, state, state)
 
         with self.spool.content(queue_id) as content:
+            # read now: a message delivered to everyone leaves the spool within the attempt
+            notice_headers = notices.headers_if_wanted(env, pending, content)
             await asyncio.gather(*(deliver_group(route, rcpts)
                                    for route, rcpts in groups.items()))
         await self._apply(state, env, pending, outcomes, removed)
+        await notices.send_success(self, env, pending, outcomes, notice_headers)
 
     async def _deliver(self, env: Envelope, route: Route, rcpts: list[RecipientState],
                        content: str) -> list[Outcome]:
@@ -451,7 +455,7 @@ def _checked(outcome: Outcome) -> Outcome:
         enhanced = f"{str(code)[0]}.0.0"
     if code == outcome.code and enhanced == outcome.enhanced:
         return outcome
-    return Outcome(outcome.recipient, code, enhanced, outcome.text, outcome.remote)
+    return dataclasses.replace(outcome, code=code, enhanced=enhanced)
 
 
 def _domain(address: str) -> str:
