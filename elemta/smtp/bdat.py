@@ -127,6 +127,7 @@ async def command(proto: ElemtaSMTP, arg: str | None) -> None:
         refusal = replies.NO_VALID_RECIPIENTS
     if refusal is not None:
         await _skip(proto, size)
+        proto.count_reject("data", None, refusal.code)
         if tx is not None and refusal is replies.BDAT_SYNTAX:
             _end(proto)
         proto.reply(refusal)
@@ -150,8 +151,8 @@ async def command(proto: ElemtaSMTP, arg: str | None) -> None:
         if chunks.failed is not None:
             log.error("session %s: cannot keep the message being received: %s",
                       conn.id, chunks.failed)
+        proto.count_reject("data", None, problem.code)  # while it knows the recipients
         _end(proto)
-        proto.count_reject("data", None, problem.code)
         proto.reply(problem)
         return
     if not last:
