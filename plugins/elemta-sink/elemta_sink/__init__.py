@@ -145,7 +145,8 @@ class SinkPlugin:
 
         from elemta_store import current_store
 
-        asgi, self.api = build_app(settings, current_store, queue, self._metrics, __version__)
+        asgi, self.api = build_app(settings, lambda: current_store(app), queue, self._metrics,
+                                   __version__)
         config = uvicorn.Config(asgi, log_config=None, access_log=False, lifespan="off",
                                 timeout_graceful_shutdown=STOP_SECONDS, server_header=False,
                                 http="auto")

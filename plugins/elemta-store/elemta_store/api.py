@@ -327,18 +327,30 @@ class Store:
         self._hub.publish(event)
 
 
-_process_store: list[Store | None] = [None]
+# the store of each running server (by its App), and the last one started
+_stores: dict[int, Store] = {}
+_last: list[Store | None] = [None]
 
 
-def current_store() -> Store | None:
-    """The :class:`Store` the running ``store`` plugin uses, or ``None`` before it starts.
+def current_store(app: Any = None) -> Store | None:
+    """The :class:`Store` the running ``store`` plugin of ``app`` uses, or ``None``
+    before it starts.
 
     For other plugins of the same server (an HTTP API, a webhook): call it in or
     after their ``startup`` hook (the store starts at its own ``startup``; order
-    plugins with ``tryfirst``/``trylast`` or call it lazily). Do not close it.
+    plugins with ``tryfirst``/``trylast`` or call it lazily), passing the ``App``
+    their hooks are given, so that two servers in one process (tests) each find
+    their own. Without ``app``: the store started last. Do not close it.
     """
-    return _process_store[0]
+    if app is None:
+        return _last[0]
+    return _stores.get(id(app))
 
 
-def _set_current(store: Store | None) -> None:
-    _process_store[0] = store
+def _set_current(app: Any, store: Store | None) -> None:
+    if store is None:
+        gone = _stores.pop(id(app), None)
+        if _last[0] is gone:
+            _last[0] = next(reversed(_stores.values()), None)
+        return
+    _stores[id(app)] = _last[0] = store

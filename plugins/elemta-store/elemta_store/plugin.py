@@ -76,7 +76,7 @@ class StorePlugin:
         base = app.settings.resolve(Path("."))
         self.store = await Store.open(self.settings, base=base)
         self._pruned_seen = 0
-        _set_current(self.store)
+        _set_current(app, self.store)
         where = ("PostgreSQL" if self.settings.backend == "postgresql"
                  else str(app.settings.resolve(Path(self.settings.path))))
         log.info("store: delivering transport %r into %s", self.settings.transport, where)
@@ -85,7 +85,7 @@ class StorePlugin:
     async def shutdown(self, app: App) -> None:
         store, self.store = self.store, None
         if store is not None:
-            _set_current(None)
+            _set_current(app, None)
             await store.close()
 
     @hookimpl

@@ -220,3 +220,21 @@ async def test_only_the_configured_recipients_are_routed_to_the_store(
     env = await spool_state(server, queue_id, "deferred")
     assert "no transport" in env["recipients"][0]["last_error"]
     assert await store.count() == 0
+
+
+async def test_two_servers_in_one_process_each_find_their_own_store(elemta_server, request):
+    first = await start(elemta_server, "sqlite", request)
+    second = await start(elemta_server, "sqlite", request)
+    mine = current_store(first.app)
+    theirs = current_store(second.app)
+    assert mine is first.app.pm.get_plugin("store").store
+    assert theirs is second.app.pm.get_plugin("store").store
+    assert mine is not theirs and current_store() is theirs     # without an app: the last one
+    await asyncio.to_thread(smtplib_send, first.port("mx"), "alice@example.org",
+                            ["bob@example.test"], MESSAGE)
+    await wait_for(lambda: _count(mine, 1), what="the message in the first server's store")
+    assert await theirs.count() == 0
+
+
+async def _count(store, n: int) -> bool:
+    return await store.count() == n
