@@ -418,3 +418,15 @@ def test_plugin_readme_has_the_common_shape_and_every_key(plugin_dir):
 def plugin_hooks_of(plugin) -> list[str]:
     names = set(hookspecs.hook_names())
     return sorted(n for n in dir(plugin) if n in names and callable(getattr(plugin, n)))
+
+
+def test_docs_stand_alone():
+    """The project's documents and code never point at files outside the repository."""
+    outside = re.compile(r"/work/|\.\./shared\b")
+    found = []
+    for path in [*ROOT.glob("*.md"), *ROOT.glob("docs/**/*.md"), *ROOT.glob("plugins/*/README.md"),
+                 *ROOT.glob("bench/*.py")]:
+        for n, line in enumerate(path.read_text().splitlines(), 1):
+            if outside.search(line):
+                found.append(f"{path.relative_to(ROOT)}:{n}: {line.strip()}")
+    assert found == []
