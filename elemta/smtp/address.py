@@ -37,6 +37,7 @@ from __future__ import annotations
 import ipaddress
 import re
 from collections.abc import Callable, Container
+from typing import Any
 
 from .replies import Reply, path_error
 
@@ -91,6 +92,24 @@ _LDH_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?"
 _U_LABEL = rf"[A-Za-z0-9{_NON_ASCII}](?:[A-Za-z0-9{_NON_ASCII}-]*[A-Za-z0-9{_NON_ASCII}])?"
 
 
+class _Lazy:
+    """A regular expression compiled on first use. The Unicode classes of the SMTPUTF8
+    patterns take tens of milliseconds to compile, which every start-up would pay
+    although most servers never see a non-ASCII address."""
+
+    __slots__ = ("_pattern", "_compiled")
+
+    def __init__(self, pattern: str) -> None:
+        self._pattern = pattern
+        self._compiled: re.Pattern[str] | None = None
+
+    def __getattr__(self, name: str) -> Any:
+        compiled = self._compiled
+        if compiled is None:
+            compiled = self._compiled = re.compile(self._pattern)
+        return getattr(compiled, name)
+
+
 def _dot_string(atext: str) -> str:
     return rf"[{atext}]+(?:\.[{atext}]+)*"
 
@@ -107,20 +126,20 @@ _FAST_ASCII = re.compile(
     + r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*"
 )
 _DOT_STRING = re.compile(_dot_string(_ATEXT))
-_DOT_STRING_UTF8 = re.compile(_dot_string(_ATEXT + _NON_ASCII))
+_DOT_STRING_UTF8: Any = _Lazy(_dot_string(_ATEXT + _NON_ASCII))
 _QUOTED_STRING = re.compile(_quoted_string(_QTEXT))
-_QUOTED_STRING_UTF8 = re.compile(_quoted_string(_QTEXT + _NON_ASCII))
+_QUOTED_STRING_UTF8: Any = _Lazy(_quoted_string(_QTEXT + _NON_ASCII))
 _DOMAIN = re.compile(rf"{_LDH_LABEL}(?:\.{_LDH_LABEL})*")
-_DOMAIN_UTF8 = re.compile(rf"{_U_LABEL}(?:\.{_U_LABEL})*")
+_DOMAIN_UTF8: Any = _Lazy(rf"{_U_LABEL}(?:\.{_U_LABEL})*")
 # Source routes name domains only, never address literals (RFC 5321 At-domain).
-_ROUTE = re.compile(rf"@{_U_LABEL}(?:\.{_U_LABEL})*(?:,@{_U_LABEL}(?:\.{_U_LABEL})*)*")
+_ROUTE: Any = _Lazy(rf"@{_U_LABEL}(?:\.{_U_LABEL})*(?:,@{_U_LABEL}(?:\.{_U_LABEL})*)*")
 # RFC 5321 General-address-literal: Standardized-tag ":" 1*dcontent.
 _GENERAL_LITERAL = re.compile(r"[A-Za-z0-9-]*[A-Za-z0-9]:[!-Z^-~]+")
 _IPV4_LITERAL = re.compile(r"[0-9]{1,3}(?:\.[0-9]{1,3}){3}")
 _IPV6_CHARS = re.compile(r"[0-9A-Fa-f:.]+")
 
 _PARAM = re.compile(r"([A-Za-z0-9][A-Za-z0-9-]*)(?:=([!-<>-~]+))?")
-_PARAM_UTF8 = re.compile(rf"([A-Za-z0-9][A-Za-z0-9-]*)(?:=([!-<>-~{_NON_ASCII}]+))?")
+_PARAM_UTF8: Any = _Lazy(rf"([A-Za-z0-9][A-Za-z0-9-]*)(?:=([!-<>-~{_NON_ASCII}]+))?")
 
 _MAIL_SYNTAX = "Syntax: MAIL FROM:<address>"
 _RCPT_SYNTAX = "Syntax: RCPT TO:<address>"
