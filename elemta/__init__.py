@@ -22,8 +22,8 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 from .hookspecs import hookimpl
-from .models import (AuthResult, Credentials, Message, Outcome, Recipient, Route, ScramKeys,
-                     Session, TLSInfo, Transaction, new_id)
+from .models import (AuthResult, Credentials, DkimKey, Message, Outcome, Recipient, Route,
+                     ScramKeys, Session, TLSInfo, Transaction, new_id)
 from .spool.envelope import DELIVERED, FAILED, PENDING, Envelope, RecipientState
 from .stash import Stash, StashKey
 from .verdicts import Accept, Discard, Disconnect, Quarantine, Reject, TempFail, Verdict
@@ -41,7 +41,7 @@ if TYPE_CHECKING:
     from .state import Rate, StateEntry, StateStore, StateUnavailable, state_store
 
 __version__ = "0.1.0"
-__api_version__ = "1.2"
+__api_version__ = "1.3"
 
 # name → the private module it comes from, imported on first use
 _LAZY = {
@@ -67,7 +67,8 @@ __all__ = sorted([
     "hookimpl",
     "Verdict", "Accept", "Reject", "TempFail", "Disconnect", "Discard", "Quarantine",
     "Session", "Transaction", "Recipient", "Message", "AuthResult", "Credentials", "ScramKeys",
-    "TLSInfo", "Route", "Outcome", "Envelope", "RecipientState", "PENDING", "DELIVERED", "FAILED",
+    "DkimKey", "TLSInfo", "Route", "Outcome", "Envelope", "RecipientState", "PENDING", "DELIVERED",
+    "FAILED",
     "Stash", "StashKey", "new_id",
     *_LAZY,
 ])

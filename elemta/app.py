@@ -101,6 +101,15 @@ class App:
         await self.spool.commit_bytes(envelope, content)
         return envelope.id
 
+    async def dkim_keys(self, domain: str) -> list[Any] | None:
+        """The ``dkim_keys`` hook's answer for ``domain``: the :class:`~elemta.DkimKey`
+        list a key store (a datasource) holds for it, or ``None``.
+
+        A plugin that fails or times out raises an exception naming it; the
+        caller decides what that means (a signer answers ``451 4.3.0``).
+        """
+        return (await self.hooks.call("dkim_keys", domain=domain.lower())).value
+
     def bind(self) -> None:
         """Bind every listener's sockets now, and read the configured TLS key: what needs
         root, done before the server drops it (``[server] user``); :meth:`start` serves

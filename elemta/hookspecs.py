@@ -27,7 +27,8 @@ A plugin that raises, exceeds its timeout (``[plugins] timeout_seconds``) or
 returns a value its stage does not allow makes the client get
 ``451 4.3.0`` and a log line naming the plugin. It is never treated as a pass.
 
-The full reference with examples is ``docs/plugins.md``.
+The full reference with examples is ``docs/plugins.md``. Longer than 500 lines because
+it is the whole contract in one place: one spec, with its dispatch and docstring, per hook.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
 import pluggy
 
-from .models import AuthResult, Outcome, Route, ScramKeys
+from .models import AuthResult, DkimKey, Outcome, Route, ScramKeys
 from .verdicts import Accept, Disconnect, Discard, Quarantine, Reject, TempFail
 
 if TYPE_CHECKING:
@@ -484,6 +485,22 @@ def bounce(envelope: Envelope, outcomes: list[Outcome], message: bytes) -> bytes
     called for the null sender: bounces are not bounced.
 
     Dispatch: first answer wins.
+    """
+
+
+@hookspec
+@dispatch(Mode.FIRST_ANSWER, (list,), (DkimKey,))
+def dkim_keys(domain: str) -> list[DkimKey] | None:
+    """The DKIM signing keys a key store holds for ``domain`` (lower case, A-labels).
+
+    Answer every key of the domain, whatever its validity dates, as a list of
+    :class:`~elemta.DkimKey` (the signer picks, per algorithm, the one valid
+    now that became valid last), or ``None`` when the store has no key for
+    the domain, so the next plugin is asked. A DKIM signer asks it through
+    ``await app.dkim_keys(domain)`` for the domains its own configuration has
+    no keys for, and keeps the answer a short while.
+
+    Dispatch: first answer wins. Default: the domain has no keys (not signed).
     """
 
 

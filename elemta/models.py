@@ -103,6 +103,35 @@ class ScramKeys:
         return out
 
 
+@dataclass(frozen=True, slots=True)
+class DkimKey:
+    """A DKIM signing key of a domain, as a key store answers ``dkim_keys``.
+
+    ``algorithm`` is ``"rsa"`` or ``"ed25519"``. The private key is either
+    ``private_key`` (the PEM text, or for Ed25519 the base64 32-byte seed) or
+    ``key_file`` (an absolute path to a file of mode 0600 holding it); exactly
+    one of the two. ``not_before`` and ``not_after`` are UTC timestamps
+    (seconds since the epoch) bounding when the key signs: from ``not_before``
+    on, until just before ``not_after``; ``None`` means no bound.
+    """
+
+    domain: str
+    selector: str
+    algorithm: str = "rsa"
+    private_key: str | None = field(default=None, repr=False)
+    key_file: str | None = None
+    not_before: float | None = None
+    not_after: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.algorithm not in ("rsa", "ed25519"):
+            raise ValueError(f"DkimKey {self.selector} of {self.domain}: algorithm "
+                             f"{self.algorithm!r} is not \"rsa\" or \"ed25519\"")
+        if (self.private_key is None) == (self.key_file is None):
+            raise ValueError(f"DkimKey {self.selector} of {self.domain}: give exactly one "
+                             "of private_key and key_file")
+
+
 class Session:
     """One client connection, from accept to close.
 

@@ -14,14 +14,16 @@ import logging
 import time
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from elemta import AuthResult, BoundedLabels, Message, Reject, Session, StartupError, hookimpl
+from elemta import (AuthResult, BoundedLabels, DkimKey, Message, Reject, Session, StartupError,
+                    TempFail, hookimpl)
 
-from .keys import KeyFileError, SigningKey, load_key
-from .settings import DkimSettings, KeySettings
-from .sign import SIGNATURE_FIELD, SignError, Signer, added_bytes, from_domain
+from .keys import KeyFileError, SigningKey, load_key, load_stored_key
+from .settings import DkimSettings, KeySettings, normalize_domain
+from .sign import SIGNATURE_FIELD, SignError, Signer, added_bytes, choose, from_domain
 from .verify import Verifier
 
 if TYPE_CHECKING:
@@ -58,6 +60,8 @@ class DkimPlugin:
         self.labels = BoundedLabels(())
         self.results: Counter | None = None
         self.signatures: Counter | None = None
+        self.app: App | None = None
+        self.stored = StoredKeys(self)
 
     @hookimpl
     def register_config(self) -> Mapping[str, type[DkimSettings]]:
@@ -87,6 +91,8 @@ class DkimPlugin:
         """Load every key (a key file that cannot be used stops the server) and start the
         worker threads."""
         self.settings = settings = app.plugin_settings("dkim")
+        self.app = app
+        self.stored = StoredKeys(self)
         keys_dir = app.settings.resolve(Path(settings.keys_dir))
         keys, problems = load_keys(settings, keys_dir)
         if problems:
@@ -142,7 +148,17 @@ class DkimPlugin:
                      "one domain", session.id)
             return None
         now = time.time()
-        keys = signer.keys_for(domain, dt.datetime.fromtimestamp(now, dt.timezone.utc))
+        when = dt.datetime.fromtimestamp(now, dt.timezone.utc)
+        keys = signer.keys_for(domain, when)
+        if not keys and not signer.configured(domain):
+            # not a domain of the configuration: a key store (dkim_keys) may hold its keys
+            try:
+                keys = await self.stored.keys_for(domain, when)
+            except KeyUnavailable as e:
+                log.error("dkim: session %s: not signed, the message is refused for now "
+                          "(451): %s", session.id, e)
+                return TempFail(451, "4.3.0", "The DKIM signing key is unavailable, "
+                                "try again later")
         if not keys:
             log.debug("dkim: session %s: no key valid now signs for %s", session.id, domain)
             return None
@@ -168,3 +184,103 @@ def _sign(signer: Signer, message: Message, added: bytes, keys: list[SigningKey]
     with message.open() as f:
         return signer.sign(added, f, keys, now)
 
+
+class KeyUnavailable(Exception):
+    """The key store failed, or a key it gave cannot be used; ``str()`` says which and why."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Stored:
+    """A ``dkim_keys`` record with its validity as the signer compares it."""
+
+    record: DkimKey
+    algorithm: str
+    not_before: dt.datetime | None
+    not_after: dt.datetime | None
+
+    def valid_at(self, now: dt.datetime) -> bool:
+        return ((self.not_before is None or self.not_before <= now)
+                and (self.not_after is None or now < self.not_after))
+
+
+def _when(timestamp: float | None) -> dt.datetime | None:
+    return None if timestamp is None else dt.datetime.fromtimestamp(timestamp, dt.timezone.utc)
+
+
+class StoredKeys:
+    """Keys of domains the configuration has none for, asked of the ``dkim_keys`` hook
+    (a datasource) and kept ``hook_keys_cache_seconds``; loaded keys are kept as long."""
+
+    def __init__(self, plugin: DkimPlugin) -> None:
+        self.plugin = plugin
+        # domain -> (expires, records)
+        self.answers: dict[str, tuple[float, list[_Stored]]] = {}
+        self.loaded: dict[DkimKey, SigningKey] = {}
+
+    def clear(self) -> None:
+        self.answers.clear()
+        self.loaded.clear()
+
+    async def records(self, domain: str) -> list[_Stored]:
+        now = time.monotonic()
+        hit = self.answers.get(domain)
+        if hit is not None and hit[0] > now:
+            return hit[1]
+        app = self.plugin.app
+        if app is None:
+            return []
+        try:
+            answer = await app.dkim_keys(domain)
+        except Exception as e:  # the dispatcher has logged the plugin's failure
+            raise KeyUnavailable(f"the key store failed to answer for {domain} ({e})") from None
+        stored: list[_Stored] = []
+        for record in answer or ():
+            try:
+                same = normalize_domain(record.domain) == domain
+            except ValueError:
+                same = False
+            if not same:
+                log.warning("dkim: the key store answered key %s of %s for %s; ignored",
+                            record.selector, record.domain, domain)
+                continue
+            stored.append(_Stored(record, record.algorithm, _when(record.not_before),
+                                  _when(record.not_after)))
+        if hit is not None:  # a changed answer: load its keys again (a file may have changed)
+            for old in hit[1]:
+                self.loaded.pop(old.record, None)
+        ttl = self.plugin.settings.hook_keys_cache_seconds
+        if ttl > 0:
+            self.answers[domain] = (now + ttl, stored)
+        return stored
+
+    async def keys_for(self, domain: str, now: dt.datetime) -> list[SigningKey]:
+        """The stored keys that sign for ``domain`` at ``now`` (with ``sign_subdomains``,
+        those of its nearest parent that has keys), loaded.
+
+        :raises KeyUnavailable: the key store failed, or a chosen key cannot be used.
+        """
+        candidates = [domain]
+        if self.plugin.settings.sign_subdomains:
+            labels = domain.split(".")
+            candidates += [".".join(labels[i:]) for i in range(1, len(labels) - 1)]
+        records: list[_Stored] = []
+        for name in candidates:
+            records = await self.records(name)
+            if records:
+                break
+        chosen: list[SigningKey] = []
+        for entry in choose(records, now):
+            key = self.loaded.get(entry.record)
+            if key is None:
+                try:
+                    key = await asyncio.get_running_loop().run_in_executor(
+                        self.plugin.executor, load_stored_key, entry.record)
+                except KeyFileError as e:
+                    raise KeyUnavailable(
+                        f"key {entry.record.selector} of {entry.record.domain} from the key "
+                        f"store: {e} (for the datasource's keys: `elemta domains dkim list "
+                        f"{entry.record.domain}`)") from None
+                if self.plugin.settings.hook_keys_cache_seconds > 0:
+                    self.loaded[entry.record] = key
+            chosen.append(key)
+        return chosen

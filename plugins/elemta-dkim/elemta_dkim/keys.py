@@ -16,6 +16,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 
+from elemta import DkimKey
+
 from .settings import KeySettings
 
 Algorithm = Literal["rsa", "ed25519"]
@@ -100,7 +102,7 @@ def zone_line(name: str, record: str, ttl: int = 3600) -> str:
 # ------------------------------------------------------------------ loading
 
 
-def _parse(data: bytes, path: Path) -> PrivateKey:
+def _parse(data: bytes, path: Path | str) -> PrivateKey:
     text = data.strip()
     if text.startswith(b"-----BEGIN"):
         try:
@@ -154,7 +156,11 @@ def load_private_key(path: Path, algorithm: Algorithm) -> PrivateKey:
                         f"Elemta runs as (chown that user {path})") from None
     except OSError as e:
         raise KeyFileError(f"{path}: cannot be read ({e.strerror})") from None
-    key = _parse(data, path)
+    return _usable(_parse(data, path), algorithm, path)
+
+
+def _usable(key: PrivateKey, algorithm: Algorithm, path: Path | str) -> PrivateKey:
+    """``key``, if it is of ``algorithm`` and of a size receivers accept."""
     found: Algorithm = "ed25519" if isinstance(key, ed25519.Ed25519PrivateKey) else "rsa"
     if found != algorithm:
         raise KeyFileError(f"{path}: holds an {found} key but the configuration says "
@@ -170,6 +176,34 @@ def load_private_key(path: Path, algorithm: Algorithm) -> PrivateKey:
             raise KeyFileError(f"{path}: a {key.key_size}-bit RSA key; receivers may refuse "
                             f"keys over {MAX_RSA_BITS} bits; use {DEFAULT_RSA_BITS} bits")
     return key
+
+
+def _utc(timestamp: float | None) -> dt.datetime | None:
+    return None if timestamp is None else dt.datetime.fromtimestamp(timestamp, dt.timezone.utc)
+
+
+def load_stored_key(record: DkimKey) -> SigningKey:
+    """The key of a ``dkim_keys`` answer (a key store's record), loaded.
+
+    The private key is the record's PEM text, or its ``key_file`` (checked like
+    a configured key file: mode 0600, a usable key of the stated algorithm).
+
+    :raises KeyFileError: naming the key (or its file) and the fix.
+    """
+    where = "the private key stored with it"
+    if record.key_file is not None:
+        path = Path(record.key_file)
+        if not path.is_absolute():
+            raise KeyFileError(f"key_file {record.key_file} is not an absolute path; store "
+                               "the full path of the key file")
+        private = load_private_key(path, record.algorithm)  # type: ignore[arg-type]
+    else:
+        path = Path("-")
+        assert record.private_key is not None
+        private = _usable(_parse(record.private_key.encode("utf-8", "replace"), where),
+                          record.algorithm, where)  # type: ignore[arg-type]
+    return SigningKey(record.domain, record.selector, record.algorithm,  # type: ignore[arg-type]
+                      path, private, _utc(record.not_before), _utc(record.not_after))
 
 
 def load_key(entry: KeySettings, keys_dir: Path) -> SigningKey:

@@ -150,6 +150,8 @@ class DkimSettings(BaseModel):
     sign_subdomains: bool = False
     keys_dir: str = "dkim"
     keys: list[KeySettings] = Field(default_factory=list)
+    # keys of other domains, from a key store's dkim_keys hook (a datasource), kept this long
+    hook_keys_cache_seconds: float = Field(60, ge=0)
     headers: list[str] = Field(default_factory=lambda: list(DEFAULT_HEADERS))
     oversign: list[str] = Field(default_factory=lambda: list(DEFAULT_OVERSIGN))
     canonicalization: Canonicalization = "relaxed/relaxed"

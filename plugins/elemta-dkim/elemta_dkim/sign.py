@@ -18,7 +18,7 @@ import hashlib
 import re
 from collections import Counter
 from collections.abc import Iterable, Sequence
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import dkim
 from dkim.canonicalization import CanonicalizationPolicy
@@ -78,6 +78,21 @@ def _fold_b64(data: str) -> str:
     return "\r\n\t".join(c for c in chunks if c)
 
 
+_OLDEST = dt.datetime.min.replace(tzinfo=dt.timezone.utc)
+
+
+def choose(keys: Iterable[Any], now: dt.datetime) -> list[Any]:
+    """Of ``keys`` (anything with ``algorithm``, ``not_before`` and ``valid_at``), for
+    each algorithm (RSA, then Ed25519), the key valid at ``now`` that became valid last."""
+    keys = list(keys)
+    chosen = []
+    for algorithm in ("rsa", "ed25519"):
+        valid = [k for k in keys if k.algorithm == algorithm and k.valid_at(now)]
+        if valid:
+            chosen.append(max(valid, key=lambda k: k.not_before or _OLDEST))
+    return chosen
+
+
 class Signer:
     """Chooses keys for a domain and signs messages with them."""
 
@@ -93,6 +108,16 @@ class Signer:
         self.expire_after = settings.expire_after_seconds
         self.subdomains = settings.sign_subdomains
 
+    def configured(self, domain: str) -> bool:
+        """Whether the configuration has keys for ``domain`` (or, with
+        ``sign_subdomains``, for a parent of it), valid now or not."""
+        if domain in self.by_domain:
+            return True
+        if self.subdomains:
+            labels = domain.split(".")
+            return any(".".join(labels[i:]) in self.by_domain for i in range(1, len(labels) - 1))
+        return False
+
     def keys_for(self, domain: str, now: dt.datetime) -> list[SigningKey]:
         """The keys that sign for ``domain`` at ``now``: for each algorithm (RSA, then
         Ed25519), of the keys valid then, the one that became valid last."""
@@ -103,13 +128,7 @@ class Signer:
                 keys = self.by_domain.get(".".join(labels[i:]))
                 if keys is not None:
                     break
-        chosen: list[SigningKey] = []
-        oldest = dt.datetime.min.replace(tzinfo=dt.timezone.utc)
-        for algorithm in ("rsa", "ed25519"):
-            valid = [k for k in keys or () if k.algorithm == algorithm and k.valid_at(now)]
-            if valid:
-                chosen.append(max(valid, key=lambda k: k.not_before or oldest))
-        return chosen
+        return choose(keys or (), now)
 
     def signed_names(self, headers: Sequence[Sequence[bytes]]) -> list[str]:
         """The ``h=`` list for a header section: every instance of each configured
