@@ -37,6 +37,7 @@ if TYPE_CHECKING:
     from .dns import (MX, DNSError, InvalidName, NoData, NotFound, NullMX, NXDomain, Resolver,
                       TempError)
     from .durable import fsync_dir, sync_data, write_all, write_file_durably
+    from .hookcall import HookFailure
     from .metrics import BoundedLabels
     from .state import Rate, StateEntry, StateStore, StateUnavailable, state_store
 
@@ -57,6 +58,7 @@ _LAZY = {
     "NullMX": "dns", "NXDomain": "dns", "Resolver": "dns", "TempError": "dns",
     "fsync_dir": "durable", "sync_data": "durable", "write_all": "durable",
     "write_file_durably": "durable",
+    "HookFailure": "hookcall",
     "BoundedLabels": "metrics",
     "Rate": "state", "StateStore": "state", "StateUnavailable": "state", "StateEntry": "state",
     "state_store": "state",

@@ -101,6 +101,15 @@ class App:
         await self.spool.commit_bytes(envelope, content)
         return envelope.id
 
+    async def rate_limits(self, kind: str, key: str) -> Any:
+        """The ``rate_limits`` hook's answer for a sending domain (``kind`` ``"domain"``)
+        or a login (``"user"``): a mapping of ``per_hour``/``per_day``, or ``None``.
+
+        A plugin that fails or times out raises :class:`~elemta.HookFailure`; the
+        caller decides what that means (a rate limiter answers ``451 4.3.0``).
+        """
+        return (await self.hooks.call("rate_limits", kind=kind, key=key.lower())).value
+
     async def dkim_keys(self, domain: str) -> list[Any] | None:
         """The ``dkim_keys`` hook's answer for ``domain``: the :class:`~elemta.DkimKey`
         list a key store (a datasource) holds for it, or ``None``.

@@ -488,6 +488,26 @@ def bounce(envelope: Envelope, outcomes: list[Outcome], message: bytes) -> bytes
     """
 
 
+# --------------------------------------------------- lookups (plugins ask plugins)
+
+
+@hookspec
+@dispatch(Mode.FIRST_ANSWER, (Mapping,))
+def rate_limits(kind: str, key: str) -> Mapping[str, int | None] | None:
+    """The message limits of one sending domain or user, kept by a datasource.
+
+    ``kind`` is ``"domain"`` (``key``: the sender's domain, lower case) or
+    ``"user"`` (``key``: the authenticated login, lower case). Answer a mapping
+    with ``"per_hour"`` and/or ``"per_day"``: a number of messages, ``0`` for
+    no limit, ``None`` (or the key left out) for no opinion; ``None`` when the
+    domain or user has no limits of its own. A rate limiter asks it through
+    ``await app.rate_limits(kind, key)`` and lets the answer override its own
+    configuration for that window.
+
+    Dispatch: first answer wins. Default: no limits of its own.
+    """
+
+
 @hookspec
 @dispatch(Mode.FIRST_ANSWER, (list,), (DkimKey,))
 def dkim_keys(domain: str) -> list[DkimKey] | None:
