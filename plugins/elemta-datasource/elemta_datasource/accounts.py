@@ -10,8 +10,11 @@
   an alias that delivers to it, or granted to it (``send_as``: an address,
   ``@domain`` or ``*``); otherwise ``553 5.7.1``. The null sender is allowed.
 * **Limits** from the user record: the largest message (``552 5.3.4``) and
-  messages per day (``450 4.7.1`` until midnight UTC), counted when a message
-  is queued.
+  messages per day (``daily_quota``: ``450 4.7.1`` until midnight UTC; ``0``
+  or none: no limit), counted when a message is queued. ``daily_quota`` and
+  ``messages_per_hour`` are also what the ``rate_limits`` hook answers for the
+  user (``per_day``, ``per_hour``), so that a rate limiter applies the same
+  numbers instead of its configured per-user ones.
 """
 
 from __future__ import annotations
@@ -207,7 +210,7 @@ class Accounts:
             if limit is not None and declared is not None and declared > limit:
                 return Reject(552, "5.3.4", f"Message too big for user {login} (at most "
                               f"{limit} bytes)")
-            if user.daily_quota is not None:
+            if user.daily_quota:                    # None or 0: no daily limit
                 sent = await self.query(lambda b: b.count_sent(user.address, today()))
                 if sent >= user.daily_quota:
                     log.info("%s: %s has sent %d messages today (daily_quota %d)", tx.id, login,
@@ -247,7 +250,7 @@ class Accounts:
         if login is None or self.source is None:
             return
         user = await self.user(_canonical(login))
-        if user is not None and user.daily_quota is not None:
+        if user is not None and user.daily_quota:
             await self.query(lambda b: b.add_sent(user.address, today()))
 
 

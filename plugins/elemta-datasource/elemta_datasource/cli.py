@@ -92,8 +92,52 @@ def domains_list() -> None:
             extra.append(f"catch-all={d.catch_all}")
         if d.max_message_bytes:
             extra.append(f"max-message-bytes={d.max_message_bytes}")
+        for key in ("messages_per_hour", "messages_per_day"):
+            if getattr(d, key) is not None:
+                extra.append(f"{key.replace('_', '-')}={getattr(d, key)}")
         click.echo(f"{d.name}\t{' '.join(extra)}".rstrip())
     click.echo(f"{len(rows)} domain{'s' if len(rows) != 1 else ''}", err=True)
+
+
+def limit_changes(**options: str | None) -> dict[str, int | None]:
+    """``--messages-per-hour N|0|none``…: a number of messages, ``0`` for no limit (whatever
+    ``[plugins.ratelimit]`` says), ``none`` to leave it to ``[plugins.ratelimit]``."""
+    changes: dict[str, int | None] = {}
+    for key, value in options.items():
+        if value is None:
+            continue
+        if value.lower() == "none":
+            changes[key] = None
+        elif value.isdigit():
+            changes[key] = int(value)
+        else:
+            raise click.BadParameter(f"{value!r}: a number of messages, 0 for no limit, or "
+                                     "none", param_hint=f"--{key.replace('_', '-')}")
+    return changes
+
+
+@domains.command("set")
+@click.argument("name")
+@click.option("--messages-per-hour", default=None, metavar="N|0|none",
+              help="Messages per hour sent from NAME (0: no limit; none: the rate limiter's "
+                   "configuration decides).")
+@click.option("--messages-per-day", default=None, metavar="N|0|none",
+              help="Messages per day sent from NAME (0: no limit; none: the configuration).")
+def domains_set(name: str, messages_per_hour: str | None, messages_per_day: str | None) -> None:
+    """Change the limits of mail sent from the hosted domain NAME (elemta-ratelimit)."""
+    n = _checked(normalize_domain, name)
+    changes = limit_changes(messages_per_hour=messages_per_hour,
+                            messages_per_day=messages_per_day)
+    if not changes:
+        raise click.UsageError("nothing to change: give --messages-per-hour or "
+                               "--messages-per-day")
+    if not _with_backend(lambda b: b.set_domain_limits(n, **changes)):
+        click.echo(f"elemta: domain {n} is not hosted (add it with `elemta domains add {n}`)",
+                   err=True)
+        sys.exit(1)
+    shown = ", ".join(f"{k.replace('_', '-')}={'none' if v is None else v}"
+                      for k, v in changes.items())
+    click.echo(f"domain {n}: {shown}")
 
 
 @domains.command("remove")

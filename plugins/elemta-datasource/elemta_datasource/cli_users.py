@@ -14,7 +14,7 @@ from typing import Any
 
 import click
 
-from .cli import _checked, _with_backend
+from .cli import _checked, _with_backend, limit_changes
 from .directory import User, normalize_grant, normalize_login
 from .hashing import scheme_of
 
@@ -140,8 +140,10 @@ def users_list(domain: str | None) -> None:
                   "scram" if u.scram else "no-scram"]
         if u.max_message_bytes:
             fields.append(f"max-message-bytes={u.max_message_bytes}")
-        if u.daily_quota:
+        if u.daily_quota is not None:
             fields.append(f"daily-quota={u.daily_quota}")
+        if u.messages_per_hour is not None:
+            fields.append(f"messages-per-hour={u.messages_per_hour}")
         if u.send_as:
             fields.append(f"send-as={','.join(u.send_as)}")
         click.echo(f"{u.address}\t{' '.join(fields)}")
@@ -174,23 +176,29 @@ def users_enable(login: str) -> None:
 @click.argument("login")
 @click.option("--max-message-bytes", default=None, metavar="N|none",
               help="The largest message; `none` removes the limit.")
-@click.option("--daily-quota", default=None, metavar="N|none",
-              help="Messages per day; `none` removes the limit.")
-def users_set(login: str, max_message_bytes: str | None, daily_quota: str | None) -> None:
+@click.option("--daily-quota", "--messages-per-day", "daily_quota", default=None,
+              metavar="N|0|none",
+              help="Messages per day (UTC), for this plugin and for elemta-ratelimit; 0: no "
+                   "limit; `none`: no limit here, the rate limiter's configuration decides.")
+@click.option("--messages-per-hour", default=None, metavar="N|0|none",
+              help="Messages per hour, for elemta-ratelimit; 0: no limit; `none`: its "
+                   "configuration decides.")
+def users_set(login: str, max_message_bytes: str | None, daily_quota: str | None,
+              messages_per_hour: str | None) -> None:
     """Change LOGIN's limits."""
     changes: dict[str, object] = {}
-    for key, value in (("max_message_bytes", max_message_bytes), ("daily_quota", daily_quota)):
-        if value is None:
-            continue
-        if value.lower() == "none":
-            changes[key] = None
-        elif value.isdigit() and int(value) > 0:
-            changes[key] = int(value)
+    if max_message_bytes is not None:
+        if max_message_bytes.lower() == "none":
+            changes["max_message_bytes"] = None
+        elif max_message_bytes.isdigit() and int(max_message_bytes) > 0:
+            changes["max_message_bytes"] = int(max_message_bytes)
         else:
-            raise click.BadParameter(f"{value!r}: a positive number, or none",
-                                     param_hint=f"--{key.replace('_', '-')}")
+            raise click.BadParameter(f"{max_message_bytes!r}: a positive number, or none",
+                                     param_hint="--max-message-bytes")
+    changes.update(limit_changes(daily_quota=daily_quota, messages_per_hour=messages_per_hour))
     if not changes:
-        raise click.UsageError("nothing to change: give --max-message-bytes or --daily-quota")
+        raise click.UsageError("nothing to change: give --max-message-bytes, --daily-quota "
+                               "(--messages-per-day) or --messages-per-hour")
     name = _set(login, **changes)
     shown = ", ".join(f"{k.replace('_', '-')}={'none' if v is None else v}"
                       for k, v in changes.items())

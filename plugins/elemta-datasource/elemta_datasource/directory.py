@@ -31,10 +31,16 @@ class BackendUnavailable(Exception):
 
 @dataclass(frozen=True, slots=True)
 class Domain:
+    """A hosted domain. ``messages_per_hour``/``messages_per_day`` are the limits of mail
+    sent from it, for a rate limiter (the ``rate_limits`` hook): ``None`` leaves the
+    limiter's configuration in force, ``0`` lifts its limit."""
+
     name: str
     reject_unknown: bool = True
     catch_all: str | None = None
     max_message_bytes: int | None = None
+    messages_per_hour: int | None = None
+    messages_per_day: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,11 +77,14 @@ class User:
     scram: str | None = field(default=None, repr=False)
     disabled: bool = False
     max_message_bytes: int | None = None
-    daily_quota: int | None = None
+    daily_quota: int | None = None             # messages per day; 0: no limit
     send_as: tuple[str, ...] = ()
+    messages_per_hour: int | None = None       # for a rate limiter; 0: no limit
 
 
-USER_FIELDS = ("password", "scram", "disabled", "max_message_bytes", "daily_quota")
+USER_FIELDS = ("password", "scram", "disabled", "max_message_bytes", "daily_quota",
+               "messages_per_hour")
+DOMAIN_LIMITS = ("messages_per_hour", "messages_per_day")
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,6 +108,7 @@ class Backend(Protocol):
     async def add_domain(self, domain: Domain, *, replace: bool = False) -> None: ...
     async def remove_domain(self, name: str) -> bool: ...
     async def list_domains(self) -> list[Domain]: ...
+    async def set_domain_limits(self, name: str, **limits: int | None) -> bool: ...
     async def add_mailbox(self, address: str) -> None: ...
     async def remove_mailbox(self, address: str) -> bool: ...
     async def list_mailboxes(self, domain: str | None = None) -> list[str]: ...

@@ -236,6 +236,45 @@ class DatasourcePlugin:
         if self.accounts is not None and session.auth_user is not None:
             await self.accounts.queued(session, tx)
 
+    # -------------------------------------------------------------- limits
+
+    async def domain(self, name: str) -> Any:
+        """A hosted domain's record (``None``: not hosted); while the backend is down,
+        the last answer known."""
+        key = ("D", name)
+        hit = self._cache.get(key)
+        if hit is not None:
+            return hit or None
+        try:
+            found = await self._query(lambda b: b.get_domain(name))
+        except (BackendUnavailable, TimeoutError) as e:
+            stale = self._cache.get_stale(key)
+            if stale is None:
+                raise RuntimeError(f"datasource unavailable: {e or 'timed out'}") from None
+            return stale or None
+        self._cache.put(key, found or False)
+        return found
+
+    @hookimpl
+    async def rate_limits(self, kind: str, key: str) -> dict[str, int | None] | None:
+        """The limits of mail from a hosted domain, or by a user, of their own: the
+        domain's ``messages_per_hour``/``messages_per_day``, the user's
+        ``messages_per_hour`` and ``daily_quota`` (``0``: no limit)."""
+        if kind == "domain":
+            d = await self.domain(key.rstrip("."))
+            if d is None or (d.messages_per_hour is None and d.messages_per_day is None):
+                return None
+            return {"per_hour": d.messages_per_hour, "per_day": d.messages_per_day}
+        if kind != "user" or self.accounts is None:
+            return None
+        try:
+            user = await self.accounts.user(key)
+        except (BackendUnavailable, TimeoutError) as e:
+            raise RuntimeError(f"datasource unavailable: {e or 'timed out'}") from None
+        if user is None or (user.messages_per_hour is None and user.daily_quota is None):
+            return None
+        return {"per_hour": user.messages_per_hour, "per_day": user.daily_quota}
+
     # -------------------------------------------------------------- SMTP stages
 
     @hookimpl

@@ -22,7 +22,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, AsyncIterator, Callable, Sequence
 
-from .directory import USER_FIELDS, BackendUnavailable, DirectoryError, Domain, Lookup, Rule, User
+from .directory import (DOMAIN_LIMITS, USER_FIELDS, BackendUnavailable, DirectoryError, Domain,
+                        Lookup, Rule, User)
 
 log = logging.getLogger("elemta.datasource")
 
@@ -72,19 +73,27 @@ MIGRATIONS: tuple[tuple[int, tuple[str, ...]], ...] = (
                PRIMARY KEY (login, day))""",
         "CREATE INDEX aliases_target ON aliases(target)",
     )),
+    (3, (
+        # limits of mail sent from a domain or by a user, for a rate limiter (rate_limits);
+        # NULL: the limiter's configuration applies, 0: no limit
+        "ALTER TABLE domains ADD COLUMN messages_per_hour INTEGER",
+        "ALTER TABLE domains ADD COLUMN messages_per_day INTEGER",
+        "ALTER TABLE users ADD COLUMN messages_per_hour INTEGER",
+    )),
 )
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
 _LOOKUP_SQL = (
-    "SELECT name, reject_unknown, catch_all, max_message_bytes FROM domains WHERE name = ?",
+    "SELECT name, reject_unknown, catch_all, max_message_bytes, messages_per_hour, "
+    "messages_per_day FROM domains WHERE name = ?",
     "SELECT 1 FROM mailboxes WHERE address = ?",
     "SELECT address, target FROM aliases WHERE address IN (?, ?) ORDER BY target",
     "SELECT pattern, action, targets, code, enhanced, text FROM rules WHERE pattern IN (?, ?, ?)",
 )
 
 
-_USER_SQL = ("SELECT address, password, scram, disabled, max_message_bytes, daily_quota "
-             "FROM users WHERE address = ?")
+_USER_SQL = ("SELECT address, password, scram, disabled, max_message_bytes, daily_quota, "
+             "messages_per_hour FROM users WHERE address = ?")
 _SENDERS_SQL = "SELECT pattern FROM user_senders WHERE login = ? ORDER BY pattern"
 _ALIASES_TO_SQL = "SELECT DISTINCT address FROM aliases WHERE target = ? ORDER BY address"
 _SENT_SQL = "SELECT count FROM user_sent WHERE login = ? AND day = ?"
@@ -98,13 +107,13 @@ def _user(row: Sequence[Any] | None, senders: Sequence[Sequence[Any]]) -> User |
     if row is None:
         return None
     return User(row[0], row[1], row[2], bool(row[3]), row[4], row[5],
-                tuple(r[0] for r in senders))
+                tuple(r[0] for r in senders), row[6])
 
 
 def _domain(row: Sequence[Any] | None) -> Domain | None:
     if row is None:
         return None
-    return Domain(row[0], bool(row[1]), row[2], row[3])
+    return Domain(row[0], bool(row[1]), row[2], row[3], row[4], row[5])
 
 
 def _rule(row: Sequence[Any]) -> Rule:
@@ -198,9 +207,26 @@ class SQLBackend:
 
     async def list_domains(self) -> list[Domain]:
         def run(cur: Any) -> list[Domain]:
-            cur.execute("SELECT name, reject_unknown, catch_all, max_message_bytes FROM domains "
-                        "ORDER BY name")
+            cur.execute("SELECT name, reject_unknown, catch_all, max_message_bytes, "
+                        "messages_per_hour, messages_per_day FROM domains ORDER BY name")
             return [_domain(r) for r in cur.fetchall()]  # type: ignore[misc]
+
+        return await self._tx(run)
+
+    async def set_domain_limits(self, name: str, **limits: int | None) -> bool:
+        """Set a domain's ``messages_per_hour``/``messages_per_day`` (``None`` clears);
+        ``False`` when the domain is not hosted."""
+        unknown = set(limits) - set(DOMAIN_LIMITS)
+        if unknown:
+            raise TypeError(f"not domain limits: {sorted(unknown)}")
+        if not limits:
+            return await self.get_domain(name) is not None
+        columns = ", ".join(f"{k} = ?" for k in limits)
+
+        def run(cur: Any) -> bool:
+            cur.execute(self.sql(f"UPDATE domains SET {columns} WHERE name = ?"),
+                        (*limits.values(), name))
+            return cur.rowcount > 0
 
         return await self._tx(run)
 
@@ -322,9 +348,10 @@ class SQLBackend:
                 raise DirectoryError(f"user {user.address} exists already (change it with "
                                      "`elemta users passwd`, `disable`, `enable`, `set`)")
             cur.execute(self.sql("INSERT INTO users (address, password, scram, disabled, "
-                                 "max_message_bytes, daily_quota) VALUES (?, ?, ?, ?, ?, ?)"),
+                                 "max_message_bytes, daily_quota, messages_per_hour) "
+                                 "VALUES (?, ?, ?, ?, ?, ?, ?)"),
                         (user.address, user.password, user.scram, user.disabled,
-                         user.max_message_bytes, user.daily_quota))
+                         user.max_message_bytes, user.daily_quota, user.messages_per_hour))
             for pattern in user.send_as:
                 cur.execute(self.sql("INSERT INTO user_senders (login, pattern) VALUES (?, ?)"),
                             (user.address, pattern))
@@ -357,7 +384,7 @@ class SQLBackend:
     async def list_users(self, domain: str | None = None) -> list[User]:
         def run(cur: Any) -> list[User]:
             cur.execute("SELECT address, password, scram, disabled, max_message_bytes, "
-                        "daily_quota FROM users ORDER BY address")
+                        "daily_quota, messages_per_hour FROM users ORDER BY address")
             rows = [r for r in cur.fetchall()
                     if domain is None or r[0].endswith("@" + domain)]
             cur.execute("SELECT login, pattern FROM user_senders ORDER BY login, pattern")

@@ -41,13 +41,14 @@ from typing import Any
 
 import tomlkit
 
-from .directory import (USER_FIELDS, BackendUnavailable, DirectoryError, Domain, Lookup, Rule,
-                        User, check_rule, normalize_address, normalize_domain, normalize_grant,
-                        normalize_login, normalize_target)
+from .directory import (DOMAIN_LIMITS, USER_FIELDS, BackendUnavailable, DirectoryError, Domain,
+                        Lookup, Rule, User, check_rule, normalize_address, normalize_domain,
+                        normalize_grant, normalize_login, normalize_target)
 
 log = logging.getLogger("elemta.datasource")
 
-_DOMAIN_KEYS = {"reject_unknown", "catch_all", "max_message_bytes", "mailboxes", "aliases"}
+_DOMAIN_KEYS = {"reject_unknown", "catch_all", "max_message_bytes", "mailboxes", "aliases",
+                *DOMAIN_LIMITS}
 _RULE_KEYS = {"action", "targets", "code", "enhanced", "text"}
 _USER_KEYS = {*USER_FIELDS, "send_as"}
 
@@ -100,9 +101,12 @@ def parse(doc: dict[str, Any], source: str) -> StaticData:
             reject_unknown = table.get("reject_unknown", True)
             if not isinstance(reject_unknown, bool):
                 raise DirectoryError("reject_unknown must be true or false")
+            for key in DOMAIN_LIMITS:
+                _check_limit(key, table.get(key))
             data.domains[name] = Domain(name, reject_unknown,
                                         normalize_target(catch_all) if catch_all else None,
-                                        max_bytes)
+                                        max_bytes, table.get("messages_per_hour"),
+                                        table.get("messages_per_day"))
             for local in table.get("mailboxes", []):
                 data.mailboxes.add(_address_in(local, name))
             for local, targets in (table.get("aliases") or {}).items():
@@ -138,16 +142,24 @@ def _parse_user(login: str, table: dict[str, Any]) -> User:
             raise DirectoryError(f"{key} must be a string")
     if not isinstance(table.get("disabled", False), bool):
         raise DirectoryError("disabled must be true or false")
-    for key in ("max_message_bytes", "daily_quota"):
-        value = table.get(key)
-        if value is not None and (not isinstance(value, int) or value <= 0):
-            raise DirectoryError(f"{key} must be a positive integer")
+    value = table.get("max_message_bytes")
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                              or value <= 0):
+        raise DirectoryError("max_message_bytes must be a positive integer")
+    for key in ("daily_quota", "messages_per_hour"):
+        _check_limit(key, table.get(key))
     send_as = table.get("send_as", [])
     if isinstance(send_as, str):
         send_as = [send_as]
     return User(login, table.get("password"), table.get("scram"), table.get("disabled", False),
                 table.get("max_message_bytes"), table.get("daily_quota"),
-                tuple(normalize_grant(p) for p in send_as))
+                tuple(normalize_grant(p) for p in send_as), table.get("messages_per_hour"))
+
+
+def _check_limit(key: str, value: Any) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                              or value < 0):
+        raise DirectoryError(f"{key} must be a number of messages (0: no limit)")
 
 
 class StaticBackend:
@@ -303,6 +315,25 @@ class StaticBackend:
 
     async def list_domains(self) -> list[Domain]:
         return sorted(self._fresh().domains.values(), key=lambda d: d.name)
+
+    async def set_domain_limits(self, name: str, **limits: int | None) -> bool:
+        unknown = set(limits) - set(DOMAIN_LIMITS)
+        if unknown:
+            raise TypeError(f"not domain limits: {sorted(unknown)}")
+
+        def change(doc) -> bool:
+            domains = self._domains(doc)
+            key = _key_for(domains, name, normalize_domain)
+            if key is None:
+                return False
+            for field, value in limits.items():
+                if value is None:
+                    domains[key].pop(field, None)
+                else:
+                    domains[key][field] = value
+            return True
+
+        return await self._run_edit(change)
 
     async def add_mailbox(self, address: str) -> None:
         local, _, domain = address.rpartition("@")

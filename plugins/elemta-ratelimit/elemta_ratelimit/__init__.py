@@ -7,14 +7,17 @@ store (``app.state``): embedded, or Redis shared by several nodes.
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import logging
+import time
 from typing import Any
 
-from elemta import (App, Disconnect, Recipient, Session, StashKey, StateUnavailable, TempFail,
-                    Transaction, hookimpl)
+from elemta import (App, Disconnect, HookFailure, Recipient, Session, StashKey,
+                    StateUnavailable, TempFail, Transaction, hookimpl)
 
-from .limits import PREFIX, Limit, Refusal, give_back, message_limits, recipient_limits, reserve
+from .limits import (PREFIX, WINDOWS, Limit, Own, Refusal, checked_own, give_back,
+                     message_limits, recipient_limits, reserve)
 from .settings import RatelimitSettings
 
 __all__ = ["RatelimitPlugin", "RatelimitSettings"]
@@ -27,6 +30,12 @@ _lease = StashKey[bool]()               # this connection holds a connection slo
 _exempt = StashKey[bool]()
 
 UNAVAILABLE = "Temporary local problem, please try again later"
+LOOKUP_FAILED = "Temporary lookup failure, please try again later"
+MAX_CACHED = 10_000          # own limits remembered at once (domains and users)
+
+
+class LookupFailed(Exception):
+    """The ``rate_limits`` hook failed and no earlier answer is known."""
 
 
 class RatelimitPlugin:
@@ -35,6 +44,12 @@ class RatelimitPlugin:
     def __init__(self) -> None:
         self.settings = RatelimitSettings()
         self.store: Any = None
+        self.app: Any = None
+        # (kind, key) -> (fresh until, answer): the rate_limits answers, reused briefly
+        self._own: dict[tuple[str, str], tuple[float, Own | None]] = {}
+        self._asking: dict[tuple[str, str], asyncio.Future[Own | None]] = {}
+        self._noted: set[tuple[str, str]] = set()
+        self._background: set[asyncio.Task[None]] = set()
         self._networks: tuple[Any, ...] = ()
         self._refused: Any = None
         self._failed_open: Any = None
@@ -65,6 +80,7 @@ class RatelimitPlugin:
     def startup(self, app: App) -> None:
         self.settings = app.plugin_settings("ratelimit")
         self.store = app.state
+        self.app = app
         self._networks = tuple(ipaddress.ip_network(n, strict=False)
                                for n in self.settings.exempt_networks)
 
@@ -97,6 +113,69 @@ class RatelimitPlugin:
             self._refused.labels(kind=refusal.limit.kind).inc()
         log.info("ratelimit: %s refused: %s reached (next in %.0f s)", where,
                  refusal.limit.describe(), refusal.retry_after)
+
+    async def own_limits(self, kind: str, key: str) -> Own | None:
+        """The ``rate_limits`` answer for ``kind`` ``key``, reused for
+        ``lookup_cache_seconds``; callers waiting for the same key share one call.
+        A failure reuses the last answer, however old, or raises :class:`LookupFailed`."""
+        k = (kind, key)
+        hit = self._own.get(k)
+        if hit is not None and hit[0] > time.monotonic():
+            return hit[1]
+        task = self._asking.get(k)
+        if task is None:
+            # its own task: a session that goes away does not cancel the others' answer
+            task = self._asking[k] = asyncio.ensure_future(self._ask(k, hit))
+            task.add_done_callback(lambda t: (self._asking.pop(k, None),
+                                              t.cancelled() or t.exception()))
+        return await asyncio.shield(task)
+
+    async def _ask(self, k: tuple[str, str], hit: tuple[float, Own | None] | None
+                   ) -> Own | None:
+        kind, key = k
+        try:
+            own = checked_own(await self.app.rate_limits(kind, key))
+        except (HookFailure, ValueError) as e:
+            if hit is None:
+                raise LookupFailed(str(e)) from None
+            log.warning("ratelimit: the own limits of %s %s are the last known: %s",
+                        kind, key, e)
+            # asked again soon, not on every message while the source is down
+            self._own[k] = (time.monotonic() + min(self.settings.lookup_cache_seconds, 2.0),
+                            hit[1])
+            return hit[1]
+        if len(self._own) >= MAX_CACHED:
+            self._own.clear()
+        self._own[k] = (time.monotonic() + self.settings.lookup_cache_seconds, own)
+        self._note(kind, key, own)
+        return own
+
+    def _note(self, kind: str, key: str, own: Own | None) -> None:
+        """Write down a domain's or user's own limits where ``elemta ratelimit status``
+        reads them (in the background: MAIL does not wait for it)."""
+        k = (kind, key)
+        if not own and k not in self._noted:
+            return
+        if own:
+            self._noted.add(k)
+        else:
+            self._noted.discard(k)
+
+        async def write() -> None:
+            try:
+                for name, field, period in WINDOWS:
+                    note = f"{PREFIX}limit:{kind}:{name}:{key}"
+                    value = (own or {}).get(field)
+                    if value is None:
+                        await self.store.delete(note)
+                    else:
+                        await self.store.put(note, str(value), period)
+            except StateUnavailable as e:
+                log.debug("ratelimit: own limits of %s %s not noted: %s", kind, key, e)
+
+        task = asyncio.ensure_future(write())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     async def _give_back_pending(self, session: Session) -> None:
         pending = session.stash.get(_pending, None)
@@ -146,7 +225,23 @@ class RatelimitPlugin:
         await self._give_back_pending(session)     # an earlier message that was not queued
         if self._is_exempt(session):
             return None
-        limits = message_limits(self.settings, session.peer_ip, sender, session.auth_user)
+        domain = sender.rpartition("@")[2].lower()
+        user = session.auth_user.lower() if session.auth_user is not None else None
+        try:
+            own_domain = await self.own_limits("domain", domain) if domain else None
+            own_user = await self.own_limits("user", user) if user is not None else None
+        except LookupFailed as e:
+            if self.settings.on_store_failure != "accept":
+                log.warning("ratelimit: %s: MAIL FROM:<%s> told to retry: own limits unknown: "
+                            "%s", tx.id, sender, e)
+                return TempFail(451, "4.3.0", LOOKUP_FAILED)
+            if self._failed_open is not None:
+                self._failed_open.inc()
+            log.warning("ratelimit: %s: MAIL FROM:<%s>: own limits unknown, the configured "
+                        "ones apply: %s (on_store_failure = accept)", tx.id, sender, e)
+            own_domain = own_user = None
+        limits = message_limits(self.settings, session.peer_ip, sender, session.auth_user,
+                                own_domain, own_user)
         if not limits:
             return None
         try:

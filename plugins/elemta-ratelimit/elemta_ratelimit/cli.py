@@ -50,8 +50,10 @@ def _limit_of(settings: RatelimitSettings, kind: str, window: str, value: str) -
     return w.per_hour if window == "hour" else w.per_day if window == "day" else None
 
 
-def describe(settings: RatelimitSettings, key: str, value: str, now: float) -> str | None:
-    """One line for a key of the store: what it counts, how much of it is used."""
+def describe(settings: RatelimitSettings, key: str, value: str, now: float,
+             own: dict[tuple[str, str, str], int] | None = None) -> str | None:
+    """One line for a key of the store: what it counts, how much of it is used. ``own``:
+    the limits of a domain's or user's own the server noted (``ratelimit:limit:…``)."""
     parts = key[len(PREFIX):].split(":", 2)
     if parts[0] == "conn":
         return f"connections\t{parts[1]}\tnow\t{value} open"
@@ -61,6 +63,8 @@ def describe(settings: RatelimitSettings, key: str, value: str, now: float) -> s
     elif len(parts) == 3 and parts[0] in KINDS:
         kind, what, subject = parts
         limit = _limit_of(settings, kind, what, subject)
+        if own and (kind, what, subject) in own:
+            limit = own[kind, what, subject] or None      # 0: no limit for this one
         period = 3600.0 if what == "hour" else 86_400.0
     else:
         return None
@@ -91,14 +95,21 @@ def ratelimit_status(kind: str | None, value: str | None, limit: int) -> None:
         prefixes = [f"{PREFIX}conn:{value or ''}", f"{PREFIX}connrate:{value or ''}"]
     else:
         prefixes = [f"{PREFIX}{kind}:{w}:{(value or '').lower()}" for w in ("hour", "day")]
+        if kind in ("domain", "user"):
+            prefixes.append(f"{PREFIX}limit:{kind}:")
 
     async def collect(store: Any) -> list[Any]:
         return [e for p in prefixes for e in await store.scan(p, limit)]
 
     entries = _with_store(collect)
+    own: dict[tuple[str, str, str], int] = {}
+    for e in entries:
+        parts = e.key[len(PREFIX):].split(":", 3)
+        if parts[0] == "limit" and len(parts) == 4 and e.value and e.value.isdigit():
+            own[parts[1], parts[2], parts[3]] = int(e.value)
     now = time.time()
     lines = [line for e in entries if (line := describe(settings, PREFIX + e.key[len(PREFIX):],
-                                                        e.value, now))]
+                                                        e.value, now, own))]
     for line in lines:
         click.echo(line)
     click.echo(f"{len(lines)} count{'s' if len(lines) != 1 else ''}", err=True)

@@ -42,6 +42,7 @@ class RatelimitSettings(pydantic.BaseModel):
     exempt_networks: tuple[str, ...] = ()
     exempt_relay_networks: bool = False
     lease_seconds: float = Field(3600.0, gt=0)   # a connection not seen closing frees its slot
+    lookup_cache_seconds: float = Field(10.0, ge=0)  # a domain's or user's own limits, reused
     on_store_failure: Literal["tempfail", "accept"] = "tempfail"
 
     @pydantic.field_validator("exempt_networks")
