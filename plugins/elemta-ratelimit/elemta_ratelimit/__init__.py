@@ -170,7 +170,7 @@ class RatelimitPlugin:
                         await self.store.delete(note)
                     else:
                         await self.store.put(note, str(value), period)
-            except StateUnavailable as e:
+            except Exception as e:     # only for the command's display: never worth more
                 log.debug("ratelimit: own limits of %s %s not noted: %s", kind, key, e)
 
         task = asyncio.ensure_future(write())

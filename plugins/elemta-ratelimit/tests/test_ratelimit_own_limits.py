@@ -153,12 +153,12 @@ async def test_another_plugin_provides_limits_cached_and_failures_tempfail(elemt
                                                                             tmp_path, caplog):
     provider = Provider()
 
-    async def server_with(cache_seconds: float):
+    async def server_with(cache_seconds: float, **more):
         config = {"state": {"backend": "embedded",
                             "path": str(tmp_path / f"state-{cache_seconds}.sqlite3")},
                   "plugins": {"enabled": ["ratelimit"],
                               "ratelimit": {"domain": {"per_hour": 1},
-                                            "lookup_cache_seconds": cache_seconds}}}
+                                            "lookup_cache_seconds": cache_seconds, **more}}}
         return await elemta_server(config, plugins=[("limits", provider)])
 
     server = await server_with(30)
@@ -188,3 +188,13 @@ async def test_another_plugin_provides_limits_cached_and_failures_tempfail(elemt
     assert provider.asked == asked + 1
     assert "are the last known" in caplog.text
     c.close()
+
+    server = await server_with(1, on_store_failure="accept")   # asked to: configured limits
+    c = await session(server)
+    assert (await send(c, "a@unknown.example", ["u@example.test"])).code == 250
+    reply = await send(c, "b@unknown.example", ["u@example.test"])
+    assert "1 messages per hour for domain unknown.example" in reply.text, \
+        "the configured limits still apply"
+    c.close()
+    assert "the configured ones apply" in caplog.text
+    assert "smtp_ratelimit_failed_open_total 2.0" in server.app.metrics.render().decode()
