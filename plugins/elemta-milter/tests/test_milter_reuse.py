@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
 from milter_support import HAM, SIGNED, metric, milter_config
 
 from elemta.testing import RawSMTP, data_bytes, send_mail
@@ -84,6 +85,7 @@ async def test_a_connection_after_smfir_accept_is_not_kept(elemta_server, elemta
     assert proxy.connections == 2
 
 
+@pytest.mark.slow              # rspamd's start-up, when this test is the first to use it
 async def test_always_keeps_rspamds_connection(elemta_server, elemta_outbox, rspamd,
                                               counting_proxy):
     """rspamd takes SMFIC_QUIT_NC in any state: with "always", sessions without a

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
 from milter_support import GTUBE, HAM, metric, milter_config, spooled
 
 from elemta.testing import send_mail
 
+# rspamd loads its rules for 10 to 20 seconds when the first of these starts it
+pytestmark = pytest.mark.slow
 
 
 def rspamd_milter(rspamd: Any) -> dict[str, Any]:
