@@ -11,12 +11,12 @@ hook's ``on_failure``.
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import hmac
 import ssl
 from pathlib import Path
 
 import httpx
+
+from elemta import service_tls_context, sign_body
 
 from .settings import HookSettings
 
@@ -37,25 +37,6 @@ class HookError(Exception):
         super().__init__(reason)
 
 
-def signature(secret: bytes, timestamp: int, body: bytes) -> str:
-    """The ``X-Elemta-Signature`` value: ``sha256=`` and the hex HMAC of
-    ``"<timestamp>." + body`` keyed with the hook's secret."""
-    mac = hmac.new(secret, str(timestamp).encode("ascii") + b"." + body, hashlib.sha256)
-    return "sha256=" + mac.hexdigest()
-
-
-def tls_context(ca_file: Path | None) -> ssl.SSLContext:
-    """Verification always on: the system's trusted CAs, or only those of ``ca_file``."""
-    if ca_file is None:
-        return ssl.create_default_context()
-    try:
-        return ssl.create_default_context(cafile=str(ca_file))
-    except (OSError, ssl.SSLError) as e:
-        raise ValueError(f"ca_file {ca_file}: {getattr(e, 'strerror', None) or e} (it must be "
-                         "a PEM file of the CA certificate(s) that signed the hook "
-                         "service's certificate)") from None
-
-
 class HookClient:
     """The connection pool and limits of one hook."""
 
@@ -65,7 +46,7 @@ class HookClient:
         self._slots = asyncio.Semaphore(hook.max_concurrency)
         self._user_agent = user_agent
         self._client = httpx.AsyncClient(
-            verify=tls_context(ca_file) if hook.url.lower().startswith("https:") else True,
+            verify=service_tls_context(ca_file, "the hook service") if hook.url.lower().startswith("https:") else True,
             timeout=httpx.Timeout(hook.timeout_seconds),
             limits=httpx.Limits(max_connections=hook.max_concurrency,
                                 max_keepalive_connections=hook.max_concurrency,
@@ -87,7 +68,7 @@ class HookClient:
             "Accept-Encoding": "identity",
             "User-Agent": self._user_agent,
             TIMESTAMP_HEADER: str(timestamp),
-            SIGNATURE_HEADER: signature(self._secret, timestamp, body),
+            SIGNATURE_HEADER: sign_body(self._secret, timestamp, body),
             REQUEST_ID_HEADER: request_id,
             STAGE_HEADER: stage,
             HOOK_HEADER: self.hook.name,

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import re
-import urllib.parse
 from pathlib import Path
 from typing import Literal
 
 import pydantic
 from pydantic import Field
 
-from elemta import Secret
+from elemta import Secret, check_secret, check_service_url
 
 INBOUND_STAGES = ("connect", "ehlo", "auth", "mail", "rcpt", "data")
 DECIDING_OUTBOUND_STAGES = ("route", "deliver")
@@ -55,20 +54,7 @@ class HookSettings(pydantic.BaseModel):
     @pydantic.field_validator("url")
     @classmethod
     def _url(cls, v: str) -> str:
-        parts = urllib.parse.urlsplit(v)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError(f"{v!r} is not an http:// or https:// URL with a host, e.g. "
-                             "\"https://policy.example.net/mta-hook\"")
-        if parts.username or parts.password:
-            raise ValueError("put no credentials in the URL: requests are signed with "
-                             "`secret` instead")
-        if parts.fragment:
-            raise ValueError(f"{v!r}: a URL fragment (#...) is never sent; remove it")
-        try:
-            parts.port
-        except ValueError:
-            raise ValueError(f"{v!r}: the port is not a number from 0 to 65535") from None
-        return v
+        return check_service_url(v, "https://policy.example.net/mta-hook")
 
     @pydantic.field_validator("stages")
     @classmethod
@@ -83,9 +69,7 @@ class HookSettings(pydantic.BaseModel):
     @pydantic.field_validator("secret")
     @classmethod
     def _secret(cls, v: pydantic.SecretStr) -> pydantic.SecretStr:
-        if len(v.get_secret_value()) < 16:
-            raise ValueError("the secret must be at least 16 characters (32 random ones are "
-                             "better: `openssl rand -hex 32`)")
+        check_secret(v.get_secret_value())
         return v
 
     @pydantic.model_validator(mode="after")

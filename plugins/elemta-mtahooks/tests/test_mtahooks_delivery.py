@@ -18,7 +18,7 @@ from mtahooks_support import SECRET, SENDER, hook, metric, spooled, start
 
 from elemta.testing import Sink, send_mail
 from elemta_mtahooks import protocol
-from elemta_mtahooks.client import signature
+from elemta import sign_body as signature
 from elemta_mtahooks.protocol import InvalidResponse, parse_response
 
 MESSAGE = "From: a@example.org\nSubject: outbound\nMessage-ID: <o1@example.org>\n\nBody.\n"

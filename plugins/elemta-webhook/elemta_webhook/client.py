@@ -11,16 +11,15 @@ recipients on its schedule.
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import hmac
 import logging
 import secrets
 import ssl
-import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+
+from elemta import service_origin, service_tls_context, sign_body
 
 from .payload import Post
 from .settings import TargetSettings
@@ -45,7 +44,7 @@ class _HideTargetURLs(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         args = record.args
         if isinstance(args, tuple) and self.urls:
-            record.args = tuple(f"{origin(str(a))}/..." if isinstance(a, httpx.URL)
+            record.args = tuple(f"{service_origin(str(a))}/..." if isinstance(a, httpx.URL)
                                 and str(a) in self.urls else a for a in args)
         return True
 
@@ -71,36 +70,6 @@ class Answer:
     snippet: str
 
 
-def signature(secret: bytes, timestamp: int, body: bytes) -> str:
-    """The ``X-Elemta-Signature`` value: ``sha256=`` and the hex HMAC-SHA256 of
-    ``"<timestamp>." + body`` keyed with the target's secret."""
-    mac = hmac.new(secret, str(timestamp).encode("ascii") + b"." + body, hashlib.sha256)
-    return "sha256=" + mac.hexdigest()
-
-
-def origin(url: str) -> str:
-    """``scheme://host:port`` of ``url``: what logs and bounces name, since a webhook
-    URL's path or query often holds a token."""
-    parts = urllib.parse.urlsplit(url)
-    port = parts.port or (443 if parts.scheme == "https" else 80)
-    host = parts.hostname or ""
-    if ":" in host:
-        host = f"[{host}]"
-    return f"{parts.scheme}://{host}:{port}"
-
-
-def tls_context(ca_file: Path | None) -> ssl.SSLContext:
-    """Verification always on: the system's trusted CAs, or only those of ``ca_file``."""
-    if ca_file is None:
-        return ssl.create_default_context()
-    try:
-        return ssl.create_default_context(cafile=str(ca_file))
-    except (OSError, ssl.SSLError) as e:
-        raise ValueError(f"ca_file {ca_file}: {getattr(e, 'strerror', None) or e} (it must be "
-                         "a PEM file of the CA certificate(s) that signed the receiver's "
-                         "certificate)") from None
-
-
 def new_boundary(post: Post) -> str:
     """A multipart boundary that occurs in none of the parts (the other fields are JSON
     or short strings the check covers: a boundary is never a JSON token)."""
@@ -117,13 +86,13 @@ class TargetClient:
 
     def __init__(self, target: TargetSettings, ca_file: Path | None, user_agent: str) -> None:
         self.target = target
-        self.origin = origin(target.url)
+        self.origin = service_origin(target.url)
         self._secret = target.secret.get_secret_value().encode("utf-8")
         self._user_agent = user_agent
         self._url = str(httpx.URL(target.url))
         _hide_urls.urls[self._url] = _hide_urls.urls.get(self._url, 0) + 1
         self._client = httpx.AsyncClient(
-            verify=tls_context(ca_file) if target.url.lower().startswith("https:") else True,
+            verify=service_tls_context(ca_file, "the receiver") if target.url.lower().startswith("https:") else True,
             timeout=httpx.Timeout(target.timeout_seconds,
                                   connect=target.connect_timeout_seconds),
             limits=httpx.Limits(max_connections=target.max_connections,
@@ -148,7 +117,7 @@ class TargetClient:
             "Accept-Encoding": "identity",
             "User-Agent": self._user_agent,
             TIMESTAMP_HEADER: str(timestamp),
-            SIGNATURE_HEADER: signature(self._secret, timestamp, body),
+            SIGNATURE_HEADER: sign_body(self._secret, timestamp, body),
             IDEMPOTENCY_HEADER: idempotency_key,
             TARGET_HEADER: self.target.name,
         }

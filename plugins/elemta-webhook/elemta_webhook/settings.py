@@ -11,7 +11,7 @@ from typing import Literal
 import pydantic
 from pydantic import Field
 
-from elemta import Secret
+from elemta import Secret, check_secret, check_service_url
 
 MIB = 1 << 20
 
@@ -57,27 +57,12 @@ class TargetSettings(pydantic.BaseModel):
     @pydantic.field_validator("url")
     @classmethod
     def _url(cls, v: str) -> str:
-        parts = urllib.parse.urlsplit(v)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError(f"{v!r} is not an http:// or https:// URL with a host, e.g. "
-                             "\"https://hooks.example.com/inbound-mail\"")
-        if parts.username or parts.password:
-            raise ValueError("put no credentials in the URL: requests are signed with "
-                             "`secret` instead")
-        if parts.fragment:
-            raise ValueError(f"{v!r}: a URL fragment (#...) is never sent; remove it")
-        try:
-            parts.port
-        except ValueError:
-            raise ValueError(f"{v!r}: the port is not a number from 0 to 65535") from None
-        return v
+        return check_service_url(v, "https://hooks.example.com/inbound-mail")
 
     @pydantic.field_validator("secret")
     @classmethod
     def _secret(cls, v: pydantic.SecretStr) -> pydantic.SecretStr:
-        if len(v.get_secret_value()) < 16:
-            raise ValueError("the secret must be at least 16 characters (32 random ones are "
-                             "better: `openssl rand -hex 32`)")
+        check_secret(v.get_secret_value())
         return v
 
     @pydantic.field_validator("domains")

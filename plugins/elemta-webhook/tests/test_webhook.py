@@ -19,7 +19,7 @@ from webhook_receiver import Hold, decode, readme_verifier
 from elemta import Route, hookimpl
 from elemta.testing import parse_dsn, send_mail
 from elemta_webhook import payload
-from elemta_webhook.client import signature
+from elemta import sign_body as signature
 from elemta_webhook.settings import WebhookSettings
 
 SENDER = "alice@sender.example"
