@@ -59,6 +59,7 @@ sys.path.insert(0, str(ROOT))
 # for example.org
 from bench.accept import (CLK_TCK, ELEMTA_CONFIG, LOCAL_DOMAIN, BenchError,  # noqa: E402
                           Elemta, box_times, free_port, send, smtp_source_batches)
+from elemta.testing import postfix  # noqa: E402
 KINDS = ["elemta-none", "elemta-milter", "postfix-none", "postfix-milter"]
 
 
@@ -223,60 +224,16 @@ class ElemtaServer(Elemta):
 # ----------------------------------------------------------------------------- Postfix
 
 
-MAIN_CF = """\
-compatibility_level = 3.6
-queue_directory = {d}/queue
-data_directory = {d}/data
-mail_owner = postfix
-setgid_group = postdrop
-myhostname = bench.example.test
-mydomain = example.test
-mydestination =
-relay_domains =
-inet_interfaces = 127.0.0.1
-inet_protocols = ipv4
-mynetworks = 127.0.0.0/8
-smtpd_relay_restrictions = permit_mynetworks, reject
-smtpd_recipient_restrictions = permit_mynetworks, reject
-smtpd_peername_lookup = no
-smtp_dns_support_level = disabled
-alias_maps =
-alias_database =
-biff = no
-notify_classes =
-default_transport = discard:bench
-default_process_limit = 200
-maillog_file = {d}/maillog
-maillog_file_prefixes = {d}
-"""
+# what differs from the private instance of elemta.testing.postfix: relays nothing,
+# discards what it accepts, and as many smtpd processes as the sessions need
+BENCH_CF = {"relay_domains": "", "smtpd_recipient_restrictions": "permit_mynetworks, reject",
+            "default_transport": "discard:bench", "default_process_limit": "200"}
 
-MILTER_CF = """\
-smtpd_milters = inet:127.0.0.1:{port}
-milter_default_action = tempfail
-milter_protocol = 6
-milter_header_checks = regexp:{d}/conf/milter_header_checks
-"""
 
-MASTER_CF = """\
-127.0.0.1:{port} inet n - n - - smtpd
-pickup    unix  n - n 60 1 pickup
-cleanup   unix  n - n - 0 cleanup
-qmgr      unix  n - n 300 1 qmgr
-rewrite   unix  - - n - - trivial-rewrite
-bounce    unix  - - n - 0 bounce
-defer     unix  - - n - 0 bounce
-trace     unix  - - n - 0 bounce
-verify    unix  - - n - 1 verify
-proxymap  unix  - - n - - proxymap
-showq     unix  n - n - - showq
-error     unix  - - n - - error
-retry     unix  - - n - - error
-discard   unix  - - n - - discard
-anvil     unix  - - n - 1 anvil
-scache    unix  - - n - 1 scache
-postlog   unix-dgram n - n - 1 postlogd
-"""
-
+def milter_cf(port: int, conf: Path) -> dict[str, str]:
+    return {"smtpd_milters": f"inet:127.0.0.1:{port}", "milter_default_action": "tempfail",
+            "milter_protocol": "6",
+            "milter_header_checks": f"regexp:{conf}/milter_header_checks"}
 
 class Postfix:
     """A throw-away Postfix instance: ``postfix -c DIR start`` / ``stop``."""
@@ -302,18 +259,16 @@ class Postfix:
             return ""
 
     def start(self) -> None:
-        self.conf.mkdir(parents=True)
-        (self.workdir / "data").mkdir()
-        (self.workdir / "queue").mkdir()
-        os.chown(self.workdir / "data", _uid("postfix"), -1)
-        d = str(self.workdir)
-        main = MAIN_CF.format(d=d)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        postfix.prepare(self.workdir, self.conf)
+        settings = dict(BENCH_CF)
         if self.milter is not None:
-            main += MILTER_CF.format(port=self.milter.port, d=d)
+            settings.update(milter_cf(self.milter.port, self.conf))
             (self.conf / "milter_header_checks").write_text(
                 "/^DKIM-Signature:/ WARN milter-signed\n")
-        (self.conf / "main.cf").write_text(main)
-        (self.conf / "master.cf").write_text(MASTER_CF.format(port=self.port))
+        (self.conf / "main.cf").write_text(postfix.main_cf(
+            self.conf, self.workdir, hostname="bench.example.test", **settings))
+        (self.conf / "master.cf").write_text(postfix.master_cf(self.port))
         self.postfix("start")
         deadline = time.monotonic() + 30
         import socket
@@ -353,10 +308,6 @@ class Postfix:
                              "messages got a DKIM-Signature")
 
 
-def _uid(user: str) -> int:
-    import pwd
-
-    return pwd.getpwnam(user).pw_uid
 
 
 # ----------------------------------------------------------------------------- runs

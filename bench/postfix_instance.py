@@ -31,85 +31,22 @@ import re
 import shutil
 import signal
 import subprocess
-import textwrap
 import time
 from pathlib import Path
+
+from elemta.testing import postfix
 
 POSTFIX = shutil.which("postfix") or "/usr/sbin/postfix"
 POSTCONF = shutil.which("postconf") or "/usr/sbin/postconf"
 POSTSUPER = shutil.which("postsuper") or "/usr/sbin/postsuper"
 QUEUES = ("maildrop", "incoming", "active", "deferred", "hold")
 
-MAIN_CF = textwrap.dedent('''\
-    # written by bench/postfix_instance.py: a private benchmark instance
-    compatibility_level = 3.6
-    config_directory = {conf}
-    queue_directory = {root}/queue
-    data_directory = {root}/data
-    command_directory = /usr/sbin
-    daemon_directory = {daemons}
-    shlib_directory = /usr/lib/postfix
-    meta_directory = {conf}
-    mail_owner = postfix
-    setgid_group = postdrop
-    maillog_file_prefixes = {root}
-    maillog_file = {root}/maillog
-    biff = no
-    alias_maps =
-    alias_database =
-    myhostname = pfx.mta.test
-    mydomain = mta.test
-    myorigin = $myhostname
-    mydestination =
-    inet_interfaces = 127.0.0.1
-    inet_protocols = ipv4
-    # smtp-source connects from 127.0.0.1: it may relay, and anvil's per-client limits
-    # (smtpd_client_connection_count_limit = 50) do not apply to $mynetworks
-    mynetworks = 127.0.0.0/8
-    smtpd_relay_restrictions = permit_mynetworks, reject
-    smtpd_peername_lookup = no
-    smtp_dns_support_level = disabled
-    notify_classes =
-    relayhost = [127.0.0.1]:{sink_port}
-    ''')
-
-MASTER_CF = textwrap.dedent('''\
-    # written by bench/postfix_instance.py; Debian's master.cf, chroot off, unused services out
-    127.0.0.1:{port} inet n - n - - smtpd{smtpd_options}
-    pickup    unix  n       -       n       60      1       pickup
-    cleanup   unix  n       -       n       -       0       cleanup
-    qmgr      unix  n       -       n       300     1       qmgr
-    tlsmgr    unix  -       -       n       1000?   1       tlsmgr
-    rewrite   unix  -       -       n       -       -       trivial-rewrite
-    bounce    unix  -       -       n       -       0       bounce
-    defer     unix  -       -       n       -       0       bounce
-    trace     unix  -       -       n       -       0       bounce
-    verify    unix  -       -       n       -       1       verify
-    flush     unix  n       -       n       1000?   0       flush
-    proxymap  unix  -       -       n       -       -       proxymap
-    proxywrite unix -       -       n       -       1       proxymap
-    smtp      unix  -       -       n       -       -       smtp
-    relay     unix  -       -       n       -       -       smtp
-    showq     unix  n       -       n       -       -       showq
-    error     unix  -       -       n       -       -       error
-    retry     unix  -       -       n       -       -       error
-    discard   unix  -       -       n       -       -       discard
-    anvil     unix  -       -       n       -       1       anvil
-    scache    unix  -       -       n       -       1       scache
-    postlog   unix-dgram n  -       n       -       1       postlogd
-    ''')
-
-HOLD_OPTIONS = "\n  -o smtpd_client_restrictions=check_client_access,static:HOLD"
+# every message it accepts goes to hold/ (written and fsynced by cleanup(8), never delivered)
+HOLD_OPTIONS = {"smtpd_client_restrictions": "check_client_access,static:HOLD"}
 
 
 class PostfixError(Exception):
     """The instance could not be created, started or stopped."""
-
-
-def daemon_directory() -> str:
-    out = subprocess.run([POSTCONF, "-dh", "daemon_directory"], capture_output=True, text=True,
-                         timeout=30)
-    return out.stdout.strip() or "/usr/lib/postfix/sbin"
 
 
 def version() -> str:
@@ -148,7 +85,7 @@ class PostfixInstance:
         self.sink_port = sink_port
         self.hold = hold
         self.extra_main = extra_main or []
-        self.daemons = daemon_directory()
+        self.daemons = postfix.daemon_directory()
         self.proc: subprocess.Popen[bytes] | None = None
         self.spawned_at = 0.0
 
@@ -165,16 +102,12 @@ class PostfixInstance:
             if not os.stat(p).st_mode & 0o001:
                 raise PostfixError(f"{p} is not searchable by others: the Postfix daemons "
                                    "(user postfix) could not reach the queue; chmod o+x it")
-        shutil.copytree("/etc/postfix", self.conf, symlinks=True)  # postfix-files, scripts
-        (self.root / "data").mkdir()
-        shutil.chown(self.root / "data", "postfix", "postfix")
-        self.queue.mkdir()
-        main = MAIN_CF.format(conf=self.conf, root=self.root, daemons=self.daemons,
-                              sink_port=self.sink_port)
-        main += "".join(f"{line}\n" for line in self.extra_main)
-        (self.conf / "main.cf").write_text(main)
-        (self.conf / "master.cf").write_text(MASTER_CF.format(
-            port=self.port, smtpd_options=HOLD_OPTIONS if self.hold else ""))
+        postfix.prepare(self.root, self.conf)
+        extra = dict(line.split(" = ", 1) for line in self.extra_main)
+        (self.conf / "main.cf").write_text(postfix.main_cf(
+            self.conf, self.root, hostname="pfx.mta.test",
+            relayhost=f"[127.0.0.1]:{self.sink_port}", **extra))
+        self.set_hold(self.hold)
         # postsuper with the master stopped writes the log itself, as user postfix
         self.maillog.touch()
         shutil.chown(self.maillog, "postfix", "postfix")
@@ -189,8 +122,8 @@ class PostfixInstance:
     def set_hold(self, hold: bool) -> None:
         """Switch the smtpd between holding and relaying (takes effect at the next start)."""
         self.hold = hold
-        (self.conf / "master.cf").write_text(MASTER_CF.format(
-            port=self.port, smtpd_options=HOLD_OPTIONS if hold else ""))
+        (self.conf / "master.cf").write_text(postfix.master_cf(
+            self.port, HOLD_OPTIONS if hold else None))
 
     def command(self) -> list[str]:
         return [f"{self.daemons}/master", "-c", str(self.conf), "-d"]

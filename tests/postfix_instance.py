@@ -21,63 +21,8 @@ from pathlib import Path
 
 import pytest
 
+from elemta.testing import postfix
 from elemta.testing.process import free_port
-
-MAIN_CF = """\
-compatibility_level = 3.6
-config_directory = {conf}
-queue_directory = {root}/queue
-data_directory = {root}/data
-command_directory = /usr/sbin
-daemon_directory = /usr/lib/postfix/sbin
-shlib_directory = /usr/lib/postfix
-meta_directory = {conf}
-mail_owner = postfix
-setgid_group = postdrop
-maillog_file_prefixes = {root}
-maillog_file = {root}/maillog
-biff = no
-alias_maps =
-alias_database =
-myhostname = postfix.test
-mydomain = postfix.test
-myorigin = $myhostname
-mydestination =
-inet_interfaces = 127.0.0.1
-inet_protocols = ipv4
-mynetworks = 127.0.0.0/8
-smtpd_relay_restrictions = permit_mynetworks, reject
-smtpd_client_restrictions = check_client_access static:HOLD
-smtpd_peername_lookup = no
-smtp_dns_support_level = disabled
-notify_classes =
-debug_peer_list = 127.0.0.1
-debug_peer_level = 2
-smtputf8_enable = {smtputf8}
-"""
-
-MASTER_CF = """\
-127.0.0.1:{port} inet n - n - - smtpd
-pickup    unix  n       -       n       60      1       pickup
-cleanup   unix  n       -       n       -       0       cleanup
-qmgr      unix  n       -       n       300     1       qmgr
-rewrite   unix  -       -       n       -       -       trivial-rewrite
-bounce    unix  -       -       n       -       0       bounce
-defer     unix  -       -       n       -       0       bounce
-trace     unix  -       -       n       -       0       bounce
-verify    unix  -       -       n       -       1       verify
-proxymap  unix  -       -       n       -       -       proxymap
-smtp      unix  -       -       n       -       -       smtp
-relay     unix  -       -       n       -       -       smtp
-showq     unix  n       -       n       -       -       showq
-error     unix  -       -       n       -       -       error
-retry     unix  -       -       n       -       -       error
-discard   unix  -       -       n       -       -       discard
-anvil     unix  -       -       n       -       1       anvil
-scache    unix  -       -       n       -       1       scache
-postlog   unix-dgram n  -       n       -       1       postlogd
-"""
-
 
 class Postfix:
     """``with Postfix() as pf:`` then send to ``127.0.0.1:pf.port``.
@@ -97,13 +42,14 @@ class Postfix:
         if os.geteuid() != 0 or shutil.which("postfix") is None:
             shutil.rmtree(self.root, ignore_errors=True)
             pytest.skip("needs root and Postfix (make test-tools)")
-        shutil.copytree("/etc/postfix", self.conf)   # postfix-files and scripts, read only
-        for d in ("queue", "data"):
-            (self.root / d).mkdir()
-        shutil.chown(self.root / "data", "postfix", "postfix")
-        (self.conf / "main.cf").write_text(MAIN_CF.format(
-            conf=self.conf, root=self.root, smtputf8="yes" if self.smtputf8 else "no"))
-        (self.conf / "master.cf").write_text(MASTER_CF.format(port=self.port))
+        postfix.prepare(self.root, self.conf)
+        (self.conf / "main.cf").write_text(postfix.main_cf(
+            self.conf, self.root, hostname="postfix.test",
+            # everything it accepts is held, where postcat shows the envelope
+            smtpd_client_restrictions="check_client_access static:HOLD",
+            debug_peer_list="127.0.0.1", debug_peer_level="2",
+            smtputf8_enable="yes" if self.smtputf8 else "no"))
+        (self.conf / "master.cf").write_text(postfix.master_cf(self.port))
         self._postfix("check")
         r = self._postfix("start")
         if r.returncode != 0:
