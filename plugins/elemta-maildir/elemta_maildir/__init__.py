@@ -9,7 +9,6 @@ every other route to other transports. The rules live in
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
@@ -19,6 +18,7 @@ from elemta import Envelope, Outcome, Recipient, RecipientState, Reject, Route, 
 from .delivery import Maildirs
 from .layout import UnsafeAddress
 from .settings import MaildirSettings
+from .workers import Workers
 
 if TYPE_CHECKING:
     from elemta import App
@@ -36,6 +36,7 @@ class MaildirPlugin:
         self.settings = MaildirSettings()
         self.maildirs: Maildirs | None = None
         self.local_domains: frozenset[str] = frozenset()
+        self.workers: Workers | None = None
 
     @hookimpl
     def register_config(self) -> Mapping[str, type[MaildirSettings]]:
@@ -48,6 +49,8 @@ class MaildirPlugin:
         self.maildirs = Maildirs(self.settings, app.settings.resolve,
                                  app.settings.server.hostname)
         self.local_domains = app.settings.local_domains
+        # one thread per delivery the runner may have in flight
+        self.workers = Workers(app.settings.delivery.workers)
         log.info("maildir: delivering transport %r to %s (mailboxes under %s)",
                  self.settings.transport, self.settings.path, self.maildirs.layout.base)
 
@@ -85,15 +88,23 @@ class MaildirPlugin:
                       content_path: str) -> list[Outcome] | None:
         """One outcome per recipient for this plugin's transport; ``None`` for other routes.
 
-        The recipients are delivered one after the other in a worker thread.
+        The recipients are delivered one after the other in one of the plugin's
+        threads (as many as ``[delivery] workers``, the runner's concurrent attempts).
         """
         if route.transport != self.settings.transport:
             return None
         maildirs = self.maildirs
-        if maildirs is None:
-            return [Outcome(r.address, 451, "4.3.0", "the maildir plugin has not started")
+        workers = self.workers
+        if maildirs is None or workers is None or workers.closed:
+            return [Outcome(r.address, 451, "4.3.0", "the maildir plugin is not running")
                     for r in recipients]
-        # One hop to a worker thread for the whole group: each hop costs a
-        # hand-over of the GIL, which on a busy server is most of a small
-        # message's delivery time.
-        return await asyncio.to_thread(maildirs.deliver_all, envelope, recipients, content_path)
+        # One hop to a thread of the plugin's own for the whole group: each hop
+        # costs a hand-over of the GIL, which on a busy server is most of a
+        # small message's delivery time.
+        return await workers.run(maildirs.deliver_all, envelope, recipients, content_path)
+
+    @hookimpl
+    def shutdown(self, app: App) -> None:
+        """Stop the delivery threads once they finish what they are writing."""
+        if self.workers is not None:
+            self.workers.close()

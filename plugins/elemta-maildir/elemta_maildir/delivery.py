@@ -36,6 +36,8 @@ class Maildirs:
         self.layout = Layout(settings.path, resolve, settings.recipient_delimiter, hostname)
         self.owner = resolve_owner(settings.owner) if settings.owner else None
         self.dir_syncer = store.DirSyncer()
+        self.writer = store.Writer(file_mode=settings.file_mode, fsync=settings.fsync,
+                                   owner=self.owner, dir_syncer=self.dir_syncer)
         # one folder creation at a time: two details differing only by case
         # (bob+Work, bob+work) must not make two folders
         self._creating = threading.Lock()
@@ -55,27 +57,31 @@ class Maildirs:
                     content_path: str) -> list[Outcome]:
         """Deliver to every recipient, in order; one outcome each. Never raises."""
         try:
-            size = os.stat(content_path).st_size
+            src = os.open(content_path, os.O_RDONLY | os.O_CLOEXEC)
         except OSError as e:
             log.warning("%s: cannot read the spooled message %s: %s", envelope.id,
                         content_path, e.strerror or e)
             return [Outcome(r.address, 451, "4.3.0", "the spooled message cannot be read")
                     for r in recipients]
-        outcomes = []
-        for r in recipients:
-            try:
-                outcomes.append(self.deliver(envelope, r, content_path, size))
-            except Exception:
-                # a bug, not a mailbox problem: keep the message and say where it broke
-                log.exception("%s: maildir delivery to <%s> failed unexpectedly", envelope.id,
-                              r.address)
-                outcomes.append(Outcome(r.address, 451, "4.3.0", "local delivery failed; see "
-                                        "the server log"))
+        try:
+            size = os.fstat(src).st_size
+            outcomes = []
+            for r in recipients:
+                try:
+                    outcomes.append(self.deliver(envelope, r, src, size))
+                except Exception:
+                    # a bug, not a mailbox problem: keep the message and say where it broke
+                    log.exception("%s: maildir delivery to <%s> failed unexpectedly",
+                                  envelope.id, r.address)
+                    outcomes.append(Outcome(r.address, 451, "4.3.0", "local delivery failed; "
+                                            "see the server log"))
+        finally:
+            os.close(src)
         return outcomes
 
-    def deliver(self, envelope: Envelope, recipient: RecipientState, content_path: str,
+    def deliver(self, envelope: Envelope, recipient: RecipientState, src: int,
                 content_size: int) -> Outcome:
-        """Deliver the spooled message to one recipient's mailbox; its outcome.
+        """Deliver the spooled message (open as ``src``) to one recipient's mailbox; its outcome.
 
         250 delivered (or found already delivered), 552 5.2.2 larger than the
         quota, 550 5.1.3 unsafe address, 452 4.2.2 mailbox full, 452 4.3.1 disk
@@ -94,7 +100,7 @@ class Maildirs:
                 self._mailboxes.clear()
             self._mailboxes[address] = box
         try:
-            return self._deliver(envelope, recipient, box, content_path, content_size)
+            return self._deliver(envelope, recipient, box, src, content_size)
         except store.MailboxMissing:
             log.warning("%s: maildir %s for <%s> does not exist and create_mailboxes is off; "
                         "create it (cur/, new/, tmp/) or set create_mailboxes = true",
@@ -114,7 +120,7 @@ class Maildirs:
                            f"<{box.address}>: {reason}")
 
     def _deliver(self, envelope: Envelope, recipient: RecipientState, box: Mailbox,
-                 content_path: str, content_size: int) -> Outcome:
+                 src: int, content_size: int) -> Outcome:
         settings = self.settings
         address = recipient.address
         if box.root not in self._known:
@@ -130,32 +136,39 @@ class Maildirs:
         name = store.base_name(envelope.id, envelope.received_at, address, self.hostname, size)
 
         # The runner counts the attempt in progress before calling deliver, so an
-        # envelope at 1 has had no attempt recorded before this one.
+        # envelope at 1 has had no attempt recorded before this one. A first
+        # attempt does not look in new/: the link (or rename) into new/ finds
+        # a copy a crash left there all the same.
         repeated = recipient.attempts > 0 or envelope.attempts > 1
-        folders = [folder] if folder == box.root else [folder, box.root]
-        found = store.find_delivered(folders, name, scan_cur=repeated)
-        if found is not None:
-            if settings.fsync and found.parent.name == "new":
-                store.fsync_dir(found.parent)  # a crash may have beaten the first fsync
-            log.info("%s: <%s> already delivered to %s", envelope.id, address, found)
-            return Outcome(address, 250, "2.0.0", "already delivered to the mailbox")
+        if repeated:
+            folders = [folder] if folder == box.root else [folder, box.root]
+            found = store.find_delivered(folders, name, scan_cur=True)
+            if found is not None:
+                if settings.fsync and found.parent.name == "new":
+                    store.fsync_dir(found.parent)  # a crash may have beaten the first fsync
+                return self._already(envelope, address, found)
 
-        refusal = self._check_quota(envelope, box, address, size)
+        refusal, sized = self._check_quota(envelope, box, address, size)
         if refusal is not None:
             return refusal
-        path = store.write_message(content_path, folder, name, head, size,
-                                   file_mode=settings.file_mode, fsync=settings.fsync,
-                                   dir_syncer=self.dir_syncer, owner=self.owner)
-        try:
-            store.append_maildirsize(box.root, size)
-        except OSError as e:  # delivered all the same; Dovecot recalculates the file
-            log.warning("%s: cannot update the maildirsize of <%s>: %s", envelope.id,
-                        box.address, e.strerror or e)
+        path, already = self.writer.write(src, str(folder), name, head, size)
+        if already:
+            return self._already(envelope, address, path)
+        if sized:
+            try:
+                store.append_maildirsize(box.root, size)
+            except OSError as e:  # delivered all the same; Dovecot recalculates the file
+                log.warning("%s: cannot update the maildirsize of <%s>: %s", envelope.id,
+                            box.address, e.strerror or e)
         # the runner logs the outcome at info; the file is for debugging
         log.debug("%s: delivered to <%s> in %s", envelope.id, address, path)
         where = f" folder {folder_of(folder.name)}" if folder != box.root else ""
         return Outcome(address, 250, "2.0.0", f"delivered to the mailbox of "
                        f"<{box.address}>{where}", "maildir")
+
+    def _already(self, envelope: Envelope, address: str, found: str | Path) -> Outcome:
+        log.info("%s: <%s> already delivered to %s", envelope.id, address, found)
+        return Outcome(address, 250, "2.0.0", "already delivered to the mailbox")
 
     def _folder(self, box: Mailbox) -> Path:
         """The INBOX, or the Maildir++ folder the detail names, as ``detail_folder`` says.
@@ -184,10 +197,15 @@ class Maildirs:
         return found
 
     def _check_quota(self, envelope: Envelope, box: Mailbox, address: str,
-                     size: int) -> Outcome | None:
-        quota = self._quota(envelope, box)
+                     size: int) -> tuple[Outcome | None, bool]:
+        """A refusal (or ``None``), and whether the mailbox has a ``maildirsize`` to add to."""
+        quota, sized = self._quota(envelope, box)
         if quota is None:
-            return None
+            return None, sized
+        return self._over_quota(envelope, box, address, size, quota), sized
+
+    def _over_quota(self, envelope: Envelope, box: Mailbox, address: str, size: int,
+                    quota: store.Quota) -> Outcome | None:
         if quota.limit_bytes and size > quota.limit_bytes:
             return self._failed(envelope, address, 552, "5.2.2",
                                 f"message of {size} bytes is larger than the mailbox quota of "
@@ -202,8 +220,9 @@ class Maildirs:
                                 f"{quota.limit_count} messages)")
         return None
 
-    def _quota(self, envelope: Envelope, box: Mailbox) -> store.Quota | None:
-        """The mailbox's limits and usage by the Maildir++ rules; ``None`` when it has no limit.
+    def _quota(self, envelope: Envelope, box: Mailbox) -> tuple[store.Quota | None, bool]:
+        """The mailbox's limits and usage by the Maildir++ rules (``None`` when it has no
+        limit), and whether it has a ``maildirsize`` (one was found, or written now).
 
         ``maildirsize`` gives both while it is current. Otherwise its limits
         (or, without the file, the configured quota) hold, the usage comes
@@ -212,16 +231,16 @@ class Maildirs:
         """
         sizes = store.read_maildirsize(box.root)
         if sizes is not None and sizes.current:
-            return sizes.quota
+            return sizes.quota, True
         if not any(self._limits(box, sizes)):
-            return None
+            return None, sizes is not None
         with self._recalculating:
             sizes = store.read_maildirsize(box.root)  # recalculated while this thread waited?
             if sizes is not None and sizes.current:
-                return sizes.quota
+                return sizes.quota, True
             limit_bytes, limit_count = self._limits(box, sizes)
             if not (limit_bytes or limit_count):
-                return None
+                return None, sizes is not None
             usage = store.scan_usage(box.root)
             quota = store.Quota(limit_bytes, limit_count, usage.used_bytes, usage.used_count)
             try:
@@ -231,7 +250,7 @@ class Maildirs:
             except OSError as e:  # the scan stands; the next delivery tries again
                 log.warning("%s: cannot write the maildirsize of <%s>: %s", envelope.id,
                             box.address, e.strerror or e)
-        return quota
+        return quota, True
 
     def _limits(self, box: Mailbox, sizes: store.SizeFile | None) -> tuple[int, int]:
         """Bytes and messages: ``maildirsize``'s limits if it has them, else the configured quota."""

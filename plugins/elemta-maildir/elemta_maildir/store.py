@@ -1,6 +1,6 @@
-"""Maildir files: names, creation, the tmp/ → new/ write, Maildir++ quota (blocking I/O).
+"""Maildir files: names, creation, the write into new/, Maildir++ quota (blocking I/O).
 
-Everything here blocks; the plugin calls it from a worker thread. Nothing
+Everything here blocks; the plugin calls it from its delivery threads. Nothing
 reads a message into memory: the kernel copies the content (``sendfile``).
 Every file and directory created here gets ``owner`` (a uid and gid), when
 one is given.
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import logging
 import os
 import re
 import tempfile
@@ -32,6 +33,8 @@ MAILDIRSIZE_STALE_SECONDS = 15 * 60
 
 #: A uid and a gid, or ``None`` to leave ownership to the process.
 Owner = tuple[int, int] | None
+
+log = logging.getLogger("elemta.maildir")
 
 _SAFE_ID = re.compile(r"[A-Za-z0-9_-]{1,64}\Z")
 _LIMIT = re.compile(r"(\d+)([SC])\Z")
@@ -249,59 +252,170 @@ def find_delivered(folders: list[Path], name: str, scan_cur: bool) -> Path | Non
 # ------------------------------------------------------------------ writing
 
 
-def write_message(content_path: str, folder: Path, name: str, head: bytes, size: int, *,
-                  file_mode: int, fsync: bool, dir_syncer: DirSyncer | None = None,
-                  owner: Owner = None) -> Path:
-    """Write ``head`` + the spooled content to ``tmp/name``, then move it to ``new/name``.
+#: ``open(O_TMPFILE)`` errors that mean "not here" (old kernel, file system
+#: without it): such a folder is written through ``tmp/<name>`` instead.
+_NO_TMPFILE = {errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL, errno.ENOSYS}
+_NO_SPACE = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
 
-    The file is created exclusively (a stale one of the same name, left by a
-    crash, is removed first), fsynced, renamed, and ``new/`` is fsynced. On any
-    error the partial file in ``tmp/`` is removed and the error raised.
+
+class Writer:
+    """Puts messages into ``new/``, durably, under their final name.
+
+    Where the kernel and the file system allow it, the file is created
+    unnamed (``O_TMPFILE``) in the folder's ``tmp/``, written, fsynced, and
+    linked into ``new/`` (``linkat`` of ``/proc/self/fd/N``): one directory
+    entry made, none removed, and a crash at any point leaves nothing behind.
+    Elsewhere (a file system without ``O_TMPFILE``, a process whose
+    ``/proc/self/fd`` cannot be used) it is written to ``tmp/<name>`` and
+    renamed into ``new/``. Either way ``new/`` is fsynced (shared by
+    concurrent deliveries, :class:`DirSyncer`) before :meth:`write` returns.
     """
-    tmp = folder / "tmp" / name
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW
-    try:
-        fd = os.open(tmp, flags, file_mode)
-    except FileExistsError:
-        os.unlink(tmp)  # a crash left it half-written
-        fd = os.open(tmp, flags, file_mode)
-    try:
+
+    def __init__(self, *, file_mode: int, fsync: bool, owner: Owner = None,
+                 dir_syncer: DirSyncer | None = None, tmpfile: bool = True) -> None:
+        self.file_mode = file_mode
+        self.fsync = fsync
+        self.owner = owner
+        self.dir_syncer = dir_syncer
+        self.tmpfile = tmpfile and hasattr(os, "O_TMPFILE")
+        self._proc_fd: int | None = None
+        self._plain: set[str] = set()  # tmp/ folders where O_TMPFILE is not supported
+        self._lock = threading.Lock()
+
+    def write(self, src: int, folder: str, name: str, head: bytes, size: int) -> tuple[str, bool]:
+        """Deliver ``head`` + the content of ``src`` as ``folder/new/name``.
+
+        Returns the path, and whether a file of that name was already there
+        (an earlier attempt that got as far as the link, or the rename: it is
+        kept, and the new copy discarded). On an error nothing is left behind.
+        """
+        tmp = folder + "/tmp"
+        unlinkable: OSError | None = None
+        if self.tmpfile and tmp not in self._plain:
+            proc = self._proc()
+            if proc is not None:
+                try:
+                    fd = os.open(tmp, os.O_TMPFILE | os.O_WRONLY | os.O_CLOEXEC, self.file_mode)
+                except OSError as e:
+                    if e.errno not in _NO_TMPFILE:
+                        raise
+                    if len(self._plain) >= 10_000:
+                        self._plain.clear()
+                    self._plain.add(tmp)
+                else:
+                    try:
+                        return self._link(fd, proc, src, folder, name, head, size)
+                    except _Unlinkable as e:
+                        unlinkable = e.error
+                    finally:
+                        os.close(fd)
+        written = self._rename(src, folder, name, head, size)
+        if unlinkable is not None:  # tmp/ + rename works where the link did not
+            self._give_up_tmpfile(unlinkable)
+        return written
+
+    def _link(self, fd: int, proc: int, src: int, folder: str, name: str, head: bytes,
+              size: int) -> tuple[str, bool]:
+        self._fill(fd, src, head, size)
+        new = f"{folder}/new/{name}"
         try:
-            _own(fd, file_mode, owner)
-            write_all(fd, head)
-            written = len(head)
-            src = os.open(content_path, os.O_RDONLY | os.O_CLOEXEC)
+            os.link(str(fd), new, src_dir_fd=proc, follow_symlinks=True)
+        except FileExistsError:
+            self._sync_new(folder)  # a crash may have beaten the first fsync
+            return new, True
+        except OSError as e:
+            if e.errno in _NO_SPACE:
+                raise
+            raise _Unlinkable(e) from None
+        self._sync_new(folder)
+        return new, False
+
+    def _rename(self, src: int, folder: str, name: str, head: bytes,
+                size: int) -> tuple[str, bool]:
+        new = f"{folder}/new/{name}"
+        if os.path.lexists(new):  # a rename would replace it without a word
+            self._sync_new(folder)  # a crash may have beaten the first fsync
+            return new, True
+        tmp = f"{folder}/tmp/{name}"
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW
+        try:
+            fd = os.open(tmp, flags, self.file_mode)
+        except FileExistsError:
+            os.unlink(tmp)  # a crash left it half-written
+            fd = os.open(tmp, flags, self.file_mode)
+        try:
             try:
-                written += _copy_all(src, fd)
+                self._fill(fd, src, head, size)
             finally:
-                os.close(src)
-            if written != size:
-                raise OSError(f"the spooled message is {written - len(head)} bytes, expected "
-                              f"{size - len(head)}: it changed while it was copied")
-            if fsync:
-                os.fsync(fd)
-        finally:
-            os.close(fd)
-        new = folder / "new" / name
-        os.rename(tmp, new)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    if fsync:
-        if dir_syncer is None:
-            fsync_dir(folder / "new")
+                os.close(fd)
+            os.rename(tmp, new)
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            raise
+        self._sync_new(folder)
+        return new, False
+
+    def _fill(self, fd: int, src: int, head: bytes, size: int) -> None:
+        """Owner and mode, ``head``, then the content, copied by the kernel; fsynced."""
+        _own(fd, self.file_mode, self.owner)
+        write_all(fd, head)
+        length = size - len(head)
+        copied = _copy(src, fd, length)
+        if copied != length:
+            raise OSError(f"the spooled message is {copied} bytes, expected {length}: it "
+                          "changed while it was copied")
+        if self.fsync:
+            os.fsync(fd)
+
+    def _sync_new(self, folder: str) -> None:
+        if not self.fsync:
+            return
+        if self.dir_syncer is None:
+            fsync_dir(folder + "/new")
         else:
-            dir_syncer.sync(folder / "new")
-    return new
+            self.dir_syncer.sync(folder + "/new")
+
+    def _proc(self) -> int | None:
+        """A descriptor of ``/proc/self/fd``, to link unnamed files by; ``None`` without one."""
+        if self._proc_fd is None:
+            with self._lock:
+                if self._proc_fd is None and self.tmpfile:
+                    try:
+                        self._proc_fd = os.open("/proc/self/fd", os.O_RDONLY | os.O_DIRECTORY
+                                                | os.O_CLOEXEC)
+                    except OSError as e:
+                        self._give_up_tmpfile(e)
+        return self._proc_fd
+
+    def _give_up_tmpfile(self, error: OSError) -> None:
+        if self.tmpfile:
+            self.tmpfile = False
+            log.info("maildir: messages are written to tmp/ and renamed into new/ from now on: "
+                     "an unnamed file cannot be linked into new/ here (%s)",
+                     error.strerror or error)
 
 
-def _copy_all(src: int, dst: int) -> int:
-    """Copy ``src`` from its start to ``dst`` in the kernel (``sendfile``); bytes copied."""
+class _Unlinkable(Exception):
+    """``linkat`` through ``/proc/self/fd`` failed for a reason other than the mailbox."""
+
+    def __init__(self, error: OSError) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+def _copy(src: int, dst: int, length: int) -> int:
+    """Copy ``length`` bytes from the start of ``src`` to ``dst`` in the kernel (``sendfile``).
+
+    Fewer bytes only when ``src`` is shorter; the bytes copied.
+    """
     total = 0
-    while n := os.sendfile(dst, src, total, CHUNK):
+    while total < length:
+        n = os.sendfile(dst, src, total, min(CHUNK, length - total))
+        if not n:
+            break
         total += n
     return total
 

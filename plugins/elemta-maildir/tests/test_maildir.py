@@ -437,8 +437,10 @@ async def test_only_the_configured_transport_is_delivered(elemta_server):
 
 
 async def test_delivering_the_same_envelope_again_writes_one_file(elemta_server):
+    """Through tmp/ and a rename (a file system without O_TMPFILE): a stale copy is replaced."""
     server = await start(elemta_server)
     plugin = server.app.pm.get_plugin("maildir")
+    plugin.maildirs.writer.tmpfile = False
     content = server.root / "content.eml"
     content.write_bytes(message("again", b"\x00\xff\r\n"))
     rcpt = RecipientState("bob@example.test", original="Info@example.test")
@@ -468,6 +470,40 @@ async def test_delivering_the_same_envelope_again_writes_one_file(elemta_server)
     [third] = await plugin.deliver(env, route, [rcpt], str(content))
     assert third.code == 250 and "already" in third.text
     assert files(box) == [] and len(files(box, "cur")) == 1
+
+
+async def test_messages_are_linked_into_new_without_a_name_in_tmp(elemta_server):
+    """An unnamed file linked into new/: tmp/ never changes, and a copy already in new/
+    (a crash after the link, before the spool recorded it) is kept, not doubled."""
+    server = await start(elemta_server)
+    plugin = server.app.pm.get_plugin("maildir")
+    assert plugin.maildirs.writer.tmpfile, "O_TMPFILE and linkat are available on Linux"
+    content = server.root / "content.eml"
+    content.write_bytes(message("linked", b"body\r\n"))
+    box = maildir(server, "bob")
+    for sub in ("cur", "new", "tmp"):
+        (box / sub).mkdir(parents=True)
+    os.utime(box / "tmp", ns=(0, 0))
+    route = Route("local", DOMAIN)
+    rcpt = RecipientState("bob@example.test")
+    env = Envelope(id=new_id(), sender="alice@example.test", recipients=[rcpt],
+                   received_at=time.time(), size=content.stat().st_size, attempts=1)
+
+    [first] = await plugin.deliver(env, route, [rcpt], str(content))
+    assert first.code == 250 and "already" not in first.text
+    [path] = files(box)
+    assert path.read_bytes() == (b"Return-Path: <alice@example.test>\r\n"
+                                 b"Delivered-To: bob@example.test\r\n" + content.read_bytes())
+    st = path.stat()
+    assert st.st_nlink == 1 and stat.S_IMODE(st.st_mode) == 0o600
+    assert (box / "tmp").stat().st_mtime_ns == 0, "a name was made in tmp/"
+    assert plugin.maildirs.writer.tmpfile
+
+    # the same attempt again, as after a crash before the spool recorded it (attempts 1)
+    [again] = await plugin.deliver(env, route, [rcpt], str(content))
+    assert again.code == 250 and "already" in again.text
+    assert files(box) == [path] and files(box, "tmp") == []
+    assert (box / "tmp").stat().st_mtime_ns == 0
 
 
 def write_big(path: Path, size: int) -> None:
@@ -548,3 +584,43 @@ def test_directory_fsyncs_are_shared_by_concurrent_deliveries(tmp_path, monkeypa
     for t_ask, t_back in asked:
         assert any(start >= t_ask and end <= t_back for start, end in calls), \
             "a caller returned without an fsync that started after its request"
+
+
+async def test_delivery_threads_run_up_to_their_number_at_once_and_stop():
+    """The plugin's threads: as many calls in flight as threads, errors handed back, stop."""
+    import threading
+
+    from elemta_maildir.workers import Workers
+
+    workers = Workers(3)
+    gate = threading.Event()
+    running: list[str] = []
+    lock = threading.Lock()
+
+    def blocking(n: int) -> int:
+        with lock:
+            running.append(threading.current_thread().name)
+        assert gate.wait(10)
+        return n * 2
+
+    calls = [asyncio.ensure_future(workers.run(blocking, n)) for n in range(5)]
+    await wait_for(lambda: len(running) >= 3, what="three calls running")
+    await asyncio.sleep(0.05)
+    assert len(running) == 3, "no more calls at once than threads"
+    assert sorted(set(running)) == ["maildir-0", "maildir-1", "maildir-2"]
+    gate.set()
+    assert await asyncio.gather(*calls) == [0, 2, 4, 6, 8]
+
+    def failing() -> None:
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError, match="No space"):
+        await workers.run(failing)
+
+    threads = [t for t in threading.enumerate() if t.name.startswith("maildir-")
+               and t.ident in {u.ident for u in workers._threads}]
+    assert len(threads) == 3
+    workers.close()
+    for t in threads:
+        t.join(5)
+    assert workers.closed and not any(t.is_alive() for t in threads)
