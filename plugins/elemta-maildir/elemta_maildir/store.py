@@ -8,6 +8,7 @@ one is given.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import hashlib
 import logging
@@ -174,7 +175,10 @@ class DirSyncer:
         self._lock = threading.Lock()
         self._dirs: dict[str, _DirState] = {}
 
-    def sync(self, path: Path) -> None:
+    def _flush(self, path: str | Path) -> None:
+        fsync_dir(path)
+
+    def sync(self, path: str | Path) -> None:
         key = str(path)
         with self._lock:
             state = self._dirs.get(key)
@@ -187,6 +191,9 @@ class DirSyncer:
         with state.cond:
             target = state.started + 1      # a sync that starts from now on covers us
             while state.done < target:
+                if state.failed >= target:   # the sync meant to cover us failed
+                    assert state.error is not None
+                    raise state.error
                 if not state.running:
                     state.running = True
                     state.started += 1
@@ -194,7 +201,7 @@ class DirSyncer:
                     state.cond.release()
                     error: OSError | None = None
                     try:
-                        fsync_dir(path)
+                        self._flush(path)
                     except OSError as e:
                         error = e
                     finally:
@@ -202,6 +209,8 @@ class DirSyncer:
                         state.running = False
                         if error is None:
                             state.done = max(state.done, generation)
+                        else:  # for everybody who waited for this one
+                            state.failed, state.error = generation, error
                         state.cond.notify_all()
                     if error is not None:
                         raise error
@@ -209,14 +218,60 @@ class DirSyncer:
                     state.cond.wait()
 
 
+class FsSyncer(DirSyncer):
+    """Group commit for a whole file system: one ``syncfs`` for every write made before it.
+
+    ``sync(path)`` returns after a ``syncfs`` of ``path``'s file system that
+    began after the call: every file written and every name made there before
+    the call is then on disk. Concurrent deliveries share it: whoever finds
+    none running runs the next one. It writes back everything dirty on the
+    file system, the spool's files and other programs' too.
+
+    A descriptor of each file system stays open: Linux reports to ``syncfs``
+    the write-back errors that happened since that descriptor last saw one.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._fds: dict[str, int] = {}
+
+    def _flush(self, path: str | Path) -> None:
+        key = str(path)
+        fd = self._fds.get(key)
+        if fd is None:
+            with self._lock:
+                fd = self._fds.get(key)
+                if fd is None:
+                    fd = self._fds[key] = os.open(key, os.O_RDONLY | os.O_DIRECTORY
+                                                  | os.O_CLOEXEC)
+        if _syncfs(fd) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"syncfs: {os.strerror(err)}", key)
+
+
+def _load_syncfs():
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).syncfs
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_syncfs = _load_syncfs()
+
+
 class _DirState:
-    __slots__ = ("cond", "running", "started", "done")
+    __slots__ = ("cond", "running", "started", "done", "failed", "error")
 
     def __init__(self) -> None:
         self.cond = threading.Condition(threading.Lock())
         self.running = False
         self.started = 0   # syncs begun
         self.done = 0      # the latest sync finished without an error
+        self.failed = 0    # the latest sync that failed...
+        self.error: OSError | None = None  # ...and why
 
 
 # ------------------------------------------------------------------ idempotency
@@ -267,8 +322,11 @@ class Writer:
     entry made, none removed, and a crash at any point leaves nothing behind.
     Elsewhere (a file system without ``O_TMPFILE``, a process whose
     ``/proc/self/fd`` cannot be used) it is written to ``tmp/<name>`` and
-    renamed into ``new/``. Either way ``new/`` is fsynced (shared by
-    concurrent deliveries, :class:`DirSyncer`) before :meth:`write` returns.
+    renamed into ``new/``. With ``fsync``, the file is on disk before it is
+    named in ``new/`` and its name before :meth:`write` returns: through a
+    ``syncfs`` shared by the deliveries in flight on that file system
+    (:class:`FsSyncer`), or, without ``syncfs``, an fsync of the file and of
+    ``new/`` (shared, :class:`DirSyncer`).
     """
 
     def __init__(self, *, file_mode: int, fsync: bool, owner: Owner = None,
@@ -281,6 +339,10 @@ class Writer:
         self._proc_fd: int | None = None
         self._plain: set[str] = set()  # tmp/ folders where O_TMPFILE is not supported
         self._lock = threading.Lock()
+        # group commit: one syncfs for the deliveries in flight on a file system
+        self.group = FsSyncer() if fsync and _syncfs is not None else None
+        self._fs: dict[str, str] = {}       # folder → the folder that names its file system
+        self._devices: dict[int, str] = {}  # file system → that folder
 
     def write(self, src: int, folder: str, name: str, head: bytes, size: int) -> tuple[str, bool]:
         """Deliver ``head`` + the content of ``src`` as ``folder/new/name``.
@@ -316,7 +378,7 @@ class Writer:
 
     def _link(self, fd: int, proc: int, src: int, folder: str, name: str, head: bytes,
               size: int) -> tuple[str, bool]:
-        self._fill(fd, src, head, size)
+        self._fill(fd, src, head, size, folder)
         new = f"{folder}/new/{name}"
         try:
             os.link(str(fd), new, src_dir_fd=proc, follow_symlinks=True)
@@ -345,7 +407,7 @@ class Writer:
             fd = os.open(tmp, flags, self.file_mode)
         try:
             try:
-                self._fill(fd, src, head, size)
+                self._fill(fd, src, head, size, folder)
             finally:
                 os.close(fd)
             os.rename(tmp, new)
@@ -358,7 +420,7 @@ class Writer:
         self._sync_new(folder)
         return new, False
 
-    def _fill(self, fd: int, src: int, head: bytes, size: int) -> None:
+    def _fill(self, fd: int, src: int, head: bytes, size: int, fd_folder: str) -> None:
         """Owner and mode, ``head``, then the content, copied by the kernel; fsynced."""
         _own(fd, self.file_mode, self.owner)
         write_all(fd, head)
@@ -368,15 +430,34 @@ class Writer:
             raise OSError(f"the spooled message is {copied} bytes, expected {length}: it "
                           "changed while it was copied")
         if self.fsync:
+            if self.group is not None:
+                self.group.sync(self._file_system(fd_folder))
+            # after a syncfs nothing is left to write: this only reports an
+            # error in writing this file back that the syncfs told another caller
             os.fsync(fd)
 
     def _sync_new(self, folder: str) -> None:
         if not self.fsync:
             return
+        if self.group is not None:
+            self.group.sync(self._file_system(folder))
+            return
         if self.dir_syncer is None:
             fsync_dir(folder + "/new")
         else:
             self.dir_syncer.sync(folder + "/new")
+
+    def _file_system(self, folder: str) -> str:
+        """A folder on ``folder``'s file system: the same one for all folders there."""
+        key = self._fs.get(folder)
+        if key is None:
+            device = os.stat(folder).st_dev
+            with self._lock:
+                key = self._devices.setdefault(device, folder)
+                if len(self._fs) >= 100_000:
+                    self._fs.clear()
+                self._fs[folder] = key
+        return key
 
     def _proc(self) -> int | None:
         """A descriptor of ``/proc/self/fd``, to link unnamed files by; ``None`` without one."""

@@ -624,3 +624,81 @@ async def test_delivery_threads_run_up_to_their_number_at_once_and_stop():
     for t in threads:
         t.join(5)
     assert workers.closed and not any(t.is_alive() for t in threads)
+
+
+def test_a_failed_group_sync_fails_everybody_it_was_meant_to_cover(tmp_path):
+    """A write-back error reported to the syncfs that should have covered a caller reaches
+    that caller too, not only the thread that ran it; the next sync serves later callers."""
+    import threading
+
+    from elemta_maildir import store
+
+    started = threading.Event()
+    release = threading.Event()
+
+    class Failing(store.FsSyncer):
+        calls = 0
+
+        def _flush(self, path):
+            Failing.calls += 1
+            if Failing.calls == 1:      # keeps a sync running while the others queue up
+                started.set()
+                assert release.wait(10)
+                return super()._flush(path)
+            if Failing.calls == 2:
+                raise OSError(5, "Input/output error")
+            return super()._flush(path)
+
+    syncer = Failing()
+    results: list[object] = []
+
+    def call():
+        try:
+            syncer.sync(str(tmp_path))
+            results.append("ok")
+        except OSError as e:
+            results.append(e.errno)
+
+    first = threading.Thread(target=call)
+    first.start()
+    assert started.wait(10)
+    waiting = [threading.Thread(target=call) for _ in range(4)]
+    for t in waiting:
+        t.start()
+    time.sleep(0.1)                     # all four wait for the sync after the running one
+    release.set()
+    for t in [first, *waiting]:
+        t.join(10)
+    assert sorted(results, key=str) == [5, 5, 5, 5, "ok"]
+    syncer.sync(str(tmp_path))          # a real syncfs, after the error was reported
+    assert Failing.calls == 3
+
+
+async def test_concurrent_deliveries_share_syncfs_calls(elemta_server):
+    """fsync on: one syncfs of the mailbox file system serves the deliveries in flight."""
+    server = await start(elemta_server)
+    plugin = server.app.pm.get_plugin("maildir")
+    writer = plugin.maildirs.writer
+    assert writer.group is not None, "syncfs is available on Linux"
+    count = 0
+    real = writer.group._flush
+
+    def counting(path):
+        nonlocal count
+        count += 1
+        real(path)
+
+    writer.group._flush = counting
+    content = server.root / "content.eml"
+    content.write_bytes(message("shared", b"x\r\n"))
+    route = Route("local", DOMAIN)
+    envs = []
+    for i in range(20):
+        rcpt = RecipientState(f"user{i % 4}@example.test")
+        envs.append(Envelope(id=new_id(), sender="alice@example.test", recipients=[rcpt],
+                             received_at=time.time(), size=content.stat().st_size, attempts=1))
+    outcomes = await asyncio.gather(*(plugin.deliver(e, route, e.recipients, str(content))
+                                      for e in envs))
+    assert all(o.code == 250 for [o] in outcomes)
+    assert sum(len(files(maildir(server, f"user{u}"))) for u in range(4)) == 20
+    assert 2 <= count < 40, f"{count} syncfs calls for 20 deliveries (2 each without sharing)"
