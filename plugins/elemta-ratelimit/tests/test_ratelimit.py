@@ -4,6 +4,7 @@ real servers and real SMTP sessions."""
 from __future__ import annotations
 
 import asyncio
+import time
 import base64
 import logging
 from pathlib import Path
@@ -90,11 +91,15 @@ async def test_200_parallel_sessions_against_a_limit_of_50_let_exactly_50_throug
 async def test_connection_rate_is_exact_under_concurrency(elemta_server, state):
     server = await start(elemta_server, state, connections_per_minute=50)
     clients = [RawSMTP(server.port("mx"), source="127.0.0.9") for _ in range(200)]
+    started = time.monotonic()
     greetings = await asyncio.gather(*(c.connect() for c in clients), return_exceptions=True)
+    took = time.monotonic() - started
     for c in clients:
         c.close()
     codes = [g.code if not isinstance(g, Exception) else None for g in greetings]
-    assert codes.count(220) == 50, codes
+    # exactly 50, plus one for every 1.2 s the burst took (a slow machine): the rate
+    # gives a slot back that often, and that is not a race
+    assert 50 <= codes.count(220) <= 50 + int(took / 1.2), (took, codes)
     assert str([g for g in greetings if getattr(g, "code", 0) == 421][0]).startswith(
         "421 4.7.0 Too many connections from your address")
 
