@@ -140,10 +140,13 @@ class BodyHash:
     total: int              # canonical body length
 
 
+_HASHES = {"sha256": hashlib.sha256, "sha1": hashlib.sha1}
+
+
 class _Hasher:
     def __init__(self, spec: BodyHashSpec) -> None:
         self.spec = spec
-        self.hash = hashlib.new(spec.algorithm)
+        self.hash = _HASHES[spec.algorithm]()
         self.hashed = 0
 
     def update(self, data: bytes) -> None:

@@ -123,12 +123,13 @@ def _b_prefix(value: bytes) -> str:
 
 
 def parse(f: BinaryIO, max_signatures: int, now: float) -> Parsed:
-    """Read the header section of ``f`` and parse its ``DKIM-Signature`` fields.
+    """Read the header section of ``f`` and parse its ``DKIM-Signature`` fields; ``f``
+    is left at the first byte of the body.
 
     Blocking (``Message.open()``): run it in a worker thread.
     """
     try:
-        header = read_header_section(buffered(f))
+        header = read_header_section(f)
     except HeaderTooLarge as e:
         return Parsed(None, [_Signature(0, Checked("neutral", f"not checked: {e}"),
                                         decided=True)])
@@ -173,16 +174,13 @@ def _parse_one(d: dkim.DKIM, index: int, header: tuple[bytes, bytes],
         when = dt.datetime.fromtimestamp(int(expires), dt.timezone.utc)
         sig.decide("fail", f"the signature expired at {when:%Y-%m-%d %H:%M:%S} UTC (x=)")
         return sig
+    # what dkimpy's verify_headerprep does, without parsing the tag list a second time
     try:
-        prep = d.verify_headerprep(index)
+        dkim.validate_signature_fields(tags)
     except (dkim.DKIMException, InvalidTagValueList) as e:
         sig.decide("neutral", f"the signature is malformed: {_clean(e)}")
         return sig
-    if not prep:  # cannot happen: the field is there
-        sig.decide("neutral", "the signature cannot be read")
-        return sig
-    tags, include, _ = prep
-    sig.tags = tags
+    include = [x.lower() for x in _H_SPLIT.split(tags[b"h"])]
     sig.include = include
     if algorithm == b"rsa-sha1":
         sig.decide("fail", "rsa-sha1 signatures are not acceptable (RFC 8301); the "
@@ -201,6 +199,9 @@ def _parse_one(d: dkim.DKIM, index: int, header: tuple[bytes, bytes],
                             length)
     sig.key_name = tags[b"s"] + b"._domainkey." + tags[b"d"] + b"."
     return sig
+
+
+_H_SPLIT = re.compile(rb"\s*:\s*")
 
 
 def _clean(e: BaseException) -> str:
@@ -244,7 +245,7 @@ def _check_one(d: dkim.DKIM | None, sig: _Signature, record: bytes | BaseExcepti
         sig.decide("permerror", f"no key for the signature: {name} has no DKIM record")
         return
     try:
-        key = parse_tag_value(record)
+        key = _key_tags(record)
     except InvalidTagValueList:
         sig.decide("permerror", f"the key record at {name} is malformed")
         return
@@ -341,10 +342,67 @@ def _check_one(d: dkim.DKIM | None, sig: _Signature, record: bytes | BaseExcepti
 
 
 @functools.lru_cache(maxsize=1024)
+def _key_tags(record: bytes) -> dict[bytes, bytes]:
+    """A key record's tags, remembered (read, never changed, by :func:`_check_one`)."""
+    return parse_tag_value(record)
+
+
+@functools.lru_cache(maxsize=1024)
 def _public_key(name: bytes, record: bytes) -> tuple[Any, int, bytes, bool]:
     """dkimpy's ``evaluate_pk``, remembered per key record: decoding a key costs more
     than checking a signature with it, and a busy sender signs with one key."""
     return dkim.evaluate_pk(name, record)
+
+
+_UNFOLD = re.compile(rb"\r?\n")
+_WSP = re.compile(rb"[\t ]+")
+
+
+def _relaxed(name: bytes, value: bytes) -> tuple[bytes, bytes]:
+    """One header field in relaxed canonicalization (RFC 6376 §3.4.2), byte for byte as
+    dkimpy's ``Relaxed.canonicalize_headers`` makes it."""
+    return name.lower().rstrip(), _WSP.sub(b" ", _UNFOLD.sub(b"", value)).strip() + b"\r\n"
+
+
+def hash_headers(hasher: Any, relaxed: bool, headers: list[tuple[bytes, bytes]],
+                 include: list[bytes], sig_header: tuple[bytes, bytes]) -> None:
+    """Hash the signed header fields and the signature field (with an empty ``b=``) as
+    dkimpy's ``hash_headers`` does, canonicalizing only the fields it selects: for each
+    name of ``include``, the last instance not chosen yet, from the bottom up (RFC 6376
+    §5.4.2); then the signature field, without its final line end."""
+    if relaxed:
+        names = [name.lower().rstrip() for name, _ in headers]
+    else:
+        names = [name.lower() for name, _ in headers]
+    last: dict[bytes, int] = {}
+    update = hasher.update
+    for wanted in include:
+        i = last.get(wanted, len(headers))
+        while i > 0:
+            i -= 1
+            if names[i] == wanted:
+                name, value = headers[i]
+                if relaxed:
+                    name, value = _relaxed(name, value)
+                update(name)
+                update(b":")
+                update(value)
+                break
+        last[wanted] = i
+    name, value = sig_header[0], dkim.RE_BTAG.sub(b"\\1", sig_header[1])
+    if relaxed:
+        name, value = _relaxed(name, value)
+    update(name)
+    update(b":")
+    update(value.rstrip())
+
+
+@functools.lru_cache(maxsize=1024)
+def _rsa_public(e: int, n: int) -> Any:
+    """The OpenSSL public key of (``e``, ``n``), remembered like :func:`_public_key`."""
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    return rsa.RSAPublicNumbers(e, n).public_key()
 
 
 def _rsa_verified(d: dkim.DKIM, tags: dict[bytes, bytes], include: list[bytes],
@@ -354,17 +412,16 @@ def _rsa_verified(d: dkim.DKIM, tags: dict[bytes, bytes], include: list[bytes],
     arithmetic, which costs a millisecond per signature on the event loop."""
     from cryptography.exceptions import InvalidSignature
     from cryptography.hazmat.primitives import hashes
-    from cryptography.hazmat.primitives.asymmetric import padding, rsa, utils
+    from cryptography.hazmat.primitives.asymmetric import padding, utils
 
     policy = CanonicalizationPolicy.from_c_value(tags.get(b"c", b"simple/simple"))
-    h = dkim.HashThrough(dkim.HASH_ALGORITHMS[tags[b"a"].lower()](), False)
+    h = dkim.HASH_ALGORITHMS[tags[b"a"].lower()]()
     if b"from" in include:
         include.append(b"from")    # as dkimpy does: a second From: field breaks the check
-    dkim.hash_headers(h, policy, policy.canonicalize_headers(d.headers), include,
-                      sig_header, tags)
+    hash_headers(h, policy.header_algorithm.name == b"relaxed", d.headers, include, sig_header)
     signature = base64.b64decode(re.sub(rb"\s+", b"", tags[b"b"]))
     algorithm = hashes.SHA256() if tags[b"a"].lower() == b"rsa-sha256" else hashes.SHA1()
-    public = rsa.RSAPublicNumbers(pk["publicExponent"], pk["modulus"]).public_key()
+    public = _rsa_public(pk["publicExponent"], pk["modulus"])
     try:
         public.verify(signature, h.digest(), padding.PKCS1v15(), utils.Prehashed(algorithm))
     except InvalidSignature:
@@ -424,16 +481,22 @@ class Verifier:
                                           self.partial_body_result)
 
     async def _verify_inline(self, open_message: Opener, now: float) -> list[Checked]:
-        parsed = self._parse(open_message, now)
-        if not parsed.signatures:
-            return [Checked("none")]
-        pending = [s for s in parsed.signatures if not s.decided]
-        if not pending:
-            return [s.checked for s in parsed.signatures]
-        names = sorted({s.key_name for s in pending})
-        specs = {s.spec for s in pending if s.spec is not None}
-        found = await asyncio.gather(*(self._lookup(n) for n in names))
-        hashes = self._hash(open_message, specs)
+        # the message is opened once: header section, key lookups, then the body
+        with open_message() as raw:
+            f = buffered(raw)
+            parsed = parse(f, self.max_signatures, now)
+            if not parsed.signatures:
+                return [Checked("none")]
+            pending = [s for s in parsed.signatures if not s.decided]
+            if not pending:
+                return [s.checked for s in parsed.signatures]
+            names = sorted({s.key_name for s in pending})
+            specs = {s.spec for s in pending if s.spec is not None}
+            if len(names) == 1:  # the usual case: no task to gather
+                found = [await self._lookup(names[0])]
+            else:
+                found = await asyncio.gather(*(self._lookup(n) for n in names))
+            hashes = body_hashes(f, specs)
         return check(parsed, dict(zip(names, found)), hashes, self.partial_body_result)
 
     async def _lookup(self, name: bytes) -> bytes | BaseException:
@@ -444,7 +507,7 @@ class Verifier:
 
     def _parse(self, open_message: Opener, now: float) -> Parsed:
         with open_message() as f:
-            return parse(f, self.max_signatures, now)
+            return parse(buffered(f), self.max_signatures, now)
 
     @staticmethod
     def _hash(open_message: Opener, specs: set[BodyHashSpec]) -> dict[BodyHashSpec, BodyHash]:

@@ -156,8 +156,11 @@ class DmarcPlugin:
                 auth_results.append(AuthResult("dmarc", "permerror", reason=authors.problem))
                 return None
         spf, dkim = identifiers(auth_results, null_sender=tx.sender == "")
-        evaluations = await asyncio.gather(*(evaluator.evaluate(domain, spf, dkim)
-                                             for domain in authors.domains))
+        if len(authors.domains) == 1:   # the usual case: no task to gather
+            evaluations = [await evaluator.evaluate(authors.domains[0], spf, dkim)]
+        else:
+            evaluations = await asyncio.gather(*(evaluator.evaluate(domain, spf, dkim)
+                                                 for domain in authors.domains))
         decisions = [decide(e, settings) for e in evaluations]
         for decision in decisions:
             auth_results.append(auth_result(decision))

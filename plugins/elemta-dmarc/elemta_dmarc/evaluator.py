@@ -37,6 +37,7 @@ What it does, in RFC order:
 from __future__ import annotations
 
 import asyncio
+import functools
 import random
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -46,6 +47,9 @@ from elemta import AuthResult, DNSError, InvalidName, NotFound, NullMX, NXDomain
 
 from .domains import OrganizationalDomains, normalize_domain
 from .record import DmarcRecord, Policy, parse_record, weaker
+
+# a record is parsed once while it is published (DmarcRecord is immutable)
+_parsed = functools.lru_cache(maxsize=1024)(parse_record)
 
 __all__ = ["DNS", "DkimIdentifier", "Evaluation", "Evaluator", "Result", "Sampler",
            "SpfIdentifier", "identifiers"]
@@ -288,7 +292,7 @@ class Evaluator:
             texts = await self.dns.txt(f"_dmarc.{domain}")
         except (NotFound, InvalidName):
             return []
-        return [record for record in map(parse_record, texts) if record is not None]
+        return [record for record in map(_parsed, texts) if record is not None]
 
     @staticmethod
     def _policy_of(record: DmarcRecord, domain: str, policy_domain: str

@@ -184,9 +184,17 @@ class SpfPlugin:
             mailfrom = await checker.check(session.peer_ip, tx.sender, helo_name) \
                 if tx.sender else None
         elif tx.sender:
-            helo, mailfrom = await asyncio.gather(
-                checker.check(session.peer_ip, "", helo_name),
-                checker.check(session.peer_ip, tx.sender, helo_name))
+            # both at once; without a task when the answers are cached already
+            helo = checker.check_now(session.peer_ip, "", helo_name)
+            mailfrom = checker.check_now(session.peer_ip, tx.sender, helo_name)
+            if helo is None and mailfrom is None:
+                helo, mailfrom = await asyncio.gather(
+                    checker.check(session.peer_ip, "", helo_name),
+                    checker.check(session.peer_ip, tx.sender, helo_name))
+            elif helo is None:
+                helo = await checker.check(session.peer_ip, "", helo_name)
+            elif mailfrom is None:
+                mailfrom = await checker.check(session.peer_ip, tx.sender, helo_name)
         else:
             helo, mailfrom = await checker.check(session.peer_ip, "", helo_name), None
         session.stash[_HELO] = (helo_name, helo)

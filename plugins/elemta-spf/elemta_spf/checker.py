@@ -282,6 +282,34 @@ class SpfChecker:
         as ``temperror`` (never a pass, and not held against the sender).
         """
         started = time.monotonic()
+        prepared = self._prepare(ip, sender, helo, started)
+        if isinstance(prepared, SpfResult):
+            return prepared
+        client, local, domain, result = prepared
+        outcome, known = self._now(client, sender, helo, local, domain)
+        if outcome is None:
+            outcome = await self._waited(client, sender, helo, local, domain, known, started,
+                                         result)
+            if isinstance(outcome, SpfResult):
+                return outcome
+        return self._result(outcome, result, domain)
+
+    def check_now(self, ip: str, sender: str, helo: str) -> SpfResult | None:
+        """What :meth:`check` would answer, if it needs no DNS answer that the resolver
+        does not hold already (in its cache); ``None`` when it does (then call
+        :meth:`check`). Computed at once: no task, no wait."""
+        started = time.monotonic()
+        prepared = self._prepare(ip, sender, helo, started)
+        if isinstance(prepared, SpfResult):
+            return prepared
+        client, local, domain, result = prepared
+        outcome, _ = self._now(client, sender, helo, local, domain)
+        return None if outcome is None else self._result(outcome, result, domain)
+
+    def _prepare(self, ip: str, sender: str, helo: str, started: float
+                 ) -> SpfResult | tuple[str, str, str, Callable[..., SpfResult]]:
+        """The answer of a check that needs no evaluation, or what the evaluation needs:
+        (client address, local part, domain, the result maker)."""
         identity = "mailfrom" if sender else "helo"
         local, domain = _split(sender, helo)
 
@@ -300,8 +328,44 @@ class SpfChecker:
             return result("none", f"the client address {ip!r} is not an IP address")
         if self._closed:
             return result("temperror", "the server is stopping")
+        return client, local, domain, result
+
+    def _now(self, ip: str, sender: str, helo: str, local: str, domain: str
+             ) -> tuple[tuple[str, str, str, bool, str] | str | None, dict[Any, Any]]:
+        """Evaluate with the answers the resolver gives without waiting (its cache):
+        (the outcome, or ``None`` as soon as an answer must be waited for; the answers
+        known so far). Most mail comes from senders whose records are cached."""
+        answers: dict[tuple[str, str], list[Any] | Exception] = {}
+        while True:
+            replay = _Replay(answers)
+            outcome = self._evaluate(replay, ip, sender, helo, local, domain)
+            if not replay.missing:
+                return outcome, answers
+            if len(answers) + len(replay.missing) > self.MAX_QUESTIONS:
+                return (f"SPF evaluation asked more than {self.MAX_QUESTIONS} DNS "
+                        "questions"), answers
+            for name, qtype in dict.fromkeys(replay.missing):
+                asking = _ask(self.resolver, name, qtype)
+                try:
+                    asking.send(None)
+                except StopIteration as done:
+                    answers[(name, qtype)] = done.value
+                except TempError as e:
+                    answers[(name, qtype)] = spf.TempError(f"DNS lookup failed: {e}")
+                else:
+                    # the resolver is asking a server: that lookup goes on (its answer
+                    # is shared), and the check waits for it on its own task
+                    asking.close()
+                    return None, answers
+
+    async def _waited(self, client: str, sender: str, helo: str, local: str, domain: str,
+                      known: dict[Any, Any], started: float,
+                      result: Callable[..., SpfResult]
+                      ) -> tuple[str, str, str, bool, str] | str | SpfResult:
+        """The evaluation that waits for DNS answers, on a task of its own (so that
+        :meth:`close` can end it), under the time limit."""
         task = asyncio.ensure_future(self._replayed(client, sender, helo, local, domain,
-                                                    started + self.time_limit))
+                                                    started + self.time_limit, known))
         self._running.add(task)
         try:
             outcome = await asyncio.shield(task)
@@ -314,6 +378,10 @@ class SpfChecker:
             raise
         finally:
             self._running.discard(task)
+        return outcome
+
+    def _result(self, outcome: tuple[str, str, str, bool, str] | str,
+                result: Callable[..., SpfResult], domain: str) -> SpfResult:
         if isinstance(outcome, str):
             return result("temperror", outcome)
         res, comment, explanation, explained, mechanism = outcome
@@ -324,9 +392,11 @@ class SpfChecker:
                       explained_by_domain=explained and bool(explanation), mechanism=mechanism)
 
     async def _replayed(self, ip: str, sender: str, helo: str, local: str, domain: str,
-                        deadline: float) -> tuple[str, str, str, bool, str] | str:
-        """Evaluate until nothing is missing; the outcome, or why it is a ``temperror``."""
-        answers: dict[tuple[str, str], list[Any] | Exception] = {}
+                        deadline: float, known: dict[Any, Any] | None = None
+                        ) -> tuple[str, str, str, bool, str] | str:
+        """Evaluate until nothing is missing; the outcome, or why it is a ``temperror``.
+        ``known``: answers already in hand."""
+        answers: dict[tuple[str, str], list[Any] | Exception] = dict(known or {})
         try:
             async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
                 async with self._slots:

@@ -181,8 +181,15 @@ async def test_rfc7208(case: Case, zone: ZoneServer):
                          workers=2, default_explanation="DEFAULT")
     try:
         outcome = await checker.check(case.host, case.mailfrom, case.helo)
+        # again, with the answers now in the resolver's cache: evaluated at once
+        # (check_now, no task) wherever nothing is left to wait for, and the same
+        now = checker.check_now(case.host, case.mailfrom, case.helo)
+        again = await checker.check(case.host, case.mailfrom, case.helo)
     finally:
         checker.close()
+    for other in (again, now):
+        if other is not None:
+            assert (other.result, other.explanation) == (outcome.result, outcome.explanation)
 
     assert outcome.result in case.results, (
         f"{case.id} ({case.scenario}, RFC 7208 {case.spec}): got {outcome.result} "
