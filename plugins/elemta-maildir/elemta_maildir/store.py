@@ -235,15 +235,19 @@ class FsSyncer(DirSyncer):
         super().__init__()
         self._fds: dict[str, int] = {}
 
+    def keep_open(self, path: str | Path) -> None:
+        """Open the directory ``path`` for good: ``sync(path)`` runs ``syncfs`` on it."""
+        with self._lock:
+            if str(path) not in self._fds:
+                self._fds[str(path)] = os.open(path, os.O_RDONLY | os.O_DIRECTORY
+                                               | os.O_CLOEXEC)
+
     def _flush(self, path: str | Path) -> None:
         key = str(path)
         fd = self._fds.get(key)
         if fd is None:
-            with self._lock:
-                fd = self._fds.get(key)
-                if fd is None:
-                    fd = self._fds[key] = os.open(key, os.O_RDONLY | os.O_DIRECTORY
-                                                  | os.O_CLOEXEC)
+            self.keep_open(key)
+            fd = self._fds[key]
         if _syncfs(fd) != 0:
             err = ctypes.get_errno()
             raise OSError(err, f"syncfs: {os.strerror(err)}", key)
@@ -453,7 +457,12 @@ class Writer:
         if key is None:
             device = os.stat(folder).st_dev
             with self._lock:
-                key = self._devices.setdefault(device, folder)
+                key = self._devices.get(device)
+                if key is None:
+                    # opened now, so that a folder removed later still names its file system
+                    assert self.group is not None
+                    self.group.keep_open(folder)
+                    key = self._devices[device] = folder
                 if len(self._fs) >= 100_000:
                     self._fs.clear()
                 self._fs[folder] = key

@@ -702,3 +702,30 @@ async def test_concurrent_deliveries_share_syncfs_calls(elemta_server):
     assert all(o.code == 250 for [o] in outcomes)
     assert sum(len(files(maildir(server, f"user{u}"))) for u in range(4)) == 20
     assert 2 <= count < 40, f"{count} syncfs calls for 20 deliveries (2 each without sharing)"
+
+
+async def test_removing_the_first_mailbox_does_not_stop_the_group_sync(elemta_server):
+    """The syncfs descriptor of a file system outlives the mailbox it was opened from."""
+    import shutil
+
+    server = await start(elemta_server)
+    plugin = server.app.pm.get_plugin("maildir")
+    content = server.root / "content.eml"
+    content.write_bytes(message("gone", b"x\r\n"))
+    route = Route("local", DOMAIN)
+
+    async def deliver(user: str):
+        rcpt = RecipientState(f"{user}@example.test")
+        env = Envelope(id=new_id(), sender="alice@example.test", recipients=[rcpt],
+                       received_at=time.time(), size=content.stat().st_size, attempts=1)
+        [outcome] = await plugin.deliver(env, route, [rcpt], str(content))
+        return outcome
+
+    assert (await deliver("first")).code == 250
+    shutil.rmtree(maildir(server, "first"))
+    assert (await deliver("second")).code == 250
+    assert len(files(maildir(server, "second"))) == 1
+    # the removed mailbox: deferred once (it was known to exist), then made anew
+    assert (await deliver("first")).code == 451
+    assert (await deliver("first")).code == 250
+    assert len(files(maildir(server, "first"))) == 1
