@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import sys
+from pathlib import Path
 from typing import Any, Awaitable, Callable
 
 import click
@@ -149,6 +150,134 @@ def domains_remove(name: str) -> None:
         click.echo(f"elemta: domain {n} is not hosted (see `elemta domains list`)", err=True)
         sys.exit(1)
     click.echo(f"domain {n} removed")
+
+
+# ------------------------------------------------------------------ DKIM keys
+
+
+@domains.group("dkim")
+def domains_dkim() -> None:
+    """DKIM signing keys of hosted domains, for elemta-dkim (the dkim_keys hook)."""
+
+
+def _when(value: str | None, option: str) -> float | None:
+    from .dkim import timestamp
+
+    try:
+        return timestamp(value, option)
+    except DirectoryError as e:
+        raise click.BadParameter(str(e), param_hint=option) from None
+
+
+@domains_dkim.command("add")
+@click.argument("domain")
+@click.argument("selector")
+@click.option("--algo", type=click.Choice(["rsa", "ed25519"]), default="rsa", show_default=True,
+              help="Key type: rsa (understood everywhere) or ed25519 (RFC 8463; sign with both).")
+@click.option("--bits", type=int, default=2048, show_default=True, help="RSA key size.")
+@click.option("--key-file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Keep the private key in this file (mode 0600) rather than in the directory: "
+                   "an existing key file is used as it is, otherwise a new key is written there.")
+@click.option("--not-before", metavar="WHEN", default=None,
+              help="The key signs from then on (2027-01-01 or 2027-01-01T00:00:00Z; UTC).")
+@click.option("--not-after", metavar="WHEN", default=None,
+              help="The key signs until just before then.")
+def dkim_add(domain: str, selector: str, algo: str, bits: int, key_file: Path | None,
+             not_before: str | None, not_after: str | None) -> None:
+    """Add a DKIM key for DOMAIN with SELECTOR; print the DNS record to publish.
+
+    The private key is made here and stored in the directory (SQLite, PostgreSQL), or,
+    with --key-file or the TOML backend, in a file of mode 0600.
+    """
+    from elemta import DkimKey, current_settings, plugin_settings
+
+    from .dkim import check_key, check_selector, dns_record, generate, load, pem
+    from .dkim import write_key_file, zone_line
+
+    d = _checked(normalize_domain, domain)
+    s = _checked(check_selector, selector)
+    settings = plugin_settings("datasource")
+    if key_file is None and settings.backend == "toml":
+        toml = current_settings().resolve(settings.toml_path)
+        key_file = toml.parent / "dkim" / f"{d}.{s}.key"
+    written = False
+    if key_file is not None and key_file.absolute().exists():
+        private_text, path = None, str(key_file.absolute())
+        probe = DkimKey(d, s, algo, key_file=path)
+        try:
+            private = load(probe)
+        except DirectoryError as e:
+            click.echo(f"elemta: {e}", err=True)
+            sys.exit(1)
+    else:
+        try:
+            private = generate(algo, bits)
+        except DirectoryError as e:
+            raise click.BadParameter(str(e), param_hint="--bits") from None
+        private_text, path = pem(private), None
+        if key_file is not None:
+            path = str(key_file.absolute())
+            try:
+                write_key_file(Path(path), private_text)
+            except OSError as e:
+                click.echo(f"elemta: cannot write {path} ({e.strerror}); check the folder",
+                           err=True)
+                sys.exit(1)
+            private_text, written = None, True
+    try:
+        record = check_key(DkimKey(d, s, algo, private_text, path,
+                                   _when(not_before, "--not-before"),
+                                   _when(not_after, "--not-after")))
+    except (DirectoryError, ValueError) as e:
+        raise click.BadParameter(str(e)) from None
+    try:
+        _with_backend(lambda b: b.add_dkim_key(record))
+    except SystemExit:
+        if written and path is not None:
+            Path(path).unlink(missing_ok=True)   # not referenced: no key left behind
+        raise
+    name = f"{s}._domainkey.{d}"
+    where = f"in the file {path}" if path else "in the directory"
+    click.echo(f"DKIM key {s} of {d} added ({algo}, private key {where})\n")
+    click.echo("Publish this TXT record before the key signs (not_before gives it time):\n")
+    click.echo(f"   {zone_line(name, dns_record(private))}")
+
+
+@domains_dkim.command("list")
+@click.argument("domain", required=False)
+@click.option("--records", is_flag=True, help="Also print each key's DNS record.")
+def dkim_list(domain: str | None, records: bool) -> None:
+    """List DKIM keys (of DOMAIN): selector, algorithm, validity, where the private key is."""
+    from .dkim import dns_record, load, show_time, zone_line
+
+    d = _checked(normalize_domain, domain) if domain else None
+    rows = _with_backend(lambda b: b.list_dkim_keys(d))
+    for k in rows:
+        where = f"file {k.key_file}" if k.key_file else "stored"
+        click.echo(f"{k.domain}\t{k.selector}\t{k.algorithm}\t{show_time(k.not_before)}\t"
+                   f"{show_time(k.not_after)}\t{where}")
+        if records:
+            try:
+                line = zone_line(f"{k.selector}._domainkey.{k.domain}", dns_record(load(k)))
+            except DirectoryError as e:
+                line = f"key error: {e}"
+            click.echo(f"\t{line}")
+    click.echo(f"{len(rows)} key{'s' if len(rows) != 1 else ''}", err=True)
+
+
+@domains_dkim.command("remove")
+@click.argument("domain")
+@click.argument("selector")
+def dkim_remove(domain: str, selector: str) -> None:
+    """Stop signing with SELECTOR of DOMAIN (a key file it named is left in place)."""
+    from .dkim import check_selector
+
+    d, s = _checked(normalize_domain, domain), _checked(check_selector, selector)
+    if not _with_backend(lambda b: b.remove_dkim_key(d, s)):
+        click.echo(f"elemta: {d} has no DKIM key {s} (see `elemta domains dkim list`)", err=True)
+        sys.exit(1)
+    click.echo(f"DKIM key {s} of {d} removed; keep its DNS record published a week or two "
+               "for mail still in transit")
 
 
 # ------------------------------------------------------------------ mailboxes

@@ -275,6 +275,23 @@ class DatasourcePlugin:
             return None
         return {"per_hour": user.messages_per_hour, "per_day": user.daily_quota}
 
+    # -------------------------------------------------------------- DKIM keys
+
+    @hookimpl
+    async def dkim_keys(self, domain: str) -> list[Any] | None:
+        """The DKIM signing keys of a hosted domain (``elemta domains dkim add``), or
+        ``None`` when it has none. A backend that cannot answer raises: the signer
+        refuses the message for now rather than send it unsigned."""
+        key = ("k", domain)
+        hit = self._cache.get(key)
+        if hit is None:
+            try:
+                hit = tuple(await self._query(lambda b: b.dkim_keys(domain)))
+            except (BackendUnavailable, TimeoutError) as e:
+                raise RuntimeError(f"datasource unavailable: {e or 'timed out'}") from None
+            self._cache.put(key, hit)
+        return list(hit) or None  # type: ignore[arg-type]
+
     # -------------------------------------------------------------- SMTP stages
 
     @hookimpl

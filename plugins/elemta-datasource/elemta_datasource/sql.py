@@ -22,6 +22,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, AsyncIterator, Callable, Sequence
 
+from elemta import DkimKey
+
 from .directory import (DOMAIN_LIMITS, USER_FIELDS, BackendUnavailable, DirectoryError, Domain,
                         Lookup, Rule, User)
 
@@ -80,6 +82,20 @@ MIGRATIONS: tuple[tuple[int, tuple[str, ...]], ...] = (
         "ALTER TABLE domains ADD COLUMN messages_per_day INTEGER",
         "ALTER TABLE users ADD COLUMN messages_per_hour INTEGER",
     )),
+    (4, (
+        # DKIM signing keys of hosted domains (the dkim_keys hook): the private key is
+        # stored here (PEM) or in a 0600 file named here; validity in UTC epoch seconds
+        """CREATE TABLE dkim_keys (
+               domain TEXT NOT NULL REFERENCES domains(name) ON DELETE CASCADE,
+               selector TEXT NOT NULL,
+               algorithm TEXT NOT NULL CHECK (algorithm IN ('rsa','ed25519')),
+               private_key TEXT,
+               key_file TEXT,
+               not_before DOUBLE PRECISION,
+               not_after DOUBLE PRECISION,
+               PRIMARY KEY (domain, selector),
+               CHECK ((private_key IS NULL) <> (key_file IS NULL)))""",
+    )),
 )
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
@@ -90,6 +106,18 @@ _LOOKUP_SQL = (
     "SELECT address, target FROM aliases WHERE address IN (?, ?) ORDER BY target",
     "SELECT pattern, action, targets, code, enhanced, text FROM rules WHERE pattern IN (?, ?, ?)",
 )
+
+
+_DKIM_SQL = ("SELECT domain, selector, algorithm, private_key, key_file, not_before, not_after "
+             "FROM dkim_keys WHERE domain = ? ORDER BY selector")
+_DKIM_ALL_SQL = ("SELECT domain, selector, algorithm, private_key, key_file, not_before, "
+                 "not_after FROM dkim_keys ORDER BY domain, selector")
+
+
+def _dkim(row: Sequence[Any]) -> DkimKey:
+    return DkimKey(row[0], row[1], row[2], row[3], row[4],
+                   None if row[5] is None else float(row[5]),
+                   None if row[6] is None else float(row[6]))
 
 
 _USER_SQL = ("SELECT address, password, scram, disabled, max_message_bytes, daily_quota, "
@@ -198,6 +226,7 @@ class SQLBackend:
     async def remove_domain(self, name: str) -> bool:
         def run(cur: Any) -> bool:
             # explicit, so that it does not depend on SQLite's foreign_keys pragma
+            cur.execute(self.sql("DELETE FROM dkim_keys WHERE domain = ?"), (name,))
             cur.execute(self.sql("DELETE FROM mailboxes WHERE domain = ?"), (name,))
             cur.execute(self.sql("DELETE FROM aliases WHERE domain = ?"), (name,))
             cur.execute(self.sql("DELETE FROM domains WHERE name = ?"), (name,))
@@ -323,6 +352,52 @@ class SQLBackend:
             cur.execute("SELECT pattern, action, targets, code, enhanced, text FROM rules "
                         "ORDER BY pattern")
             return [_rule(r) for r in cur.fetchall()]
+
+        return await self._tx(run)
+
+    # -------------------------------------------------------------- DKIM keys
+
+    async def dkim_keys(self, domain: str) -> list[DkimKey]:
+        q = self.sql(_DKIM_SQL)
+
+        def run(cur: Any) -> list[DkimKey]:
+            cur.execute(q, (domain,))
+            return [_dkim(r) for r in cur.fetchall()]
+
+        return await self._tx(run)
+
+    async def list_dkim_keys(self, domain: str | None = None) -> list[DkimKey]:
+        if domain is not None:
+            return await self.dkim_keys(domain)
+
+        def run(cur: Any) -> list[DkimKey]:
+            cur.execute(_DKIM_ALL_SQL)
+            return [_dkim(r) for r in cur.fetchall()]
+
+        return await self._tx(run)
+
+    async def add_dkim_key(self, key: DkimKey) -> None:
+        def run(cur: Any) -> None:
+            self._require_domain(cur, "@" + key.domain)
+            cur.execute(self.sql("SELECT 1 FROM dkim_keys WHERE domain = ? AND selector = ?"),
+                        (key.domain, key.selector))
+            if cur.fetchone() is not None:
+                raise DirectoryError(f"selector {key.selector} of {key.domain} exists already; "
+                                     "a new key needs a new selector (mail signed with the old "
+                                     "one may still be in transit)")
+            cur.execute(self.sql("INSERT INTO dkim_keys (domain, selector, algorithm, "
+                                 "private_key, key_file, not_before, not_after) "
+                                 "VALUES (?, ?, ?, ?, ?, ?, ?)"),
+                        (key.domain, key.selector, key.algorithm, key.private_key, key.key_file,
+                         key.not_before, key.not_after))
+
+        await self._tx(run)
+
+    async def remove_dkim_key(self, domain: str, selector: str) -> bool:
+        def run(cur: Any) -> bool:
+            cur.execute(self.sql("DELETE FROM dkim_keys WHERE domain = ? AND selector = ?"),
+                        (domain, selector))
+            return cur.rowcount > 0
 
         return await self._tx(run)
 
@@ -481,6 +556,18 @@ class SQLiteBackend(SQLBackend):
         # password hashes and SCRAM keys: the owner's alone (SQLite gives its -wal and -shm
         # files the database's mode)
         os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o600))
+        mode = os.stat(self.path).st_mode & 0o777
+        if mode & 0o077:
+            # a database made by something else (or an older version): it holds hashes and
+            # DKIM private keys, so it is made private before anything is read from it
+            try:
+                os.chmod(self.path, 0o600)
+                log.warning("datasource: %s was mode %04o (readable by other users); it is "
+                            "now 0600", self.path, mode)
+            except OSError as e:
+                log.error("datasource: %s is mode %04o, readable by other users, and cannot "
+                          "be changed (%s); run `chmod 600 %s`", self.path, mode, e.strerror,
+                          self.path)
         conn = sqlite3.connect(self.path, timeout=5.0, isolation_level=None)
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=FULL")
@@ -638,6 +725,12 @@ class PostgresBackend(SQLBackend):
         async with self._connection() as conn:
             return _domain(await (await conn.execute(self.sql(_LOOKUP_SQL[0]),
                                                      (name,))).fetchone())
+
+    async def dkim_keys(self, domain: str) -> list[DkimKey]:
+        """Signing asks this for each domain it has no cached answer for: natively async."""
+        async with self._connection() as conn:
+            rows = await (await conn.execute(self.sql(_DKIM_SQL), (domain,))).fetchall()
+        return [_dkim(r) for r in rows]
 
     # logins and every submitted message ask these: natively async too
 

@@ -40,7 +40,9 @@ from pathlib import Path
 from typing import Any
 
 import tomlkit
+from elemta import DkimKey
 
+from .dkim import ALGORITHMS, check_key, check_selector, timestamp
 from .directory import (DOMAIN_LIMITS, USER_FIELDS, BackendUnavailable, DirectoryError, Domain,
                         Lookup, Rule, User, check_rule, normalize_address, normalize_domain,
                         normalize_grant, normalize_login, normalize_target)
@@ -51,6 +53,7 @@ _DOMAIN_KEYS = {"reject_unknown", "catch_all", "max_message_bytes", "mailboxes",
                 *DOMAIN_LIMITS}
 _RULE_KEYS = {"action", "targets", "code", "enhanced", "text"}
 _USER_KEYS = {*USER_FIELDS, "send_as"}
+_DOMAIN_KEYS.add("dkim")    # [domains."…".dkim."<selector>"]: signing keys (dkim_keys)
 
 
 def _check_table(where: str, table: Any, keys: set[str]) -> None:
@@ -79,6 +82,7 @@ class StaticData:
         self.aliases: dict[str, tuple[str, ...]] = {}
         self.rules: dict[str, Rule] = {}
         self.users: dict[str, User] = {}
+        self.dkim: dict[str, list[DkimKey]] = {}
 
 
 def parse(doc: dict[str, Any], source: str) -> StaticData:
@@ -114,6 +118,8 @@ def parse(doc: dict[str, Any], source: str) -> StaticData:
                 if isinstance(targets, str):
                     targets = [targets]
                 data.aliases[address] = tuple(normalize_target(t) for t in targets)
+            for selector, key in (table.get("dkim") or {}).items():
+                data.dkim.setdefault(name, []).append(_parse_dkim(name, selector, key))
         except DirectoryError as e:
             raise DirectoryError(f"{where}: {e}") from None
     for pattern, table in (doc.get("rules") or {}).items():
@@ -134,6 +140,25 @@ def parse(doc: dict[str, Any], source: str) -> StaticData:
         except DirectoryError as e:
             raise DirectoryError(f"{where}: {e}") from None
     return data
+
+
+_DKIM_KEYS = {"algorithm", "key_file", "private_key", "not_before", "not_after"}
+
+
+def _parse_dkim(domain: str, selector: str, table: Any) -> DkimKey:
+    _check_table(f"dkim.{selector}", table, _DKIM_KEYS)
+    where = f"dkim.{selector}"
+    algorithm = table.get("algorithm", "rsa")
+    if algorithm not in ALGORITHMS:
+        raise DirectoryError(f'{where}.algorithm must be "rsa" or "ed25519"')
+    private_key, key_file = table.get("private_key"), table.get("key_file")
+    if (private_key is None) == (key_file is None) \
+            or not isinstance(private_key or key_file, str):
+        raise DirectoryError(f"{where}: give exactly one of key_file (the path of a 0600 file) "
+                             "and private_key (the PEM text)")
+    return check_key(DkimKey(domain, check_selector(selector), algorithm, private_key, key_file,
+                             timestamp(table.get("not_before"), f"{where}.not_before"),
+                             timestamp(table.get("not_after"), f"{where}.not_after")))
 
 
 def _parse_user(login: str, table: dict[str, Any]) -> User:
@@ -240,6 +265,54 @@ class StaticBackend:
 
     async def get_domain(self, name: str) -> Domain | None:
         return self._fresh().domains.get(name)
+
+    # -------------------------------------------------------------- DKIM keys
+
+    async def dkim_keys(self, domain: str) -> list[DkimKey]:
+        return sorted(self._fresh().dkim.get(domain, ()), key=lambda k: k.selector)
+
+    async def list_dkim_keys(self, domain: str | None = None) -> list[DkimKey]:
+        data = self._fresh()
+        return [k for d in sorted(data.dkim) if domain is None or d == domain
+                for k in sorted(data.dkim[d], key=lambda k: k.selector)]
+
+    async def add_dkim_key(self, key: DkimKey) -> None:
+        import datetime as dt
+
+        def change(doc) -> None:
+            table = self._domain_table(doc, key.domain)
+            keys = table.setdefault("dkim", tomlkit.table())
+            if key.selector in keys:
+                raise DirectoryError(f"selector {key.selector} of {key.domain} exists already; "
+                                     "a new key needs a new selector (mail signed with the old "
+                                     "one may still be in transit)")
+            entry = tomlkit.table()
+            entry["algorithm"] = key.algorithm
+            if key.key_file is not None:
+                entry["key_file"] = key.key_file
+            else:
+                entry["private_key"] = tomlkit.string(key.private_key or "", multiline=True)
+            for name in ("not_before", "not_after"):
+                value = getattr(key, name)
+                if value is not None:
+                    entry[name] = dt.datetime.fromtimestamp(value, dt.timezone.utc)
+            keys[key.selector] = entry
+
+        await self._run_edit(change)
+
+    async def remove_dkim_key(self, domain: str, selector: str) -> bool:
+        def change(doc) -> bool:
+            try:
+                table = self._domain_table(doc, domain)
+            except DirectoryError:
+                return False
+            keys = table.get("dkim", {})
+            if selector not in keys:
+                return False
+            del keys[selector]
+            return True
+
+        return await self._run_edit(change)
 
     # -------------------------------------------------------------- editing
 
