@@ -19,7 +19,9 @@ one run, rounds alternating and rotating their order:
   RSA-2048 or an Ed25519 key: the signing rate of the whole server.
 
 Reported: messages per second (median of rounds, with the range) and the
-ratio to **none**.
+ratio to **none**; and the server's CPU time per message (all its threads,
+from ``/proc``) with its ratio, which depends less on what else the machine
+is running than the throughput does.
 """
 
 from __future__ import annotations
@@ -118,8 +120,15 @@ def signed_message(folder: Path) -> Path:
     return path
 
 
+def cpu_seconds(pid: int) -> float:
+    """User and system CPU time of process ``pid``, all its threads, in seconds."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def run_one(kind: str, workdir: Path, smtp_source: str, message: Path, messages: int,
-            concurrency: int, nameserver: str, keydir: Path) -> float:
+            concurrency: int, nameserver: str, keydir: Path) -> tuple[float, float]:
+    """(messages per second, CPU milliseconds of the server per message)."""
     server = Configured(workdir, "asyncio")
     server.tail = f'\n[dns]\nnameservers = ["{nameserver}"]\n'
     if kind != "none":
@@ -130,9 +139,11 @@ def run_one(kind: str, workdir: Path, smtp_source: str, message: Path, messages:
         command = [smtp_source, "-F", str(message), "-s", str(concurrency), "-f", SENDER,
                    "-t", RECIPIENT, f"127.0.0.1:{server.port}"]
         send([command[:1] + ["-m", "300"] + command[1:]])         # warm-up, DNS cache
+        cpu = cpu_seconds(server.proc.pid)
         started = time.perf_counter()
         send([command[:1] + ["-m", str(messages)] + command[1:]])
-        return messages / (time.perf_counter() - started)
+        elapsed = time.perf_counter() - started
+        return messages / elapsed, (cpu_seconds(server.proc.pid) - cpu) / messages * 1e3
     finally:
         server.stop()
 
@@ -149,6 +160,7 @@ def main() -> None:
 
     kinds = ["none", "auth", "sign-rsa", "sign-ed25519"]
     rates: dict[str, list[float]] = {k: [] for k in kinds}
+    cpus: dict[str, list[float]] = {k: [] for k in kinds}
     with tempfile.TemporaryDirectory(prefix="elemta-auth-bench-") as d, ZoneServer() as zone:
         folder = Path(d)
         records = keys(folder)
@@ -161,21 +173,28 @@ def main() -> None:
         for r in range(args.rounds):
             order = kinds[r % len(kinds):] + kinds[:r % len(kinds)]
             for kind in order:
-                rate = run_one(kind, folder / f"{kind}-{r}", smtp_source, message,
-                               args.messages, args.concurrency, zone.nameserver, folder)
+                rate, cpu = run_one(kind, folder / f"{kind}-{r}", smtp_source, message,
+                                    args.messages, args.concurrency, zone.nameserver, folder)
                 rates[kind].append(rate)
-                print(f"round {r + 1} {kind}: {rate:.0f} msg/s", flush=True)
+                cpus[kind].append(cpu)
+                print(f"round {r + 1} {kind}: {rate:.0f} msg/s, {cpu:.3f} ms CPU/msg",
+                      flush=True)
     base = statistics.median(rates["none"])
+    base_cpu = statistics.median(cpus["none"])
     print(f"\n{args.messages} messages of 4 KiB per run, {args.concurrency} sessions, "
           f"{args.rounds} rounds")
-    print("| configuration | msg/s (median) | range | ratio to none |")
-    print("|---|---|---|---|")
+    print("| configuration | msg/s (median) | range | ratio to none | ratios by round "
+          "| server CPU ms/msg (median) | CPU ratio |")
+    print("|---|---|---|---|---|---|---|")
     for kind in kinds:
         med = statistics.median(rates[kind])
+        by_round = ", ".join(f"{r / n:.2f}" for r, n in zip(rates[kind], rates["none"]))
+        cpu = statistics.median(cpus[kind])
         print(f"| {kind} | {med:.0f} | {min(rates[kind]):.0f}-{max(rates[kind]):.0f} | "
-              f"{med / base:.2f} |")
+              f"{med / base:.2f} | {by_round} | {cpu:.3f} | {base_cpu / cpu:.2f} |")
+    print(f"load average at the end: {os.getloadavg()[0]:.2f} ({os.cpu_count()} cores)")
     if args.json:
-        args.json.write_text(json.dumps(rates, indent=1))
+        args.json.write_text(json.dumps({"rates": rates, "cpu_ms": cpus}, indent=1))
 
 
 if __name__ == "__main__":
