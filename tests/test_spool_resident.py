@@ -29,10 +29,11 @@ def resident_spool(tmp_path: Path, **kw) -> tuple[Spool, list[str], list[tuple[s
 
 
 def records_in(spool: Spool) -> list[tuple[str, str]]:
-    """``(queue id, state)`` of every valid record in the spool's journal segments."""
-    segments, _ = Layout(spool.root).journal_segments()
+    """``(queue id, state)`` of every valid record in the spool's journal segments and
+    retire files."""
+    layout = Layout(spool.root)
     out = []
-    for seq, path in segments:
+    for seq, path in layout.journal_segments()[0] + layout.retire_files():
         fd = os.open(path, os.O_RDONLY)
         try:
             out += [(r.queue_id, r.state) for r in SegmentReader(fd, seq, is_queue_id)]
@@ -61,12 +62,12 @@ async def test_a_resident_message_is_delivered_from_memory_and_never_written(
         assert spool.original(queue_id) == CONTENT
         spool.remove(queue_id, "ready")
         assert spool.counts()["ready"] == 0
-        await wait_for(lambda: (queue_id, journal.RETIRED) in records_in(spool))
+        assert (queue_id, journal.RETIRED) in records_in(spool)   # before remove returned
         await spool.checkpoint()
         assert files_in(spool.messages_dir) == [] and files_in(spool.state_dir("ready")) == []
         assert durable == []              # the runner had it already: not announced again
         assert spool.stats.retired == 1
-        assert records_in(spool) == []     # the segment is gone, or reused under a new number
+        assert records_in(spool) == []     # the segment is gone (or reused), its retire file too
     finally:
         await spool.close()
 
@@ -78,8 +79,7 @@ async def test_a_retired_message_is_not_replayed_after_a_crash_and_the_others_ar
     waiting = await commit_message(spool)
     assert journaled == [delivered, waiting]
     spool.remove(delivered, "ready")
-    await wait_for(lambda: (delivered, journal.RETIRED) in records_in(spool))
-    spool._crash_for_tests()
+    spool._crash_for_tests()          # at once: the retire record was written by remove
 
     again = Spool(tmp_path / "queue")
     counts = again.recover()
@@ -87,6 +87,7 @@ async def test_a_retired_message_is_not_replayed_after_a_crash_and_the_others_ar
     assert files_in(again.state_dir("ready")) == [f"{waiting}.json"]
     assert again.message_path(waiting).read_bytes() == CONTENT
     assert not again.message_path(delivered).exists()
+    assert Layout(again.root).retire_files() == []   # gone with the segments they covered
 
 
 async def test_a_deferred_resident_gets_its_files_and_a_crash_keeps_its_new_state(
@@ -140,7 +141,6 @@ async def test_a_resident_written_out_then_removed_before_its_checkpoint_stays_r
     spool.wait_written()                                     # a barrier writes residents too
     assert files_in(spool.state_dir("ready")) == [f"{queue_id}.json"]
     spool.remove(queue_id, "ready")
-    await wait_for(lambda: (queue_id, journal.RETIRED) in records_in(spool))
     spool._crash_for_tests()                                 # its segment never checkpointed
     again = Spool(tmp_path / "queue")
     assert again.recover()["ready"] == 0

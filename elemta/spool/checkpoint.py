@@ -46,7 +46,7 @@ class Checkpointer:
     def __init__(self, layout: Layout, segments: Segments, syncer: Syncer, flags: Flags,
                  stats: SpoolStats, undurable: set[str], announce: Callable[[Entries], None],
                  retry: Callable[[], None], retry_after: float, space: SpaceMonitor,
-                 residents: Residents) -> None:
+                 residents: Residents, forget_segment: Callable[[int], None]) -> None:
         self.layout = layout
         self.segments = segments
         self.syncer = syncer
@@ -58,6 +58,7 @@ class Checkpointer:
         self.retry_after = retry_after
         self.space = space
         self.residents = residents
+        self.forget_segment = forget_segment   # its retire file, once it is gone
         self.sealed: list[Segment] = []  # this thread only
         self._executor: ThreadPoolExecutor | None = ThreadPoolExecutor(
             1, thread_name_prefix="spool-checkpoint")
@@ -207,4 +208,6 @@ class Checkpointer:
                     residents.jobs.pop(queue_id, None)
                     residents.retired.discard(queue_id)
                 seg.resident = []
+        for seg in segments:
+            self.forget_segment(seg.seq)
         return ids

@@ -9,10 +9,12 @@ records, one per committed message, back to back::
     trailer  CRC32 (zlib) of header, id, envelope and content: u32
 
 A *retire* record (state byte 255, no envelope, no content) says that the
-message of that queue id, journaled earlier, was delivered (or bounced) from
-memory before any file of it was written: replay skips it. It is written
-with the next batch and needs no sync of its own: lost, it only means the
-message is delivered again after a crash.
+message of that queue id, journaled in the segment of the same sequence
+number, was delivered (or bounced) from memory before any file of it was
+written: replay skips it. Retire records are kept in the segment's retire
+file (``<seq>.retired``, ``resident.py``), never in the segment itself, and
+need no sync: lost, one only means the message is delivered again after a
+crash.
 
 A record counts only if it is complete, its checksum matches and it carries
 the segment's own sequence number. The last point lets a checkpointed segment

@@ -29,6 +29,7 @@ QUEUE_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 ENVELOPE_SUFFIX = ".json"
 CORRUPT_SUFFIX = ".json.corrupt"
 SEGMENT_SUFFIX = ".log"
+RETIRED_SUFFIX = ".retired"   # retire records of a segment's messages
 LOCK_NAME = ".lock"
 FORMAT_NAME = "format"
 
@@ -109,6 +110,23 @@ class Layout:
     def segment(self, seq: int) -> str:
         return f"{self.journal}/{segment_name(seq)}"
 
+    def retire_file(self, seq: int) -> str:
+        """The retire records of segment ``seq``'s messages (``resident.py``)."""
+        return f"{self.journal}/{seq:016d}{RETIRED_SUFFIX}"
+
+    def retire_files(self) -> list[tuple[int, str]]:
+        """``(seq, path)`` of every retire file in ``journal/``."""
+        out: list[tuple[int, str]] = []
+        try:
+            with os.scandir(self.journal) as it:
+                for entry in it:
+                    stem = entry.name.removesuffix(RETIRED_SUFFIX)
+                    if stem != entry.name and stem.isdigit() and stem.isascii():
+                        out.append((int(stem), entry.path))
+        except FileNotFoundError:
+            pass
+        return sorted(out)
+
     def ids_in(self, state: str) -> list[str]:
         """The queue ids with an envelope in ``state`` (a directory listing; no envelope read)."""
         try:
@@ -132,7 +150,8 @@ class Layout:
                 for entry in it:
                     seq = segment_seq(entry.name)
                     if seq is None:
-                        others.append(entry.path)
+                        if not entry.name.endswith(RETIRED_SUFFIX):
+                            others.append(entry.path)
                     else:
                         segments.append((seq, entry.path))
         except FileNotFoundError:

@@ -17,11 +17,11 @@ format and starts a server on it. Whoever takes the lock stamps the spool with
 this version's format, since from then on it may write what older versions
 cannot read.
 
-Formats: 1, the first; 2 adds retire records to the journal (a resident
-message delivered from memory, see ``store.py``). A format 1 spool is a valid
-format 2 spool, so converting it is only the new stamp; format 1 code would
-take a retire record for damage and stop replaying the segment there, which is
-why it must refuse a format 2 spool.
+Formats: 1, the first; 2 adds retire files to the journal (``<seq>.retired``:
+resident messages delivered from memory, see ``resident.py``). A format 1
+spool is a valid format 2 spool, so converting it is only the new stamp;
+format 1 code would replay the messages a retire file retires, delivering
+them again, which is why it must refuse a format 2 spool.
 """
 
 from __future__ import annotations

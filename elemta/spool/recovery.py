@@ -3,8 +3,8 @@
 1. Create the folders that are missing; empty ``tmp/``.
 2. Replay every journal segment left behind, in order: each valid record's
    content and envelope are written and renamed over whatever is there
-   (unless the envelope has since moved to another state, or a retire record
-   in any segment says the message was delivered from memory). Reading a segment
+   (unless the envelope has since moved to another state, or the segment's
+   retire file says the message was delivered from memory). Reading a segment
    stops at the first record that is incomplete, fails its checksum or belongs
    to another segment: a batch cut short by a crash was never acknowledged.
    The replayed files are made durable, then the segments deleted.
@@ -149,15 +149,19 @@ def replay_journal(layout: Layout, syncer: Syncer,
 
     Returns the highest sequence number seen, the segments left (from the
     first one whose files did not fit on, ``ENOSPC``/``EDQUOT``) and the
-    messages retire records say were delivered.
+    messages the retire files say were delivered.
     """
     segments, others = layout.journal_segments()
     for path in others:
         log.warning("spool: ignoring unexpected file %s", path)
     if not segments:
         return 0, [], set()
-    retired = retired_in(segments)
+    retired = retired_in(layout, segments)
     entries, pending = replay_segments(layout, syncer, segments, Residents(retired))
+    kept = {seq for seq, _ in pending}
+    for seq, path in layout.retire_files():  # of segments replayed, or of none left
+        if seq not in kept:
+            os.unlink(path)
     stats.replayed = len(entries)
     if pending:
         log.error("spool: no room to write out the messages of %d journal segment(s) from %s "
@@ -166,12 +170,15 @@ def replay_journal(layout: Layout, syncer: Syncer,
     return segments[-1][0], pending, retired
 
 
-def retired_in(segments: list[tuple[int, str]]) -> set[str]:
-    """The queue ids the retire records of these segments name (read before replaying
-    any of them: a message's retire record can be in a later segment than the message)."""
+def retired_in(layout: Layout, segments: list[tuple[int, str]]) -> set[str]:
+    """The queue ids the retire files of these segments name: messages delivered from
+    memory, which replay skips."""
     out: set[str] = set()
-    for seq, path in segments:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    for seq, _ in segments:
+        try:
+            fd = os.open(layout.retire_file(seq), os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            continue
         try:
             out.update(rec.queue_id for rec in journal.SegmentReader(fd, seq, is_queue_id)
                        if rec.state == journal.RETIRED)
@@ -189,8 +196,10 @@ def replay_segments(layout: Layout, syncer: Syncer, segments: list[tuple[int, st
     The replayed ones are made durable and deleted; their records can never
     come back.
     """
+    if residents is None:
+        residents = Residents(retired_in(layout, segments))
     entries: list[tuple[str, str]] = []
-    replayed: list[str] = []
+    replayed: list[tuple[int, str]] = []
     pending: list[tuple[int, str]] = []
     for index, (seq, path) in enumerate(segments):
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
@@ -204,13 +213,18 @@ def replay_segments(layout: Layout, syncer: Syncer, segments: list[tuple[int, st
             break
         finally:
             os.close(fd)
-        replayed.append(path)
+        replayed.append((seq, path))
     if entries:
         syncer.make_durable(entries)
-    for path in replayed:
+    for seq, path in replayed:
         os.unlink(path)
     if replayed:
         fsync_dir(layout.journal)
+    for seq, _ in replayed:  # only once the segments can never come back
+        try:
+            os.unlink(layout.retire_file(seq))
+        except FileNotFoundError:
+            pass
     if entries:
         log.info("spool: replayed %d message(s) from %d journal segment(s)", len(entries),
                  len(replayed))

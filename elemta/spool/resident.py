@@ -5,8 +5,12 @@ runner listens (:meth:`~.store.Spool.on_journaled`) stays in memory after its
 journal batch is synced, and the runner is told at once. From then on:
 
 * delivered (or bounced) before its journal segment is sealed, it is
-  *retired*: a retire record goes into the journal and no file of it is ever
-  written; replay skips a message with a retire record;
+  *retired*: before :meth:`ResidentMessages.remove` returns, a retire record
+  is appended to its segment's retire file (``journal/<seq>.retired``), and no
+  file of the message is ever written; replay skips a message with a retire
+  record. The record is not synced: a process crash keeps it (the page cache
+  survives the process), a power loss may not, which only repeats a delivery.
+  The retire file goes when its segment has been checkpointed;
 * deferred, held or failed first, it gets its files then, in that state;
 * still in memory when its segment is sealed (it takes longer than
   ``checkpoint_interval``, or a barrier asks for files), the write-out thread
@@ -34,6 +38,7 @@ import uuid
 from collections.abc import Callable, Iterator
 
 from ..durable import write_all
+from . import journal
 from .envelope import Envelope, parse_envelope
 from .layout import Layout
 from .space import SpaceMonitor
@@ -58,8 +63,8 @@ class ResidentMessages:
         self._count = count
         self.table = Residents()
         self.callbacks: list[JournaledCallback] = []
-        #: where retire records go: ``JournalWriter.submit_retire`` once the threads run
-        self.submit_retire: Callable[[str], None] | None = None
+        # the open retire file of each segment that has one (under the table's lock)
+        self._retire_fds: dict[int, int] = {}
 
     def eligible(self, state: str, body_in_memory: bool) -> bool:
         return bool(self.callbacks) and body_in_memory and state == "ready"
@@ -158,8 +163,8 @@ class ResidentMessages:
                 raise FileNotFoundError(errno.ENOENT, "message already removed", queue_id)
             job.status = RETIRED
             table.retired.add(queue_id)
-        if self.submit_retire is not None:
-            self.submit_retire(queue_id)
+            if job.segment is not None:
+                self._append_retire(job.segment.seq, queue_id)
         if status == RESIDENT:
             self._count(job.state, -1)
             self.space.placed(job.placed_bytes, 1)
@@ -172,6 +177,36 @@ class ResidentMessages:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.layout.content(queue_id))
         return True
+
+    def _append_retire(self, seq: int, queue_id: str) -> None:
+        """The retire record of ``queue_id``, appended to segment ``seq``'s retire file
+        (lock held). Unsynced, it outlives a crash of the process."""
+        try:
+            fd = self._retire_fds.get(seq)
+            if fd is None:
+                fd = self._retire_fds[seq] = os.open(
+                    self.layout.retire_file(seq),
+                    os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, _FILE_MODE)
+            write_all(fd, journal.retire_record(seq, queue_id.encode("ascii")))
+        except OSError as e:
+            # delivered all the same: at worst a crash delivers it again
+            log.warning("spool: cannot write the retire record of %s: %s", queue_id, e)
+
+    def forget_segment(self, seq: int) -> None:
+        """Segment ``seq`` is checkpointed and gone: its retire file is not needed."""
+        with self.table.lock:
+            fd = self._retire_fds.pop(seq, None)
+        if fd is not None:
+            os.close(fd)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.layout.retire_file(seq))
+
+    def close(self) -> None:
+        """Close the retire files (they stay, for the journal they belong to)."""
+        with self.table.lock:
+            fds, self._retire_fds = list(self._retire_fds.values()), {}
+        for fd in fds:
+            os.close(fd)
 
     def content_bytes(self, queue_id: str) -> tuple[bytes, bytes] | None:
         if queue_id not in self.table.jobs:

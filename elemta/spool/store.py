@@ -23,7 +23,7 @@ completes what the journal holds — are told in ``docs/architecture.md``.
 A small message committed while a runner listens (:meth:`Spool.on_journaled`)
 is *resident*: handed to the runner as soon as the journal holds it and
 delivered from memory. Delivered before its journal segment is sealed, it never
-gets files: a retire record in the journal tells replay to skip it. Deferred,
+gets files: a retire record in its segment's retire file tells replay to skip it. Deferred,
 or still undelivered when the segment is sealed, it is written out then and
 goes on as any other message.
 
@@ -273,7 +273,8 @@ class Spool:
             self.layout, self._segments, self._syncer, self._flags, self.stats,
             self._undurable, self._announce,
             retry=lambda: writeout.inbox.put(Checkpoint()), retry_after=self.checkpoint_interval,
-            space=self.space, residents=residents)
+            space=self.space, residents=residents,
+            forget_segment=self._resident.forget_segment)
         writeout = WriteOutThread(self.layout, self._flags, self.stats, backlog, checkpointer,
                                   self._answer, self.space, residents)
         writer = JournalWriter(
@@ -283,7 +284,6 @@ class Spool:
             checkpoint_idle=self.checkpoint_idle, segment_bytes=self.segment_bytes,
             visible_on_commit=self.visible_on_commit)
         self._checkpointer, self._writeout, self._writer = checkpointer, writeout, writer
-        self._resident.submit_retire = writer.submit_retire
         writeout.thread.start()
         writer.thread.start()
 
@@ -401,6 +401,7 @@ class Spool:
         if self._checkpointer is not None:
             self._checkpointer.shutdown()
             self._checkpointer = None
+        self._resident.close()
         self._syncer.close()
 
     # ------------------------------------------------------------------ tests
@@ -428,6 +429,7 @@ class Spool:
             checkpointer.shutdown()
         self._writer = self._writeout = self._checkpointer = None
         self._closed = True
+        self._resident.close()
         spare = self._segments.take_spare()
         segments = [writer and writer.active, spare, *(checkpointer.sealed if checkpointer else ())]
         for seg in {id(s): s for s in segments if s}.values():

@@ -12,11 +12,6 @@ only ever be the last thing in a segment.
 The writer also decides when a segment is full or old enough to be sealed
 (``checkpoint_interval``, ``checkpoint_idle``, ``segment_bytes``) and hands
 the journaled jobs and sealed segments to the write-out thread.
-
-Retire records (a resident message delivered before it had files) go in
-front of the next batch and share its sync; with no batch to join they are
-written at once, unsynced: a process crash keeps them (the page cache
-survives it), a power loss may not, which only repeats a delivery.
 """
 
 from __future__ import annotations
@@ -68,7 +63,6 @@ class JournalWriter:
         # Shared with the event loop, under the condition.
         self._cond = threading.Condition(threading.Lock())
         self._pending: list[Job] = []
-        self._retire: list[str] = []  # queue ids whose retire records are to be written
         self._requests: list[concurrent.futures.Future[None]] = []
         self._stop_requested = False
         self._idle = False
@@ -82,13 +76,6 @@ class JournalWriter:
     def submit(self, job: Job) -> None:
         with self._cond:
             self._pending.append(job)
-            if self._idle:
-                self._cond.notify()
-
-    def submit_retire(self, queue_id: str) -> None:
-        """Have a retire record written for a resident message delivered from memory."""
-        with self._cond:
-            self._retire.append(queue_id)
             if self._idle:
                 self._cond.notify()
 
@@ -124,8 +111,8 @@ class JournalWriter:
         """Journal one batch and seal the segment when due; ``False`` to stop."""
         cond = self._cond
         with cond:
-            while not (self._pending or self._retire or self._requests
-                       or self._stop_requested or self.flags.crashed):
+            while not (self._pending or self._requests or self._stop_requested
+                       or self.flags.crashed):
                 timeout = self._rotation_wait()
                 if timeout is not None and timeout <= 0:
                     break
@@ -133,16 +120,13 @@ class JournalWriter:
                 cond.wait(timeout)
                 self._idle = False
             batch, self._pending = self._pending, []
-            retire, self._retire = self._retire, []
             requests, self._requests = self._requests, []
             stopping = self._stop_requested and not self._pending
         if self.flags.crashed:
             return False
-        if retire and not batch:
-            self._write_retires(retire)
         if batch:
             try:
-                self._write_batch(batch, retire)
+                self._write_batch(batch)
             except BaseException as e:  # a bug; the callers must not wait forever
                 log.exception("spool: journal writer failed")
                 for job in batch:
@@ -177,7 +161,7 @@ class JournalWriter:
         return min(seg.first_write + self.checkpoint_interval,
                    seg.last_write + self.checkpoint_idle) - time.monotonic()
 
-    def _write_batch(self, batch: list[Job], retire: list[str]) -> None:
+    def _write_batch(self, batch: list[Job]) -> None:
         self.backlog.wait_room(threads.MAX_BACKLOG_BYTES)
         seg = self.active
         if seg is None:
@@ -219,13 +203,10 @@ class JournalWriter:
             log.warning("spool: %d message(s) refused: the spool's file system cannot hold "
                         "their files as well as the journal", len(live))
             live = []
-        if not live and retire:
-            self._write_retires(retire)
-            retire = []
         start = seg.size
         try:
             if live:
-                end = self._append(seg, live, start, retire)
+                end = self._append(seg, live, start)
                 sync_data(seg.fd)
         except Exception as e:
             for job in live:
@@ -271,15 +252,12 @@ class JournalWriter:
             self.outbox.put(WriteOut(live, None))
             threads.answer_later(batch, self.answer)
 
-    def _append(self, seg: Segment, jobs: list[Job], offset: int,
-                retire: list[str] = ()) -> int:  # type: ignore[assignment]
-        """Write retire records, then the jobs' records, at ``offset``; the new end of
-        the segment."""
+    def _append(self, seg: Segment, jobs: list[Job], offset: int) -> int:
+        """Write the jobs' records at ``offset``; the new end of the segment."""
         fd, seq = seg.fd, seg.seq
         crc32, head_of, trailer = zlib.crc32, journal.record_head, journal.TRAILER.pack
-        bufs: list = [journal.retire_record(seq, q.encode("ascii")) for q in retire]
+        bufs: list = []
         write_at = offset  # where ``bufs`` goes
-        offset += sum(map(len, bufs))
         for job in jobs:
             env, prefix = job.envelope, job.prefix
             head = head_of(seq, job.state, job.queue_id.encode("ascii"), env, job.content_length)
@@ -302,26 +280,6 @@ class JournalWriter:
         if bufs:
             journal.pwrite_all(fd, bufs, write_at)
         return offset
-
-    def _write_retires(self, retire: list[str]) -> None:
-        """Retire records on their own, written without a sync."""
-        seg = self.active
-        try:
-            if seg is None:
-                seg = self.active = self.segments.take_spare() or self.segments.new()
-            data = b"".join(journal.retire_record(seg.seq, q.encode("ascii")) for q in retire)
-            journal.pwrite_all(seg.fd, [data], seg.size)
-        except OSError as e:
-            # the messages were delivered: at worst a crash delivers them again
-            log.warning("spool: cannot write %d retire record(s): %s", len(retire), e)
-            if seg is not None:
-                try:
-                    os.ftruncate(seg.fd, seg.size)
-                except OSError:
-                    pass
-            return
-        seg.size += len(data)
-        self.stats.journal_bytes += len(data)
 
     def _copy_body(self, src: int, dst: int, pos: int, length: int, crc: int) -> tuple[int, int]:
         if self._copy_buf is None:
