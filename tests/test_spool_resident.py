@@ -33,10 +33,13 @@ def records_in(spool: Spool) -> list[tuple[str, str]]:
     retire files."""
     layout = Layout(spool.root)
     out = []
-    for seq, path in layout.journal_segments()[0] + layout.retire_files():
+    files = [(seq, path, False) for seq, path in layout.journal_segments()[0]]
+    files += [(seq, path, True) for seq, path in layout.retire_files()]
+    for seq, path, retire_file in files:
         fd = os.open(path, os.O_RDONLY)
         try:
-            out += [(r.queue_id, r.state) for r in SegmentReader(fd, seq, is_queue_id)]
+            out += [(r.queue_id, r.state)
+                    for r in SegmentReader(fd, seq, is_queue_id, retire_file=retire_file)]
         finally:
             os.close(fd)
     return out

@@ -93,9 +93,11 @@ class SegmentReader:
     damage nothing says where records really begin.
     """
 
-    def __init__(self, fd: int, seq: int, queue_id_ok=None) -> None:
+    def __init__(self, fd: int, seq: int, queue_id_ok=None, *, retire_file: bool = False) -> None:
         self.fd = fd
         self.seq = seq
+        # a segment holds message records, its retire file only retire records
+        self._retire_file = retire_file
         self.size = os.fstat(fd).st_size
         self.end = 0           # end of the last valid record
         self.problem: str | None = None
@@ -145,7 +147,12 @@ class SegmentReader:
             return None, f"checksum mismatch in the record at offset {pos}", False
         try:
             queue_id = meta[:id_len].decode("ascii")
-            state = RETIRED if state_index == RETIRE_INDEX else STATES[state_index]
+            if self._retire_file:
+                if state_index != RETIRE_INDEX:
+                    raise IndexError(state_index)
+                state = RETIRED
+            else:
+                state = STATES[state_index]
         except (UnicodeDecodeError, IndexError):
             return None, f"record at offset {pos} names no valid queue id or state", False
         if self._queue_id_ok is not None and not self._queue_id_ok(queue_id):

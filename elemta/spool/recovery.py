@@ -180,8 +180,8 @@ def retired_in(layout: Layout, segments: list[tuple[int, str]]) -> set[str]:
         except FileNotFoundError:
             continue
         try:
-            out.update(rec.queue_id for rec in journal.SegmentReader(fd, seq, is_queue_id)
-                       if rec.state == journal.RETIRED)
+            out.update(rec.queue_id for rec in journal.SegmentReader(
+                fd, seq, is_queue_id, retire_file=True))
         finally:
             os.close(fd)
     return out
@@ -237,8 +237,7 @@ def ids_in_segments(segments: list[tuple[int, str]]) -> set[str]:
     for seq, path in segments:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         try:
-            out.update(rec.queue_id for rec in journal.SegmentReader(fd, seq, is_queue_id)
-                       if rec.state != journal.RETIRED)
+            out.update(rec.queue_id for rec in journal.SegmentReader(fd, seq, is_queue_id))
         finally:
             os.close(fd)
     return out

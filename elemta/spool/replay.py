@@ -36,13 +36,11 @@ def replay_segment(layout: Layout, fd: int, seq: int, path: str,
                    residents: Residents | None = None) -> list[tuple[str, str]]:
     """Write out every valid record of one segment; ``(queue id, state)`` of each.
 
-    Retire records, and messages ``residents`` knows were delivered, are skipped.
+    Messages ``residents`` knows were delivered are skipped.
     """
     reader = journal.SegmentReader(fd, seq, is_queue_id)
     entries = []
     for rec in reader:
-        if rec.state == journal.RETIRED:
-            continue
         if residents is None:
             entries.append((rec.queue_id, materialize_record(layout, fd, rec)))
             continue
