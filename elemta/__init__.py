@@ -40,8 +40,8 @@ if TYPE_CHECKING:
     from .hookcall import HookFailure
     from .metrics import BoundedLabels
     from .state import Rate, StateEntry, StateStore, StateUnavailable, state_store
-    from .webservice import (check_secret, check_service_url, service_origin,
-                             service_tls_context, sign_body)
+    from .webservice import (check_secret, check_service_url, existing_ca_file,
+                             plain_http_host, service_origin, service_tls_context, sign_body)
 
 __version__ = "0.1.0"
 __api_version__ = "1.3"
@@ -63,6 +63,7 @@ _LAZY = {
     "HookFailure": "hookcall",
     "BoundedLabels": "metrics",
     "check_secret": "webservice", "check_service_url": "webservice",
+    "existing_ca_file": "webservice", "plain_http_host": "webservice",
     "service_origin": "webservice", "service_tls_context": "webservice",
     "sign_body": "webservice",
     "Rate": "state", "StateStore": "state", "StateUnavailable": "state", "StateEntry": "state",

@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import ipaddress
 import ssl
 import urllib.parse
 from pathlib import Path
 
-__all__ = ["check_secret", "check_service_url", "service_origin", "service_tls_context",
-           "sign_body"]
+__all__ = ["check_secret", "check_service_url", "existing_ca_file", "plain_http_host",
+           "service_origin", "service_tls_context", "sign_body"]
 
 MIN_SECRET_CHARS = 16
 
@@ -67,6 +68,29 @@ def service_origin(url: str) -> str:
     if ":" in host:
         host = f"[{host}]"
     return f"{parts.scheme}://{host}:{port}"
+
+
+def plain_http_host(url: str) -> str | None:
+    """The host ``url`` sends to over plain HTTP beyond this machine (worth a warning), or
+    ``None`` for ``https://`` and for loopback."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme != "http":
+        return None
+    host = parts.hostname or ""
+    try:
+        loopback = ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = host == "localhost"
+    return None if loopback else host
+
+
+def existing_ca_file(ca_file: Path | None, whose: str = "the service") -> Path | None:
+    """``ca_file`` (already resolved against the configuration's folder), or
+    ``ValueError`` saying what it should be when there is no such file."""
+    if ca_file is not None and not ca_file.is_file():
+        raise ValueError(f"ca_file {ca_file} does not exist (a PEM file of the CA certificate "
+                         f"that signed {whose}'s certificate)")
+    return ca_file
 
 
 def service_tls_context(ca_file: Path | None, whose: str = "the service") -> ssl.SSLContext:

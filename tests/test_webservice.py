@@ -8,7 +8,8 @@ import ssl
 
 import pytest
 
-from elemta import check_secret, check_service_url, service_origin, service_tls_context, sign_body
+from elemta import (check_secret, check_service_url, existing_ca_file, plain_http_host,
+                    service_origin, service_tls_context, sign_body)
 
 
 @pytest.mark.parametrize("url, says", [
@@ -50,3 +51,19 @@ def test_tls_always_verifies_and_a_bad_ca_file_is_named(tmp_path):
     bad.write_text("not a certificate")
     with pytest.raises(ValueError, match=f"ca_file {bad}.*the receiver's certificate"):
         service_tls_context(bad, "the receiver")
+
+
+def test_plain_http_is_named_only_beyond_this_machine():
+    assert plain_http_host("http://hooks.example.net/in") == "hooks.example.net"
+    for url in ("https://hooks.example.net/in", "http://127.0.0.1:8080/",
+                "http://[::1]/", "http://localhost/"):
+        assert plain_http_host(url) is None, url
+
+
+def test_a_missing_ca_file_says_what_it_should_be(tmp_path):
+    assert existing_ca_file(None) is None
+    ca = tmp_path / "ca.pem"
+    ca.write_text("x")
+    assert existing_ca_file(ca) == ca
+    with pytest.raises(ValueError, match=r"nope\.pem does not exist .*signed the receiver's"):
+        existing_ca_file(tmp_path / "nope.pem", "the receiver")

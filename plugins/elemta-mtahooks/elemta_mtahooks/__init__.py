@@ -11,15 +11,14 @@ The documents are built in :mod:`elemta_mtahooks.protocol`, the HTTP client is
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
 import time
-import urllib.parse
 from typing import Any, Callable
 
 from elemta import (App, AuthResult, Credentials, Discard, Envelope, Message, Outcome,
                     Quarantine, Recipient, RecipientState, Route, Session, StartupError,
-                    StashKey, TempFail, Transaction, Verdict, hookimpl, new_id)
+                    StashKey, TempFail, Transaction, Verdict, existing_ca_file, hookimpl,
+                    new_id, plain_http_host)
 
 from . import protocol
 from .client import HookClient, HookError
@@ -179,15 +178,9 @@ class MtaHooksPlugin:
         clients: dict[str, HookClient] = {}
         try:
             for hook in self.settings.hooks:
-                ca_file = None
-                if hook.ca_file is not None:
-                    ca_file = app.settings.resolve(hook.ca_file)
-                    if not ca_file.is_file():
-                        raise StartupError(
-                            f"[plugins.mtahooks] hook {hook.name}: ca_file {ca_file} does not "
-                            "exist (a PEM file of the CA certificate that signed the hook "
-                            "service's certificate)")
                 try:
+                    ca_file = existing_ca_file(
+                        hook.ca_file and app.settings.resolve(hook.ca_file), "the hook service")
                     clients[hook.name] = HookClient(hook, ca_file, agent)
                 except ValueError as e:
                     raise StartupError(f"[plugins.mtahooks] hook {hook.name}: {e}") from None
@@ -214,15 +207,8 @@ class MtaHooksPlugin:
 
     @staticmethod
     def _warn_plain_http(hook: HookSettings) -> None:
-        parts = urllib.parse.urlsplit(hook.url)
-        if parts.scheme != "http":
-            return
-        host = parts.hostname or ""
-        try:
-            loopback = ipaddress.ip_address(host).is_loopback
-        except ValueError:
-            loopback = host == "localhost"
-        if not loopback:
+        host = plain_http_host(hook.url)
+        if host is not None:
             log.warning("mtahooks: hook %s sends session and message data over plain HTTP to "
                         "%s; use https:// beyond this machine", hook.name, host)
 

@@ -12,13 +12,12 @@ in :mod:`elemta_webhook.delivery`; this module only holds the hooks.
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
-import urllib.parse
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from elemta import Envelope, Outcome, RecipientState, Route, StartupError, hookimpl
+from elemta import (Envelope, Outcome, RecipientState, Route, StartupError, existing_ca_file,
+                    hookimpl, plain_http_host)
 
 from .client import TargetClient
 from .delivery import PARSERS, Metrics, post_message
@@ -60,15 +59,9 @@ class WebhookPlugin:
         clients: dict[str, TargetClient] = {}
         try:
             for target in self.settings.targets:
-                ca_file = None
-                if target.ca_file is not None:
-                    ca_file = app.settings.resolve(target.ca_file)
-                    if not ca_file.is_file():
-                        raise StartupError(
-                            f"[plugins.webhook] target {target.name}: ca_file {ca_file} does "
-                            "not exist (a PEM file of the CA certificate that signed the "
-                            "receiver's certificate)")
                 try:
+                    ca_file = existing_ca_file(
+                        target.ca_file and app.settings.resolve(target.ca_file), "the receiver")
                     clients[target.name] = TargetClient(target, ca_file, agent)
                 except ValueError as e:
                     raise StartupError(f"[plugins.webhook] target {target.name}: {e}") from None
@@ -90,15 +83,8 @@ class WebhookPlugin:
                         "from the internet is refused at RCPT (relay denied); add "
                         "[domains.\"%s\"] to receive it", target.name, ", ".join(foreign),
                         "is" if len(foreign) == 1 else "are", foreign[0])
-        parts = urllib.parse.urlsplit(target.url)
-        if parts.scheme != "http":
-            return
-        host = parts.hostname or ""
-        try:
-            loopback = ipaddress.ip_address(host).is_loopback
-        except ValueError:
-            loopback = host == "localhost"
-        if not loopback:
+        host = plain_http_host(target.url)
+        if host is not None:
             log.warning("webhook: target %s sends messages over plain HTTP to %s; use "
                         "https:// beyond this machine", target.name, host)
 
