@@ -354,6 +354,32 @@ def _public_key(name: bytes, record: bytes) -> tuple[Any, int, bytes, bool]:
     return dkim.evaluate_pk(name, record)
 
 
+# dkimpy's RE_BTAG, ``([;\s]b FWS =)(?:FWS [a-zA-Z0-9+/=])*(?:\r?\n\Z)?``, where FWS
+# matches any run of white space: its nested optional groups make Python's re
+# take ~60 µs over a 2048-bit b= value; the same match, run by run, takes ~2 µs
+_B_TAG = re.compile(rb"[;\s]b\s*=([\sa-zA-Z0-9+/=]*)")
+
+
+def without_b(value: bytes) -> bytes:
+    """The signature field's value with the value of ``b=`` taken out, exactly as
+    dkimpy's ``RE_BTAG.sub(b"\\1", value)`` makes it (RFC 6376 §3.7: b= counts as
+    empty when the header is hashed)."""
+    out: list[bytes] = []
+    pos = 0
+    while (m := _B_TAG.search(value, pos)) is not None:
+        start = m.start(1)
+        # the tag value ends at its last base64 character; white space after it stays
+        end = start + len(m.group(1).rstrip())
+        if value[end:] in (b"\r\n", b"\n"):
+            end = len(value)
+        out.append(value[pos:start])
+        pos = end
+    if not out:
+        return value
+    out.append(value[pos:])
+    return b"".join(out)
+
+
 _UNFOLD = re.compile(rb"\r?\n")
 _WSP = re.compile(rb"[\t ]+")
 
@@ -389,7 +415,7 @@ def hash_headers(hasher: Any, relaxed: bool, headers: list[tuple[bytes, bytes]],
                 update(value)
                 break
         last[wanted] = i
-    name, value = sig_header[0], dkim.RE_BTAG.sub(b"\\1", sig_header[1])
+    name, value = sig_header[0], without_b(sig_header[1])
     if relaxed:
         name, value = _relaxed(name, value)
     update(name)

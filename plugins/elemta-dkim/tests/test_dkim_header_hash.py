@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import hashlib
+import random
 
 import dkim
 import pytest
 from dkim.canonicalization import CanonicalizationPolicy
 
-from elemta_dkim.verify import hash_headers
+from elemta_dkim.verify import hash_headers, without_b
 
 HEADER = (b"Received: from a by b;\r\n\tMon, 07 Dec 2026 09:00:00 +0000\r\n"
           b"DKIM-Signature: v=1; a=rsa-sha256; c=relaxed/relaxed; d=example.com; s=s1;\r\n"
@@ -40,3 +41,26 @@ def test_the_header_hash_is_dkimpys(c, include):
                       sig, {})
     hash_headers(ours, c.startswith(b"relaxed"), headers, list(include), sig)
     assert ours.hexdigest() == theirs.hexdigest()
+
+
+@pytest.mark.parametrize("value", [
+    b" v=1; a=rsa-sha256; bh=abc=;\r\n\tb=dGhp cyBp\r\n\t cw==\r\n",
+    b" v=1; b=abc; bh=def; b = ghi",
+    b" b=\r\n",
+    b" b= ;b=x\n",
+    b"b=leading; c=relaxed",
+    b" v=1; b=abc \r\n",
+    b" v=1; z=From:a b=c|To:d; b=eee",
+    b" v=1; h=from:to; bh=x; b=",
+])
+def test_without_b_is_dkimpys_btag_removal(value):
+    assert without_b(value) == dkim.RE_BTAG.sub(b"\\1", value)
+
+
+def test_without_b_agrees_with_dkimpy_on_random_fields():
+    rng = random.Random(6376)
+    pieces = [b" ", b"\t", b"\r\n", b"\n", b"\r", b";", b"b", b"=", b"bh", b"a", b"Z9+/",
+              b"b=", b" b =", b";b=", b"\r\n\t", b"-", b"|", b"x"]
+    for _ in range(20000):
+        value = b"".join(rng.choice(pieces) for _ in range(rng.randrange(0, 16)))
+        assert without_b(value) == dkim.RE_BTAG.sub(b"\\1", value), value

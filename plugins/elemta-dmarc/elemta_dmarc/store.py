@@ -9,9 +9,10 @@ grouped per ``policy_domain`` and day; see the README for the query.
 
 All SQLite work happens on one thread of its own, which owns the connection.
 The server hands rows over with :meth:`ReportStore.submit`, which does not
-wait: the rows that arrive while a batch is being written go in the next
-batch, one transaction each, so the writes never hold a message up and cost
-one commit per batch, not per message. Writes are bounded: when
+wait: rows are gathered for a quarter of a second (or until 256 wait) and
+written in one transaction, as are the rows that arrive while a batch is being
+written, so the writes never hold a message up and cost one commit and one
+thread hand-over per batch, not per message. Writes are bounded: when
 :data:`MAX_PENDING` rows wait for the thread (a stalled disk), further rows are
 dropped with a warning instead of piling up in memory. Rows older than
 ``retention_days`` are deleted at start-up and every hour, and the table never
@@ -27,7 +28,7 @@ import logging
 import sqlite3
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,9 @@ __all__ = ["MAX_PENDING", "ReportRow", "ReportStore", "ReportStoreError", "read_
 
 SCHEMA_VERSION = 1
 MAX_PENDING = 1000
+#: submitted rows wait this long (or until BATCH_ROWS wait) to be written together
+FLUSH_DELAY_SECONDS = 0.25
+BATCH_ROWS = 256
 WRITE_TIMEOUT_SECONDS = 2.0
 BUSY_TIMEOUT_SECONDS = 2.0
 PRUNE_INTERVAL_SECONDS = 3600.0
@@ -120,12 +124,14 @@ class ReportRow:
     rua: tuple[str, ...] = field(default=())
 
     def values(self) -> tuple[Any, ...]:
-        data = asdict(self)
-        data["dkim"] = json.dumps(list(self.dkim), separators=(",", ":"))
-        data["rua"] = ",".join(self.rua)
-        data["spf_aligned"] = int(self.spf_aligned)
-        data["dkim_aligned"] = int(self.dkim_aligned)
-        return tuple(data[c] for c in _COLUMNS)
+        """The row in the order of ``_COLUMNS``."""
+        return (self.received_at, self.queue_id, self.source_ip, self.header_from,
+                self.envelope_from, self.envelope_to, self.helo, self.spf_domain,
+                self.spf_scope, self.spf_result,
+                json.dumps(list(self.dkim), separators=(",", ":")), self.result,
+                int(self.spf_aligned), int(self.dkim_aligned), self.disposition,
+                self.override, self.override_comment, self.policy_domain, self.p, self.sp,
+                self.np, self.pct, self.adkim, self.aspf, self.fo, ",".join(self.rua))
 
 
 class ReportStore:
@@ -145,7 +151,9 @@ class ReportStore:
         self.dropped = 0
         self._pending = 0
         self._queued: list[ReportRow] = []
-        self._flushing = False
+        self._writing = False           # a batch is being written
+        self._urgent = False            # drain() waits: write what is queued at once
+        self._timer: asyncio.TimerHandle | None = None
         self._drained: asyncio.Event | None = None
         self._warned_at = -_WARN_EVERY_SECONDS
         self._conn: sqlite3.Connection | None = None
@@ -195,7 +203,12 @@ class ReportStore:
         return True
 
     def submit(self, row: ReportRow) -> None:
-        """Hand ``row`` over to be written with the next batch; never waits, never raises."""
+        """Hand ``row`` over to be written with the next batch; never waits, never raises.
+
+        Rows are gathered for :data:`FLUSH_DELAY_SECONDS` (or until
+        :data:`BATCH_ROWS` wait) and written in one transaction: a transaction
+        per message would cost the event loop a thread hand-over per message.
+        """
         if self._executor is None:
             return
         if self._pending + len(self._queued) >= MAX_PENDING:
@@ -204,20 +217,28 @@ class ReportStore:
                        self._pending + len(self._queued), self.dropped)
             return
         self._queued.append(row)
-        if not self._flushing:
-            self._flushing = True
+        if self._writing:
+            return                      # written when the batch under way is done
+        if len(self._queued) >= BATCH_ROWS:
+            self._flush()
+        elif self._timer is None:
             if self._drained is None:
                 self._drained = asyncio.Event()
             self._drained.clear()
-            asyncio.get_running_loop().call_soon(self._flush)
+            self._timer = asyncio.get_running_loop().call_later(FLUSH_DELAY_SECONDS,
+                                                                self._flush)
 
     def _flush(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         rows, self._queued = self._queued, []
         if not rows or self._executor is None:
-            self._flushing = False
+            self._writing = False
             if self._drained is not None:
                 self._drained.set()
             return
+        self._writing = True
         self._pending += len(rows)
         future = asyncio.get_running_loop().run_in_executor(self._executor, self._insert_many,
                                                             rows)
@@ -225,15 +246,28 @@ class ReportStore:
 
     def _batch_written(self, future: asyncio.Future[None], n: int) -> None:
         self._pending -= n
+        self._writing = False
         if not future.cancelled() and future.exception() is not None:
             self._warn("cannot write %d report rows to %s: %s", n, self.path,
                        future.exception())
-        self._flush()
+        if self._urgent or len(self._queued) >= BATCH_ROWS or not self._queued:
+            self._flush()
+        elif self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(FLUSH_DELAY_SECONDS,
+                                                                self._flush)
 
     async def drain(self) -> None:
-        """Wait until every row handed to :meth:`submit` so far is written (or failed)."""
-        if self._flushing and self._drained is not None:
+        """Write every row handed to :meth:`submit` so far now, and wait until it is
+        written (or failed)."""
+        if self._drained is None or self._drained.is_set():
+            return
+        self._urgent = True
+        try:
+            if not self._writing:
+                self._flush()
             await self._drained.wait()
+        finally:
+            self._urgent = False
 
     async def prune(self) -> int:
         """Delete rows older than ``retention_days`` and beyond ``max_rows``; how many."""

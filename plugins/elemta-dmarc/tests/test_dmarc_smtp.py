@@ -411,6 +411,7 @@ async def test_report_data_goes_to_the_configured_path(elemta_server, zones, tmp
 
     await send_mail(server, "a@example.net", ["user@example.test"], message("b@none.example"))
 
+    await server.app.pm.get_plugin("dmarc").store.drain()
     assert len(await asyncio.to_thread(read_rows, path)) == 1
 
 

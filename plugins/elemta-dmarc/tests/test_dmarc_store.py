@@ -181,3 +181,37 @@ async def test_submitted_rows_are_written_in_batches_without_waiting(tmp_path):
     assert [r["queue_id"] for r in rows] == [f"Q{n}" for n in range(70, 120)], "newest 50 kept"
     await store.close()
     store.submit(row(999))            # closed: ignored, no error
+
+
+def test_a_rows_values_are_in_the_order_of_the_columns():
+    import dataclasses
+    import json
+
+    r = row(7)
+    by_name = {f.name: getattr(r, f.name) for f in dataclasses.fields(ReportRow)}
+    by_name.update(dkim=json.dumps(list(r.dkim), separators=(",", ":")), rua=",".join(r.rua),
+                   spf_aligned=0, dkim_aligned=1)
+    assert set(by_name) == set(store_module._COLUMNS)
+    assert r.values() == tuple(by_name[c] for c in store_module._COLUMNS)
+
+
+async def test_submitted_rows_wait_to_be_written_together(tmp_path, monkeypatch):
+    writes: list[int] = []
+    store = ReportStore(tmp_path / "r.sqlite3", retention_days=14, max_rows=1000)
+    real = store._insert_many
+    monkeypatch.setattr(store, "_insert_many", lambda rows: (writes.append(len(rows)),
+                                                             real(rows))[1])
+    await store.open()
+    for n in range(5):
+        store.submit(row(n))
+        await asyncio.sleep(0.01)     # one message at a time: still one batch
+    assert writes == []
+    await asyncio.sleep(store_module.FLUSH_DELAY_SECONDS + 0.2)
+    assert writes == [5]
+    for n in range(store_module.BATCH_ROWS):
+        store.submit(row(n))          # a full batch is written without waiting
+    await asyncio.sleep(0.1)
+    assert writes == [5, store_module.BATCH_ROWS]
+    store.submit(row(1000))
+    await store.close()               # what waits is written at close
+    assert writes[-1] == 1 and len(read_rows(tmp_path / "r.sqlite3")) == 262
