@@ -32,6 +32,8 @@ if TYPE_CHECKING:
     from .app import App, StartupError
     from .cli.context import current_settings, plugin_settings
     from .config import ConfigError, ListenerSettings, Secret, Settings, load_settings
+    from .cli.plugin_control import control_request
+    from .control import ControlError, ServerNotRunning
     from .delivery.smtp import (DeliveryResult, RecipientResult, SMTPConnection, SMTPError,
                                 Timeouts, TLSPolicy, default_enhanced, lmtp_remote)
     from .dns import (MX, DNSError, InvalidName, NoData, NotFound, NullMX, NXDomain, Resolver,
@@ -44,7 +46,7 @@ if TYPE_CHECKING:
                              plain_http_host, service_origin, service_tls_context, sign_body)
 
 __version__ = "0.1.0"
-__api_version__ = "1.3"
+__api_version__ = "1.4"
 
 # name → the private module it comes from, imported on first use
 _LAZY = {
@@ -52,6 +54,8 @@ _LAZY = {
     "current_settings": "cli.context", "plugin_settings": "cli.context",
     "ConfigError": "config", "ListenerSettings": "config", "Secret": "config",
     "Settings": "config", "load_settings": "config",
+    "ControlError": "control", "ServerNotRunning": "control",
+    "control_request": "cli.plugin_control",
     "DeliveryResult": "delivery.smtp", "RecipientResult": "delivery.smtp",
     "SMTPConnection": "delivery.smtp", "SMTPError": "delivery.smtp", "Timeouts": "delivery.smtp",
     "TLSPolicy": "delivery.smtp", "default_enhanced": "delivery.smtp",

@@ -17,7 +17,7 @@ import time
 from typing import Any, Iterable
 
 from .config import ConfigError, ListenerSettings, Settings, parse_hostport
-from .control import ControlError, ControlServer, socket_path
+from .control import ControlError, ControlServer, plugin_commands, socket_path
 from .delivery.admin import RunningAdmin
 from .delivery.runner import Runner
 from .dns import Resolver
@@ -201,7 +201,8 @@ class App:
             # without delivery, queue commands act through a runner that never starts
             self.queue_admin = RunningAdmin(runner)
             self.control = ControlServer(self.queue_admin, socket_path(self.settings),
-                                         delivering=self.runner is not None)
+                                         delivering=self.runner is not None,
+                                         commands=self._control_commands())
             try:
                 await self.control.start()
             except ControlError as e:
@@ -337,6 +338,17 @@ class App:
                 raise StartupError(f"[state] path: {e}") from None
             log.error("state: %s; policy plugins apply their failure mode until it answers", e)
 
+    def _control_commands(self) -> dict[str, Any]:
+        """The plugins' control commands (``control_commands``)."""
+        try:
+            answers = self.hooks.call_at_startup("control_commands")
+            return plugin_commands(answers.items, self.settings.plugins.timeout_for)
+        except HookFailure as f:
+            raise StartupError(f"plugin {f.plugin} failed in control_commands: {f.reason}"
+                               ) from None
+        except ControlError as e:
+            raise StartupError(str(e)) from None
+
     def _warn_about_auth(self) -> None:
         """Settle the SASL mechanisms; say what would otherwise only show as every
         login failing."""
@@ -413,6 +425,15 @@ class App:
                 continue
             self.smtp.tls_contexts[listener.name] = ctx
         log.info("TLS contexts %s", "reloaded" if ok else "NOT all reloaded (see errors above)")
+        return ok
+
+    async def reload(self) -> bool:
+        """Reload (SIGHUP): the TLS contexts (:meth:`reload_tls`), then the ``reload``
+        hook of every plugin. Returns whether every TLS listener got a context; a
+        plugin that fails in ``reload`` is logged and the others still reload."""
+        ok = await self.reload_tls()
+        await self.hooks.call("reload", app=self)
+        log.info("reload done")
         return ok
 
     async def _cancel_tasks(self) -> None:

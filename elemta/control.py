@@ -13,6 +13,11 @@ Commands run one at a time on the server's event loop, through the delivery
 runner (:class:`~elemta.delivery.admin.RunningAdmin`), so they never race a
 delivery attempt.
 
+Plugins add their own commands (the ``control_commands`` hook), asked as
+``{"cmd": "plugin", "name": "dkim.keys", "args": {...}}`` and answered as
+``{"ok": true, "result": {...}}``; a plugin's command line sends them with
+:func:`elemta.control_request` (``cli/plugin_control.py``).
+
 With no server running, the command line takes the spool lock itself and
 changes the files directly with the same operations
 (:class:`~elemta.spool.admin.QueueAdmin`, :func:`apply_offline`); the
@@ -23,11 +28,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import json
 import logging
 import os
 import socket
 import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
@@ -41,7 +49,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("elemta.control")
 
 SOCKET_NAME = "control.sock"
-COMMANDS = ("hold", "release", "retry", "delete", "bounce", "stats", "ping")
+COMMANDS = ("hold", "release", "retry", "delete", "bounce", "stats", "ping", "plugin")
 # A request names its messages: `retry` with every id of a big queue fits.
 MAX_LINE_BYTES = 16 << 20
 # sun_path holds 108 bytes on Linux, 104 elsewhere; longer paths go through
@@ -57,6 +65,43 @@ class Unreachable(ControlError):
     """Nothing answers on the control socket (no server, or a stale socket file)."""
 
 
+class ServerNotRunning(Unreachable):
+    """No server runs with this configuration: :func:`control_request` found nothing
+    answering on its control socket."""
+
+
+@dataclass(frozen=True, slots=True)
+class PluginCommand:
+    """A control command a plugin answers (``control_commands``)."""
+
+    plugin: str
+    handler: Callable[[dict[str, Any]], Any]
+    timeout_seconds: float
+
+
+def plugin_commands(answers: list[tuple[str, Any]], timeout_for: Callable[[str], float]
+                    ) -> dict[str, PluginCommand]:
+    """The commands of the ``control_commands`` answers ((plugin, mapping) pairs).
+
+    :raises ControlError: a name that is not a non-empty string, a handler that
+        cannot be called, or a name two plugins register.
+    """
+    commands: dict[str, PluginCommand] = {}
+    for plugin, mapping in answers:
+        for name, handler in mapping.items():
+            if not isinstance(name, str) or not name.strip():
+                raise ControlError(f"plugin {plugin} registers control command {name!r}: a "
+                                   "name is a non-empty string, such as \"dkim.keys\"")
+            if not callable(handler):
+                raise ControlError(f"plugin {plugin} registers control command {name}: its "
+                                   f"handler is a {type(handler).__name__}, not a function")
+            if name in commands:
+                raise ControlError(f"plugins {commands[name].plugin} and {plugin} both register "
+                                   f"control command {name}; disable one of them")
+            commands[name] = PluginCommand(plugin, handler, timeout_for(plugin))
+    return commands
+
+
 # ---------------------------------------------------------------------- paths
 
 
@@ -70,10 +115,12 @@ def socket_path(settings: Settings) -> Path:
 class ControlServer:
     """The unix socket a running server answers queue commands on."""
 
-    def __init__(self, admin: RunningAdmin, path: Path, *, delivering: bool) -> None:
+    def __init__(self, admin: RunningAdmin, path: Path, *, delivering: bool,
+                 commands: Mapping[str, PluginCommand] | None = None) -> None:
         self.admin = admin
         self.path = Path(path)
         self.delivering = delivering
+        self.commands = dict(commands or {})
         self._server: asyncio.base_events.Server | None = None
         self._lock = asyncio.Lock()
         self._clients: set[asyncio.Task[Any]] = set()
@@ -163,6 +210,8 @@ class ControlServer:
         if cmd == "stats":
             return {"ok": True, "pid": os.getpid(), "delivery_enabled": self.delivering,
                     **self.admin.stats()}
+        if cmd == "plugin":
+            return await self._plugin(req.get("name"), req.get("args", {}))
         ids = req.get("ids")
         every = bool(req.get("all"))
         if ids is None and cmd == "retry" and every:
@@ -184,6 +233,41 @@ class ControlServer:
         log.info("control: %s: %d done, %d unknown, %d skipped, %d busy", cmd,
                  len(result.done), len(result.missing), len(result.skipped), len(result.busy))
         return result.to_dict()
+
+    async def _plugin(self, name: Any, args: Any) -> dict[str, Any]:
+        """A plugin's command: its handler's answer as ``result``, or an ``error``."""
+        command = self.commands.get(name) if isinstance(name, str) else None
+        if command is None:
+            known = ", ".join(sorted(self.commands)) or "none"
+            return {"ok": False, "error": f"no plugin command {name!r} on this server (it "
+                    f"has: {known}); is the plugin enabled in the server's configuration?"}
+        if not isinstance(args, dict):
+            return {"ok": False, "error": f"{name}: 'args' must be a JSON object"}
+        try:
+            async with asyncio.timeout(command.timeout_seconds):
+                result = command.handler(args)
+                if inspect.isawaitable(result):
+                    result = await result
+        except ValueError as e:  # the request is wrong: say so, nothing to log
+            return {"ok": False, "error": f"{name}: {e}"}
+        except TimeoutError:
+            log.error("control: plugin %s did not answer %s within %gs", command.plugin, name,
+                      command.timeout_seconds)
+            return {"ok": False, "error": f"{name}: no answer within "
+                    f"{command.timeout_seconds:g}s (see the server log)"}
+        except Exception as e:
+            log.exception("control: plugin %s failed in %s", command.plugin, name)
+            return {"ok": False, "error": f"{name} failed: {e!r} (see the server log)"}
+        try:
+            if not isinstance(result, dict):
+                raise TypeError(f"a {type(result).__name__}, not a dict")
+            json.dumps(result)
+        except (TypeError, ValueError) as e:
+            log.error("control: plugin %s answered %s with what JSON cannot hold: %s",
+                      command.plugin, name, e)
+            return {"ok": False, "error": f"{name}: the plugin's answer cannot be sent "
+                    "(see the server log)"}
+        return {"ok": True, "result": result}
 
 
 def _encode(obj: dict[str, Any]) -> bytes:

@@ -205,6 +205,39 @@ def tls_context(listener: ListenerSettings) -> ssl.SSLContext | None:
     """
 
 
+@hookspec
+@dispatch(Mode.NOTIFY)
+def reload(app: App) -> None:
+    """The operator asked the server to reload (SIGHUP, or ``await app.reload()``).
+
+    Runs after the TLS contexts were asked again (``tls_context``). Read again
+    what may have changed outside the configuration file (key files, a cache of
+    a datasource's answers); keep what is in service when the new one cannot be
+    used, and log why. ``elemta.toml`` itself is not read again: its changes
+    need a restart.
+
+    Dispatch: notify (awaited in order); an exception is logged and the other
+    plugins still reload.
+    """
+
+
+@hookspec
+@dispatch(Mode.STARTUP_COLLECT, (Mapping,))
+def control_commands() -> Mapping[str, Callable[[dict[str, Any]], Any]] | None:
+    """Commands this plugin answers on the server's control socket (``def`` only).
+
+    Return a mapping from command name (``"dkim.keys"``: prefix it with the
+    plugin's name) to a handler ``handler(args: dict) -> dict`` (``def`` or
+    ``async def``) whose answer is JSON-serialisable. A plugin's command line
+    asks the running server with ``elemta.control_request(name, args)``. A
+    handler raising ``ValueError`` answers that message as an error (a bad
+    request); any other exception is logged and answered as a failure. Asked
+    once after ``startup``; two plugins naming the same command stop start-up.
+
+    Dispatch: collect all, at start-up.
+    """
+
+
 # ------------------------------------------------------------------ SMTP stages
 
 

@@ -30,7 +30,8 @@ def main() -> None:
 @main.command()
 @config_option
 def serve() -> None:
-    """Run the server until SIGTERM/SIGINT (SIGHUP reloads TLS certificates)."""
+    """Run the server until SIGTERM/SIGINT (SIGHUP reloads TLS certificates and what
+    plugins read from files and datasources, such as DKIM keys)."""
     from ..checks import check_config
     from ..log import setup_logging
 
@@ -110,7 +111,7 @@ async def _serve(settings: Settings, log_handler: logging.Handler) -> None:
 
     async def reload() -> None:
         notify("RELOADING=1")
-        await app.reload_tls()
+        await app.reload()
         notify("READY=1")
 
     def on_hup() -> None:
