@@ -2,8 +2,9 @@
 
 Enabled as ``dkim``; the core makes one :class:`DkimPlugin` per server. This
 module holds only the hooks: verification is :mod:`elemta_dkim.verify`,
-signing :mod:`elemta_dkim.sign`, keys :mod:`elemta_dkim.keys`, the command line
-:mod:`elemta_dkim.cli`.
+signing :mod:`elemta_dkim.sign`, keys :mod:`elemta_dkim.keys` (and those of a
+key store, :mod:`elemta_dkim.stored`), the command line :mod:`elemta_dkim.cli`
+and what it asks the running server, :mod:`elemta_dkim.served`.
 """
 
 from __future__ import annotations
@@ -14,16 +15,16 @@ import logging
 import time
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from elemta import (AuthResult, BoundedLabels, DkimKey, Message, Reject, Session, StartupError,
-                    TempFail, hookimpl)
+from elemta import (AuthResult, BoundedLabels, Message, Reject, Session, StartupError, TempFail,
+                    hookimpl)
 
-from .keys import KeyFileError, SigningKey, load_key, load_stored_key
-from .settings import DkimSettings, KeySettings, normalize_domain
-from .sign import SIGNATURE_FIELD, SignError, Signer, added_bytes, choose, from_domain
+from .keys import KeyFileError, SigningKey, load_key
+from .settings import DkimSettings, KeySettings
+from .sign import SIGNATURE_FIELD, SignError, Signer, added_bytes, from_domain
+from .stored import KeyUnavailable, StoredKeys
 from .verify import Verifier
 
 if TYPE_CHECKING:
@@ -61,6 +62,7 @@ class DkimPlugin:
         self.results: Counter | None = None
         self.signatures: Counter | None = None
         self.app: App | None = None
+        self.keys_dir = Path()
         self.stored = StoredKeys(self)
 
     @hookimpl
@@ -93,8 +95,8 @@ class DkimPlugin:
         self.settings = settings = app.plugin_settings("dkim")
         self.app = app
         self.stored = StoredKeys(self)
-        keys_dir = app.settings.resolve(Path(settings.keys_dir))
-        keys, problems = load_keys(settings, keys_dir)
+        self.keys_dir = app.settings.resolve(Path(settings.keys_dir))
+        keys, problems = load_keys(settings, self.keys_dir)
         if problems:
             raise StartupError("dkim: cannot use the signing keys:\n  " + "\n  ".join(problems))
         self.labels = BoundedLabels(settings.metrics_domains)
@@ -103,11 +105,43 @@ class DkimPlugin:
         self.verifier = Verifier(app.resolver.dkim_dnsfunc, self.executor,
                                  max_signatures=settings.max_signatures,
                                  partial_body_result=settings.partial_body_result)
-        now = dt.datetime.now(dt.timezone.utc)
         for domain in sorted(self.signer.by_domain):
-            active = ", ".join(f"{k.selector} ({k.a_tag})"
-                               for k in self.signer.keys_for(domain, now)) or "none valid now"
-            log.info("dkim: signing for %s with %s", domain, active)
+            log.info("dkim: signing for %s with %s", domain, self.in_service(domain))
+
+    def in_service(self, domain: str) -> str:
+        """The configured selectors that sign ``domain``'s mail now, for the log."""
+        assert self.signer is not None
+        now = dt.datetime.now(dt.timezone.utc)
+        return ", ".join(f"{k.selector} ({k.a_tag})"
+                         for k in self.signer.keys_for(domain, now)) or "none valid now"
+
+    @hookimpl
+    async def reload(self) -> None:
+        """SIGHUP: forget the key store's keys (the next message asks again) and read the
+        configured key files again; if one cannot be used now, keep the keys in service."""
+        if self.signer is None:
+            return
+        self.stored = StoredKeys(self)  # lookups under way finish with the old one
+        loop = asyncio.get_running_loop()
+        keys, problems = await loop.run_in_executor(self.executor, load_keys, self.settings,
+                                                    self.keys_dir)
+        if problems:
+            log.error("dkim: reload: the signing keys in service are kept, cannot use the "
+                      "key files: %s", "; ".join(problems))
+            return
+        self.signer = Signer(keys, self.settings)
+        signing = "; ".join(f"{d} with {self.in_service(d)}" for d in sorted(self.signer.by_domain))
+        log.info("dkim: reloaded: %s; keys of the key store are asked for again",
+                 f"signing for {signing}" if signing else "no configured keys")
+
+    @hookimpl
+    def control_commands(self) -> dict[str, Any]:
+        from .served import keys_answer
+
+        async def dkim_keys(args: dict[str, Any]) -> dict[str, Any]:
+            return await keys_answer(self, args)
+
+        return {"dkim.keys": dkim_keys}
 
     @hookimpl
     def shutdown(self) -> None:
@@ -183,104 +217,3 @@ def _sign(signer: Signer, message: Message, added: bytes, keys: list[SigningKey]
           now: float) -> list[str]:
     with message.open() as f:
         return signer.sign(added, f, keys, now)
-
-
-class KeyUnavailable(Exception):
-    """The key store failed, or a key it gave cannot be used; ``str()`` says which and why."""
-
-
-@dataclass(frozen=True, slots=True)
-class _Stored:
-    """A ``dkim_keys`` record with its validity as the signer compares it."""
-
-    record: DkimKey
-    algorithm: str
-    not_before: dt.datetime | None
-    not_after: dt.datetime | None
-
-    def valid_at(self, now: dt.datetime) -> bool:
-        return ((self.not_before is None or self.not_before <= now)
-                and (self.not_after is None or now < self.not_after))
-
-
-def _when(timestamp: float | None) -> dt.datetime | None:
-    return None if timestamp is None else dt.datetime.fromtimestamp(timestamp, dt.timezone.utc)
-
-
-class StoredKeys:
-    """Keys of domains the configuration has none for, asked of the ``dkim_keys`` hook
-    (a datasource) and kept ``hook_keys_cache_seconds``; loaded keys are kept as long."""
-
-    def __init__(self, plugin: DkimPlugin) -> None:
-        self.plugin = plugin
-        # domain -> (expires, records)
-        self.answers: dict[str, tuple[float, list[_Stored]]] = {}
-        self.loaded: dict[DkimKey, SigningKey] = {}
-
-    def clear(self) -> None:
-        self.answers.clear()
-        self.loaded.clear()
-
-    async def records(self, domain: str) -> list[_Stored]:
-        now = time.monotonic()
-        hit = self.answers.get(domain)
-        if hit is not None and hit[0] > now:
-            return hit[1]
-        app = self.plugin.app
-        if app is None:
-            return []
-        try:
-            answer = await app.dkim_keys(domain)
-        except Exception as e:  # the dispatcher has logged the plugin's failure
-            raise KeyUnavailable(f"the key store failed to answer for {domain} ({e})") from None
-        stored: list[_Stored] = []
-        for record in answer or ():
-            try:
-                same = normalize_domain(record.domain) == domain
-            except ValueError:
-                same = False
-            if not same:
-                log.warning("dkim: the key store answered key %s of %s for %s; ignored",
-                            record.selector, record.domain, domain)
-                continue
-            stored.append(_Stored(record, record.algorithm, _when(record.not_before),
-                                  _when(record.not_after)))
-        if hit is not None:  # a changed answer: load its keys again (a file may have changed)
-            for old in hit[1]:
-                self.loaded.pop(old.record, None)
-        ttl = self.plugin.settings.hook_keys_cache_seconds
-        if ttl > 0:
-            self.answers[domain] = (now + ttl, stored)
-        return stored
-
-    async def keys_for(self, domain: str, now: dt.datetime) -> list[SigningKey]:
-        """The stored keys that sign for ``domain`` at ``now`` (with ``sign_subdomains``,
-        those of its nearest parent that has keys), loaded.
-
-        :raises KeyUnavailable: the key store failed, or a chosen key cannot be used.
-        """
-        candidates = [domain]
-        if self.plugin.settings.sign_subdomains:
-            labels = domain.split(".")
-            candidates += [".".join(labels[i:]) for i in range(1, len(labels) - 1)]
-        records: list[_Stored] = []
-        for name in candidates:
-            records = await self.records(name)
-            if records:
-                break
-        chosen: list[SigningKey] = []
-        for entry in choose(records, now):
-            key = self.loaded.get(entry.record)
-            if key is None:
-                try:
-                    key = await asyncio.get_running_loop().run_in_executor(
-                        self.plugin.executor, load_stored_key, entry.record)
-                except KeyFileError as e:
-                    raise KeyUnavailable(
-                        f"key {entry.record.selector} of {entry.record.domain} from the key "
-                        f"store: {e} (for the datasource's keys: `elemta domains dkim list "
-                        f"{entry.record.domain}`)") from None
-                if self.plugin.settings.hook_keys_cache_seconds > 0:
-                    self.loaded[entry.record] = key
-            chosen.append(key)
-        return chosen

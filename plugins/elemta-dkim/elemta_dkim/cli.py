@@ -1,19 +1,18 @@
-"""``elemta dkim keygen`` and ``elemta dkim check``."""
+"""``elemta dkim keygen`` and ``elemta dkim check`` (the comparison: :mod:`.check`)."""
 
 from __future__ import annotations
 
 import asyncio
 import datetime as dt
-import re
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import click
 
-from .keys import (DEFAULT_RSA_BITS, KeyFileError, PrivateKey, dns_record, generate,
-                   load_private_key, public_p, txt_strings, write_private_key, zone_line)
-from .settings import DkimSettings, KeySettings, check_selector, normalize_domain
+from .check import KeyToCheck, Status, check_key, configured, served
+from .keys import (DEFAULT_RSA_BITS, dns_record, generate, txt_strings, write_private_key,
+                   zone_line)
+from .settings import DkimSettings, check_selector, normalize_domain
 
 
 def _fail(message: str, code: int = 1) -> None:
@@ -103,110 +102,81 @@ def keygen(domain: str, selector: str, algo: str, bits: int, out: Path | None) -
     click.echo(f"3. Check it once published: elemta dkim check --domain {domain}")
 
 
-@dataclass
-class Status:
-    name: str
-    status: str      # match, mismatch, missing, DNS error, key error
-    detail: str
-    record: str | None = None  # what to publish, when it is not published right
+def _ask_server(domains: list[str]) -> tuple[list[KeyToCheck], list[str]]:
+    """The keys the running server would sign these domains' mail with (``dkim.keys``), and
+    the problems that left a domain unchecked."""
+    from elemta import ControlError, ServerNotRunning, control_request
 
-
-def _tags(text: str) -> dict[str, str] | None:
-    tags: dict[str, str] = {}
-    for part in text.split(";"):
-        if not part.strip():
-            continue
-        key, sep, value = part.partition("=")
-        if not sep:
-            return None
-        tags[key.strip().lower()] = value.strip()
-    return tags
-
-
-async def _check_one(resolver: object, entry: KeySettings, keys_dir: Path) -> Status:
-    from elemta import NotFound, TempError
-
-    name = f"{entry.selector}._domainkey.{entry.domain}"
-    path = Path(entry.key_file)
-    path = path if path.is_absolute() else keys_dir / path
-    try:
-        private: PrivateKey = load_private_key(path, entry.algorithm)
-    except KeyFileError as e:
-        return Status(name, "key error", str(e))
-    expected = dns_record(private)
-    try:
-        records = await resolver.txt(name)  # type: ignore[attr-defined]
-    except NotFound:
-        return Status(name, "missing", "no TXT record at this name", expected)
-    except TempError as e:
-        return Status(name, "DNS error", f"the lookup failed ({e.reason}); try again, or "
-                      "check [dns] nameservers")
-    except Exception as e:  # any other resolver error: say it, never a match
-        return Status(name, "DNS error", str(e))
-    dkim_records = [t for t in map(_tags, records)
-                    if t is not None and "p" in t and t.get("v", "DKIM1") == "DKIM1"]
-    if not dkim_records:
-        return Status(name, "missing", f"{len(records)} TXT record(s), none a DKIM key "
-                      "record (v=DKIM1; ...; p=...)", expected)
-    if len(dkim_records) > 1:
-        return Status(name, "mismatch", f"{len(dkim_records)} DKIM records; publish "
-                      "exactly one", expected)
-    tags = dkim_records[0]
-    published_p = re.sub(r"\s+", "", tags["p"])
-    published_k = tags.get("k", "rsa").lower()
-    if not published_p:
-        return Status(name, "mismatch", "the published key is revoked (empty p=)", expected)
-    if published_k != entry.algorithm:
-        return Status(name, "mismatch", f"the record says k={published_k}, the key file "
-                      f"holds an {entry.algorithm} key", expected)
-    if published_p != public_p(private):
-        return Status(name, "mismatch", "the record holds another public key than "
-                      f"{path}", expected)
-    hashes = tags.get("h")
-    if hashes and "sha256" not in {h.strip().lower() for h in hashes.split(":")}:
-        return Status(name, "mismatch", f"the record allows only h={hashes}; signatures "
-                      "use sha256", expected)
-    now = dt.datetime.now(dt.timezone.utc)
-    when = "signing now" if entry.valid_at(now) else "not signing now (not_before/not_after)"
-    return Status(name, "match", f"{entry.algorithm}, {when}")
+    keys: list[KeyToCheck] = []
+    problems: list[str] = []
+    for i, domain in enumerate(domains):
+        unchecked = ", ".join(domains[i:])
+        try:
+            answer = control_request("dkim.keys", {"domain": domain})
+        except ServerNotRunning as e:
+            return keys, problems + [
+                f"{unchecked}: no key is configured in [plugins.dkim] keys (make one with "
+                "`elemta dkim keygen --domain D --selector S`), and keys kept in the "
+                f"datasource are checked through the running server: {e}"]
+        except ControlError as e:
+            return keys, problems + [f"{unchecked}: not checked: {e}"]
+        if answer.get("store_error"):
+            problems.append(f"{domain}: not checked: {answer['store_error']}")
+        elif not answer.get("keys"):
+            problems.append(f"{domain}: no key signs its mail: none in [plugins.dkim] keys, "
+                            "none in the key store (add one with `elemta domains dkim add`, "
+                            "or `elemta dkim keygen`)")
+        keys += [served(k) for k in answer.get("keys", ())]
+    return keys, problems
 
 
 @dkim_group.command()
 @click.option("--domain", "domains", multiple=True,
-              help="Check this domain's keys (repeatable; default: every configured domain).")
+              help="Check this domain's keys, configured or kept in the datasource "
+                   "(repeatable; default: every configured domain).")
 def check(domains: tuple[str, ...]) -> None:
-    """Look up each configured selector's record through [dns] and compare it with the key.
+    """Look up each signing key's record through [dns] and compare it with the key.
 
-    Exit status 0 only when every record matches its key.
+    Configured keys are read from their files; the keys of a --domain with none
+    configured (kept in the datasource) are asked of the running server. Exit
+    status 0 only when every record matches its key.
     """
     from elemta import Resolver, current_settings
 
     settings, keys_dir = _settings()
-    wanted: set[str] = set()
+    wanted: list[str] = []
     for d in domains:
         try:
-            wanted.add(normalize_domain(d))
+            wanted.append(normalize_domain(d))
         except ValueError as e:
             raise click.BadParameter(str(e), param_hint="--domain") from None
-    entries = [k for k in settings.keys if not wanted or k.domain in wanted]
-    if not entries:
-        what = ", ".join(sorted(wanted)) if wanted else "any domain"
-        _fail(f"no key is configured for {what} in [plugins.dkim] keys; make one with "
-              "`elemta dkim keygen --domain D --selector S` and add it")
+    wanted = sorted(set(wanted))
+    keys = [configured(k, keys_dir) for k in settings.keys if not wanted or k.domain in wanted]
+    if not wanted and not keys:
+        _fail("no key is configured in [plugins.dkim] keys; make one with `elemta dkim "
+              "keygen --domain D --selector S` and add it, or check a domain whose keys "
+              "are in the datasource with --domain D")
+    problems: list[str] = []
+    unconfigured = [d for d in wanted if not any(k.domain == d for k in settings.keys)]
+    if unconfigured:
+        found, problems = _ask_server(unconfigured)
+        keys += found
     resolver = Resolver(current_settings().dns)
 
     async def run() -> list[Status]:
-        return list(await asyncio.gather(*(_check_one(resolver, e, keys_dir)
-                                           for e in entries)))
+        return list(await asyncio.gather(*(check_key(resolver, k) for k in keys)))
 
-    statuses = asyncio.run(run())
-    width = max(len(s.name) for s in statuses)
+    statuses = asyncio.run(run()) if keys else []
+    width = max((len(s.name) for s in statuses), default=0)
     for s in statuses:
         click.echo(f"{s.status:<9}  {s.name:<{width}}  {s.detail}")
         if s.record is not None:
             click.echo(f"{'':<9}  publish: {zone_line(s.name, s.record)}")
     bad = [s for s in statuses if s.status != "match"]
+    for problem in problems:
+        click.echo(f"elemta dkim: {problem}", err=True)
     if bad:
         click.echo(f"\n{len(bad)} of {len(statuses)} key(s) do not match their DNS record",
                    err=True)
+    if bad or problems:
         sys.exit(1)
