@@ -57,9 +57,13 @@ def config(dns_server, datasource, **dkim):
                         "dkim": {"sign_relay": True, **dkim}}}
 
 
-async def relay(server) -> None:
+async def relay(server, outbox=None) -> None:
+    """Relay one message; with ``outbox``, wait until it is delivered, so that the
+    deliveries are in the order of the sending."""
     sent = await send_mail(server, "alice@example.com", ["bob@example.org"], MESSAGE)
     assert sent.accepted, sent.reply
+    if outbox is not None:
+        await outbox.wait(len(outbox.messages) + 1)
 
 
 async def test_after_reload_a_changed_stored_key_signs_the_next_message(
@@ -71,18 +75,18 @@ async def test_after_reload_a_changed_stored_key_signs_the_next_message(
     publish(dns_server, "example.com", "new2026", new)
     server = await elemta_server(config=config(dns_server, datasource),
                                  enabled=["datasource", "dkim"], outbox=elemta_outbox)
-    await relay(server)
+    await relay(server, elemta_outbox)
 
     # `elemta domains dkim add … new2026` and `remove … old2026`, while the server runs:
     # the old key stays cached (hook_keys_cache_seconds = 60) until the reload
     await store(datasource, DkimKey("example.com", "new2026", "rsa", pem(new).decode()),
                 remove=("old2026",))
-    await relay(server)
+    await relay(server, elemta_outbox)
     with caplog.at_level(logging.INFO, logger="elemta.dkim"):
         await server.app.reload()
-    await relay(server)
+    await relay(server, elemta_outbox)
 
-    first, cached, reloaded = await elemta_outbox.wait(3)
+    first, cached, reloaded = elemta_outbox.messages
     assert [selectors(m.content) for m in (first, cached, reloaded)] == [
         ["old2026"], ["old2026"], ["new2026"]]
     [line] = [r.getMessage() for r in caplog.records if r.name == "elemta.dkim"]
@@ -110,12 +114,12 @@ async def test_reload_reads_a_replaced_configured_key_file(
     dns_server.remove("s._domainkey.example.com", "TXT")
     publish(dns_server, "example.com", "s", second)
 
-    await relay(server)
+    await relay(server, elemta_outbox)
     with caplog.at_level(logging.INFO, logger="elemta.dkim"):
         await server.app.reload()
-    await relay(server)
+    await relay(server, elemta_outbox)
 
-    before, after = await elemta_outbox.wait(2)
+    before, after = elemta_outbox.messages
     assert results(await verify(dns_server, before.content)) == ["fail"]
     assert results(await verify(dns_server, after.content)) == ["pass"]
     assert [r.getMessage() for r in caplog.records if r.name == "elemta.dkim"] == [
