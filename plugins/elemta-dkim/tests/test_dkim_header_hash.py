@@ -64,3 +64,17 @@ def test_without_b_agrees_with_dkimpy_on_random_fields():
     for _ in range(20000):
         value = b"".join(rng.choice(pieces) for _ in range(rng.randrange(0, 16)))
         assert without_b(value) == dkim.RE_BTAG.sub(b"\\1", value), value
+
+
+def test_relaxed_header_canonicalization_is_dkimpys_on_random_fields():
+    from dkim.canonicalization import Relaxed
+
+    from elemta_dkim.verify import _relaxed
+
+    rng = random.Random(6376_342)
+    pieces = [b" ", b"\t", b"  ", b"\r\n", b"\n", b"\r", b"\r\n\t", b"x", b"Value", b":"]
+    for _ in range(20000):
+        name = rng.choice([b"Subject", b"subject ", b"X-A\t"])
+        value = b"".join(rng.choice(pieces) for _ in range(rng.randrange(10))) + b"\r\n"
+        theirs = Relaxed.canonicalize_headers([(name, value)])[0]
+        assert _relaxed(name, value) == tuple(theirs), (name, value)
