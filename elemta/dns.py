@@ -112,11 +112,11 @@ class _Entry:
     reason: str = ""
     ttl: float = 0.0
 
-    def unwrap(self, name: str, rdtype: str) -> tuple[dns.rdata.Rdata, ...]:
+    def unwrap(self, name: dns.name.Name, rdtype: int) -> tuple[dns.rdata.Rdata, ...]:
         # a fresh exception per caller: one shared instance would collect the
         # tracebacks of every coroutine that re-raised it
         if self.error is not None:
-            raise self.error(name, rdtype, self.reason)
+            raise self.error(_text(name), dns.rdatatype.to_text(rdtype), self.reason)
         return self.records
 
 
@@ -331,6 +331,11 @@ class Resolver:
         except UnicodeDecodeError:
             return b""
         try:
+            qname = to_name(text)
+            entry = self._cached((qname, dns.rdatatype.TXT))
+            if entry is not None:  # answered from the cache: no time limit to set up
+                cached = entry.unwrap(qname, dns.rdatatype.TXT)
+                return b"".join(cached[0].strings) if cached else b""  # type: ignore[attr-defined]
             async with asyncio.timeout(timeout):
                 records = await self.txt_bytes(text)
         except (NotFound, InvalidName):
@@ -357,7 +362,7 @@ class Resolver:
                 task.add_done_callback(lambda t: self._landed(key, t))
             # one caller giving up must not cancel the lookup the others wait for
             entry = await asyncio.shield(task)
-        return entry.unwrap(_text(qname), dns.rdatatype.to_text(rdtype))
+        return entry.unwrap(qname, rdtype)
 
     def _cached(self, key: tuple[dns.name.Name, int]) -> _Entry | None:
         hit = self._cache.get(key)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 from typing import BinaryIO, Callable, Iterable
 
 from .stash import Stash
@@ -270,10 +271,15 @@ def _unfold(value: str) -> str:
     return " ".join(part.strip() for part in value.split("\r\n")).strip()
 
 
+_NOT_IN_NAME = re.compile("[: \t\r\n]")
+
+
 def check_header(name: str, value: str) -> None:
     """Refuse a header that would break the message or inject another field."""
-    if not name or any(c in name for c in ": \t\r\n") or not name.isascii():
+    if not name or not name.isascii() or _NOT_IN_NAME.search(name):
         raise ValueError(f"invalid header field name {name!r}")
+    if "\r" not in value and "\n" not in value:
+        return                          # one line: nothing more to check
     for line in value.split("\r\n")[1:]:
         if not line[:1] in (" ", "\t"):
             raise ValueError(f"header {name} continuation lines must start with white space")

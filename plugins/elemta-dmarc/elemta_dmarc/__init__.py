@@ -176,6 +176,8 @@ class DmarcPlugin:
     def _log(self, tx: Transaction, session: Session, decision: Decision) -> None:
         e = decision.evaluation
         level = logging.INFO if e.result in ("fail", "temperror", "permerror") else logging.DEBUG
+        if not log.isEnabledFor(level):
+            return
         log.log(level, "dmarc: %s from %s header.from=%s: %s%s, action %s%s", tx.id,
                 session.peer_ip, e.from_domain, e.result,
                 f" ({e.policy_tag}={e.policy} at {e.policy_domain})" if e.policy else "",

@@ -203,6 +203,8 @@ class SpfPlugin:
         governing = outcome.governing
         if self.results_total is not None:
             self.results_total.labels(self.labels(governing.domain), governing.result).inc()
+        if not log.isEnabledFor(logging.INFO):
+            return outcome
         log.info("spf: %s: client %s: %s%s; %s (%.3fs)%s", tx.id, session.peer_ip,
                  f"mailfrom=<{tx.sender}> {mailfrom.result}, " if mailfrom is not None else "",
                  f"helo={helo_name} {helo.result}", governing.comment or "no comment",

@@ -108,7 +108,9 @@ def recipient_is_exempt(address: str, exempt: Iterable[str]) -> bool:
 
 def clean(text: str, limit: int = _REPLY_TEXT_CHARS) -> str:
     """``text`` as one line of printable ASCII, at most ``limit`` characters."""
-    out = "".join(c if " " <= c <= "~" else "?" for c in " ".join(text.split()))
+    out = " ".join(text.split())
+    if not (out.isascii() and out.isprintable()):   # printable ASCII: kept as it is
+        out = "".join(c if " " <= c <= "~" else "?" for c in out)
     return out if len(out) <= limit else out[:limit - 3] + "..."
 
 
@@ -189,7 +191,7 @@ def _value(text: str, *, quote: bool = False) -> str:
     """A key-value-pair value (RFC 7208 §9.1): a dot-atom, else a quoted-string."""
     if not quote and _DOT_ATOM.match(text):
         return text
-    printable = "".join(c for c in text if c.isprintable())
+    printable = text if text.isprintable() else "".join(c for c in text if c.isprintable())
     return '"' + printable.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
