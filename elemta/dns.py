@@ -210,8 +210,10 @@ class Resolver:
         self._resolver.use_edns(0, 0, EDNS_PAYLOAD_BYTES)
         self._resolver.use_search_by_default = False
         self._resolver.retry_servfail = False
-        self._cache: OrderedDict[tuple[dns.name.Name, int], tuple[float, _Entry]] = OrderedDict()
-        self._inflight: dict[tuple[dns.name.Name, int], asyncio.Task[_Entry]] = {}
+        # keyed by the name as the caller wrote it: a str hashes once, a dns.name.Name
+        # hashes label by label in Python on every lookup
+        self._cache: OrderedDict[tuple[str, int], tuple[float, _Entry]] = OrderedDict()
+        self._inflight: dict[tuple[str, int], asyncio.Task[_Entry]] = {}
 
     # ------------------------------------------------------------ the record types
 
@@ -226,7 +228,7 @@ class Resolver:
         :raises NoData: if ``domain`` has no MX; deliver to its addresses instead.
         """
         name = to_name(domain)
-        records = await self._lookup(name, dns.rdatatype.MX)
+        records = await self._lookup(domain, name, dns.rdatatype.MX)
         hosts = [MX(r.preference, _text(r.exchange)) for r in records]  # type: ignore[attr-defined]
         real = [h for h in hosts if h.host != "."]
         if not real:
@@ -235,11 +237,13 @@ class Resolver:
 
     async def a(self, name: str) -> list[str]:
         """The IPv4 addresses of ``name``."""
-        return [r.address for r in await self._lookup(to_name(name), dns.rdatatype.A)]  # type: ignore[attr-defined]
+        records = await self._lookup(name, to_name(name), dns.rdatatype.A)
+        return [r.address for r in records]  # type: ignore[attr-defined]
 
     async def aaaa(self, name: str) -> list[str]:
         """The IPv6 addresses of ``name``."""
-        return [r.address for r in await self._lookup(to_name(name), dns.rdatatype.AAAA)]  # type: ignore[attr-defined]
+        records = await self._lookup(name, to_name(name), dns.rdatatype.AAAA)
+        return [r.address for r in records]  # type: ignore[attr-defined]
 
     async def addresses(self, name: str) -> list[str]:
         """The IPv6 then the IPv4 addresses of ``name``, looked up together.
@@ -252,8 +256,8 @@ class Resolver:
         :raises TempError: if neither could be found and one lookup failed.
         """
         qname = to_name(name)
-        results = await asyncio.gather(self._lookup(qname, dns.rdatatype.AAAA),
-                                       self._lookup(qname, dns.rdatatype.A),
+        results = await asyncio.gather(self._lookup(name, qname, dns.rdatatype.AAAA),
+                                       self._lookup(name, qname, dns.rdatatype.A),
                                        return_exceptions=True)
         found: list[str] = []
         errors: list[DNSError] = []
@@ -282,7 +286,7 @@ class Resolver:
 
     async def txt_bytes(self, name: str) -> list[bytes]:
         """Like :meth:`txt`, as the raw bytes."""
-        records = await self._lookup(to_name(name), dns.rdatatype.TXT)
+        records = await self._lookup(name, to_name(name), dns.rdatatype.TXT)
         return [b"".join(r.strings) for r in records]  # type: ignore[attr-defined]
 
     async def ptr(self, ip: str) -> list[str]:
@@ -292,7 +296,8 @@ class Resolver:
         except ValueError:
             raise InvalidName(repr(ip), "PTR", "not an IP address") from None
         qname = dns.reversename.from_address(str(address))
-        return [_text(r.target) for r in await self._lookup(qname, dns.rdatatype.PTR)]  # type: ignore[attr-defined]
+        records = await self._lookup(str(qname), qname, dns.rdatatype.PTR)
+        return [_text(r.target) for r in records]  # type: ignore[attr-defined]
 
     async def exists(self, name: str) -> bool:
         """Whether ``name`` exists at all, with any record (RFC 9091 for DMARC ``np``).
@@ -300,7 +305,7 @@ class Resolver:
         :raises TempError: if that could not be found out.
         """
         try:
-            await self._lookup(to_name(name), dns.rdatatype.A)
+            await self._lookup(name, to_name(name), dns.rdatatype.A)
         except NoData:
             return True
         except NXDomain:
@@ -316,7 +321,7 @@ class Resolver:
             raise ValueError(f"unknown DNS record type {rdtype!r}") from None
         if qtype in _META_TYPES:
             raise ValueError(f"{dns.rdatatype.to_text(qtype)} is not a record type one can look up")
-        return [r.to_text() for r in await self._lookup(to_name(name), qtype)]
+        return [r.to_text() for r in await self._lookup(name, to_name(name), qtype)]
 
     async def dkim_dnsfunc(self, name: bytes, timeout: float = 5) -> bytes:
         """dkimpy's async ``dnsfunc``: the key record at ``name``, or ``b""``.
@@ -332,7 +337,7 @@ class Resolver:
             return b""
         try:
             qname = to_name(text)
-            entry = self._cached((qname, dns.rdatatype.TXT))
+            entry = self._cached((text, dns.rdatatype.TXT))
             if entry is not None:  # answered from the cache: no time limit to set up
                 cached = entry.unwrap(qname, dns.rdatatype.TXT)
                 return b"".join(cached[0].strings) if cached else b""  # type: ignore[attr-defined]
@@ -350,9 +355,10 @@ class Resolver:
         """Forget every cached answer (lookups under way still finish)."""
         self._cache.clear()
 
-    async def _lookup(self, qname: dns.name.Name,
+    async def _lookup(self, name: str, qname: dns.name.Name,
                       rdtype: dns.rdatatype.RdataType) -> tuple[dns.rdata.Rdata, ...]:
-        key = (qname, int(rdtype))
+        """The records of ``qname`` (``to_name(name)``), cached under ``name``."""
+        key = (name, int(rdtype))
         entry = self._cached(key)
         if entry is None:
             task = self._inflight.get(key)
@@ -364,7 +370,7 @@ class Resolver:
             entry = await asyncio.shield(task)
         return entry.unwrap(qname, rdtype)
 
-    def _cached(self, key: tuple[dns.name.Name, int]) -> _Entry | None:
+    def _cached(self, key: tuple[str, int]) -> _Entry | None:
         hit = self._cache.get(key)
         if hit is None:
             return None
@@ -375,7 +381,7 @@ class Resolver:
         self._cache.move_to_end(key)
         return entry
 
-    def _landed(self, key: tuple[dns.name.Name, int], task: asyncio.Task[_Entry]) -> None:
+    def _landed(self, key: tuple[str, int], task: asyncio.Task[_Entry]) -> None:
         if self._inflight.get(key) is task:
             del self._inflight[key]
         if task.cancelled() or task.exception() is not None:
@@ -384,7 +390,7 @@ class Resolver:
         if entry.error is not TempError and entry.ttl > 0:
             self._store(key, entry)
 
-    def _store(self, key: tuple[dns.name.Name, int], entry: _Entry) -> None:
+    def _store(self, key: tuple[str, int], entry: _Entry) -> None:
         limit = self.settings.cache_max_entries
         if limit == 0:
             return

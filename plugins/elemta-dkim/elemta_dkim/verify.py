@@ -35,7 +35,7 @@ import functools
 import logging
 import re
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO
@@ -105,9 +105,10 @@ class _Signature:
 
 @dataclass(slots=True)
 class Parsed:
-    """The signatures of one message, parsed, with the dkimpy object holding its header."""
+    """The signatures of one message, parsed, with the message's header fields as dkimpy
+    holds them (``DKIM.headers``)."""
 
-    dkim: dkim.DKIM | None
+    headers: list[list[bytes]] | None
     signatures: list[_Signature]
     skipped: int = 0
 
@@ -117,7 +118,12 @@ def _text(value: bytes) -> str:
 
 
 def _b_prefix(value: bytes) -> str:
-    return WHITESPACE.sub(b"", value)[:B_PREFIX].decode("ascii", "replace")
+    # the first B_PREFIX characters of b= without its white space (a folded value
+    # has some between its first characters: 4 times as many is plenty)
+    prefix = WHITESPACE.sub(b"", value[:4 * B_PREFIX])
+    if len(prefix) < B_PREFIX:
+        prefix = WHITESPACE.sub(b"", value)
+    return prefix[:B_PREFIX].decode("ascii", "replace")
 
 
 # ------------------------------------------------------------------ parsing
@@ -137,20 +143,18 @@ def parse(f: BinaryIO, max_signatures: int, now: float) -> Parsed:
     if b"dkim-signature" not in header.lower():
         return Parsed(None, [])
     try:
-        d = dkim.DKIM(minkey=MIN_RSA_BITS)
-        d.headers = header_fields(header)   # what dkim.DKIM(header) parses, faster
+        headers = header_fields(header)   # what dkim.DKIM(header) parses, faster
     except dkim.MessageFormatError as e:
         return Parsed(None, [_Signature(0, Checked(
             "neutral", "the header section is malformed, no signature can be checked: "
             f"{_clean(e)}"),
             decided=True)])
-    fields = [(name, value) for name, value in d.headers if name.lower() == b"dkim-signature"]
-    out = [_parse_one(d, i, fields[i], now) for i in range(min(len(fields), max_signatures))]
-    return Parsed(d, out, skipped=max(0, len(fields) - max_signatures))
+    fields = [(name, value) for name, value in headers if name.lower() == b"dkim-signature"]
+    out = [_parse_one(i, fields[i], now) for i in range(min(len(fields), max_signatures))]
+    return Parsed(headers, out, skipped=max(0, len(fields) - max_signatures))
 
 
-def _parse_one(d: dkim.DKIM, index: int, header: tuple[bytes, bytes],
-               now: float) -> _Signature:
+def _parse_one(index: int, header: tuple[bytes, bytes], now: float) -> _Signature:
     sig = _Signature(index, Checked("neutral"), header=header)
     try:
         tags = tag_list(header[1])
@@ -229,7 +233,7 @@ def check(parsed: Parsed, records: dict[bytes, bytes | BaseException],
     """
     for sig in parsed.signatures:
         if not sig.decided:
-            _check_one(parsed.dkim, sig, records.get(sig.key_name, b""), hashes,
+            _check_one(parsed.headers, sig, records.get(sig.key_name, b""), hashes,
                        partial_body_result)
             if sig.testing:  # t=y: reported as it is, with a note
                 c = sig.checked
@@ -237,7 +241,7 @@ def check(parsed: Parsed, records: dict[bytes, bytes | BaseException],
     return [sig.checked for sig in parsed.signatures]
 
 
-def _check_one(d: dkim.DKIM | None, sig: _Signature, record: bytes | BaseException,
+def _check_one(headers: list[list[bytes]] | None, sig: _Signature, record: bytes | BaseException,
                hashes: dict[BodyHashSpec, BodyHash], partial_body_result: str) -> None:
     name = _text(sig.key_name).rstrip(".")
     if isinstance(record, BaseException):
@@ -303,7 +307,7 @@ def _check_one(d: dkim.DKIM | None, sig: _Signature, record: bytes | BaseExcepti
             sig.decide("permerror", f"the RSA key at {name} is not a sensible key "
                        f"({keysize} bits); not checked")
             return
-    assert sig.spec is not None and d is not None
+    assert sig.spec is not None and headers is not None
     body = hashes[sig.spec]
     length = sig.spec.length
     if length is not None and length > body.total:
@@ -318,13 +322,15 @@ def _check_one(d: dkim.DKIM | None, sig: _Signature, record: bytes | BaseExcepti
     if expected != body.digest:
         sig.decide("fail", "body hash mismatch: the body was changed after signing")
         return
-    d.pk, d.keysize, d.ktag, d.seqtlsrpt = pk, keysize, ktag, False
     # the body is checked above; only the header hash and the signature are left
     header_only = {k: v for k, v in sig.tags.items() if k != b"bh"}
     try:
         if ktag == b"rsa":
-            ok = _rsa_verified(d, header_only, list(sig.include), sig.header, pk)
+            ok = _rsa_verified(headers, header_only, list(sig.include), sig.header, pk)
         else:
+            d = dkim.DKIM(minkey=MIN_RSA_BITS)
+            d.headers = headers
+            d.pk, d.keysize, d.ktag, d.seqtlsrpt = pk, keysize, ktag, False
             ok = d.verify_sig_process(header_only, list(sig.include), sig.header, None)
     except Exception as e:  # a malformed b=, a key that does not fit: never a pass
         log.debug("dkim: signature %d (d=%s) cannot be checked", sig.index,
@@ -396,7 +402,7 @@ def _relaxed(name: bytes, value: bytes) -> tuple[bytes, bytes]:
     return name.lower().rstrip(), value.strip() + b"\r\n"
 
 
-def hash_headers(hasher: Any, relaxed: bool, headers: list[tuple[bytes, bytes]],
+def hash_headers(hasher: Any, relaxed: bool, headers: Sequence[Sequence[bytes]],
                  include: list[bytes], sig_header: tuple[bytes, bytes]) -> None:
     """Hash the signed header fields and the signature field (with an empty ``b=``) as
     dkimpy's ``hash_headers`` does, canonicalizing only the fields it selects: for each
@@ -437,7 +443,7 @@ def _rsa_public(e: int, n: int) -> Any:
     return rsa.RSAPublicNumbers(e, n).public_key()
 
 
-def _rsa_verified(d: dkim.DKIM, tags: dict[bytes, bytes], include: list[bytes],
+def _rsa_verified(headers: list[list[bytes]], tags: dict[bytes, bytes], include: list[bytes],
                   sig_header: tuple[bytes, bytes], pk: dict[str, int]) -> bool:
     """The header hash as dkimpy computes it (``verify_sig_process``), and the RSA
     signature checked by OpenSSL (``cryptography``) rather than dkimpy's Python
@@ -450,7 +456,7 @@ def _rsa_verified(d: dkim.DKIM, tags: dict[bytes, bytes], include: list[bytes],
     h = dkim.HASH_ALGORITHMS[tags[b"a"].lower()]()
     if b"from" in include:
         include.append(b"from")    # as dkimpy does: a second From: field breaks the check
-    hash_headers(h, policy.header_algorithm.name == b"relaxed", d.headers, include, sig_header)
+    hash_headers(h, policy.header_algorithm.name == b"relaxed", headers, include, sig_header)
     signature = base64.b64decode(WHITESPACE.sub(b"", tags[b"b"]))
     algorithm = hashes.SHA256() if tags[b"a"].lower() == b"rsa-sha256" else hashes.SHA1()
     public = _rsa_public(pk["publicExponent"], pk["modulus"])

@@ -11,6 +11,7 @@ Pure functions, no I/O except reading a Public Suffix List file when asked to.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ _LABEL = re.compile(r"[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?\Z")
 _MAX_NAME = 253
 
 
+@functools.lru_cache(maxsize=4096)   # the same few domains, message after message
 def normalize_domain(value: str) -> str | None:
     """``value`` as lower-case A-labels without the final dot, or ``None`` when it is
     not a domain name (empty, a ``[domain literal]``, an IP address, bad labels).
@@ -100,9 +102,13 @@ class OrganizationalDomains:
         self.private = private
         self.version = _version(data)
         self.path = source
+        self._of = functools.lru_cache(maxsize=4096)(self._organizational)
 
     def of(self, domain: str) -> str:
         """The Organizational Domain of a normalized ``domain`` (itself for a public suffix)."""
+        return self._of(domain)
+
+    def _organizational(self, domain: str) -> str:
         return self._psl.privatesuffix(domain) or domain
 
     def is_public_suffix(self, domain: str) -> bool:
