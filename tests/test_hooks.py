@@ -234,6 +234,74 @@ async def test_hook_message_auth(elemta_server):
             "\r\n\tdkim=none") in head
 
 
+async def test_message_auth_answers_keep_plugin_order_whether_or_not_they_wait(elemta_server):
+    """Calls that answer at once (a plain def, an async def that never waits) and calls
+    that wait are collected in plugin order; the waiting ones still overlap."""
+    class Plain:
+        @hookimpl
+        def message_auth(self):
+            return AuthResult("arc", "none")
+
+    class Cached:
+        @hookimpl
+        async def message_auth(self):
+            return AuthResult("spf", "pass")
+
+    def waiting(method, seconds):
+        class Waits:
+            @hookimpl
+            async def message_auth(self):
+                await asyncio.sleep(seconds)
+                return AuthResult(method, "pass")
+        return Waits()
+
+    server = await elemta_server(plugins=[("w1", waiting("dkim", 0.3)), ("plain", Plain()),
+                                          ("cached", Cached()), ("w2", waiting("iprev", 0.3))])
+    start = time.monotonic()
+    assert (await send(server)).code == 250
+    assert time.monotonic() - start < 0.55
+    [env] = spooled(server)
+    head = header_block(content(server, env["id"])).decode()
+    assert ("mx.example.test;\r\n\tdkim=pass;\r\n\tarc=none;\r\n\tspf=pass;"
+            "\r\n\tiprev=pass") in head
+
+
+async def test_a_plugin_failing_at_once_lets_the_waiting_ones_finish(elemta_server, caplog):
+    finished = []
+
+    class Fails:
+        @hookimpl
+        async def message_auth(self):
+            raise ValueError("parser bug")
+
+    class Waits:
+        @hookimpl
+        async def message_auth(self):
+            await asyncio.sleep(0.1)
+            finished.append(True)
+            return AuthResult("spf", "pass")
+
+    server = await elemta_server(plugins=[("waits", Waits()), ("fails", Fails())])
+    assert str(await send(server)).startswith("451 4.3.0")
+    assert finished == [True] and spooled(server) == []
+    assert "plugin fails raised in hook message_auth: ValueError: parser bug" in caplog.text
+
+
+async def test_a_plugin_that_waits_twice_is_still_under_its_time_limit(elemta_server, caplog):
+    class Hangs:
+        @hookimpl
+        async def message_auth(self):
+            await asyncio.sleep(0)      # its first step ends here; the limit still holds
+            await asyncio.sleep(60)
+
+    server = await elemta_server({"plugins": {"timeouts": {"bad": 0.3}}},
+                                 plugins=[("bad", Hangs())])
+    start = time.monotonic()
+    assert str(await send(server)).startswith("451 4.3.0")
+    assert time.monotonic() - start < 5
+    assert "plugin bad timed out in hook message_auth after 0.3s" in caplog.text
+
+
 async def test_hook_data(elemta_server):
     seen = []
 
