@@ -98,6 +98,7 @@ class HookCaller:
         self._histogram = histogram
         self._cache: dict[str, tuple[Impl, ...]] = {}
         self._specs: dict[str, Dispatch] = {}
+        self._deadlines = Deadlines()
 
     def impls(self, hook: str) -> tuple[Impl, ...]:
         """The implementations of ``hook`` in call order."""
@@ -242,18 +243,19 @@ class HookCaller:
     async def _await(self, hook: str, impl: Impl, awaitable: Any) -> Any:
         """Await an implementation's result under its timeout."""
         start = time.perf_counter()
+        limit = self._deadlines.start(impl.timeout)
         try:
-            async with asyncio.timeout(impl.timeout):
-                return await awaitable
-        except TimeoutError:
+            return await awaitable
+        except asyncio.CancelledError:
+            if not self._deadlines.expired(limit):
+                raise
             log.error("plugin %s timed out in hook %s after %.1fs", impl.plugin, hook,
                       impl.timeout)
             raise HookFailure(hook, impl.plugin, f"timed out after {impl.timeout:g}s") from None
-        except asyncio.CancelledError:
-            raise
         except Exception as e:
             raise self._raised(hook, impl, e) from e
         finally:
+            self._deadlines.end(limit)
             if impl.observe is not None:
                 impl.observe(time.perf_counter() - start)
 
@@ -278,3 +280,65 @@ class HookCaller:
                   hook, allowed)
         return HookFailure(hook, impl.plugin, f"returned {type(result).__name__}, "
                            f"allowed: {allowed}")
+
+
+class _Limit:
+    __slots__ = ("task", "deadline", "cancelling", "fired")
+
+    def __init__(self, task: asyncio.Task[Any], deadline: float, cancelling: int) -> None:
+        self.task = task
+        self.deadline = deadline
+        self.cancelling = cancelling    # the task's cancel requests when the call began
+        self.fired = False              # the limit cancelled the task
+
+
+class Deadlines:
+    """The time limits of hook calls under way, enforced by one timer for all of them.
+
+    ``asyncio.timeout`` schedules and cancels a timer per call, about 10 µs
+    each, several times a message; most calls answer at once. Here a call
+    adds itself to a set; a timer running every :attr:`TICK` seconds while calls
+    are under way cancels the task of each call past its deadline, as
+    ``asyncio.timeout`` would (so a limit fires up to one tick late).
+    """
+
+    TICK = 0.05
+
+    def __init__(self) -> None:
+        self._limits: set[_Limit] = set()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._timer: asyncio.TimerHandle | None = None
+
+    def start(self, seconds: float) -> _Limit:
+        loop = asyncio.get_running_loop()
+        if loop is not self._loop:      # another loop (tests): what was here is gone
+            self._loop, self._timer = loop, None
+            self._limits.clear()
+        task = asyncio.current_task()
+        assert task is not None, "hooks are awaited in a task"
+        limit = _Limit(task, loop.time() + seconds, task.cancelling())
+        self._limits.add(limit)
+        if self._timer is None:
+            self._timer = loop.call_later(self.TICK, self._sweep)
+        return limit
+
+    def expired(self, limit: _Limit) -> bool:
+        """Whether the CancelledError under way is the limit's, not someone else's."""
+        if not limit.fired:
+            return False
+        limit.fired = False
+        return limit.task.uncancel() <= limit.cancelling
+
+    def end(self, limit: _Limit) -> None:
+        self._limits.discard(limit)
+        if limit.fired:                 # fired as the call ended: take the request back
+            limit.fired = False
+            limit.task.uncancel()
+
+    def _sweep(self) -> None:
+        assert self._loop is not None
+        now = self._loop.time()
+        for limit in [lim for lim in self._limits if lim.deadline <= now and not lim.fired]:
+            limit.fired = True
+            limit.task.cancel()
+        self._timer = self._loop.call_later(self.TICK, self._sweep) if self._limits else None
