@@ -87,11 +87,16 @@ class _Missing(BaseException):
 
 
 class _Replay:
-    """pyspf's DNS function for one run of one evaluation: the answers gathered so far."""
+    """pyspf's DNS function for one run of one evaluation: the answers gathered so far,
+    and those the resolver holds in its cache (asked at once, up to ``limit`` answers
+    in all), so that a policy whose answers are all cached is evaluated once."""
 
-    def __init__(self, answers: dict[tuple[str, str], list[Any] | Exception]) -> None:
+    def __init__(self, answers: dict[tuple[str, str], list[Any] | Exception],
+                 resolver: Resolver | None = None, limit: int = 0) -> None:
         self.answers = answers
         self.missing: list[tuple[str, str]] = []
+        self.resolver = resolver
+        self.limit = limit
 
     def __call__(self, name: str, qtype: str, strict: Any = True,
                  timeout: float | None = None) -> list[tuple[tuple[str, str], Any]]:
@@ -100,6 +105,10 @@ class _Replay:
             raise spf.TempError(f"refusing to look up {qtype} records for {name}")
         key = (name.lower(), qtype)
         found = self.answers.get(key)
+        if found is None and self.resolver is not None and len(self.answers) < self.limit:
+            found = _answer_now(self.resolver, *key)
+            if found is not None:
+                self.answers[key] = found
         if found is None:
             self.missing.append(key)
             raise _Missing(key)
@@ -137,6 +146,20 @@ async def _ask(resolver: Resolver, name: str, qtype: str) -> list[Any]:
         # any other DNS error class the resolver may grow is not an answer
         raise TempError(e.name, e.rdtype, e.reason) from None
     raise AssertionError(qtype)
+
+
+def _answer_now(resolver: Resolver, name: str, qtype: str) -> list[Any] | Exception | None:
+    """What :func:`_ask` answers, if the resolver answers without waiting (from its
+    cache); ``None`` if it would wait (its lookup goes on, shared, for whoever waits)."""
+    asking = _ask(resolver, name, qtype)
+    try:
+        asking.send(None)
+    except StopIteration as done:
+        return done.value  # type: ignore[no-any-return]
+    except TempError as e:
+        return spf.TempError(f"DNS lookup failed: {e}")
+    asking.close()
+    return None
 
 
 def _hostname(text: str) -> str:
@@ -337,7 +360,7 @@ class SpfChecker:
         known so far). Most mail comes from senders whose records are cached."""
         answers: dict[tuple[str, str], list[Any] | Exception] = {}
         while True:
-            replay = _Replay(answers)
+            replay = _Replay(answers, self.resolver, self.MAX_QUESTIONS)
             outcome = self._evaluate(replay, ip, sender, helo, local, domain)
             if not replay.missing:
                 return outcome, answers
@@ -345,18 +368,12 @@ class SpfChecker:
                 return (f"SPF evaluation asked more than {self.MAX_QUESTIONS} DNS "
                         "questions"), answers
             for name, qtype in dict.fromkeys(replay.missing):
-                asking = _ask(self.resolver, name, qtype)
-                try:
-                    asking.send(None)
-                except StopIteration as done:
-                    answers[(name, qtype)] = done.value
-                except TempError as e:
-                    answers[(name, qtype)] = spf.TempError(f"DNS lookup failed: {e}")
-                else:
+                found = _answer_now(self.resolver, name, qtype)
+                if found is None:
                     # the resolver is asking a server: that lookup goes on (its answer
                     # is shared), and the check waits for it on its own task
-                    asking.close()
                     return None, answers
+                answers[(name, qtype)] = found
 
     async def _waited(self, client: str, sender: str, helo: str, local: str, domain: str,
                       known: dict[Any, Any], started: float,
@@ -401,7 +418,7 @@ class SpfChecker:
             async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
                 async with self._slots:
                     while True:
-                        replay = _Replay(answers)
+                        replay = _Replay(answers, self.resolver, self.MAX_QUESTIONS)
                         outcome = self._evaluate(replay, ip, sender, helo, local, domain)
                         if not replay.missing:
                             return outcome
