@@ -120,6 +120,7 @@ class Spool:
         self._syncer = Syncer(self.layout, commit_threads)
         self._segments = Segments(self.layout, self._flags, self.stats, segment_bytes)
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._wake_due = False          # a wake-up of the journal thread is scheduled
         self._durable_callbacks: list[DurableCallback] = []
         self._resident = ResidentMessages(self.layout, self.space, self.stats, self._count)
         # Started on first write, so that read-only users never start threads.
@@ -240,7 +241,13 @@ class Spool:
             job.resident = (not self.visible_on_commit
                             and self._resident.eligible(state, body_path is None))
             self._loop = loop
-            writer.submit(job)
+            # the journal thread is woken once per turn of the event loop, with every
+            # commit of that turn: sessions that reach the spool together share a batch
+            # (one write, one fsync) instead of the first waking the thread alone
+            writer.submit(job, wake=False)
+            if not self._wake_due:
+                self._wake_due = True
+                loop.call_soon(self._wake_writer, writer)
             await fut
         finally:
             incoming.discard()
@@ -255,6 +262,10 @@ class Spool:
             incoming.discard()
             raise
         await self.commit(incoming, envelope, state=state)
+
+    def _wake_writer(self, writer: JournalWriter) -> None:
+        self._wake_due = False
+        writer.wake_for_pending()
 
     def _check_writable(self) -> JournalWriter:
         if self._closed:

@@ -73,10 +73,17 @@ class JournalWriter:
 
     # ------------------------------------------------------------------ from the event loop
 
-    def submit(self, job: Job) -> None:
+    def submit(self, job: Job, wake: bool = True) -> None:
+        """Queue ``job`` for the next batch; ``wake=False`` leaves waking the thread to
+        :meth:`wake_for_pending`."""
         with self._cond:
             self._pending.append(job)
-            if self._idle:
+            if wake and self._idle:
+                self._cond.notify()
+
+    def wake_for_pending(self) -> None:
+        with self._cond:
+            if self._idle and self._pending:
                 self._cond.notify()
 
     def request_checkpoint(self, done: concurrent.futures.Future[None]) -> None:
