@@ -140,6 +140,14 @@ class AuthorDomains:
         return self.domains[0] if self.problem is None else None
 
 
+_ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]"
+_ADDRESS = rf"{_ATEXT}+(?:\.{_ATEXT}+)*@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*"
+# the usual From: fields, "Name <local@domain>" and "local@domain", with a display name
+# of atoms only: no quotes, comments, groups, encoded commas or second mailbox
+_SIMPLE_FROM = re.compile(
+    rf"[ \t]*(?:[A-Za-z0-9!#$%&'*+/=?^_`{{|}}~ \t-]*<({_ADDRESS})>|({_ADDRESS}))[ \t]*")
+
+
 def author_domains(from_fields: Sequence[str]) -> AuthorDomains:
     """The Author Domain(s) of a message whose ``From:`` fields are ``from_fields``.
 
@@ -152,7 +160,11 @@ def author_domains(from_fields: Sequence[str]) -> AuthorDomains:
     """
     if not from_fields:
         return AuthorDomains((), "the message has no From: header field")
-    mailboxes = getaddresses(list(from_fields))
+    simple = _SIMPLE_FROM.fullmatch(from_fields[0]) if len(from_fields) == 1 else None
+    if simple is not None:   # what getaddresses answers for it, without its parser
+        mailboxes = [("", simple.group(1) or simple.group(2))]
+    else:
+        mailboxes = getaddresses(list(from_fields))
     domains: list[str] = []
     bad: list[str] = []
     for _, address in mailboxes:

@@ -143,3 +143,39 @@ def test_rfc7489_6_6_1_an_unusable_address_next_to_a_good_one_is_a_problem():
     authors = author_domains(["alice@example.org, garbage"])
     assert authors.problem is not None and "garbage" in authors.problem
     assert authors.domains == ("example.org",)
+
+
+def test_the_usual_from_fields_read_as_the_email_parser_reads_them():
+    """The fast reading of "Name <a@b>" and "a@b" gives what getaddresses gives, and
+    anything else still goes to getaddresses."""
+    import random
+    from email.utils import getaddresses
+
+    from elemta_dmarc.domains import _SIMPLE_FROM
+
+    rng = random.Random(7489)
+    chars = list("aZ09 \t.-+=?'_\"(),;:\\<>@[]") + ["é", "=?utf-8?q?x?=", ".."]
+
+    def word(n):
+        return "".join(rng.choice(chars) if rng.random() < 0.3 else rng.choice("abcXY")
+                       for _ in range(rng.randrange(n)))
+
+    matched = 0
+    for _ in range(30000):
+        address = f"{word(6)}@{word(6)}"
+        value = rng.choice([f"{word(8)}<{address}>{word(2)}", address,
+                            f" {address} ", f"{word(3)} <{address}>"])
+        m = _SIMPLE_FROM.fullmatch(value)
+        if m is None:
+            continue
+        matched += 1
+        assert [a for _, a in getaddresses([value])] == [m.group(1) or m.group(2)], value
+    assert matched > 300
+    for value in ["Sender <sender@example.org>", "sender@example.org", " <a@b.example> ",
+                  "Dr. Who <who@example.org>", '"a@evil.example" <b@good.example>',
+                  "a@b.example, c@d.example", "(comment) a@b.example"]:
+        m = _SIMPLE_FROM.fullmatch(value)
+        if m is not None:
+            assert [a for _, a in getaddresses([value])] == [m.group(1) or m.group(2)]
+    assert _SIMPLE_FROM.fullmatch('"a@evil.example" <b@good.example>') is None
+    assert _SIMPLE_FROM.fullmatch("a@b.example, c@d.example") is None
