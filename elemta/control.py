@@ -351,16 +351,19 @@ def apply_offline(spool: Spool, cmd: str, ids: list[str] | None,
     if cmd == "retry" and ids is None:
         ids = sorted(spool.ids_in("deferred"))
     assert ids is not None
-    for queue_id in dict.fromkeys(ids):
-        with result.recording(queue_id):
-            if cmd == "hold":
-                queue.hold(queue_id, reason)
-            elif cmd == "release":
-                queue.release(queue_id)
-            elif cmd == "retry":
-                queue.make_due(queue_id, now)
-            elif cmd == "delete":
-                queue.delete(queue_id)
-            else:
-                raise ValueError(f"{cmd} needs the running server")
+    try:
+        for queue_id in dict.fromkeys(ids):
+            with result.recording(queue_id):
+                if cmd == "hold":
+                    queue.hold(queue_id, reason)
+                elif cmd == "release":
+                    queue.release(queue_id)
+                elif cmd == "retry":
+                    queue.make_due(queue_id, now)
+                elif cmd == "delete":
+                    queue.delete(queue_id)
+                else:
+                    raise ValueError(f"{cmd} needs the running server")
+    finally:
+        spool.finish_removals()  # the files of deleted messages, before the command exits
     return result

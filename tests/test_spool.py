@@ -388,6 +388,43 @@ async def test_recover_removes_tmp_leftovers_and_orphan_content(spool: Spool) ->
     assert files_in(spool.messages_dir) == [kept]
 
 
+async def test_remove_takes_the_message_away_at_once_and_its_files_soon_after(
+        spool: Spool) -> None:
+    qid = await commit_message(spool)
+    kept = await commit_message(spool)
+
+    spool.remove(qid, "ready")
+
+    assert spool.ids_in("ready") == [kept]
+    assert spool.counts()["ready"] == 1
+    with pytest.raises(KeyError):
+        spool.load(qid)
+    await spool.close()    # what the remover thread had left is unlinked before close returns
+    assert files_in(spool.tmp_dir) == []
+    assert files_in(spool.messages_dir) == [kept]
+
+
+async def test_a_removal_cut_short_by_a_crash_stays_removed(spool: Spool,
+                                                            monkeypatch) -> None:
+    """Killed after the envelope left its state directory but before the unlinks: the
+    next start deletes what is left, and the message is not delivered again."""
+    qid = await commit_message(spool)
+    kept = await commit_message(spool)
+    await spool.checkpoint()
+    monkeypatch.setattr(spool._remover, "unlink_later", lambda path: None)
+
+    spool.remove(qid, "ready")
+    spool._crash_for_tests()
+
+    assert (spool.tmp_dir / f"{qid}.removed").exists() and spool.message_path(qid).exists()
+    again = Spool(spool.root)
+    assert again.recover() == {"ready": 1, "deferred": 0, "hold": 0, "failed": 0}
+    assert again.ids_in("ready") == [kept]
+    assert files_in(spool.tmp_dir) == []
+    assert files_in(spool.messages_dir) == [kept]
+    await again.close()
+
+
 async def test_recover_moves_an_envelope_without_content_to_failed(
         spool: Spool, caplog: pytest.LogCaptureFixture) -> None:
     qid = await commit_message(spool)

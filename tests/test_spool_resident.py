@@ -132,7 +132,9 @@ async def test_a_partial_delivery_is_kept_in_memory_and_written_out_at_sealing(
         with spool.content(queue_id) as path:               # from its file now
             assert path == spool.message_file(queue_id)
         spool.remove(queue_id, "ready")
-        assert files_in(spool.state_dir("ready")) == [] and files_in(spool.messages_dir) == []
+        assert files_in(spool.state_dir("ready")) == []
+        spool.finish_removals()
+        assert files_in(spool.messages_dir) == []
     finally:
         await spool.close()
 

@@ -51,6 +51,7 @@ from .envelope import STATES, Envelope, parse_envelope
 from .incoming import IncomingMessage
 from .layout import InvalidQueueId, Layout, check_id, is_queue_id
 from .recovery import recover, replay_segments
+from .remover import Remover
 from .replay import Syncer
 from .segments import Segments, close_quietly
 from .space import SpaceMonitor
@@ -121,6 +122,7 @@ class Spool:
         self._segments = Segments(self.layout, self._flags, self.stats, segment_bytes)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wake_due = False          # a wake-up of the journal thread is scheduled
+        self._remover = Remover()
         self._durable_callbacks: list[DurableCallback] = []
         self._resident = ResidentMessages(self.layout, self.space, self.stats, self._count)
         # Started on first write, so that read-only users never start threads.
@@ -414,6 +416,7 @@ class Spool:
             self._checkpointer = None
         self._resident.close()
         self._syncer.close()
+        self._remover.close()
 
     # ------------------------------------------------------------------ tests
 
@@ -440,6 +443,7 @@ class Spool:
             checkpointer.shutdown()
         self._writer = self._writeout = self._checkpointer = None
         self._closed = True
+        self._remover.abandon()
         self._resident.close()
         spare = self._segments.take_spare()
         segments = [writer and writer.active, spare, *(checkpointer.sealed if checkpointer else ())]
@@ -558,19 +562,27 @@ class Spool:
         self._count(to_state, +1)
 
     def remove(self, queue_id: str, state: str) -> None:
-        """Delete a message: envelope first (it is the commit marker), then content.
+        """Delete a message: envelope first (it is the commit marker), then content;
+        the envelope is moved out of its state directory at once, the files are
+        unlinked by a thread.
 
         A resident message is retired: a retire record keeps replay from bringing
         it back, and if it never had files, none are touched.
         """
         if self._resident.remove(queue_id, state):
             return
-        os.unlink(self.layout.envelope(state, queue_id))
+        # gone for every reader once renamed; the unlinks, each costing a hundred
+        # microseconds on a disk, are left to a thread (remover.py)
+        removed = self.layout.tmp_file(queue_id, "removed")
+        os.rename(self.layout.envelope(state, queue_id), removed)
         self._count(state, -1)
-        try:
-            os.unlink(self.layout.content(queue_id))
-        except FileNotFoundError:
-            pass
+        self._remover.unlink_later(removed)
+        self._remover.unlink_later(self.layout.content(queue_id))
+
+    def finish_removals(self) -> None:
+        """Wait until the files of every message removed so far are unlinked (a command
+        line that removed messages, before it exits; :meth:`close` does it too)."""
+        self._remover.close()
 
     @contextlib.contextmanager
     def content(self, queue_id: str) -> Iterator[str]:
