@@ -71,6 +71,7 @@ class App:
         self.servers: dict[str, Listening] = {}
         self._bound: dict[str, list[socket.socket]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
+        self.queue_counted: asyncio.Task[None] | None = None   # the start-up count of the queue
         self.metrics_server: MetricsServer | None = None
         self.runner: Runner | None = None
         self.control: ControlServer | None = None
@@ -231,18 +232,11 @@ class App:
                  ", ".join(f"{k}={n}" for k, n in counts.items()))
 
     async def _count_queue(self) -> None:
-        """``smtp_queue_size``: the spool read once, after recovery; events keep it since
-        (``default_metrics``), and what the server queues itself (bounces, notices,
-        :meth:`queue_message`) is added when it becomes durable."""
+        """``smtp_queue_size``: the spool read once, after recovery, in the background
+        (:meth:`_scan_queue`: a full queue is not read before the server starts); events
+        keep it since (``default_metrics``), and what the server queues itself
+        (bounces, notices, :meth:`queue_message`) is added when it becomes durable."""
         queue = self.metrics.queue_size
-
-        def scan() -> list[tuple[str, str, list[str]]]:
-            return [(env.id, state, [r.address for r in env.pending()])
-                    for state, env in self.spool.iter_envelopes()
-                    if state in queue.STATUSES]
-
-        for queue_id, state, pending in await asyncio.to_thread(scan):
-            queue.set(queue_id, state, pending)
 
         def durable(entries: list[tuple[str, str]]) -> None:
             for queue_id, state in entries:
@@ -257,6 +251,28 @@ class App:
         self.spool.on_durable(durable)
         if self.settings.delivery.enabled:  # small messages reach the runner at once
             self.spool.on_journaled(lambda ids: durable([(i, "ready") for i in ids]))
+        queue.begin_count()
+        self.queue_counted = asyncio.get_running_loop().create_task(self._scan_queue())
+        self._tasks.add(self.queue_counted)
+        self.queue_counted.add_done_callback(self._tasks.discard)
+
+    async def _scan_queue(self) -> None:
+        """Count what the spool held at start-up into ``smtp_queue_size``; a message an
+        event changed meanwhile is left as the event set it."""
+        queue = self.metrics.queue_size
+
+        def scan() -> list[tuple[str, str, list[str]]]:
+            return [(env.id, state, [r.address for r in env.pending()])
+                    for state, env in self.spool.iter_envelopes()
+                    if state in queue.STATUSES]
+
+        try:
+            for queue_id, state, pending in await asyncio.to_thread(scan):
+                queue.counted(queue_id, state, pending)
+        except Exception:  # a gauge must not stop the server
+            log.exception("cannot count the queue for smtp_queue_size")
+        finally:
+            queue.end_count()
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)

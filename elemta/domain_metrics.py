@@ -85,6 +85,8 @@ class QueueSize:
         self._messages: dict[str, tuple[str, tuple[str, ...]]] = {}
         self._shapes: dict[tuple[str, tuple[str, ...]], tuple[str, tuple[str, ...]]] = {}
         self._children: dict[tuple[str, str], Any] = {}
+        # while the spool is counted at start-up: the messages events changed meanwhile
+        self._touched: set[str] | None = None
 
     def __contains__(self, queue_id: str) -> bool:
         return queue_id in self._messages
@@ -92,8 +94,23 @@ class QueueSize:
     def __len__(self) -> int:
         return len(self._messages)
 
+    def begin_count(self) -> None:
+        """The spool is being counted (:meth:`counted`); events are noted meanwhile."""
+        self._touched = set()
+
+    def counted(self, queue_id: str, status: str, pending: Iterable[str]) -> None:
+        """What the start-up count found, unless an event changed the message since."""
+        if self._touched is not None and queue_id in self._touched:
+            return
+        self.set(queue_id, status, pending)
+
+    def end_count(self) -> None:
+        self._touched = None
+
     def set(self, queue_id: str, status: str, pending: Iterable[str]) -> None:
         """Message ``queue_id`` is in ``status`` with these pending recipient addresses."""
+        if self._touched is not None:
+            self._touched.add(queue_id)
         if status not in self.STATUSES:
             self.remove(queue_id)
             return
@@ -116,11 +133,15 @@ class QueueSize:
 
     def moved(self, queue_id: str, status: str) -> None:
         """The message moved to another spool state without changing its recipients."""
+        if self._touched is not None:
+            self._touched.add(queue_id)
         old = self._messages.get(queue_id)
         if old is not None and old[0] != status:
             self.set(queue_id, status, (f"@{d}" for d in old[1]))
 
     def remove(self, queue_id: str) -> None:
+        if self._touched is not None:
+            self._touched.add(queue_id)
         old = self._messages.pop(queue_id, None)
         if old is not None:
             self._add(old, -1)

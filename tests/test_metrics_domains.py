@@ -220,6 +220,7 @@ async def test_queue_size_is_counted_from_the_spool_at_start_up(elemta_server):
     await first.app.stop(grace=1)
 
     second = await elemta_server({**CONFIG, "spool": {"path": str(spool)}})
+    await second.app.queue_counted          # counted in the background after start-up
     got = await scrape(second)
     assert queue(got, "example.test", "ready") == 2
     assert queue(got, "partner.example", "ready") == 1
@@ -301,3 +302,25 @@ async def test_quarantined_message_waits_in_hold(elemta_server):
     assert (queue(got, "example.test", "hold"), queue(got, "other", "hold")) == (1, 1)
     assert queue(got, "example.test", "ready") == 0
     agrees_with_spool(server, got)
+
+
+def test_the_start_up_count_leaves_what_events_changed_meanwhile():
+    """The spool is counted in the background: a message delivered, moved or changed by
+    an event while it is counted keeps what the event said."""
+    from prometheus_client import CollectorRegistry, Gauge
+
+    from elemta.domain_metrics import QueueSize
+
+    gauge = Gauge("q", "q", ["domain", "status"], registry=CollectorRegistry())
+    queue = QueueSize(gauge, lambda d: d or "none")
+    queue.begin_count()
+    queue.remove("DELIVERED")                       # delivered before the count saw it
+    queue.set("CHANGED", "deferred", ["a@b.example"])
+    queue.counted("DELIVERED", "ready", ["x@b.example"])
+    queue.counted("CHANGED", "ready", ["a@b.example", "c@d.example"])
+    queue.counted("UNTOUCHED", "hold", ["e@f.example"])
+    queue.end_count()
+    assert "DELIVERED" not in queue and len(queue) == 2
+    assert gauge.labels(domain="b.example", status="deferred")._value.get() == 1
+    assert gauge.labels(domain="b.example", status="ready")._value.get() == 0
+    assert gauge.labels(domain="f.example", status="hold")._value.get() == 1
