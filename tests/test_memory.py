@@ -106,17 +106,27 @@ async def test_idle_tls_sessions_cost_under_100_kib_each_and_are_given_back(tmp_
 
 
 def test_the_trimmer_trims_once_sessions_fell_to_half_of_a_peak_worth_it():
-    from elemta.memory import TRIM_AFTER_PEAK, Trimmer
+    from elemta.memory import MIN_INTERVAL_SECONDS, TRIM_AFTER_PEAK, Trimmer
 
     calls = []
-    trimmer = Trimmer(trim=lambda pad: calls.append(pad) or 1)
+    now = [1000.0]
+    trimmer = Trimmer(trim=lambda pad: calls.append(pad) or 1, clock=lambda: now[0])
     for n in range(1, TRIM_AFTER_PEAK // 2):
         trimmer.opened(n)
-    assert not trimmer.closed(0)  # a small peak is not worth it
+    assert trimmer.closed(0) is None  # a small peak is not worth it
     for n in range(1, 201):
         trimmer.opened(n)
-    assert not trimmer.closed(150)
-    assert trimmer.closed(100)  # half of the peak of 200
-    assert not trimmer.closed(99)  # and not again until a new peak has halved
+    assert trimmer.closed(150) is None
+    assert trimmer.closed(100) == 0.0  # half of the peak of 200: now
+    assert trimmer.closed(99) is None  # and not again until a new peak has halved
     trimmer.trim()
     assert calls == [0] and trimmer.trims == 1
+    # a steady load that rises and halves again: not before MIN_INTERVAL_SECONDS
+    now[0] += 5
+    for n in range(99, 201):
+        trimmer.opened(n)
+    assert trimmer.closed(100) == MIN_INTERVAL_SECONDS - 5
+    now[0] += MIN_INTERVAL_SECONDS
+    for n in range(100, 201):
+        trimmer.opened(n)
+    assert trimmer.closed(90) == 0.0

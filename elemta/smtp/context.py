@@ -120,11 +120,12 @@ class SMTPContext:
         self._labels(proto.listener.name)[1].dec()  # type: ignore[attr-defined]
         if not self.sessions:
             self._idle.set()
-        if self._trimmer.closed(len(self.sessions)) and not self._trim_pending:
-            # a moment later: the sessions' buffers are freed once their
+        delay = self._trimmer.closed(len(self.sessions))
+        if delay is not None and not self._trim_pending:
+            # a moment later at least: the sessions' buffers are freed once their
             # callbacks have run, and a burst of closes makes one trim
             self._trim_pending = True
-            asyncio.get_running_loop().call_later(1.0, self._trim)
+            asyncio.get_running_loop().call_later(max(1.0, delay), self._trim)
         if proto.conn is not None and self.hooks.impls("disconnect"):
             task = asyncio.get_running_loop().create_task(
                 self.hooks.call("disconnect", session=proto.conn))
