@@ -242,6 +242,8 @@ class Spool:
                       envelope.to_json(), fut, loop)
             job.resident = (not self.visible_on_commit
                             and self._resident.eligible(state, body_path is None))
+            if self._loop is not loop:
+                self._wake_due = False  # a wake-up scheduled on another loop never runs
             self._loop = loop
             # the journal thread is woken once per turn of the event loop, with every
             # commit of that turn: sessions that reach the spool together share a batch
