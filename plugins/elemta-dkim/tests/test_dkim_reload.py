@@ -97,19 +97,26 @@ async def test_after_reload_a_changed_stored_key_signs_the_next_message(
     assert opendkim_verify(namespace, tmp_path, [reloaded.content], records) == [(0, "")]
 
 
-async def test_reload_reads_a_replaced_configured_key_file(
-        elemta_server, elemta_outbox, dns_server, tmp_path, caplog):
-    """The selector stays, the key behind it changes (a key that leaked, replaced in place):
-    after the reload the signature verifies against the new record."""
+async def signing_with_key_file(elemta_server, elemta_outbox, dns_server, tmp_path, key):
+    """A server signing example.com with ``key`` from the key file keys/s.key (published)."""
     folder = tmp_path / "keys"
     folder.mkdir(mode=0o700)
-    first, second = rsa_key(2048), rsa_key(1024, seed=6)
-    write_private_key(folder / "s.key", first)
-    publish(dns_server, "example.com", "s", first)
+    write_private_key(folder / "s.key", key)
+    publish(dns_server, "example.com", "s", key)
     server = await elemta_server(
         config=config(dns_server, tmp_path / "ds.sqlite3", keys_dir=str(folder),
                       keys=[{"domain": "example.com", "selector": "s", "key_file": "s.key"}]),
         enabled=["datasource", "dkim"], outbox=elemta_outbox)
+    return server, folder
+
+
+async def test_reload_reads_a_replaced_configured_key_file(
+        elemta_server, elemta_outbox, dns_server, tmp_path, caplog):
+    """The selector stays, the key behind it changes (a key that leaked, replaced in place):
+    after the reload the signature verifies against the new record."""
+    first, second = rsa_key(2048), rsa_key(1024, seed=6)
+    server, folder = await signing_with_key_file(elemta_server, elemta_outbox, dns_server,
+                                                 tmp_path, first)
     (folder / "s.key").unlink()
     write_private_key(folder / "s.key", second)
     dns_server.remove("s._domainkey.example.com", "TXT")
@@ -130,15 +137,8 @@ async def test_reload_reads_a_replaced_configured_key_file(
 
 async def test_a_key_file_unusable_at_reload_keeps_the_key_in_service(
         elemta_server, elemta_outbox, dns_server, tmp_path, caplog):
-    folder = tmp_path / "keys"
-    folder.mkdir(mode=0o700)
-    key = rsa_key(2048)
-    write_private_key(folder / "s.key", key)
-    publish(dns_server, "example.com", "s", key)
-    server = await elemta_server(
-        config=config(dns_server, tmp_path / "ds.sqlite3", keys_dir=str(folder),
-                      keys=[{"domain": "example.com", "selector": "s", "key_file": "s.key"}]),
-        enabled=["datasource", "dkim"], outbox=elemta_outbox)
+    server, folder = await signing_with_key_file(elemta_server, elemta_outbox, dns_server,
+                                                 tmp_path, rsa_key(2048))
     (folder / "s.key").chmod(0o644)
 
     with caplog.at_level(logging.INFO, logger="elemta.dkim"):
