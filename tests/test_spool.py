@@ -1157,3 +1157,37 @@ def test_the_reserve_refuses_new_mail_and_says_why(small_filesystem) -> None:
     fill(folder, leave=512 << 10)
     spool.space.read(max_age=0)
     assert "below the reserve of 1.0 MiB ([spool] min_free_bytes)" in spool.refusal()
+
+
+def test_removals_past_the_waiting_limit_are_unlinked_at_once(tmp_path: Path,
+                                                              monkeypatch) -> None:
+    """A disk whose unlinks stall must not make the remover's list grow without bound."""
+    import threading
+
+    from elemta.spool import remover as remover_module
+
+    monkeypatch.setattr(remover_module, "MAX_PENDING", 2)
+    release = threading.Event()
+    real_unlink = os.unlink
+
+    def unlink(path):
+        if threading.current_thread().name == "spool-remover":
+            release.wait(10)              # the thread is stuck on the disk
+        real_unlink(path)
+
+    monkeypatch.setattr(remover_module.os, "unlink", unlink)
+    paths = []
+    for i in range(5):
+        paths.append(tmp_path / f"f{i}")
+        paths[-1].write_bytes(b"x")
+    r = remover_module.Remover()
+    r.unlink_later(str(paths[0]))         # taken by the thread, which then stalls
+    deadline = time.monotonic() + 5
+    while r._paths and time.monotonic() < deadline:
+        time.sleep(0.01)
+    for p in paths[1:]:
+        r.unlink_later(str(p))
+    assert [p.exists() for p in paths] == [True, True, True, False, False]
+    release.set()
+    r.close()
+    assert not any(p.exists() for p in paths)

@@ -18,6 +18,11 @@ import threading
 log = logging.getLogger("elemta.spool")
 
 
+#: paths waiting for the thread past which the caller unlinks them itself: a disk whose
+#: unlinks stall (while reads still come from the page cache) must not grow memory
+MAX_PENDING = 100_000
+
+
 class Remover:
     """A thread that unlinks the paths it is handed, in the order given, in batches."""
 
@@ -29,9 +34,14 @@ class Remover:
 
     def unlink_later(self, path: str) -> None:
         with self._cond:
-            self._paths.append(path)
-            if len(self._paths) == 1:
-                self._cond.notify()
+            waiting = len(self._paths)
+            if waiting < MAX_PENDING:
+                self._paths.append(path)
+                if waiting == 0:
+                    self._cond.notify()
+        if waiting >= MAX_PENDING:
+            _unlink(path)
+            return
         if self._thread is None:
             self._thread = threading.Thread(target=self._main, name="spool-remover",
                                             daemon=True)
@@ -63,11 +73,15 @@ class Remover:
                 batch, self._paths = self._paths, []
                 last = self._stopping and not batch
             for path in batch:
-                try:
-                    os.unlink(path)
-                except FileNotFoundError:
-                    pass
-                except OSError as e:  # left for recovery, which removes orphan content
-                    log.warning("spool: cannot remove %s: %s", path, e)
+                _unlink(path)
             if last:
                 return
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    except OSError as e:  # left for recovery, which removes what is in tmp/ and orphan content
+        log.warning("spool: cannot remove %s: %s", path, e)
