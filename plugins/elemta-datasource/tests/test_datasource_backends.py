@@ -18,19 +18,6 @@ from elemta_datasource.sql import SCHEMA_VERSION, PostgresBackend, SQLiteBackend
 from elemta_datasource.static import StaticBackend
 
 
-@pytest.fixture(params=["sqlite", "toml", "postgresql"])
-async def backend(request, tmp_path: Path):
-    if request.param == "sqlite":
-        b = SQLiteBackend(tmp_path / "ds.sqlite3")
-    elif request.param == "toml":
-        b = StaticBackend(tmp_path / "directory.toml")
-    else:
-        b = PostgresBackend(request.getfixturevalue("postgresql"))
-    await b.open()
-    yield b
-    await b.close()
-
-
 async def populate(b) -> None:
     await b.add_domain(Domain("example.test"))
     await b.add_domain(Domain("catch.test", catch_all="postmaster@catch.test",

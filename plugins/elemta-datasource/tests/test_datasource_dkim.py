@@ -14,25 +14,12 @@ from elemta.testing import run_cli, write_config
 
 from elemta_datasource.directory import DirectoryError, Domain
 from elemta_datasource.dkim import dns_record, load
-from elemta_datasource.sql import MIGRATIONS, SCHEMA_VERSION, PostgresBackend, SQLiteBackend
+from elemta_datasource.sql import MIGRATIONS, SCHEMA_VERSION, SQLiteBackend
 from elemta_datasource.static import StaticBackend
 
 PEM = "-----BEGIN PRIVATE KEY-----\nMC4CAQAwBQYDK2VwBCIEIJ0wQzJ0ZQ5y5Y9Xc4l9nQ3N0k2d1lq8M2mQ3c0p0Q1x\n" \
       "-----END PRIVATE KEY-----\n"
 T0 = dt.datetime(2027, 1, 1, tzinfo=dt.timezone.utc).timestamp()
-
-
-@pytest.fixture(params=["sqlite", "toml", "postgresql"])
-async def backend(request, tmp_path: Path):
-    if request.param == "sqlite":
-        b = SQLiteBackend(tmp_path / "ds.sqlite3")
-    elif request.param == "toml":
-        b = StaticBackend(tmp_path / "directory.toml")
-    else:
-        b = PostgresBackend(request.getfixturevalue("postgresql"))
-    await b.open()
-    yield b
-    await b.close()
 
 
 async def test_keys_are_stored_listed_and_removed_on_every_backend(backend, tmp_path) -> None:

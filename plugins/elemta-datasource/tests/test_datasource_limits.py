@@ -16,19 +16,6 @@ from elemta_datasource.sql import MIGRATIONS, SCHEMA_VERSION, PostgresBackend, S
 from elemta_datasource.static import StaticBackend
 
 
-@pytest.fixture(params=["sqlite", "toml", "postgresql"])
-async def backend(request, tmp_path: Path):
-    if request.param == "sqlite":
-        b = SQLiteBackend(tmp_path / "ds.sqlite3")
-    elif request.param == "toml":
-        b = StaticBackend(tmp_path / "directory.toml")
-    else:
-        b = PostgresBackend(request.getfixturevalue("postgresql"))
-    await b.open()
-    yield b
-    await b.close()
-
-
 async def test_limits_on_every_backend(backend) -> None:
     await backend.add_domain(Domain("example.test", max_message_bytes=1000))
     assert (await backend.get_domain("example.test")).messages_per_hour is None
