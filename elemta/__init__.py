@@ -38,7 +38,8 @@ if TYPE_CHECKING:
                                 Timeouts, TLSPolicy, default_enhanced, lmtp_remote)
     from .dns import (MX, DNSError, InvalidName, NoData, NotFound, NullMX, NXDomain, Resolver,
                       TempError)
-    from .durable import fsync_dir, sync_data, write_all, write_file_durably
+    from .durable import (fsync_dir, have_syncfs, sync_data, syncfs, write_all,
+                          write_file_durably)
     from .hookcall import HookFailure
     from .metrics import BoundedLabels
     from .state import Rate, StateEntry, StateStore, StateUnavailable, state_store
@@ -63,6 +64,7 @@ _LAZY = {
     "MX": "dns", "DNSError": "dns", "InvalidName": "dns", "NoData": "dns", "NotFound": "dns",
     "NullMX": "dns", "NXDomain": "dns", "Resolver": "dns", "TempError": "dns",
     "fsync_dir": "durable", "sync_data": "durable", "write_all": "durable",
+    "syncfs": "durable", "have_syncfs": "durable",
     "write_file_durably": "durable",
     "HookFailure": "hookcall",
     "BoundedLabels": "metrics",

@@ -10,10 +10,13 @@ file is durable only once its directory is fsynced.
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import os
 from pathlib import Path
 
-__all__ = ["fsync_dir", "sync_data", "write_all", "write_file_durably"]
+__all__ = ["fsync_dir", "have_syncfs", "sync_data", "syncfs", "write_all",
+           "write_file_durably"]
 
 
 def write_all(fd: int, *chunks: bytes | bytearray | memoryview) -> None:
@@ -68,3 +71,39 @@ def write_file_durably(path: str | os.PathLike[str], data: bytes, *, mode: int =
     os.close(fd)
     os.replace(tmp_path, target)
     fsync_dir(target.parent)
+
+
+def _load_syncfs():
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).syncfs
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_syncfs = _load_syncfs()
+
+
+def have_syncfs() -> bool:
+    """Whether :func:`syncfs` is available (Linux)."""
+    return _syncfs is not None
+
+
+def syncfs(fd: int, path: str | None = None) -> None:
+    """Write back and commit everything on the file system that holds ``fd``.
+
+    Linux reports write-back errors that happened after ``fd`` was opened
+    (5.8 and later), so keep one descriptor open for the life of the writer.
+    ``path`` names ``fd`` in the error.
+
+    :raises OSError: ``ENOSYS`` where there is no ``syncfs``; the write-back error.
+    """
+    if _syncfs is None:
+        raise OSError(errno.ENOSYS, "syncfs is not available")
+    if _syncfs(fd) != 0:
+        err = ctypes.get_errno()
+        if path is None:
+            raise OSError(err, f"syncfs: {os.strerror(err)}")
+        raise OSError(err, f"syncfs: {os.strerror(err)}", path)

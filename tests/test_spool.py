@@ -24,7 +24,8 @@ from hypothesis import strategies as st
 from elemta.cli.queue import queue_group
 from elemta.config import Settings, SpoolSettings
 from elemta.models import new_id
-from elemta.spool import journal, replay, threads
+from elemta import durable as durable_io
+from elemta.spool import replay, threads
 from elemta.spool.envelope import STATES, Envelope, RecipientState
 from elemta.spool.incoming import IncomingMessage
 from elemta.spool.journal import SegmentReader
@@ -668,9 +669,9 @@ async def test_checkpoint_syncs_the_files_then_deletes_the_segment(
         spool: Spool, monkeypatch: pytest.MonkeyPatch, use_syncfs: bool) -> None:
     events: list[str] = []
     real_syncfs, real_fdatasync, real_fsync, real_unlink = (
-        journal.syncfs, os.fdatasync, os.fsync, os.unlink)
+        durable_io.syncfs, os.fdatasync, os.fsync, os.unlink)
     monkeypatch.setattr(replay, "USE_SYNCFS", use_syncfs)
-    monkeypatch.setattr(journal, "syncfs",
+    monkeypatch.setattr(durable_io, "syncfs",
                         lambda fd: (events.append("syncfs"), real_syncfs(fd))[1])
     monkeypatch.setattr(os, "fdatasync",
                         lambda fd: (events.append(f"fdatasync {fd_path(fd)}"), real_fdatasync(fd))[1])
@@ -710,7 +711,7 @@ async def test_checkpoint_syncs_the_files_then_deletes_the_segment(
 
 async def test_a_failed_checkpoint_keeps_the_segment_and_rewrites_the_files_before_retrying(
         spool: Spool, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
-    real = journal.syncfs
+    real = durable_io.syncfs
     broken = True
 
     def syncfs(fd: int) -> None:
@@ -718,7 +719,7 @@ async def test_a_failed_checkpoint_keeps_the_segment_and_rewrites_the_files_befo
             raise OSError(errno.EIO, "syncfs: Input/output error")
         real(fd)
 
-    monkeypatch.setattr(journal, "syncfs", syncfs)
+    monkeypatch.setattr(durable_io, "syncfs", syncfs)
     qid = await commit_message(spool)
     with pytest.raises(OSError):
         await spool.checkpoint()

@@ -29,7 +29,6 @@ bad record (see ``store.py``).
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import os
 import struct
@@ -234,37 +233,6 @@ def copy_range(src: int, dst: int, src_offset: int, length: int) -> None:
         src_offset += written
         dst_offset += written
         length -= written
-
-
-def _load_syncfs():
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        fn = libc.syncfs
-    except (OSError, AttributeError):
-        return None
-    fn.argtypes = [ctypes.c_int]
-    fn.restype = ctypes.c_int
-    return fn
-
-
-_syncfs = _load_syncfs()
-
-
-def have_syncfs() -> bool:
-    return _syncfs is not None
-
-
-def syncfs(fd: int) -> None:
-    """Write back and commit everything on the file system that holds ``fd``.
-
-    Linux reports write-back errors that happened after ``fd`` was opened
-    (5.8 and later), so keep one descriptor open for the life of the writer.
-    """
-    if _syncfs is None:
-        raise OSError(errno.ENOSYS, "syncfs is not available")
-    if _syncfs(fd) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"syncfs: {os.strerror(err)}")
 
 
 def fdatasync_paths(paths: Sequence[str]) -> None:

@@ -13,6 +13,7 @@ import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
 
+from .. import durable
 from ..durable import fsync_dir, write_all
 from . import journal
 from .envelope import STATES, parse_envelope
@@ -128,8 +129,8 @@ class Syncer:
 
     def make_durable(self, entries: list[tuple[str, str]]) -> None:
         """Make the files of these messages, and their directory entries, durable."""
-        if USE_SYNCFS and self.fd is not None and journal.have_syncfs():
-            journal.syncfs(self.fd)
+        if USE_SYNCFS and self.fd is not None and durable.have_syncfs():
+            durable.syncfs(self.fd)
             return
         layout = self.layout
         paths: list[str] = []

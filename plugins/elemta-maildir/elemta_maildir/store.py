@@ -8,7 +8,6 @@ one is given.
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import hashlib
 import logging
@@ -20,7 +19,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from elemta import fsync_dir, write_all
+from elemta import fsync_dir, have_syncfs, syncfs, write_all
 
 from .layout import folder_of
 
@@ -248,22 +247,7 @@ class FsSyncer(DirSyncer):
         if fd is None:
             self.keep_open(key)
             fd = self._fds[key]
-        if _syncfs(fd) != 0:
-            err = ctypes.get_errno()
-            raise OSError(err, f"syncfs: {os.strerror(err)}", key)
-
-
-def _load_syncfs():
-    try:
-        fn = ctypes.CDLL(None, use_errno=True).syncfs
-    except (OSError, AttributeError):
-        return None
-    fn.argtypes = [ctypes.c_int]
-    fn.restype = ctypes.c_int
-    return fn
-
-
-_syncfs = _load_syncfs()
+        syncfs(fd, key)
 
 
 class _DirState:
@@ -344,7 +328,7 @@ class Writer:
         self._plain: set[str] = set()  # tmp/ folders where O_TMPFILE is not supported
         self._lock = threading.Lock()
         # group commit: one syncfs for the deliveries in flight on a file system
-        self.group = FsSyncer() if fsync and _syncfs is not None else None
+        self.group = FsSyncer() if fsync and have_syncfs() else None
         self._fs: dict[str, str] = {}       # folder → the folder that names its file system
         self._devices: dict[int, str] = {}  # file system → that folder
 
