@@ -7,22 +7,9 @@ import asyncio
 import time
 import base64
 import logging
-from pathlib import Path
-
-import pytest
 
 from elemta import Accept, Reject, hookimpl
 from elemta.testing import RawSMTP, run_cli, unverified_context
-
-
-
-
-@pytest.fixture(params=["embedded", "redis"])
-def state(request, tmp_path: Path) -> dict:
-    if request.param == "embedded":
-        return {"backend": "embedded", "path": str(tmp_path / "state.sqlite3")}
-    return {"backend": "redis", "redis_url": request.getfixturevalue("redis_server").url,
-            "timeout_seconds": 0.5}
 
 
 class Users:

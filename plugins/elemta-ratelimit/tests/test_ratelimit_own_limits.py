@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
-from pathlib import Path
 
 import pytest
 
@@ -16,14 +15,6 @@ from elemta import hookimpl
 from elemta.testing import RawSMTP, run_cli, unverified_context
 
 from test_ratelimit import send, session
-
-
-@pytest.fixture(params=["embedded", "redis"])
-def state(request, tmp_path: Path) -> dict:
-    if request.param == "embedded":
-        return {"backend": "embedded", "path": str(tmp_path / "state.sqlite3")}
-    return {"backend": "redis", "redis_url": request.getfixturevalue("redis_server").url,
-            "timeout_seconds": 0.5}
 
 
 @pytest.fixture(params=["sqlite", "toml", "postgresql"])
