@@ -8,6 +8,7 @@ one is given.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import logging
@@ -16,6 +17,7 @@ import re
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -393,18 +395,12 @@ class Writer:
         except FileExistsError:
             os.unlink(tmp)  # a crash left it half-written
             fd = os.open(tmp, flags, self.file_mode)
-        try:
+        with _unlinked_if_failed(tmp):
             try:
                 self._fill(fd, src, head, size, folder)
             finally:
                 os.close(fd)
             os.rename(tmp, new)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            raise
         self._sync_new(folder)
         return new, False
 
@@ -646,7 +642,7 @@ def replace_maildirsize(root: Path, quota: Quota, usage: Usage, *, file_mode: in
     if quota.limit_count:
         head += ("," if head else "") + f"{quota.limit_count}C"
     fd, tmp = tempfile.mkstemp(prefix=MAILDIRSIZE + ".", dir=root)
-    try:
+    with _unlinked_if_failed(tmp):
         try:
             _own(fd, file_mode, owner)
             write_all(fd, f"{head}\n{usage.used_bytes} {usage.used_count}\n".encode())
@@ -658,13 +654,18 @@ def replace_maildirsize(root: Path, quota: Quota, usage: Usage, *, file_mode: in
             os.unlink(tmp)
             return False
         os.rename(tmp, root / MAILDIRSIZE)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
     return True
+
+
+@contextlib.contextmanager
+def _unlinked_if_failed(path: str) -> Iterator[None]:
+    """Remove the temporary file ``path`` if the block raises, then re-raise."""
+    try:
+        yield
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        raise
 
 
 def _mtime_ns(path: str | Path) -> int | None:
