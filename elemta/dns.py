@@ -339,15 +339,15 @@ class Resolver:
             qname = to_name(text)
             entry = self._cached((text, dns.rdatatype.TXT))
             if entry is not None:  # answered from the cache: no time limit to set up
-                cached = entry.unwrap(qname, dns.rdatatype.TXT)
-                return b"".join(cached[0].strings) if cached else b""  # type: ignore[attr-defined]
-            async with asyncio.timeout(timeout):
-                records = await self.txt_bytes(text)
+                records = entry.unwrap(qname, dns.rdatatype.TXT)
+            else:
+                async with asyncio.timeout(timeout):
+                    records = await self._lookup(text, qname, dns.rdatatype.TXT)
         except (NotFound, InvalidName):
             return b""
         except TimeoutError:
             raise TempError(text, "TXT", f"no answer within {timeout} s") from None
-        return records[0] if records else b""
+        return b"".join(records[0].strings) if records else b""  # type: ignore[attr-defined]
 
     # ------------------------------------------------------------ cache and lookups
 
