@@ -7,6 +7,7 @@ atomically as recipients are delivered, so per-recipient state survives crashes.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -72,6 +73,33 @@ class Envelope:
 
 _ENVELOPE_FIELDS = tuple(f.name for f in fields(Envelope))
 _RECIPIENT_FIELDS = tuple(f.name for f in fields(RecipientState))
+
+
+_READ_CHUNK = 1 << 16
+
+
+def read_envelope_file(path: str) -> bytes:
+    """The bytes of an envelope file; ``FileNotFoundError`` if there is none.
+
+    Three or four system calls (open, read until end of file, close) where
+    ``open(path, "rb").read()`` makes nine: the runner reads one envelope per
+    delivery on the event loop, and every call gives the interpreter lock
+    away, to the threads waiting for it, and back.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        chunk = os.read(fd, _READ_CHUNK)
+        if len(chunk) < _READ_CHUNK:
+            # a regular file reads short only at its end; one more read would
+            # only confirm it
+            return chunk
+        chunks = [chunk]
+        while chunk:
+            chunk = os.read(fd, _READ_CHUNK)
+            chunks.append(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
 
 
 def parse_envelope(raw: bytes, queue_id: str) -> Envelope:

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 
 from ..durable import fsync_dir, write_file_durably
 from . import journal
-from .envelope import STATES, parse_envelope
+from .envelope import STATES, parse_envelope, read_envelope_file
 from .layout import CORRUPT_SUFFIX, Layout, is_queue_id, queue_id_of
 from .replay import Syncer, replay_segment
 from .threads import Residents, SpoolStats
@@ -248,8 +248,7 @@ def _check_envelope(layout: Layout, state: str, queue_id: str, has_content: bool
     path = layout.envelope(state, queue_id)
     failed_dir = layout.state_dir("failed")
     try:
-        with open(path, "rb") as f:
-            env = parse_envelope(f.read(), queue_id)
+        env = parse_envelope(read_envelope_file(path), queue_id)
     except ValueError as e:
         target = layout.corrupt_envelope(queue_id)
         os.replace(path, target)

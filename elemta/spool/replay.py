@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from .. import durable
 from ..durable import fsync_dir, write_all
 from . import journal
-from .envelope import STATES, parse_envelope
+from .envelope import STATES, parse_envelope, read_envelope_file
 from .layout import Layout, is_queue_id
 from .threads import WRITTEN, Residents
 
@@ -98,8 +98,7 @@ def moved_elsewhere(layout: Layout, queue_id: str, state: str) -> str | None:
         if other == state:
             continue
         try:
-            with open(layout.envelope(other, queue_id), "rb") as f:
-                parse_envelope(f.read(), queue_id)
+            parse_envelope(read_envelope_file(layout.envelope(other, queue_id)), queue_id)
         except (FileNotFoundError, ValueError):
             continue
         return other

@@ -47,7 +47,7 @@ from pathlib import Path
 
 from . import journal
 from .checkpoint import Checkpointer, Entries
-from .envelope import STATES, Envelope, parse_envelope
+from .envelope import STATES, Envelope, parse_envelope, read_envelope_file
 from .incoming import IncomingMessage
 from .layout import InvalidQueueId, Layout, check_id, is_queue_id
 from .recovery import recover, replay_segments
@@ -475,8 +475,7 @@ class Spool:
         for _ in range(2):
             for state in STATES:
                 try:
-                    with open(self.layout.envelope(state, queue_id), "rb") as f:
-                        raw = f.read()
+                    raw = read_envelope_file(self.layout.envelope(state, queue_id))
                 except FileNotFoundError:
                     continue
                 return state, parse_envelope(raw, queue_id)
@@ -493,8 +492,7 @@ class Spool:
             for queue_id in self.layout.ids_in(s):
                 path = self.layout.envelope(s, queue_id)
                 try:
-                    with open(path, "rb") as f:
-                        raw = f.read()
+                    raw = read_envelope_file(path)
                 except FileNotFoundError:
                     continue
                 try:
