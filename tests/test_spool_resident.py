@@ -190,6 +190,116 @@ async def test_many_residents_delivered_while_others_are_sealed(tmp_path: Path) 
         await spool.close()
 
 
+# ------------------------------------------------------------------ carried at a seal
+
+
+def carrying_spool(tmp_path: Path) -> tuple[Spool, list[str], list[tuple[str, str]]]:
+    """Sealed a moment after each commit, so that residents are carried (no checkpoint
+    request: a requested checkpoint gives every message its files)."""
+    return resident_spool(tmp_path, checkpoint_interval=0.05, checkpoint_idle=0.02)
+
+
+def segments_of(spool: Spool, queue_id: str) -> list[int]:
+    """The sequence numbers of the segments holding a record of ``queue_id``."""
+    layout = Layout(spool.root)
+    out = []
+    for seq, path in layout.journal_segments()[0]:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            if any(r.queue_id == queue_id for r in SegmentReader(fd, seq, is_queue_id)):
+                out.append(seq)
+        finally:
+            os.close(fd)
+    return out
+
+
+async def test_a_resident_still_in_memory_at_a_seal_is_carried_not_written_out(
+        tmp_path: Path) -> None:
+    spool, journaled, durable = carrying_spool(tmp_path)
+    queue_id = await commit_message(spool)
+    first = segments_of(spool, queue_id)
+    state, env = spool.load(queue_id)
+    env.recipients[0].last_error = "a change the runner made"
+    spool.rewrite(env, "ready", "ready")                     # still in memory
+    await wait_for(lambda: spool.stats.carried >= 1 and spool.stats.checkpoints >= 1)
+    assert journaled == [queue_id] and durable == []        # the runner has it already
+    assert files_in(spool.messages_dir) == [] and files_in(spool.state_dir("ready")) == []
+    with spool.content(queue_id) as path:                     # still from memory
+        assert path.startswith("/proc/self/fd/")
+    later = segments_of(spool, queue_id)
+    assert later and min(later) > max(first)     # the first segment is gone; replayed after it
+    spool._crash_for_tests()
+
+    again = Spool(tmp_path / "queue")
+    assert again.recover()["ready"] == 1                      # its journal record brings it back
+    assert again.message_path(queue_id).read_bytes() == CONTENT
+    assert again.load(queue_id)[1].recipients[0].last_error == "a change the runner made"
+
+
+async def test_a_carried_message_delivered_before_a_crash_is_not_replayed(
+        tmp_path: Path) -> None:
+    spool, _, _ = carrying_spool(tmp_path)
+    queue_id = await commit_message(spool)
+    await wait_for(lambda: spool.stats.carried >= 1 and spool.stats.checkpoints >= 1)
+    spool.remove(queue_id, "ready")
+    spool._crash_for_tests()
+    again = Spool(tmp_path / "queue")
+    assert again.recover()["ready"] == 0
+    assert files_in(again.messages_dir) == []
+
+
+async def test_a_message_delivered_while_it_is_carried_stays_delivered(
+        tmp_path: Path, monkeypatch) -> None:
+    """Retired between being picked for the carry and moving: its retire record went to
+    the old segment, which is deleted at its checkpoint; the new segment gets one too."""
+    from elemta.spool import writer
+
+    spool, _, _ = carrying_spool(tmp_path)
+    queue_id = await commit_message(spool)
+    real_sync = writer.sync_data
+
+    def sync_then_deliver(fd: int) -> None:
+        real_sync(fd)
+        if spool._resident.table.jobs.get(queue_id) is not None and not delivered:
+            delivered.append(spool._resident.remove(queue_id, "ready"))
+
+    delivered: list[bool] = []
+    monkeypatch.setattr(writer, "sync_data", sync_then_deliver)   # the carry's sync
+    await wait_for(lambda: spool.stats.carried >= 1 and spool.stats.checkpoints >= 1)
+    assert delivered == [True]
+    spool._crash_for_tests()
+    again = Spool(tmp_path / "queue")
+    assert again.recover()["ready"] == 0
+    assert files_in(again.messages_dir) == []
+
+
+async def test_a_resident_past_the_carry_age_gets_its_files_at_the_seal(
+        tmp_path: Path, monkeypatch) -> None:
+    from elemta.spool import writer
+
+    monkeypatch.setattr(writer, "CARRY_SECONDS", 0.0)
+    spool, _, durable = carrying_spool(tmp_path)
+    try:
+        queue_id = await commit_message(spool)
+        await wait_for(lambda: spool.stats.checkpoints >= 1)
+        assert spool.stats.carried == 0
+        assert files_in(spool.state_dir("ready")) == [f"{queue_id}.json"]
+        assert durable == []
+    finally:
+        await spool.close()
+
+
+async def test_carried_residents_get_their_files_when_the_spool_closes(tmp_path: Path) -> None:
+    spool, _, _ = carrying_spool(tmp_path)
+    ids = [await commit_message(spool) for _ in range(3)]
+    await wait_for(lambda: spool.stats.carried >= 3)
+    await spool.close()
+    assert sorted(files_in(spool.state_dir("ready"))) == sorted(f"{i}.json" for i in ids)
+    assert Layout(spool.root).journal_segments()[0] == []
+    again = Spool(tmp_path / "queue")
+    assert again.recover()["ready"] == 3
+
+
 def test_the_spool_is_stamped_with_this_format_when_locked(tmp_path: Path) -> None:
     root = tmp_path / "queue"
     root.mkdir()

@@ -13,9 +13,17 @@ journal batch is synced, and the runner is told at once. From then on:
   The retire file goes when its segment has been checkpointed;
 * deferred, held or failed first, it gets its files then, in that state;
 * still in memory when its segment is sealed (it takes longer than
-  ``checkpoint_interval``, or a barrier asks for files), the write-out thread
-  writes it out before the segment's checkpoint, as if it had never been
-  resident.
+  ``checkpoint_interval``), it is *carried*: the journal writer appends its
+  record, envelope as it is now, to the next segment and syncs it before the
+  sealed segment goes to its checkpoint (``writer.py``); it stays in memory,
+  now belonging to the new segment. A retire record written to the old
+  segment's retire file while it was being carried is written to the new
+  one's too. Replay goes by sequence number, and the new segment's is higher,
+  so of two copies left by a crash the carried one is written last;
+* older than ``writer.CARRY_SECONDS`` at a seal, past the carry's byte limit,
+  or when a checkpoint is asked for (a barrier, shutdown), the write-out
+  thread writes it out before the segment's checkpoint, as if it had never
+  been resident.
 
 A job's status (``threads.RESIDENT``, ``WRITTEN``, ``RETIRED``) changes only
 under :attr:`Residents.lock`, and whoever writes or skips its files holds it,
@@ -164,7 +172,7 @@ class ResidentMessages:
             job.status = RETIRED
             table.retired.add(queue_id)
             if job.segment is not None:
-                self._append_retire(job.segment.seq, queue_id)
+                self.append_retire(job.segment.seq, queue_id)
         if status == RESIDENT:
             self._count(job.state, -1)
             self.space.placed(job.placed_bytes, 1)
@@ -178,7 +186,7 @@ class ResidentMessages:
             os.unlink(self.layout.content(queue_id))
         return True
 
-    def _append_retire(self, seq: int, queue_id: str) -> None:
+    def append_retire(self, seq: int, queue_id: str) -> None:
         """The retire record of ``queue_id``, appended to segment ``seq``'s retire file
         (lock held). Unsynced, it outlives a crash of the process."""
         try:

@@ -29,7 +29,8 @@ class Segment:
     """One journal file and what the spool must remember about it until it is deleted."""
 
     __slots__ = ("seq", "path", "fd", "size", "capacity", "first_write", "last_write",
-                 "entries", "replay", "unwritten_bytes", "unwritten_messages", "resident")
+                 "entries", "replay", "unwritten_bytes", "unwritten_messages", "resident",
+                 "carried_only")
 
     def __init__(self, seq: int, path: str, fd: int, capacity: int = 0) -> None:
         self.seq = seq
@@ -44,9 +45,11 @@ class Segment:
         # messages whose write-out failed: placed only when the segment is replayed
         self.unwritten_bytes = 0
         self.unwritten_messages = 0
-        # its resident jobs (``threads.Job.resident``): written out, if still in
-        # memory, when the segment is sealed
+        # its resident jobs (``threads.Job.resident``): carried into the next
+        # segment, or written out, if still in memory when the segment is sealed
         self.resident: list = []
+        # it holds only records carried from an older segment, no commit yet
+        self.carried_only = False
 
 
 class Segments:

@@ -297,7 +297,7 @@ class Spool:
             self._undurable, self._answer, self.space, residents,
             checkpoint_interval=self.checkpoint_interval,
             checkpoint_idle=self.checkpoint_idle, segment_bytes=self.segment_bytes,
-            visible_on_commit=self.visible_on_commit)
+            visible_on_commit=self.visible_on_commit, retire=self._resident.append_retire)
         self._checkpointer, self._writeout, self._writer = checkpointer, writeout, writer
         writeout.thread.start()
         writer.thread.start()

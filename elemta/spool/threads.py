@@ -46,6 +46,7 @@ class SpoolStats:
     segments_reused: int = 0
     replayed: int = 0                # records replayed by the last recover()
     retired: int = 0                 # resident messages delivered without ever having files
+    carried: int = 0                 # resident messages carried into a newer segment at a seal
 
 
 @dataclass(slots=True)
@@ -83,6 +84,7 @@ class Job:
     # replaced by the runner's changes while it is RESIDENT.
     resident: bool = False
     status: int = RESIDENT
+    journaled_at: float = 0.0  # monotonic time its first batch was synced
 
     @property
     def placed_bytes(self) -> int:

@@ -12,6 +12,17 @@ only ever be the last thing in a segment.
 The writer also decides when a segment is full or old enough to be sealed
 (``checkpoint_interval``, ``checkpoint_idle``, ``segment_bytes``) and hands
 the journaled jobs and sealed segments to the write-out thread.
+
+At a seal, resident messages (``resident.py``) still in memory and younger
+than :data:`CARRY_SECONDS` are *carried*: their records, with the envelope as
+it is now, are appended to the next segment and synced there before the
+sealed one goes to its checkpoint, so the sealed segment can be deleted while
+they stay in memory, still to be delivered from there. A carry is one
+sequential write where writing them out would create, sync and later unlink
+two files per message: under a backlog (more mail accepted than delivered
+for a while), most messages are then delivered without ever having files.
+Older messages, and those past :data:`CARRY_MAX_BYTES` at one seal, are
+written out as before.
 """
 
 from __future__ import annotations
@@ -36,6 +47,11 @@ from .threads import (Backlog, Checkpoint, Flags, Job, Residents, Sealed, SpoolE
 
 log = logging.getLogger("elemta.spool")
 
+#: a resident message older than this (since its commit) gets files at the next seal
+CARRY_SECONDS = 30.0
+#: at most this many bytes of records carried into a new segment at one seal
+CARRY_MAX_BYTES = 32 << 20
+
 
 class JournalWriter:
     """The journal thread and the commits waiting for it."""
@@ -45,7 +61,8 @@ class JournalWriter:
                  undurable: set[str], answer: Callable[[list[Job]], None],
                  space: SpaceMonitor, residents: Residents, *,
                  checkpoint_interval: float, checkpoint_idle: float, segment_bytes: int,
-                 visible_on_commit: bool) -> None:
+                 visible_on_commit: bool,
+                 retire: Callable[[int, str], None] | None = None) -> None:
         self.layout = layout
         self.segments = segments
         self.flags = flags
@@ -60,6 +77,9 @@ class JournalWriter:
         self.checkpoint_idle = checkpoint_idle
         self.segment_bytes = segment_bytes
         self.visible_on_commit = visible_on_commit
+        # appends a retire record to a segment's retire file (residents' lock held);
+        # without it nothing is carried
+        self.retire = retire
         # Shared with the event loop, under the condition.
         self._cond = threading.Condition(threading.Lock())
         self._pending: list[Job] = []
@@ -144,7 +164,8 @@ class JournalWriter:
         if seg is not None and seg.first_write is not None and (
                 requests or stopping or seg.size >= self.segment_bytes
                 or (self._rotation_wait() or 0.0) <= 0):
-            self._seal_active()
+            # a checkpoint asked for, or the end: every message gets its files
+            self._seal_active(carry=not (requests or stopping))
         for done in requests:
             self.outbox.put(Checkpoint(done))
         if stopping:
@@ -165,6 +186,8 @@ class JournalWriter:
         seg = self.active
         if seg is None or seg.first_write is None:
             return None
+        if seg.carried_only:  # nothing new for a runner to wait for
+            return seg.first_write + self.checkpoint_interval - time.monotonic()
         return min(seg.first_write + self.checkpoint_interval,
                    seg.last_write + self.checkpoint_idle) - time.monotonic()
 
@@ -226,13 +249,15 @@ class JournalWriter:
         else:
             if live:
                 seg.size = end
-                seg.last_write = time.monotonic()
+                seg.last_write = now = time.monotonic()
+                seg.carried_only = False
                 if seg.first_write is None:
-                    seg.first_write = seg.last_write
+                    seg.first_write = now
                 seg.entries += [(job.queue_id, job.state) for job in live]
                 residents = self.residents
                 for job in live:
                     job.segment = seg
+                    job.journaled_at = now
                     if job.resident:
                         seg.resident.append(job)
                         with residents.lock:
@@ -319,11 +344,84 @@ class JournalWriter:
         else:
             self.outbox.put(Sealed(seg))
 
-    def _seal_active(self) -> None:
+    def _seal_active(self, carry: bool = False) -> None:
         seg = self.active
         assert seg is not None
         self.active = self.segments.take_spare()  # or a new one at the next batch
+        if carry and seg.resident and self.retire is not None:
+            self._carry_residents(seg)
         self.outbox.put(Sealed(seg))
+
+    def _carry_residents(self, old: Segment) -> None:
+        """Journal ``old``'s young resident messages again in the active segment.
+
+        Synced before ``old`` is handed on, so that ``old`` can be checkpointed
+        and deleted: from then on the new records are the messages' only
+        durable copy. If the carry cannot be written, nothing moves and the
+        write-out thread gives them files, as for any resident at a seal.
+        """
+        now = time.monotonic()
+        # half a segment at most: the new segment must not be full of carried
+        # records at once, to be sealed and carried again at the next step
+        budget = min(CARRY_MAX_BYTES, self.segment_bytes // 2)
+        jobs: list[Job] = []
+        with self.residents.lock:
+            for job in old.resident:
+                if job.status != threads.RESIDENT or now - job.journaled_at > CARRY_SECONDS:
+                    continue
+                size = job.content_length + len(job.envelope)
+                if size > budget:
+                    break
+                budget -= size
+                jobs.append(job)
+        if not jobs:
+            return
+        seg = self.active
+        if seg is not None and seg.seq < old.seq and seg.first_write is None:
+            # a spare numbered before ``old`` (made while ``old`` was new): replay
+            # goes by sequence number, and a carried record must come after the
+            # one it replaces, whose envelope may be older
+            discard(seg)
+            seg = self.active = None
+        if seg is None:
+            try:
+                seg = self.active = self.segments.new()
+            except OSError as e:
+                log.warning("spool: cannot start a journal segment to carry %d message(s) "
+                            "in memory: %s; they are written out", len(jobs), e)
+                return
+        start = seg.size
+        try:
+            # _append reads each job's envelope once: the version of that moment,
+            # with whatever the runner has changed so far
+            end = self._append(seg, jobs, start)
+            sync_data(seg.fd)
+        except Exception as e:
+            log.warning("spool: cannot carry %d message(s) in memory into %s: %s; they are "
+                        "written out", len(jobs), seg.path, e)
+            self._abandon(seg, start)
+            return
+        seg.size = end
+        if seg.first_write is None:
+            seg.first_write = seg.last_write = time.monotonic()
+            seg.carried_only = True
+        moved = {id(job) for job in jobs}
+        ids = {job.queue_id for job in jobs}
+        with self.residents.lock:
+            old.resident = [job for job in old.resident if id(job) not in moved]
+            for job in jobs:
+                job.segment = seg
+                if job.status == threads.RETIRED:
+                    # delivered while it was being carried: its retire record went
+                    # to the old segment, which is about to go
+                    self.retire(seg.seq, job.queue_id)  # type: ignore[misc]
+            seg.resident += jobs
+        # the old segment's checkpoint must neither wait for their files nor
+        # declare them durable; the new one's does, for those written out by then
+        old.entries = [entry for entry in old.entries if entry[0] not in ids]
+        seg.entries += [(job.queue_id, job.state) for job in jobs]
+        self.stats.carried += len(jobs)
+        self.stats.journal_bytes += end - start
 
 
 def _batch_error(error: BaseException) -> BaseException:
