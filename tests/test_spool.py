@@ -1181,7 +1181,7 @@ def test_removals_past_the_waiting_limit_are_unlinked_at_once(tmp_path: Path,
     for i in range(5):
         paths.append(tmp_path / f"f{i}")
         paths[-1].write_bytes(b"x")
-    r = remover_module.Remover()
+    r = remover_module.Remover(process=False)   # the thread: the fallback
     r.unlink_later(str(paths[0]))         # taken by the thread, which then stalls
     deadline = time.monotonic() + 5
     while r._paths and time.monotonic() < deadline:
@@ -1192,3 +1192,87 @@ def test_removals_past_the_waiting_limit_are_unlinked_at_once(tmp_path: Path,
     release.set()
     r.close()
     assert not any(p.exists() for p in paths)
+
+
+def _files(tmp_path: Path, n: int, prefix: str = "f") -> list[Path]:
+    paths = [tmp_path / f"{prefix}{i}" for i in range(n)]
+    for p in paths:
+        p.write_bytes(b"x")
+    return paths
+
+
+def _gone(paths: list[Path], timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while any(p.exists() for p in paths):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+async def test_the_helper_process_gets_one_turns_paths_in_one_write(tmp_path: Path) -> None:
+    from elemta.spool.remover import Remover
+
+    r = Remover()
+    paths = _files(tmp_path, 50)
+    try:
+        for p in paths:
+            r.unlink_later(str(p))
+        assert r._proc is not None and r._proc.pid != os.getpid()   # a process of its own
+        assert r._out_paths == 50                   # nothing written before the turn ends
+        await asyncio.sleep(0)
+        assert r._out_paths == 0
+        assert _gone(paths)
+    finally:
+        r.close()
+    assert r._proc is None                          # waited for at close
+
+
+def test_the_helper_process_stalled_lets_no_more_than_the_limit_wait(tmp_path: Path,
+                                                                     monkeypatch) -> None:
+    """A helper stuck on the disk fills its pipe; past MAX_PENDING waiting paths the
+    caller unlinks at once, and the rest goes once the helper moves again."""
+    from elemta.spool import remover as remover_module
+
+    monkeypatch.setattr(remover_module, "MAX_PENDING", 10)
+    r = remover_module.Remover()
+    first = _files(tmp_path, 1, "first")
+    r.unlink_later(str(first[0]))                   # starts the helper (no loop: written now)
+    assert _gone(first)
+    proc = r._proc
+    assert proc is not None
+    os.kill(proc.pid, signal.SIGSTOP)
+    try:
+        # long names fill the pipe (64 KiB) with paths the stopped helper cannot read
+        long_dir = tmp_path / ("d" * 200)
+        long_dir.mkdir()
+        filler = _files(long_dir, 2000, "p" * 40)
+        for p in filler:
+            r.unlink_later(str(p))
+        assert 0 < r._out_paths <= 10               # the rest are in the pipe, or gone
+        assert not any(p.exists() for p in filler[-5:])   # over the limit: unlinked at once
+    finally:
+        os.kill(proc.pid, signal.SIGCONT)
+    r.close()
+    assert not any(p.exists() for p in filler)
+
+
+def test_a_helper_process_that_dies_is_replaced_by_the_thread(tmp_path: Path) -> None:
+    from elemta.spool.remover import Remover
+
+    r = Remover()
+    first = _files(tmp_path, 1, "first")
+    r.unlink_later(str(first[0]))
+    assert _gone(first)
+    proc = r._proc
+    assert proc is not None
+    proc.kill()
+    proc.wait(5)
+    later = _files(tmp_path, 20, "later")
+    try:
+        for p in later:
+            r.unlink_later(str(p))                  # the first write finds the pipe broken
+        assert r._proc is None and r._thread is not None
+        assert _gone(later)
+    finally:
+        r.close()

@@ -26,6 +26,7 @@ deliveries free room) has written them out.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -69,13 +70,16 @@ def recover(layout: Layout, syncer: Syncer, stats: SpoolStats) -> Recovered:
     if created:
         fsync_dir(layout.root)
 
+    # (the helper that removed files for the previous run may still be at it:
+    # a file gone meanwhile is no error)
     removed_tmp = 0
     with os.scandir(layout.tmp) as it:
         for entry in it:
             if entry.is_dir(follow_symlinks=False):
                 shutil.rmtree(entry.path, ignore_errors=True)
             else:
-                os.unlink(entry.path)
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(entry.path)
             removed_tmp += 1
 
     syncer.open()
@@ -89,7 +93,8 @@ def recover(layout: Layout, syncer: Syncer, stats: SpoolStats) -> Recovered:
     referenced = _referenced(layout)
     orphans = contents - referenced - pending_ids
     for name in orphans:
-        os.unlink(layout.content(name))
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(layout.content(name))
     if orphans:
         fsync_dir(layout.messages)
     if removed_tmp or orphans:
