@@ -23,9 +23,10 @@ completes what the journal holds — are told in ``docs/architecture.md``.
 A small message committed while a runner listens (:meth:`Spool.on_journaled`)
 is *resident*: handed to the runner as soon as the journal holds it and
 delivered from memory. Delivered before its journal segment is sealed, it never
-gets files: a retire record in its segment's retire file tells replay to skip it. Deferred,
-or still undelivered when the segment is sealed, it is written out then and
-goes on as any other message.
+gets files: a retire record in its segment's retire file tells replay to skip it. Still
+undelivered when the segment is sealed, it is carried into the next segment
+(``writer.py``) and stays in memory. Deferred, or older than the carry allows,
+it is written out and goes on as any other message.
 
 Longer than 500 lines because :class:`Spool` is the spool's whole public
 surface: every method is a thin front for one of the modules above, but each
@@ -564,7 +565,7 @@ class Spool:
     def remove(self, queue_id: str, state: str) -> None:
         """Delete a message: envelope first (it is the commit marker), then content;
         the envelope is moved out of its state directory at once, the files are
-        unlinked by a thread.
+        unlinked by a helper process (``remover.py``).
 
         A resident message is retired: a retire record keeps replay from bringing
         it back, and if it never had files, none are touched.
@@ -572,7 +573,7 @@ class Spool:
         if self._resident.remove(queue_id, state):
             return
         # gone for every reader once renamed; the unlinks, each costing a hundred
-        # microseconds on a disk, are left to a thread (remover.py)
+        # microseconds on a disk, are left to a helper process (remover.py)
         removed = self.layout.tmp_file(queue_id, "removed")
         os.rename(self.layout.envelope(state, queue_id), removed)
         self._count(state, -1)
