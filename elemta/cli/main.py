@@ -229,8 +229,14 @@ def _add_plugin_commands(argv: list[str]) -> None:
 
 def command_line(args: list[str]) -> click.Group:
     """The ``elemta`` group ready for ``args``: built-in groups, and plugin commands if needed."""
+    name = _command_name(args)
+    if name in main.commands:
+        # a command of this module (`serve`, `check`...): the groups' imports
+        # would only delay it (`serve` starts 0.1 s sooner without them)
+        _accept_config(main)
+        return main
     _add_builtin_groups()
-    if _command_name(args) not in main.commands:
+    if name not in main.commands:
         # only a plugin's command (or --help, which lists them) needs the
         # plugins loaded; `serve` loads them itself, once
         _add_plugin_commands(args)
