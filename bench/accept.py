@@ -162,6 +162,49 @@ def proc_cpu(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
+def proc_table() -> dict[int, tuple[int, int, int, int]]:
+    """pid -> (ppid, utime+stime ticks, start time, cutime+cstime ticks) of every process."""
+    table = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat") as f:
+                data = f.read()
+        except OSError:
+            continue
+        rest = data[data.rindex(")") + 2:].split()
+        table[int(name)] = (int(rest[1]), int(rest[11]) + int(rest[12]), int(rest[19]),
+                            int(rest[13]) + int(rest[14]))
+    return table
+
+
+def descendants(table: dict, roots: list[int]) -> set[int]:
+    children: dict[int, list[int]] = {}
+    for pid, st in table.items():
+        children.setdefault(st[0], []).append(pid)
+    seen: set[int] = set()
+    stack = list(roots)
+    while stack:
+        p = stack.pop()
+        if p in seen or p not in table:
+            continue
+        seen.add(p)
+        stack.extend(children.get(p, []))
+    return seen
+
+
+def tree_cpu(table: dict, roots: list[int]) -> float:
+    """CPU seconds of roots and their descendants, with their reaped children (cutime)."""
+    return sum(table[p][1] + table[p][3] for p in descendants(table, roots)) / CLK_TCK
+
+
+def proc_tree_cpu(pid: int) -> float:
+    """user+sys seconds of a process and its live descendants: Elemta's spool starts a
+    helper process that deletes the files of delivered messages."""
+    return tree_cpu(proc_table(), [pid])
+
+
 def thread_cpu(pid: int) -> tuple[float, float, float, float]:
     """(user, sys) seconds of the main thread, then of all other threads together."""
     main_u = main_s = rest_u = rest_s = 0.0

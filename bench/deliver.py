@@ -30,7 +30,8 @@ itself and is then the limit.
 ``--messages`` messages, and ``ready/``, ``deferred/`` and ``failed/`` are empty
 at the end. Anything else aborts the benchmark.
 
-**CPU.** The server's user+sys (all threads, ``/proc/PID/stat``) over the run,
+**CPU.** The server's user+sys (all threads, ``/proc/PID/stat``, and its helper process
+that deletes delivered messages' files) over the run,
 per message; the sink's likewise; "busy" is the whole machine, "others" what
 every other process used meanwhile, in cores (a shared machine's interference).
 
@@ -60,8 +61,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from accept import (CLK_TCK, BenchError, PerMessage, box_times, code_version, count_files,
-                    default_dir, fmt_range, free_port, probe_disk, proc_cpu, py_spy,
-                    summarize_profile, thread_cpu)
+                    default_dir, fmt_range, free_port, probe_disk, proc_cpu, proc_tree_cpu,
+                    py_spy, summarize_profile, thread_cpu)
 
 SENDER = "sender@example.org"
 RECIPIENT = "user@remote.example"
@@ -385,7 +386,7 @@ class Bench:
                 time.sleep(POLL_SECONDS)
             elapsed = time.perf_counter() - t0
             thr = thread_cpu(proc.pid)
-            cpu = proc_cpu(proc.pid)
+            cpu = proc_tree_cpu(proc.pid)  # with the spool's helper process
             box1 = box_times()
             sink_cpu = proc_cpu(sink.proc.pid) - sink_cpu0  # type: ignore[union-attr]
             if sampler is not None:

@@ -40,7 +40,8 @@ files renamed into the maildirs' ``new/``, seen through inotify; the mailboxes
 are made before the server starts, as they would exist in production). A run
 counts only if the sink received exactly ``--messages`` messages (maildir:
 every mailbox holds exactly its share in ``new/`` and nothing in ``tmp/``) and
-``ready/``, ``deferred/`` and ``failed/`` are empty. CPU is the server's user+sys per message, split into
+``ready/``, ``deferred/`` and ``failed/`` are empty. CPU is the server's user+sys per
+message, its helper process's included (it deletes delivered messages' files), split into
 the event-loop thread and the others (where maildir's file I/O runs);
 "others" is the CPU every other process used meanwhile, in cores (this
 benchmark's own polling is left out of it).
@@ -83,8 +84,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import accept  # noqa: E402
 from accept import (CLK_TCK, BenchError, box_times, code_version, count_files,  # noqa: E402
-                    default_dir, free_port, probe_disk, proc_cpu, py_spy, summarize_profile,
-                    thread_cpu)
+                    default_dir, free_port, probe_disk, proc_cpu, proc_tree_cpu, py_spy,
+                    summarize_profile, thread_cpu)
 from deliver import (CONFIG, FILL_SESSIONS, MESSAGE_BYTES, ROUTE_TO_SINK, SENDER, Run, Sink,  # noqa: E402
                      elemta_command, elemta_env, fmt_range, queued, stop, tail, wait_for)
 
@@ -388,7 +389,7 @@ class Bench:
                 time.sleep(POLL_SECONDS)
             elapsed = time.perf_counter() - t0
             thr = thread_cpu(proc.pid)
-            cpu = proc_cpu(proc.pid)
+            cpu = proc_tree_cpu(proc.pid)  # with the spool's helper process
             box1, me1 = box_times(), time.process_time()
             sink_cpu = (proc_cpu(sink.proc.pid) - sink_cpu0  # type: ignore[union-attr]
                         if sink is not None else 0.0)

@@ -112,7 +112,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from accept import (CLK_TCK, BenchError, children_cpu, code_version, count_files, default_dir,
-                    fmt_range, free_port, probe_disk, py_spy, send, summarize_profile)
+                    descendants, fmt_range, free_port, probe_disk, proc_table, py_spy, send,
+                    summarize_profile, tree_cpu)
 from deliver import Sink, elemta_command, elemta_env, listening, stop, tail
 from postfix_instance import PostfixError, PostfixInstance
 from postfix_instance import version as postfix_version
@@ -159,43 +160,6 @@ ELEMTA_CONFIG = textwrap.dedent('''
 
 
 # ----------------------------------------------------------------------------- CPU accounting
-
-
-def proc_table() -> dict[int, tuple[int, int, int, int]]:
-    """pid -> (ppid, utime+stime ticks, start time, cutime+cstime ticks) of every process."""
-    table = {}
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{name}/stat") as f:
-                data = f.read()
-        except OSError:
-            continue
-        rest = data[data.rindex(")") + 2:].split()
-        table[int(name)] = (int(rest[1]), int(rest[11]) + int(rest[12]), int(rest[19]),
-                            int(rest[13]) + int(rest[14]))
-    return table
-
-
-def descendants(table: dict, roots: list[int]) -> set[int]:
-    children: dict[int, list[int]] = {}
-    for pid, st in table.items():
-        children.setdefault(st[0], []).append(pid)
-    seen: set[int] = set()
-    stack = list(roots)
-    while stack:
-        p = stack.pop()
-        if p in seen or p not in table:
-            continue
-        seen.add(p)
-        stack.extend(children.get(p, []))
-    return seen
-
-
-def tree_cpu(table: dict, roots: list[int]) -> float:
-    """CPU seconds of roots and their descendants, with their reaped children (cutime)."""
-    return sum(table[p][1] + table[p][3] for p in descendants(table, roots)) / CLK_TCK
 
 
 def comm(pid: int) -> str:
