@@ -236,6 +236,26 @@ async def test_a_resident_still_in_memory_at_a_seal_is_carried_not_written_out(
     assert again.load(queue_id)[1].recipients[0].last_error == "a change the runner made"
 
 
+async def test_a_crash_before_the_sealed_segments_checkpoint_replays_the_carried_copy_last(
+        tmp_path: Path) -> None:
+    """Both copies on disk: replay goes by sequence number and the carried one, with the
+    envelope the runner changed, is what stays."""
+    spool, _, _ = carrying_spool(tmp_path)
+    spool._materialize_gate.clear()                   # no sealed segment reaches its checkpoint
+    queue_id = await commit_message(spool)
+    state, env = spool.load(queue_id)
+    env.recipients[0].last_error = "a change the runner made"
+    spool.rewrite(env, "ready", "ready")
+    await wait_for(lambda: spool.stats.carried >= 1)
+    assert len(segments_of(spool, queue_id)) == 2
+    spool._crash_for_tests()
+
+    again = Spool(tmp_path / "queue")
+    assert again.recover()["ready"] == 1
+    assert again.load(queue_id)[1].recipients[0].last_error == "a change the runner made"
+    assert again.message_path(queue_id).read_bytes() == CONTENT
+
+
 async def test_a_carried_message_delivered_before_a_crash_is_not_replayed(
         tmp_path: Path) -> None:
     spool, _, _ = carrying_spool(tmp_path)
