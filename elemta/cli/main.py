@@ -231,7 +231,7 @@ def command_line(args: list[str]) -> click.Group:
     """The ``elemta`` group ready for ``args``: built-in groups, and plugin commands if needed."""
     name = _command_name(args)
     if name in main.commands:
-        # a command of this module (`serve`, `check`...): the groups' imports
+        # a command of this module (`serve`, `check-config`, `plugins`): the groups' imports
         # would only delay it (`serve` starts 0.1 s sooner without them)
         _accept_config(main)
         return main
