@@ -40,6 +40,7 @@ class CountingSink:
     copies: list[Copy] = field(default_factory=list)
     port: int = 0
     keep_content: bool = False
+    delay: float = 0.0       # seconds before each 250 after DATA: a slow next hop
     message_ids: set[str] = field(default_factory=set)   # every message that arrived
     _last: dict[int, Copy] = field(default_factory=dict)
     _ids: Any = field(default_factory=itertools.count)
@@ -108,6 +109,8 @@ class _Handler:
 
     async def handle_DATA(self, server: _Protocol, session: Session,
                           envelope: Envelope) -> str:
+        if self.sink.delay:
+            await asyncio.sleep(self.sink.delay)
         content = envelope.original_content or b""
         found = MESSAGE_ID.search(content)
         self.sink.accepted(server.number, found.group(1).decode() if found else "",

@@ -18,6 +18,11 @@ What must hold:
   sink saw nothing more from that client; at most one repeat per connection
   the runner may have open at a kill.
 
+It runs twice: with a sink that answers at once, and with a slow one (50 ms
+per message) behind which a backlog older than the spool's checkpoint interval
+builds up, so that resident messages are carried from segment to segment while
+the kills come (the server's debug log must show carries).
+
 The figures (acknowledged, delivered, repeats, unacknowledged messages that
 were delivered all the same) are printed and attached to the test report.
 The size is small in CI; ``ELEMTA_CRASH_KILLS`` and ``ELEMTA_CRASH_MESSAGES``
@@ -52,6 +57,8 @@ KILLS = int(os.environ.get("ELEMTA_CRASH_KILLS", "4"))
 MESSAGES = int(os.environ.get("ELEMTA_CRASH_MESSAGES", "1200"))
 CLIENTS = 8
 BACKLOG = 100            # clients wait while this many acknowledged messages are undelivered
+SLOW_BACKLOG = 600       # with the slow sink: seconds of delivery, older than a seal
+SLOW_DELAY = 0.05        # the slow sink's pause before each 250
 MAX_PER_DESTINATION = 10
 SENDER = "sender@origin.example"
 ROUND_TIMEOUT = 30.0
@@ -75,9 +82,10 @@ def build_message(n: int, token: str, rcpts: list[str]) -> bytes:
 class Traffic:
     """Clients that keep submitting, across kills, until the budget is spent."""
 
-    def __init__(self, port: int, sink: CountingSink) -> None:
+    def __init__(self, port: int, sink: CountingSink, backlog: int = BACKLOG) -> None:
         self.port = port
         self.sink = sink
+        self.backlog = backlog
         self.up = asyncio.Event()
         self.numbers: Iterator[int] = iter(range(MESSAGES))
         self.acked: dict[str, tuple[list[str], bytes]] = {}   # message id → recipients, bytes
@@ -94,7 +102,7 @@ class Traffic:
                 await client.connect()
                 while True:
                     # acceptance and delivery both at work: keep the queue short
-                    while len(self.acked) - len(self.sink.message_ids) > BACKLOG:
+                    while len(self.acked) - len(self.sink.message_ids) > self.backlog:
                         await asyncio.sleep(0.005)
                     n = pending if pending is not None else next(self.numbers, None)
                     if n is None:
@@ -125,12 +133,12 @@ async def until(predicate: Callable[[], bool], timeout: float, what: Callable[[]
         await asyncio.sleep(0.005)
 
 
-def config_for(root: Path, port: int, sink_port: int) -> Path:
+def config_for(root: Path, port: int, sink_port: int, log_level: str = "warning") -> Path:
     return write_config(root, {
         "server": {"relay_networks": ["127.0.0.0/8"], "shutdown_grace_seconds": 2.0},
         "listeners": [listener("mx", port)],
         "metrics": {"enabled": False},
-        "log": {"level": "warning"},
+        "log": {"level": log_level},
         "spool": {"memory_bytes": 16384},
         "delivery": {
             "enabled": True,
@@ -142,13 +150,16 @@ def config_for(root: Path, port: int, sink_port: int) -> Path:
     })
 
 
+@pytest.mark.parametrize("next_hop", ["fast", "slow"])
 async def test_repeated_sigkill_during_acceptance_and_delivery_loses_nothing(
-        tmp_path: Path, start_server: Any, record_property: Any) -> None:
-    sink = await CountingSink(keep_content=True).start()
+        tmp_path: Path, start_server: Any, record_property: Any, next_hop: str) -> None:
+    slow = next_hop == "slow"
+    sink = await CountingSink(keep_content=True, delay=SLOW_DELAY if slow else 0.0).start()
     port = free_port()
     root = tmp_path / "srv"
-    config = config_for(root, port, sink.port)
-    traffic = Traffic(port, sink)
+    config = config_for(root, port, sink.port, log_level="debug" if slow else "warning")
+    traffic = Traffic(port, sink, SLOW_BACKLOG if slow else BACKLOG)
+    carries = 0
     rng = random.Random(int(os.environ.get("ELEMTA_CRASH_SEED", "0")) or None)
     kills: list[str] = []
     server = await asyncio.to_thread(start_server, config)
@@ -172,6 +183,7 @@ async def test_repeated_sigkill_during_acceptance_and_delivery_loses_nothing(
             traffic.up.clear()
             os.kill(server.pid, signal.SIGKILL)
             await asyncio.to_thread(server.wait, 10)
+            carries += server.output().count("still in memory carried from")
             kills.append(f"kill {round_ + 1}: {len(traffic.acked)} acknowledged, "
                          f"{len(sink.copies)} copies delivered")
             server = await asyncio.to_thread(start_server, config)
@@ -183,8 +195,10 @@ async def test_repeated_sigkill_during_acceptance_and_delivery_loses_nothing(
             f"the clients ran out of messages after {len(kills)} kills ({len(traffic.acked)} "
             f"acknowledged, {len(sink.copies)} delivered); raise ELEMTA_CRASH_MESSAGES\n"
             f"{server.output()}")
-        done, running = await asyncio.wait(clients, timeout=ROUND_TIMEOUT)
-        assert not running, f"clients still sending after {ROUND_TIMEOUT}s\n{server.output()}"
+        # the rest of the budget goes at the sink's pace when the sink is slow
+        rest = ROUND_TIMEOUT + (2 * MESSAGES * SLOW_DELAY / MAX_PER_DESTINATION if slow else 0)
+        done, running = await asyncio.wait(clients, timeout=rest)
+        assert not running, f"clients still sending after {rest:.0f}s\n{server.output()}"
         for task in done:
             task.result()
         assert not traffic.refused, traffic.refused[:5]
@@ -196,6 +210,7 @@ async def test_repeated_sigkill_during_acceptance_and_delivery_loses_nothing(
                             f"submission\n{server.output()}")
         server.send_signal(signal.SIGTERM)
         assert await asyncio.to_thread(server.wait, 20) == 0, server.output()
+        carries += server.output().count("still in memory carried from")
     finally:
         for task in clients:
             task.cancel()
@@ -213,11 +228,13 @@ async def test_repeated_sigkill_during_acceptance_and_delivery_loses_nothing(
 
     repeated = {mid: cs for mid, cs in by_message.items() if len(cs) > 1}
     unacknowledged = set(by_message) - set(traffic.acked)
-    summary = (f"{KILLS} kills, {len(traffic.acked)} messages acknowledged "
+    summary = (f"{next_hop} next hop: "
+               f"{KILLS} kills, {len(traffic.acked)} messages acknowledged "
                f"({len(wanted)} recipients), 0 lost; {len(repeated)} delivered twice "
                f"({sum(n - 1 for n in counts.values())} extra recipient copies); "
                f"{len(unacknowledged)} unacknowledged messages (killed before the 250) "
-               f"delivered all the same")
+               f"delivered all the same"
+               + (f"; {carries} carries of messages in memory" if slow else ""))
     print("\n" + "\n".join(kills) + "\n" + summary)
     record_property("crash_harness", summary)
     read_then_repeated = {mid: [(c.connection, c.confirmed) for c in cs]
@@ -229,4 +246,6 @@ async def test_repeated_sigkill_during_acceptance_and_delivery_loses_nothing(
     cut = {c.connection for cs in repeated.values() for c in cs[:-1]}
     assert len(cut) == len(repeated), summary
     assert len(repeated) <= KILLS * MAX_PER_DESTINATION, summary
+    if slow:
+        assert carries, f"{summary}: the backlog never outlived a seal: nothing was carried"
 

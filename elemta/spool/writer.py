@@ -422,6 +422,8 @@ class JournalWriter:
         seg.entries += [(job.queue_id, job.state) for job in jobs]
         self.stats.carried += len(jobs)
         self.stats.journal_bytes += end - start
+        log.debug("spool: %d message(s) still in memory carried from %s into %s", len(jobs),
+                  old.path, seg.path)
 
 
 def _batch_error(error: BaseException) -> BaseException:
