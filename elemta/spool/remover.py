@@ -13,10 +13,10 @@ interpreter (``sys.executable -I -S``) that reads NUL-terminated paths from a
 pipe and unlinks them. A thread of this process did the same, but every
 unlink gave the interpreter lock away and took it back, twice per message,
 and the event loop waited for it: a held queue of 5,000 messages drained at a
-steady 1,763-1,806 messages a second with the thread, 2,181-2,288 with the
-helper. The event loop writes the paths of one turn to the pipe with one
-``write``; the pipe does not block it: what does not fit waits in memory
-for the next turn, and past :data:`MAX_PENDING` paths they are unlinked at
+steady 1,586-1,729 messages a second with the thread, 1,928-2,021 with the
+helper (docs/performance.md). The event loop writes the paths of one turn
+to the pipe with one ``write``; the pipe does not block it: what does not
+fit waits in memory for the next turn, and past :data:`MAX_PENDING` paths they are unlinked at
 once, so a stalled disk cannot grow memory. A helper that cannot be started,
 or that dies, is replaced by the thread. When the server is killed, the
 helper unlinks what it has read and exits at the end of its pipe.
