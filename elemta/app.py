@@ -252,9 +252,7 @@ class App:
         if self.settings.delivery.enabled:  # small messages reach the runner at once
             self.spool.on_journaled(lambda ids: durable([(i, "ready") for i in ids]))
         queue.begin_count()
-        self.queue_counted = asyncio.get_running_loop().create_task(self._scan_queue())
-        self._tasks.add(self.queue_counted)
-        self.queue_counted.add_done_callback(self._tasks.discard)
+        self.queue_counted = self._spawn(self._scan_queue())
 
     async def _scan_queue(self) -> None:
         """Count what the spool held at start-up into ``smtp_queue_size``; a message an
@@ -274,10 +272,11 @@ class App:
         finally:
             queue.end_count()
 
-    def _spawn(self, coro: Any) -> None:
+    def _spawn(self, coro: Any) -> asyncio.Task[Any]:
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return task
 
     async def _watch_spool(self, interval: float = 1.0) -> None:
         """The spool's room, every second: gauges, a log line when taking mail stops or
