@@ -267,6 +267,16 @@ def redis_server(redis_session_server: Any) -> Any:
         server.start()
 
 
+@pytest.fixture(params=["embedded", "redis"])
+def state_config(request: pytest.FixtureRequest, tmp_path: Path) -> dict[str, Any]:
+    """A ``[state]`` table, once for each store a stateful plugin must work on: the
+    embedded SQLite file, and a real ``redis-server`` (:func:`redis_server`)."""
+    if request.param == "embedded":
+        return {"backend": "embedded", "path": str(tmp_path / "state.sqlite3")}
+    return {"backend": "redis", "redis_url": request.getfixturevalue("redis_server").url,
+            "timeout_seconds": 0.5}
+
+
 @pytest.fixture
 def small_filesystem(tmp_path: Path) -> Iterator[Callable[[str], Path]]:
     """Factory: ``small_filesystem("4m")`` → the folder of a new tmpfs of that size.

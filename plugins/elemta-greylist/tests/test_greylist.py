@@ -4,7 +4,6 @@ real servers and real SMTP sessions from several loopback addresses."""
 from __future__ import annotations
 
 import asyncio
-from pathlib import Path
 
 import pytest
 
@@ -34,13 +33,11 @@ class Directory:
         return Accept()
 
 
-@pytest.fixture(params=["embedded", "redis"])
-def state(request, tmp_path: Path) -> dict:
-    """``[state]`` for one server (or several sharing it)."""
-    if request.param == "embedded":
-        return {"backend": "embedded", "path": str(tmp_path / "state.sqlite3")}
-    return {"backend": "redis", "redis_url": request.getfixturevalue("redis_server").url,
-            "timeout_seconds": 0.5}
+@pytest.fixture
+def state(state_config: dict) -> dict:
+    """``[state]`` for one server (or several sharing it), once for each store
+    (``state_config`` of Elemta's test kit)."""
+    return state_config
 
 
 async def start(elemta_server, state: dict, **greylist):
