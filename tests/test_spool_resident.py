@@ -45,6 +45,14 @@ def records_in(spool: Spool) -> list[tuple[str, str]]:
     return out
 
 
+def crash_and_find_nothing(spool: Spool) -> None:
+    """Crash now: the next start finds no message to deliver and no content left."""
+    spool._crash_for_tests()
+    again = Spool(spool.root)
+    assert again.recover()["ready"] == 0
+    assert files_in(again.messages_dir) == []
+
+
 async def wait_for(check, timeout: float = 5.0) -> None:
     deadline = time.monotonic() + timeout
     while not check():
@@ -146,10 +154,7 @@ async def test_a_resident_written_out_then_removed_before_its_checkpoint_stays_r
     spool.wait_written()                                     # a barrier writes residents too
     assert files_in(spool.state_dir("ready")) == [f"{queue_id}.json"]
     spool.remove(queue_id, "ready")
-    spool._crash_for_tests()                                 # its segment never checkpointed
-    again = Spool(tmp_path / "queue")
-    assert again.recover()["ready"] == 0
-    assert files_in(again.messages_dir) == []
+    crash_and_find_nothing(spool)                            # its segment never checkpointed
 
 
 async def test_without_a_listener_and_for_spilled_bodies_nothing_is_resident(
@@ -262,10 +267,7 @@ async def test_a_carried_message_delivered_before_a_crash_is_not_replayed(
     queue_id = await commit_message(spool)
     await wait_for(lambda: spool.stats.carried >= 1 and spool.stats.checkpoints >= 1)
     spool.remove(queue_id, "ready")
-    spool._crash_for_tests()
-    again = Spool(tmp_path / "queue")
-    assert again.recover()["ready"] == 0
-    assert files_in(again.messages_dir) == []
+    crash_and_find_nothing(spool)
 
 
 async def test_a_message_delivered_while_it_is_carried_stays_delivered(
@@ -287,10 +289,7 @@ async def test_a_message_delivered_while_it_is_carried_stays_delivered(
     monkeypatch.setattr(writer, "sync_data", sync_then_deliver)   # the carry's sync
     await wait_for(lambda: spool.stats.carried >= 1 and spool.stats.checkpoints >= 1)
     assert delivered == [True]
-    spool._crash_for_tests()
-    again = Spool(tmp_path / "queue")
-    assert again.recover()["ready"] == 0
-    assert files_in(again.messages_dir) == []
+    crash_and_find_nothing(spool)
 
 
 async def test_a_resident_past_the_carry_age_gets_its_files_at_the_seal(
