@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from elemta import Envelope, Outcome, Recipient, RecipientState, Reject, Route, hookimpl
 
 from .delivery import Maildirs
 from .layout import UnsafeAddress
+from .process import DeliveryProcess, HelperGone
 from .settings import MaildirSettings
 from .workers import Workers
 
@@ -37,6 +39,7 @@ class MaildirPlugin:
         self.maildirs: Maildirs | None = None
         self.local_domains: frozenset[str] = frozenset()
         self.workers: Workers | None = None
+        self.process: DeliveryProcess | None = None
 
     @hookimpl
     def register_config(self) -> Mapping[str, type[MaildirSettings]]:
@@ -51,6 +54,12 @@ class MaildirPlugin:
         self.local_domains = app.settings.local_domains
         # one thread per delivery the runner may have in flight
         self.workers = Workers(app.settings.delivery.workers)
+        if self.settings.helper_process:
+            # the helper has no config file to resolve the path against
+            absolute = self.settings.model_copy(
+                update={"path": str(app.settings.resolve(Path(self.settings.path)))})
+            self.process = DeliveryProcess(absolute, app.settings.server.hostname)
+            self.process.running()  # started now, so that it is ready for the first delivery
         log.info("maildir: delivering transport %r to %s (mailboxes under %s)",
                  self.settings.transport, self.settings.path, self.maildirs.layout.base)
 
@@ -98,6 +107,13 @@ class MaildirPlugin:
         if maildirs is None or workers is None or workers.closed:
             return [Outcome(r.address, 451, "4.3.0", "the maildir plugin is not running")
                     for r in recipients]
+        process = self.process
+        if process is not None and process.running():
+            try:
+                return await process.deliver_all(envelope, recipients, content_path)
+            except HelperGone as e:
+                return [Outcome(r.address, 451, "4.3.0", f"local delivery was interrupted: {e}")
+                        for r in recipients]
         # One hop to a thread of the plugin's own for the whole group: each hop
         # costs a hand-over of the GIL, which on a busy server is most of a
         # small message's delivery time.
@@ -105,6 +121,8 @@ class MaildirPlugin:
 
     @hookimpl
     def shutdown(self, app: App) -> None:
-        """Stop the delivery threads once they finish what they are writing."""
+        """Stop the delivery process and threads once they finish what they are writing."""
+        if self.process is not None:
+            self.process.close()
         if self.workers is not None:
             self.workers.close()

@@ -13,7 +13,9 @@ import logging
 import os
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from elemta import Envelope, Outcome, RecipientState
 
@@ -24,6 +26,19 @@ from .settings import MaildirSettings, resolve_owner
 log = logging.getLogger("elemta.maildir")
 
 _NO_SPACE = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
+
+
+@dataclass(slots=True)
+class _Step:
+    """A recipient's message written and waiting for its name in ``new/``."""
+
+    envelope: Envelope
+    recipient: RecipientState
+    box: Mailbox
+    folder: Path
+    size: int
+    sized: bool               # the mailbox has a maildirsize to add the message to
+    write: store.Pending
 
 
 class Maildirs:
@@ -56,28 +71,48 @@ class Maildirs:
     def deliver_all(self, envelope: Envelope, recipients: list[RecipientState],
                     content_path: str) -> list[Outcome]:
         """Deliver to every recipient, in order; one outcome each. Never raises."""
+        return self.deliver_many([(envelope, recipients, content_path)])[0]
+
+    def deliver_many(self, jobs: list[tuple[Envelope, list[RecipientState], str | int]],
+                     ) -> list[list[Outcome]]:
+        """:meth:`deliver_all` for each ``(envelope, recipients, content)``, as one batch.
+
+        ``content`` is the spooled message's path, or a descriptor open on it
+        (left open).
+
+        Every message of the batch is written first, then all are synced,
+        named in ``new/`` and synced again together: two syncs for the batch,
+        however many messages it holds. Never raises.
+        """
+        opened: list[int] = []
+        steps: list[list[Outcome | _Step]] = []
         try:
-            src = os.open(content_path, os.O_RDONLY | os.O_CLOEXEC)
-        except OSError as e:
-            log.warning("%s: cannot read the spooled message %s: %s", envelope.id,
-                        content_path, e.strerror or e)
-            return [Outcome(r.address, 451, "4.3.0", "the spooled message cannot be read")
-                    for r in recipients]
-        try:
-            size = os.fstat(src).st_size
-            outcomes = []
-            for r in recipients:
-                try:
-                    outcomes.append(self.deliver(envelope, r, src, size))
-                except Exception:
-                    # a bug, not a mailbox problem: keep the message and say where it broke
-                    log.exception("%s: maildir delivery to <%s> failed unexpectedly",
-                                  envelope.id, r.address)
-                    outcomes.append(Outcome(r.address, 451, "4.3.0", "local delivery failed; "
-                                            "see the server log"))
+            for envelope, recipients, content in jobs:
+                if isinstance(content, int):
+                    src = content
+                else:
+                    try:
+                        src = os.open(content, os.O_RDONLY | os.O_CLOEXEC)
+                    except OSError as e:
+                        log.warning("%s: cannot read the spooled message %s: %s", envelope.id,
+                                    content, e.strerror or e)
+                        steps.append([Outcome(r.address, 451, "4.3.0", "the spooled message "
+                                              "cannot be read") for r in recipients])
+                        continue
+                    opened.append(src)
+                size = os.fstat(src).st_size
+                steps.append([self._guarded(envelope, r, self._start, envelope, r, src, size)
+                              for r in recipients])
+            writes = [step.write for group in steps for step in group
+                      if isinstance(step, _Step)]
+            if writes:
+                self.writer.complete(writes)
+            return [[step if isinstance(step, Outcome) else self._guarded(
+                        step.envelope, step.recipient, self._finish, step)
+                     for step in group] for group in steps]
         finally:
-            os.close(src)
-        return outcomes
+            for src in opened:
+                os.close(src)
 
     def deliver(self, envelope: Envelope, recipient: RecipientState, src: int,
                 content_size: int) -> Outcome:
@@ -88,6 +123,26 @@ class Maildirs:
         full, 450 4.2.1 mailbox missing (``create_mailboxes = false``), 451 4.3.0
         any other file system error.
         """
+        step = self._start(envelope, recipient, src, content_size)
+        if isinstance(step, Outcome):
+            return step
+        self.writer.complete([step.write])
+        return self._finish(step)
+
+    def _guarded(self, envelope: Envelope, recipient: RecipientState,
+                 fn: Callable[..., Outcome | _Step], *args: Any) -> Outcome | _Step:
+        try:
+            return fn(*args)
+        except Exception:
+            # a bug, not a mailbox problem: keep the message and say where it broke
+            log.exception("%s: maildir delivery to <%s> failed unexpectedly",
+                          envelope.id, recipient.address)
+            return Outcome(recipient.address, 451, "4.3.0", "local delivery failed; "
+                           "see the server log")
+
+    def _start(self, envelope: Envelope, recipient: RecipientState, src: int,
+               content_size: int) -> Outcome | _Step:
+        """The outcome, when it is known before writing; else the message written, unnamed."""
         address = recipient.address
         box = self._mailboxes.get(address)
         if box is None:
@@ -100,27 +155,31 @@ class Maildirs:
                 self._mailboxes.clear()
             self._mailboxes[address] = box
         try:
-            return self._deliver(envelope, recipient, box, src, content_size)
-        except store.MailboxMissing:
+            return self._prepare(envelope, recipient, box, src, content_size)
+        except (store.MailboxMissing, OSError) as e:
+            return self._error(envelope, address, box, e)
+
+    def _error(self, envelope: Envelope, address: str, box: Mailbox,
+               error: store.MailboxMissing | OSError) -> Outcome:
+        if isinstance(error, store.MailboxMissing):
             log.warning("%s: maildir %s for <%s> does not exist and create_mailboxes is off; "
                         "create it (cur/, new/, tmp/) or set create_mailboxes = true",
                         envelope.id, box.root, address)
             return Outcome(address, 450, "4.2.1", f"mailbox of <{box.address}> is not "
                            "available yet")
-        except OSError as e:
-            self._known.discard(box.root)
-            # the path goes to the log only: a reply may end up in a bounce
-            reason = e.strerror or str(e)
-            log.warning("%s: maildir delivery to <%s> failed: %s (%s)", envelope.id, address,
-                        reason, e.filename or box.root)
-            if e.errno in _NO_SPACE:
-                return Outcome(address, 452, "4.3.1", f"insufficient storage for the mailbox "
-                               f"of <{box.address}>: {reason}")
-            return Outcome(address, 451, "4.3.0", f"cannot write to the mailbox of "
-                           f"<{box.address}>: {reason}")
+        self._known.discard(box.root)
+        # the path goes to the log only: a reply may end up in a bounce
+        reason = error.strerror or str(error)
+        log.warning("%s: maildir delivery to <%s> failed: %s (%s)", envelope.id, address,
+                    reason, error.filename or box.root)
+        if error.errno in _NO_SPACE:
+            return Outcome(address, 452, "4.3.1", f"insufficient storage for the mailbox "
+                           f"of <{box.address}>: {reason}")
+        return Outcome(address, 451, "4.3.0", f"cannot write to the mailbox of "
+                       f"<{box.address}>: {reason}")
 
-    def _deliver(self, envelope: Envelope, recipient: RecipientState, box: Mailbox,
-                 src: int, content_size: int) -> Outcome:
+    def _prepare(self, envelope: Envelope, recipient: RecipientState, box: Mailbox,
+                 src: int, content_size: int) -> Outcome | _Step:
         settings = self.settings
         address = recipient.address
         if box.root not in self._known:
@@ -151,17 +210,25 @@ class Maildirs:
         refusal, sized = self._check_quota(envelope, box, address, size)
         if refusal is not None:
             return refusal
-        path, already = self.writer.write(src, str(folder), name, head, size)
-        if already:
-            return self._already(envelope, address, path)
-        if sized:
+        write = self.writer.begin(src, str(folder), name, head, size)
+        return _Step(envelope, recipient, box, folder, size, sized, write)
+
+    def _finish(self, step: _Step) -> Outcome:
+        """The outcome of a message :meth:`Writer.complete` has named (or failed to)."""
+        envelope, address, box, write = step.envelope, step.recipient.address, step.box, step.write
+        if write.error is not None:
+            return self._error(envelope, address, box, write.error)
+        if write.already:
+            return self._already(envelope, address, write.path)
+        if step.sized:
             try:
-                store.append_maildirsize(box.root, size)
+                store.append_maildirsize(box.root, step.size)
             except OSError as e:  # delivered all the same; Dovecot recalculates the file
                 log.warning("%s: cannot update the maildirsize of <%s>: %s", envelope.id,
                             box.address, e.strerror or e)
         # the runner logs the outcome at info; the file is for debugging
-        log.debug("%s: delivered to <%s> in %s", envelope.id, address, path)
+        log.debug("%s: delivered to <%s> in %s", envelope.id, address, write.path)
+        folder = step.folder
         where = f" folder {folder_of(folder.name)}" if folder != box.root else ""
         return Outcome(address, 250, "2.0.0", f"delivered to the mailbox of "
                        f"<{box.address}>{where}", "maildir")

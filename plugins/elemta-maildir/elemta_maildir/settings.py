@@ -40,6 +40,8 @@ class MaildirSettings(BaseModel):
     dir_mode: int = Field(0o700, ge=0, le=0o7777)
     # fsync every message and new/ before answering 250; off loses mail on power failure
     fsync: bool = True
+    # write mailboxes in a helper process (false: in threads of the server)
+    helper_process: bool = True
 
     @field_validator("path")
     @classmethod

@@ -303,6 +303,23 @@ _NO_TMPFILE = {errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL, errno.ENOSYS}
 _NO_SPACE = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
 
 
+@dataclass(slots=True, eq=False)
+class Pending:
+    """One message on its way into ``new/``: written by :meth:`Writer.begin`, named by
+    :meth:`Writer.complete`, which sets ``already`` or ``error``."""
+
+    src: int
+    folder: str
+    name: str
+    head: bytes
+    size: int
+    path: str                 # folder/new/name
+    fd: int = -1              # the written file, unnamed or tmp/<name>, until it is named
+    tmp: str | None = None    # tmp/<name>, when the file is renamed rather than linked
+    already: bool = False     # a file of that name was already in new/ (it is kept)
+    error: OSError | None = None
+
+
 class Writer:
     """Puts messages into ``new/``, durably, under their final name.
 
@@ -313,10 +330,15 @@ class Writer:
     Elsewhere (a file system without ``O_TMPFILE``, a process whose
     ``/proc/self/fd`` cannot be used) it is written to ``tmp/<name>`` and
     renamed into ``new/``. With ``fsync``, the file is on disk before it is
-    named in ``new/`` and its name before :meth:`write` returns: through a
-    ``syncfs`` shared by the deliveries in flight on that file system
-    (:class:`FsSyncer`), or, without ``syncfs``, an fsync of the file and of
-    ``new/`` (shared, :class:`DirSyncer`).
+    named in ``new/`` and its name before :meth:`complete` returns: through a
+    ``syncfs`` shared by every message of the batch and by the deliveries in
+    flight in other threads on that file system (:class:`FsSyncer`), or,
+    without ``syncfs``, an fsync of each file and of each ``new/`` (shared,
+    :class:`DirSyncer`).
+
+    :meth:`begin` writes one message; :meth:`complete` names a batch of them
+    with two syncs in all, however many there are. :meth:`write` is both for
+    one message.
     """
 
     def __init__(self, *, file_mode: int, fsync: bool, owner: Owner = None,
@@ -341,54 +363,43 @@ class Writer:
         (an earlier attempt that got as far as the link, or the rename: it is
         kept, and the new copy discarded). On an error nothing is left behind.
         """
+        pending = self.begin(src, folder, name, head, size)
+        self.complete([pending])
+        if pending.error is not None:
+            raise pending.error
+        return pending.path, pending.already
+
+    def begin(self, src: int, folder: str, name: str, head: bytes, size: int) -> Pending:
+        """Write ``head`` + the content of ``src`` to a file not yet in ``new/``.
+
+        :meth:`complete` names it. On an error (raised) nothing is left behind.
+        """
+        pending = Pending(src, folder, name, head, size, f"{folder}/new/{name}")
         tmp = folder + "/tmp"
-        unlinkable: OSError | None = None
-        if self.tmpfile and tmp not in self._plain:
-            proc = self._proc()
-            if proc is not None:
+        if self.tmpfile and tmp not in self._plain and self._proc() is not None:
+            try:
+                fd = os.open(tmp, os.O_TMPFILE | os.O_WRONLY | os.O_CLOEXEC, self.file_mode)
+            except OSError as e:
+                if e.errno not in _NO_TMPFILE:
+                    raise
+                if len(self._plain) >= 10_000:
+                    self._plain.clear()
+                self._plain.add(tmp)
+            else:
                 try:
-                    fd = os.open(tmp, os.O_TMPFILE | os.O_WRONLY | os.O_CLOEXEC, self.file_mode)
-                except OSError as e:
-                    if e.errno not in _NO_TMPFILE:
-                        raise
-                    if len(self._plain) >= 10_000:
-                        self._plain.clear()
-                    self._plain.add(tmp)
-                else:
-                    try:
-                        return self._link(fd, proc, src, folder, name, head, size)
-                    except _Unlinkable as e:
-                        unlinkable = e.error
-                    finally:
-                        os.close(fd)
-        written = self._rename(src, folder, name, head, size)
-        if unlinkable is not None:  # tmp/ + rename works where the link did not
-            self._give_up_tmpfile(unlinkable)
-        return written
+                    self._fill(fd, src, head, size)
+                except BaseException:
+                    os.close(fd)
+                    raise
+                pending.fd = fd
+                return pending
+        return self._begin_rename(pending)
 
-    def _link(self, fd: int, proc: int, src: int, folder: str, name: str, head: bytes,
-              size: int) -> tuple[str, bool]:
-        self._fill(fd, src, head, size, folder)
-        new = f"{folder}/new/{name}"
-        try:
-            os.link(str(fd), new, src_dir_fd=proc, follow_symlinks=True)
-        except FileExistsError:
-            self._sync_new(folder)  # a crash may have beaten the first fsync
-            return new, True
-        except OSError as e:
-            if e.errno in _NO_SPACE:
-                raise
-            raise _Unlinkable(e) from None
-        self._sync_new(folder)
-        return new, False
-
-    def _rename(self, src: int, folder: str, name: str, head: bytes,
-                size: int) -> tuple[str, bool]:
-        new = f"{folder}/new/{name}"
-        if os.path.lexists(new):  # a rename would replace it without a word
-            self._sync_new(folder)  # a crash may have beaten the first fsync
-            return new, True
-        tmp = f"{folder}/tmp/{name}"
+    def _begin_rename(self, pending: Pending) -> Pending:
+        if os.path.lexists(pending.path):  # a rename would replace it without a word
+            pending.already = True
+            return pending
+        tmp = f"{pending.folder}/tmp/{pending.name}"
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW
         try:
             fd = os.open(tmp, flags, self.file_mode)
@@ -397,15 +408,116 @@ class Writer:
             fd = os.open(tmp, flags, self.file_mode)
         with _unlinked_if_failed(tmp):
             try:
-                self._fill(fd, src, head, size, folder)
-            finally:
+                self._fill(fd, pending.src, pending.head, pending.size)
+            except BaseException:
                 os.close(fd)
-            os.rename(tmp, new)
-        self._sync_new(folder)
-        return new, False
+                raise
+        pending.fd, pending.tmp = fd, tmp
+        return pending
 
-    def _fill(self, fd: int, src: int, head: bytes, size: int, fd_folder: str) -> None:
-        """Owner and mode, ``head``, then the content, copied by the kernel; fsynced."""
+    def complete(self, batch: list[Pending]) -> None:
+        """Name every file of ``batch`` in ``new/``, durably; sets ``already`` or ``error``.
+
+        With ``fsync``: the files are synced, then linked (or renamed), then
+        their names synced: a crash leaves either no name or a complete file.
+        Never raises for a file system error; a failed message leaves nothing
+        behind.
+        """
+        try:
+            live = [p for p in batch if p.error is None]
+            if self.fsync:
+                self._sync_files(live)
+            for p in live:
+                if p.error is None and not p.already:
+                    try:
+                        self._name(p)
+                    except OSError as e:
+                        p.error = e
+            if self.fsync:
+                self._sync_names([p for p in live if p.error is None])
+        finally:
+            for p in batch:
+                if p.fd >= 0:
+                    os.close(p.fd)
+                    p.fd = -1
+                if p.error is not None and p.tmp is not None:
+                    with contextlib.suppress(OSError):
+                        os.unlink(p.tmp)
+
+    def _sync_files(self, batch: list[Pending]) -> None:
+        """Each written file on disk: one syncfs per file system, or an fsync each."""
+        if self.group is not None:
+            self._sync_groups([p for p in batch if p.fd >= 0])
+        for p in batch:
+            if p.fd >= 0 and p.error is None:
+                try:
+                    # after a syncfs nothing is left to write: this only reports an
+                    # error in writing this file back that the syncfs told another caller
+                    os.fsync(p.fd)
+                except OSError as e:
+                    p.error = e
+
+    def _sync_names(self, batch: list[Pending]) -> None:
+        """Each ``new/`` entry on disk: one syncfs per file system, or an fsync of each ``new/``."""
+        if self.group is not None:
+            self._sync_groups(batch)
+            return
+        folders: dict[str, list[Pending]] = {}
+        for p in batch:
+            folders.setdefault(p.folder, []).append(p)
+        for folder, ps in folders.items():
+            try:
+                if self.dir_syncer is None:
+                    fsync_dir(folder + "/new")
+                else:
+                    self.dir_syncer.sync(folder + "/new")
+            except OSError as e:
+                for p in ps:
+                    p.error = e
+
+    def _sync_groups(self, batch: list[Pending]) -> None:
+        assert self.group is not None
+        systems: dict[str, list[Pending]] = {}
+        for p in batch:
+            try:
+                systems.setdefault(self._file_system(p.folder), []).append(p)
+            except OSError as e:
+                p.error = e
+        for key, ps in systems.items():
+            try:
+                self.group.sync(key)
+            except OSError as e:
+                for p in ps:
+                    p.error = e
+
+    def _name(self, p: Pending) -> None:
+        """Link the unnamed file, or rename ``tmp/<name>``, into ``new/``."""
+        if p.tmp is not None:
+            os.rename(p.tmp, p.path)
+            p.tmp = None
+            return
+        proc = self._proc()
+        assert proc is not None  # begin made an unnamed file only with it
+        try:
+            os.link(str(p.fd), p.path, src_dir_fd=proc, follow_symlinks=True)
+        except FileExistsError:
+            p.already = True  # its name is synced with the others: a crash may have beaten it
+        except OSError as e:
+            if e.errno in _NO_SPACE:
+                raise
+            # tmp/ + rename works where the link did not: this message that way, now
+            os.close(p.fd)
+            p.fd = -1
+            again = self._begin_rename(Pending(p.src, p.folder, p.name, p.head, p.size,
+                                               p.path))
+            self.complete([again])
+            if again.error is not None:
+                raise again.error from None
+            p.already = again.already
+            self._give_up_tmpfile(e)
+
+    def _fill(self, fd: int, src: int, head: bytes, size: int) -> None:
+        """Owner and mode, ``head``, then the content, copied by the kernel."""
         _own(fd, self.file_mode, self.owner)
         write_all(fd, head)
         length = size - len(head)
@@ -413,23 +525,6 @@ class Writer:
         if copied != length:
             raise OSError(f"the spooled message is {copied} bytes, expected {length}: it "
                           "changed while it was copied")
-        if self.fsync:
-            if self.group is not None:
-                self.group.sync(self._file_system(fd_folder))
-            # after a syncfs nothing is left to write: this only reports an
-            # error in writing this file back that the syncfs told another caller
-            os.fsync(fd)
-
-    def _sync_new(self, folder: str) -> None:
-        if not self.fsync:
-            return
-        if self.group is not None:
-            self.group.sync(self._file_system(folder))
-            return
-        if self.dir_syncer is None:
-            fsync_dir(folder + "/new")
-        else:
-            self.dir_syncer.sync(folder + "/new")
 
     def _file_system(self, folder: str) -> str:
         """A folder on ``folder``'s file system: the same one for all folders there."""
@@ -466,14 +561,6 @@ class Writer:
             log.info("maildir: messages are written to tmp/ and renamed into new/ from now on: "
                      "an unnamed file cannot be linked into new/ here (%s)",
                      error.strerror or error)
-
-
-class _Unlinkable(Exception):
-    """``linkat`` through ``/proc/self/fd`` failed for a reason other than the mailbox."""
-
-    def __init__(self, error: OSError) -> None:
-        super().__init__(str(error))
-        self.error = error
 
 
 def _copy(src: int, dst: int, length: int) -> int:

@@ -437,8 +437,10 @@ async def test_only_the_configured_transport_is_delivered(elemta_server):
 
 
 async def test_delivering_the_same_envelope_again_writes_one_file(elemta_server):
-    """Through tmp/ and a rename (a file system without O_TMPFILE): a stale copy is replaced."""
-    server = await start(elemta_server)
+    """Through tmp/ and a rename (a file system without O_TMPFILE): a stale copy is replaced.
+
+    In threads of the server (``helper_process = false``), whose writer the test can reach."""
+    server = await start(elemta_server, helper_process=False)
     plugin = server.app.pm.get_plugin("maildir")
     plugin.maildirs.writer.tmpfile = False
     content = server.root / "content.eml"
@@ -675,8 +677,9 @@ def test_a_failed_group_sync_fails_everybody_it_was_meant_to_cover(tmp_path):
 
 
 async def test_concurrent_deliveries_share_syncfs_calls(elemta_server):
-    """fsync on: one syncfs of the mailbox file system serves the deliveries in flight."""
-    server = await start(elemta_server)
+    """fsync on, in threads of the server: one syncfs of the mailbox file system serves
+    the deliveries in flight."""
+    server = await start(elemta_server, helper_process=False)
     plugin = server.app.pm.get_plugin("maildir")
     writer = plugin.maildirs.writer
     assert writer.group is not None, "syncfs is available on Linux"

@@ -4,7 +4,8 @@ A server with delivery off fills the spool (a clean stop checkpoints every
 message). A second server delivers into three mailboxes and is killed once
 the first files have appeared in them, so deliveries are cut at every step:
 half-written in ``tmp/``, renamed into ``new/`` but not yet recorded in the
-spool, recorded. A third server with the same configuration finishes. Each
+spool, recorded; its delivery helper process is either left to finish the
+batch it has or killed with it. A third server with the same configuration finishes. Each
 message carries a unique marker header; every (mailbox, marker) pair must
 be found exactly once in ``new/`` + ``cur/``, every file whole, and nothing may
 be left in ``tmp/`` (a stale partial copy is replaced by the retry, which
@@ -23,6 +24,7 @@ from collections import Counter
 from pathlib import Path
 
 import aiosmtplib
+import pytest
 
 from elemta.testing import free_port, listener, write_config
 
@@ -95,8 +97,21 @@ def listing(root: Path, sub: str) -> list[Path]:
     return out
 
 
+def children(pid: int) -> list[int]:
+    """The processes ``pid`` started (its delivery and removal helpers)."""
+    out: list[int] = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{task}/children") as f:
+            out += [int(p) for p in f.read().split()]
+    return out
+
+
+@pytest.mark.parametrize("helpers", ["live on", "killed too"])
 async def test_sigkill_during_maildir_delivery_delivers_every_copy_once(tmp_path: Path,
-                                                                        start_server) -> None:
+                                                                        start_server,
+                                                                        helpers: str) -> None:
+    """``live on``: the delivery helper finishes the batch it has after the server died;
+    ``killed too``: it dies with the server, in the middle of a batch."""
     expected: dict[str, list[str]] = {}
     wanted = sum(len(recipients_of(n)) for n in range(MESSAGES))
     port = free_port()
@@ -119,7 +134,12 @@ async def test_sigkill_during_maildir_delivery_delivers_every_copy_once(tmp_path
             f"only {len(listing(root, 'new'))} files delivered in {DRAIN_TIMEOUT}s\n"
             f"{victim.output()}")
         await asyncio.sleep(0.001)
-    os.kill(victim.pid, signal.SIGKILL)
+    doomed = children(victim.pid) if helpers == "killed too" else []
+    assert helpers == "live on" or any(
+        b"elemta_maildir" in open(f"/proc/{pid}/cmdline", "rb").read() for pid in doomed), \
+        "the delivery helper is not running"
+    for pid in [*doomed, victim.pid]:
+        os.kill(pid, signal.SIGKILL)
     victim.wait(10)
     at_kill = len(listing(root, "new"))
     left_in_tmp = len(listing(root, "tmp"))

@@ -1,0 +1,383 @@
+"""Mailbox writes in a helper process, whose interpreter lock is not the event loop's.
+
+A Maildir delivery makes about fifteen system calls and waits for two
+syncs. In threads of the server, each call gives the interpreter lock away
+and takes it back, and the event loop, which feeds the deliveries, waits
+for it: with twenty deliveries in flight the loop thread spent 28% of its
+time waiting for the lock, and the delivery threads half of theirs idle,
+waiting for the loop. Here the deliveries run in a second interpreter
+(``sys.executable -I`` with the server's ``sys.path``) that builds its own
+:class:`~elemta_maildir.delivery.Maildirs` from the same settings, and
+writes every request that arrived meanwhile as one batch: two syncs for the
+batch (:meth:`Maildirs.deliver_many`). The event loop only sends one request
+per delivery and reads the outcomes back (``add_reader``: no thread of the
+server's is involved).
+
+The two talk over a ``SOCK_SEQPACKET`` socket pair, one pickle per message
+(a private channel between the server and the child it started). A request
+is ``(id, envelope, recipients)``, followed by the server's log level when
+it changed, and carries the message's content as an
+open descriptor (``SCM_RIGHTS``): the content path of a resident message,
+``/proc/self/fd/N``, means nothing in another process. The helper answers
+``("r", id, outcomes)`` and forwards its log records as ``("l", level,
+logger, text)``, which the server logs as its own, before the outcome they
+belong to. The settings reach it as a memory file, read at its start.
+
+A helper that cannot be started, or that exits, is replaced by the plugin's
+threads; a dead one is started again on the first delivery
+:data:`RESTART_SECONDS` after it died. The deliveries it had in flight get
+``451 4.3.0`` and are retried; one that reached the mailbox is then found
+there (the maildir name is the same for every attempt), not written twice.
+At the end of its input (the server stops, or is killed) the helper
+finishes the batch it has and exits.
+"""
+
+from __future__ import annotations
+
+import array
+import asyncio
+import json
+import logging
+import os
+import pickle
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections import deque
+from typing import Any
+
+from elemta import Envelope, Outcome, RecipientState, write_all
+
+from .settings import MaildirSettings
+
+log = logging.getLogger("elemta.maildir")
+
+#: how long after a helper died the next one is started; deliveries meanwhile run in threads
+RESTART_SECONDS = 1.0
+
+#: how long stopping the server waits for the helper to finish what it is writing
+STOP_SECONDS = 10.0
+
+#: deliveries written and synced together, at most
+MAX_BATCH = 100
+
+#: a log record's text is cut here (a message on the socket must fit its buffer)
+MAX_LOG_TEXT = 32_768
+
+_RECV = 1 << 16
+_FD_SPACE = socket.CMSG_SPACE(array.array("i", [0]).itemsize)
+
+_BOOT = ("import json, sys; sys.path[:] = json.loads(sys.argv[1]); "
+         "from elemta_maildir.process import child_main; child_main(int(sys.argv[2]), "
+         "int(sys.argv[3]))")
+
+
+class HelperGone(Exception):
+    """The helper process exited before it answered."""
+
+
+class DeliveryProcess:
+    """The server's side of the helper: requests out, outcomes and log records in."""
+
+    def __init__(self, settings: MaildirSettings, hostname: str) -> None:
+        self.settings = settings
+        self.hostname = hostname
+        self.closed = False
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._sock: socket.socket | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._watched: socket.socket | None = None   # the socket add_reader watches
+        self._out: deque[tuple[bytes, int]] = deque()  # requests the socket had no room for
+        self._pending: dict[int, asyncio.Future[list[Outcome]]] = {}
+        self._next_id = 0
+        self._died_at = float("-inf")
+        self._level = logging.NOTSET   # the log level the helper has
+
+    @property
+    def pid(self) -> int | None:
+        """The helper's process id while one runs."""
+        return self._proc.pid if self._proc is not None else None
+
+    def start(self) -> None:
+        """Start a helper with the settings; ``OSError`` when none can be started."""
+        level = log.getEffectiveLevel()
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        settings = os.memfd_create("elemta-maildir-settings", os.MFD_CLOEXEC)
+        try:
+            write_all(settings, pickle.dumps((self.settings, self.hostname, level),
+                                             pickle.HIGHEST_PROTOCOL))
+            os.lseek(settings, 0, os.SEEK_SET)
+            proc = subprocess.Popen(
+                [sys.executable, "-I", "-c", _BOOT, json.dumps(sys.path), str(theirs.fileno()),
+                 str(settings)], stdin=subprocess.DEVNULL, close_fds=True,
+                pass_fds=(theirs.fileno(), settings))
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
+            os.close(settings)
+        ours.setblocking(False)
+        self._proc, self._sock, self._level = proc, ours, level
+        log.debug("maildir: delivery process %d started", proc.pid)
+
+    def running(self) -> bool:
+        """Whether deliveries go to a helper now: one runs, or could be started again."""
+        if self._proc is not None:
+            return True
+        if self.closed or time.monotonic() - self._died_at < RESTART_SECONDS:
+            return False
+        try:
+            self.start()
+        except OSError as e:
+            self._died_at = time.monotonic()
+            log.error("maildir: cannot start the delivery process (%s); deliveries run in "
+                      "threads of the server meanwhile", e.strerror or e)
+            return False
+        return True
+
+    async def deliver_all(self, envelope: Envelope, recipients: list[RecipientState],
+                          content_path: str) -> list[Outcome]:
+        """The outcomes of :meth:`Maildirs.deliver_all`, run in the helper.
+
+        :raises HelperGone: the helper exited before it answered.
+        """
+        sock = self._sock
+        if sock is None:
+            raise HelperGone("the delivery process is not running")
+        try:
+            src = os.open(content_path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as e:
+            log.warning("%s: cannot read the spooled message %s: %s", envelope.id,
+                        content_path, e.strerror or e)
+            return [Outcome(r.address, 451, "4.3.0", "the spooled message cannot be read")
+                    for r in recipients]
+        loop = asyncio.get_running_loop()
+        if self._watched is not sock:
+            loop.add_reader(sock.fileno(), self._readable, sock)
+            self._loop, self._watched = loop, sock
+        request_id = self._next_id
+        self._next_id += 1
+        future: asyncio.Future[list[Outcome]] = loop.create_future()
+        self._pending[request_id] = future
+        # only what a mailbox delivery reads: the envelope's trace and TLS details stay here
+        slim = Envelope(envelope.id, envelope.sender, [], envelope.received_at, envelope.size,
+                        attempts=envelope.attempts)
+        rcpts = [RecipientState(r.address, attempts=r.attempts, original=r.original)
+                 for r in recipients]
+        # the server's log level now (it changes with a reload), when the helper's differs
+        level = log.getEffectiveLevel()
+        if level == self._level:
+            request: tuple[Any, ...] = (request_id, slim, rcpts)
+        else:
+            request, self._level = (request_id, slim, rcpts, level), level
+        try:
+            self._send(sock, pickle.dumps(request, pickle.HIGHEST_PROTOCOL), src)
+            return await future
+        finally:
+            self._pending.pop(request_id, None)
+
+    def close(self) -> None:
+        """End the helper's input, wait for it to finish what it is writing, reap it."""
+        self.closed = True
+        proc, sock = self._proc, self._sock
+        if proc is None or sock is None:
+            return
+        self._unwatch(sock)
+        self._proc = self._sock = None
+        sock.close()
+        try:
+            proc.wait(STOP_SECONDS)
+        except subprocess.TimeoutExpired:
+            log.warning("maildir: the delivery process %d did not stop within %g s; killed "
+                        "(an interrupted delivery is repeated from the spool)", proc.pid,
+                        STOP_SECONDS)
+            proc.kill()
+            proc.wait()
+        self._fail_pending("the server is stopping")
+
+    # ---------------------------------------------------------------- the socket
+
+    def _send(self, sock: socket.socket, data: bytes, fd: int) -> None:
+        """Send a request and the descriptor it carries (closed here once sent)."""
+        if self._out:
+            self._out.append((data, fd))
+            return
+        try:
+            sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                                   array.array("i", [fd]))])
+        except BlockingIOError:
+            self._out.append((data, fd))
+            assert self._loop is not None
+            self._loop.add_writer(sock.fileno(), self._writable, sock)
+            return
+        except OSError:
+            pass  # it died: the end of its output fails what is pending
+        os.close(fd)
+
+    def _writable(self, sock: socket.socket) -> None:
+        while self._out:
+            data, fd = self._out[0]
+            try:
+                sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                                       array.array("i", [fd]))])
+            except BlockingIOError:
+                return
+            except OSError:
+                pass
+            self._out.popleft()
+            os.close(fd)
+        if self._loop is not None:
+            self._loop.remove_writer(sock.fileno())
+
+    def _readable(self, sock: socket.socket) -> None:
+        while True:
+            try:
+                data = sock.recv(_RECV)
+            except BlockingIOError:
+                return
+            except OSError:
+                data = b""
+            if not data:
+                self._gone(sock)
+                return
+            message = pickle.loads(data)
+            if message[0] == "r":
+                future = self._pending.get(message[1])
+                if future is not None and not future.done():
+                    future.set_result(message[2])
+            elif message[0] == "l":
+                _, level, name, text = message
+                logging.getLogger(name).log(level, "%s", text)
+
+    def _gone(self, sock: socket.socket) -> None:
+        self._unwatch(sock)
+        proc = self._proc
+        if self._sock is not sock or proc is None:
+            return
+        self._proc = self._sock = None
+        self._died_at = time.monotonic()
+        sock.close()
+        try:
+            code = proc.wait(1)
+        except subprocess.TimeoutExpired:  # it closed the socket but lives on: stop it
+            proc.kill()
+            code = proc.wait()
+        if not self.closed:
+            log.error("maildir: the delivery process %d exited (status %s) with %d deliveries "
+                      "in flight; they are retried, and deliveries run in threads of the "
+                      "server until it is started again", proc.pid, code, len(self._pending))
+        self._fail_pending(f"the delivery process exited (status {code})")
+
+    def _unwatch(self, sock: socket.socket) -> None:
+        if self._watched is sock and self._loop is not None and not self._loop.is_closed():
+            self._loop.remove_reader(sock.fileno())
+            self._loop.remove_writer(sock.fileno())
+            self._watched = None
+        while self._out:
+            os.close(self._out.popleft()[1])
+
+    def _fail_pending(self, why: str) -> None:
+        pending, self._pending = self._pending, {}
+        for future in pending.values():
+            if not future.done():
+                future.set_exception(HelperGone(why))
+
+
+# ------------------------------------------------------------------ the helper
+
+
+def child_main(channel: int, settings_fd: int) -> None:
+    """The helper: deliveries from ``channel`` in batches; outcomes and log records back.
+
+    One thread: every request that arrived while a batch was written forms
+    the next batch (two syncs in all), answered as soon as it is named.
+    Threads, each with a batch of its own, made it slower: two ran at 0.63 of
+    SMTP delivery's rate where one ran at 0.90 (docs/performance.md).
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)   # it stops at the end of its input
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    os.dup2(2, 1)  # a stray print goes to the server's stderr
+    with open(settings_fd, "rb") as f:
+        settings, hostname, level = pickle.load(f)
+    sock = socket.socket(fileno=channel)
+
+    def send(message: object) -> None:
+        sock.sendall(pickle.dumps(message, pickle.HIGHEST_PROTOCOL))
+
+    root = logging.getLogger()
+    root.handlers[:] = [_Forward(send)]
+    root.setLevel(level)
+
+    from .delivery import Maildirs  # the settings' path is absolute: nothing left to resolve
+    maildirs = Maildirs(settings, _same, hostname)
+    while True:
+        batch = _receive(sock)
+        if not batch:
+            return
+        try:
+            results = maildirs.deliver_many([(envelope, rcpts, src)
+                                             for _, envelope, rcpts, src in batch])
+        except BaseException:  # deliver_many does not raise: a bug, and the messages stay
+            log.exception("maildir: a batch of %d deliveries failed unexpectedly", len(batch))
+            results = [[Outcome(r.address, 451, "4.3.0", "local delivery failed; see the "
+                                "server log") for r in job[2]] for job in batch]
+        finally:
+            for job in batch:
+                os.close(job[3])
+        for job, outcomes in zip(batch, results):
+            send(("r", job[0], outcomes))
+
+
+def _receive(sock: socket.socket) -> list[tuple[int, Envelope, list[RecipientState], int]]:
+    """The requests waiting, at least one (blocking for it), at most :data:`MAX_BATCH`;
+    none at the end of the input."""
+    batch: list[tuple[int, Envelope, list[RecipientState], int]] = []
+    flags = 0
+    while len(batch) < MAX_BATCH:
+        try:
+            data, ancillary, _, _ = sock.recvmsg(_RECV, _FD_SPACE, flags)
+        except BlockingIOError:
+            break
+        if not data:
+            break
+        fds = array.array("i")
+        for level, kind, payload in ancillary:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                fds.frombytes(payload[:len(payload) - len(payload) % fds.itemsize])
+        request_id, envelope, rcpts, *level = pickle.loads(data)
+        if level:
+            logging.getLogger().setLevel(level[0])
+        if not fds:  # cannot happen: the server sends every request with its content
+            send_back = [Outcome(r.address, 451, "4.3.0", "the spooled message was not "
+                                 "passed") for r in rcpts]
+            sock.sendall(pickle.dumps(("r", request_id, send_back)))
+            continue
+        for extra in fds[1:]:
+            os.close(extra)
+        batch.append((request_id, envelope, rcpts, fds[0]))
+        flags = socket.MSG_DONTWAIT
+    return batch
+
+
+def _same(path: Any) -> Any:
+    return path
+
+
+class _Forward(logging.Handler):
+    """Log records to the server, which logs them as its own."""
+
+    def __init__(self, send: Any) -> None:
+        super().__init__()
+        self.send = send
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            text = record.getMessage()
+            if record.exc_info:
+                text += "\n" + logging.Formatter().formatException(record.exc_info)
+            self.send(("l", record.levelno, record.name, text[:MAX_LOG_TEXT]))
+        except Exception:
+            self.handleError(record)

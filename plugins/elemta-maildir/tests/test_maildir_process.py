@@ -1,0 +1,212 @@
+"""The delivery helper process: batches, log records, a helper that dies or cannot start.
+
+In-process servers with the installed ``maildir`` plugin, as in test_maildir.py;
+the helper is a real second interpreter started by the plugin.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+from elemta_maildir import store
+from elemta_maildir.delivery import Maildirs
+from elemta_maildir.settings import MaildirSettings
+from test_maildir import (
+    DOMAIN,
+    files,
+    maildir,
+    message,
+    on_the_wire,
+    start,
+    submit,
+    wait_deferred,
+    wait_for,
+    wait_gone,
+)
+
+from elemta import Envelope, RecipientState, Route, new_id
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+
+
+async def test_deliveries_run_in_the_helper_and_its_log_lines_reach_the_server(
+        elemta_server, caplog):
+    server = await start(elemta_server)
+    plugin = server.app.pm.get_plugin("maildir")
+    pid = plugin.process.pid
+    assert pid is not None and pid != os.getpid() and alive(pid)
+    with open(f"/proc/{pid}/cmdline", "rb") as f:
+        assert b"elemta_maildir.process" in f.read()
+
+    # by SMTP: a resident message, whose content path is a memory file of this process
+    queue_id = await submit(server, "alice@example.test", ["bob@example.test"],
+                            on_the_wire(message("helper")))
+    [path] = await wait_for(lambda: files(maildir(server, "bob")), what="a file in new/")
+    await wait_gone(server, queue_id)
+    assert path.read_bytes().endswith(message("helper"))
+
+    # the same envelope again: the helper's "already delivered" line is the server's
+    content = server.root / "content.eml"
+    content.write_bytes(message("again"))
+    rcpt = RecipientState("carol@example.test")
+    env = Envelope(new_id(), "alice@example.test", [rcpt], time.time(),
+                   content.stat().st_size, attempts=1)
+    route = Route("local", DOMAIN)
+    caplog.set_level(logging.INFO, logger="elemta.maildir")
+    [first] = await plugin.deliver(env, route, [rcpt], str(content))
+    [second] = await plugin.deliver(env, route, [rcpt], str(content))
+    assert first.code == second.code == 250 and "already" in second.text
+    [record] = [r for r in caplog.records if "already delivered to" in r.getMessage()]
+    assert record.name == "elemta.maildir" and record.levelno == logging.INFO
+    assert env.id in record.getMessage() and record.process == os.getpid()
+    assert plugin.process.pid == pid, "the helper was replaced"
+
+
+async def test_an_unreadable_content_path_defers_without_reaching_the_helper(elemta_server):
+    server = await start(elemta_server)
+    plugin = server.app.pm.get_plugin("maildir")
+    rcpt = RecipientState("bob@example.test")
+    env = Envelope(new_id(), "alice@example.test", [rcpt], time.time(), 10, attempts=1)
+    [outcome] = await plugin.deliver(env, Route("local", DOMAIN), [rcpt],
+                                     str(server.root / "missing.eml"))
+    assert (outcome.code, outcome.enhanced) == (451, "4.3.0")
+    assert "cannot be read" in outcome.text
+
+
+async def test_a_killed_helper_defers_its_deliveries_and_they_arrive_once(elemta_server,
+                                                                          caplog):
+    """SIGSTOP keeps a delivery in the helper; SIGKILL then ends it: 451 4.3.0, retried in
+    threads until a new helper runs, one copy in the mailbox."""
+    server = await start(elemta_server, retry=0.3)
+    plugin = server.app.pm.get_plugin("maildir")
+    first = plugin.process.pid
+    os.kill(first, signal.SIGSTOP)
+    try:
+        queue_id = await submit(server, "alice@example.test", ["bob@example.test"],
+                                on_the_wire(message("killed")))
+        await wait_for(lambda: plugin.process._pending, what="a delivery in the helper")
+    finally:
+        os.kill(first, signal.SIGKILL)
+        os.kill(first, signal.SIGCONT)
+    env = await wait_deferred(server, queue_id)
+    [rcpt] = env["recipients"]
+    assert rcpt["last_error"].startswith("451 4.3.0 local delivery was interrupted"), rcpt
+    await wait_gone(server, queue_id)
+    assert len(files(maildir(server, "bob"))) == 1
+    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert any(f"delivery process {first} exited" in e and "1 deliveries in flight" in e
+               for e in errors), errors
+
+    # a second helper is started for later deliveries
+    await asyncio.sleep(1.1)
+    queue_id = await submit(server, "alice@example.test", ["bob@example.test"],
+                            on_the_wire(message("later")))
+    await wait_gone(server, queue_id)
+    assert len(files(maildir(server, "bob"))) == 2
+    assert plugin.process.pid not in (None, first) and alive(plugin.process.pid)
+
+
+async def test_a_helper_that_cannot_start_leaves_delivery_to_threads(elemta_server,
+                                                                     monkeypatch, caplog):
+    monkeypatch.setattr(sys, "executable", "/nonexistent/python3")
+    server = await start(elemta_server)
+    plugin = server.app.pm.get_plugin("maildir")
+    assert plugin.process.pid is None
+    assert any("cannot start the delivery process" in r.getMessage()
+               for r in caplog.records if r.levelno == logging.ERROR)
+    queue_id = await submit(server, "alice@example.test", ["bob@example.test"],
+                            on_the_wire(message("threads")))
+    await wait_gone(server, queue_id)
+    assert len(files(maildir(server, "bob"))) == 1
+
+
+async def test_helper_process_false_delivers_in_threads(elemta_server):
+    server = await start(elemta_server, helper_process=False)
+    plugin = server.app.pm.get_plugin("maildir")
+    assert plugin.process is None
+    queue_id = await submit(server, "alice@example.test", ["bob@example.test"],
+                            on_the_wire(message("no helper")))
+    await wait_gone(server, queue_id)
+    assert len(files(maildir(server, "bob"))) == 1
+
+
+async def test_stopping_the_server_stops_the_helper(elemta_server):
+    server = await start(elemta_server)
+    plugin = server.app.pm.get_plugin("maildir")
+    pid = plugin.process.pid
+    await server.app.stop(grace=1)
+    assert not alive(pid)
+    assert plugin.process.pid is None and not plugin.process.running()
+
+
+def test_a_batch_is_named_with_two_syncs(tmp_path: Path):
+    """deliver_many: every message written, then one syncfs before the links and one after,
+    however many messages and mailboxes the batch holds."""
+    settings = MaildirSettings(path=str(tmp_path / "{domain}" / "{user}"),
+                               create_mailboxes=True)
+    maildirs = Maildirs(settings, Path, "mx.example.test")
+    assert maildirs.writer.group is not None, "syncfs is available on Linux"
+    content = tmp_path / "content.eml"
+    content.write_bytes(message("batch"))
+    jobs = []
+    for n in range(30):
+        rcpts = [RecipientState(f"user{n % 5}@example.test"),
+                 RecipientState(f"other{n % 3}@example.test")]
+        jobs.append((Envelope(new_id(), "alice@example.test", rcpts, time.time(),
+                              content.stat().st_size, attempts=1), rcpts, str(content)))
+    for n in range(5):  # made before counting: creating a mailbox syncs its parent folder
+        store.make_maildir(tmp_path / "example.test" / f"user{n}", 0o700, True)
+    for n in range(3):
+        store.make_maildir(tmp_path / "example.test" / f"other{n}", 0o700, True)
+    calls = 0
+    real = maildirs.writer.group._flush
+
+    def counting(path):
+        nonlocal calls
+        calls += 1
+        real(path)
+
+    maildirs.writer.group._flush = counting
+    results = maildirs.deliver_many(jobs)
+    assert [[o.code for o in outcomes] for outcomes in results] == [[250, 250]] * 30
+    assert calls == 2
+    written = sum(len(files(tmp_path / "example.test" / f"user{n}")) for n in range(5))
+    assert written == 30
+    assert files(tmp_path / "example.test" / "user0", "tmp") == []
+
+
+def test_a_failed_sync_fails_its_batch_and_leaves_no_name(tmp_path: Path):
+    """The syncfs before the links fails: no message is named in new/, each gets a 451."""
+    settings = MaildirSettings(path=str(tmp_path / "{domain}" / "{user}"),
+                               create_mailboxes=True)
+    maildirs = Maildirs(settings, Path, "mx.example.test")
+    content = tmp_path / "content.eml"
+    content.write_bytes(message("eio"))
+    rcpts = [RecipientState("bob@example.test")]
+    store.make_maildir(tmp_path / "example.test" / "bob", 0o700, True)
+
+    def failing(path):
+        raise OSError(5, "Input/output error")
+
+    maildirs.writer.group._flush = failing
+    jobs = [(Envelope(new_id(), "alice@example.test", rcpts, time.time(),
+                      content.stat().st_size, attempts=1), rcpts, str(content))
+            for _ in range(3)]
+    results = maildirs.deliver_many(jobs)
+    assert [(o.code, o.enhanced) for [o] in results] == [(451, "4.3.0")] * 3
+    assert "Input/output error" in results[0][0].text
+    assert files(tmp_path / "example.test" / "bob") == []
+    assert files(tmp_path / "example.test" / "bob", "tmp") == []
