@@ -8,6 +8,7 @@ message queued).
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import logging
 import os
@@ -86,6 +87,8 @@ class Maildirs:
         """
         opened: list[int] = []
         steps: list[list[Outcome | _Step]] = []
+        # bytes and messages of the batch so far, per mailbox: not in maildirsize yet
+        reserved: dict[Path, list[int]] = {}
         try:
             for envelope, recipients, content in jobs:
                 if isinstance(content, int):
@@ -101,8 +104,8 @@ class Maildirs:
                         continue
                     opened.append(src)
                 size = os.fstat(src).st_size
-                steps.append([self._guarded(envelope, r, self._start, envelope, r, src, size)
-                              for r in recipients])
+                steps.append([self._guarded(envelope, r, self._start, envelope, r, src, size,
+                                            reserved) for r in recipients])
             writes = [step.write for group in steps for step in group
                       if isinstance(step, _Step)]
             if writes:
@@ -141,7 +144,8 @@ class Maildirs:
                            "see the server log")
 
     def _start(self, envelope: Envelope, recipient: RecipientState, src: int,
-               content_size: int) -> Outcome | _Step:
+               content_size: int, reserved: dict[Path, list[int]] | None = None,
+               ) -> Outcome | _Step:
         """The outcome, when it is known before writing; else the message written, unnamed."""
         address = recipient.address
         box = self._mailboxes.get(address)
@@ -155,7 +159,7 @@ class Maildirs:
                 self._mailboxes.clear()
             self._mailboxes[address] = box
         try:
-            return self._prepare(envelope, recipient, box, src, content_size)
+            return self._prepare(envelope, recipient, box, src, content_size, reserved)
         except (store.MailboxMissing, OSError) as e:
             return self._error(envelope, address, box, e)
 
@@ -179,7 +183,8 @@ class Maildirs:
                        f"<{box.address}>: {reason}")
 
     def _prepare(self, envelope: Envelope, recipient: RecipientState, box: Mailbox,
-                 src: int, content_size: int) -> Outcome | _Step:
+                 src: int, content_size: int, reserved: dict[Path, list[int]] | None,
+                 ) -> Outcome | _Step:
         settings = self.settings
         address = recipient.address
         if box.root not in self._known:
@@ -207,7 +212,7 @@ class Maildirs:
                     store.fsync_dir(found.parent)  # a crash may have beaten the first fsync
                 return self._already(envelope, address, found)
 
-        refusal, sized = self._check_quota(envelope, box, address, size)
+        refusal, sized = self._check_quota(envelope, box, address, size, reserved)
         if refusal is not None:
             return refusal
         write = self.writer.begin(src, str(folder), name, head, size)
@@ -263,13 +268,23 @@ class Maildirs:
                 found = exact
         return found
 
-    def _check_quota(self, envelope: Envelope, box: Mailbox, address: str,
-                     size: int) -> tuple[Outcome | None, bool]:
-        """A refusal (or ``None``), and whether the mailbox has a ``maildirsize`` to add to."""
+    def _check_quota(self, envelope: Envelope, box: Mailbox, address: str, size: int,
+                     reserved: dict[Path, list[int]] | None) -> tuple[Outcome | None, bool]:
+        """A refusal (or ``None``), and whether the mailbox has a ``maildirsize`` to add to.
+
+        ``reserved`` holds what earlier messages of the batch will add to each mailbox.
+        """
         quota, sized = self._quota(envelope, box)
         if quota is None:
             return None, sized
-        return self._over_quota(envelope, box, address, size, quota), sized
+        held = reserved.setdefault(box.root, [0, 0]) if reserved is not None else [0, 0]
+        quota = dataclasses.replace(quota, used_bytes=quota.used_bytes + held[0],
+                                    used_count=quota.used_count + held[1])
+        refusal = self._over_quota(envelope, box, address, size, quota)
+        if refusal is None:
+            held[0] += size
+            held[1] += 1
+        return refusal, sized
 
     def _over_quota(self, envelope: Envelope, box: Mailbox, address: str, size: int,
                     quota: store.Quota) -> Outcome | None:

@@ -210,3 +210,26 @@ def test_a_failed_sync_fails_its_batch_and_leaves_no_name(tmp_path: Path):
     assert "Input/output error" in results[0][0].text
     assert files(tmp_path / "example.test" / "bob") == []
     assert files(tmp_path / "example.test" / "bob", "tmp") == []
+
+
+def test_a_batch_counts_its_own_messages_against_the_quota(tmp_path: Path):
+    """Five messages to one mailbox in one batch, room for two: two delivered, three deferred
+    (maildirsize is appended to only after the batch is named)."""
+    content = tmp_path / "content.eml"
+    content.write_bytes(message("quota"))
+    settings = MaildirSettings(path=str(tmp_path / "{domain}" / "{user}"),
+                               create_mailboxes=True)
+    maildirs = Maildirs(settings, Path, "mx.example.test")
+    rcpt = RecipientState("bob@example.test")
+    head = len(b"Return-Path: <alice@example.test>\r\nDelivered-To: bob@example.test\r\n")
+    box = tmp_path / "example.test" / "bob"
+    store.make_maildir(box, 0o700, True)
+    (box / "maildirsize").write_text(f"{2 * (head + content.stat().st_size) + 10}S\n0 0\n")
+    jobs = [(Envelope(new_id(), "alice@example.test", [rcpt], time.time(),
+                      content.stat().st_size, attempts=1), [rcpt], str(content))
+            for _ in range(5)]
+    results = maildirs.deliver_many(jobs)
+    assert [(o.code, o.enhanced) for [o] in results] == [(250, "2.0.0")] * 2 + [
+        (452, "4.2.2")] * 3
+    assert len(files(box)) == 2
+    assert (box / "maildirsize").read_text().count(" 1\n") == 2
