@@ -91,19 +91,19 @@ class Maildirs:
         reserved: dict[Path, list[int]] = {}
         try:
             for envelope, recipients, content in jobs:
-                if isinstance(content, int):
-                    src = content
-                else:
-                    try:
+                try:
+                    if isinstance(content, int):
+                        src = content
+                    else:
                         src = os.open(content, os.O_RDONLY | os.O_CLOEXEC)
-                    except OSError as e:
-                        log.warning("%s: cannot read the spooled message %s: %s", envelope.id,
-                                    content, e.strerror or e)
-                        steps.append([Outcome(r.address, 451, "4.3.0", "the spooled message "
-                                              "cannot be read") for r in recipients])
-                        continue
-                    opened.append(src)
-                size = os.fstat(src).st_size
+                        opened.append(src)
+                    size = os.fstat(src).st_size
+                except OSError as e:
+                    log.warning("%s: cannot read the spooled message %s: %s", envelope.id,
+                                content, e.strerror or e)
+                    steps.append([Outcome(r.address, 451, "4.3.0", "the spooled message "
+                                          "cannot be read") for r in recipients])
+                    continue
                 steps.append([self._guarded(envelope, r, self._start, envelope, r, src, size,
                                             reserved) for r in recipients])
             writes = [step.write for group in steps for step in group
@@ -114,6 +114,9 @@ class Maildirs:
                         step.envelope, step.recipient, self._finish, step)
                      for step in group] for group in steps]
         finally:
+            # after a bug above: no file of the batch stays open or in tmp/
+            self.writer.discard([step.write for group in steps for step in group
+                                 if isinstance(step, _Step)])
             for src in opened:
                 os.close(src)
 

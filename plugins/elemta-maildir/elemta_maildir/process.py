@@ -25,7 +25,8 @@ belong to. The settings reach it as a memory file, read at its start.
 
 A helper that cannot be started, or that exits, is replaced by the plugin's
 threads; a dead one is started again on the first delivery
-:data:`RESTART_SECONDS` after it died. The deliveries it had in flight get
+:data:`RESTART_SECONDS` after it died (longer, up to :data:`MAX_RESTART_SECONDS`,
+for one that died again before answering anything). The deliveries it had in flight get
 ``451 4.3.0`` and are retried; one that reached the mailbox is then found
 there (the maildir name is the same for every attempt), not written twice.
 At the end of its input (the server stops, or is killed) the helper
@@ -54,8 +55,10 @@ from .settings import MaildirSettings
 
 log = logging.getLogger("elemta.maildir")
 
-#: how long after a helper died the next one is started; deliveries meanwhile run in threads
+#: how long after a helper died the next one is started; deliveries meanwhile run in threads.
+#: Doubled each time a helper dies without having answered, up to MAX_RESTART_SECONDS.
 RESTART_SECONDS = 1.0
+MAX_RESTART_SECONDS = 300.0
 
 #: how long stopping the server waits for the helper to finish what it is writing
 STOP_SECONDS = 10.0
@@ -93,6 +96,8 @@ class DeliveryProcess:
         self._pending: dict[int, asyncio.Future[list[Outcome]]] = {}
         self._next_id = 0
         self._died_at = float("-inf")
+        self._restart_after = RESTART_SECONDS
+        self._answered = False          # the running helper has answered a request
         self._level = logging.NOTSET   # the log level the helper has
 
     @property
@@ -121,18 +126,20 @@ class DeliveryProcess:
             os.close(settings)
         ours.setblocking(False)
         self._proc, self._sock, self._level = proc, ours, level
+        self._answered = False
         log.debug("maildir: delivery process %d started", proc.pid)
 
     def running(self) -> bool:
         """Whether deliveries go to a helper now: one runs, or could be started again."""
         if self._proc is not None:
             return True
-        if self.closed or time.monotonic() - self._died_at < RESTART_SECONDS:
+        if self.closed or time.monotonic() - self._died_at < self._restart_after:
             return False
         try:
             self.start()
         except OSError as e:
             self._died_at = time.monotonic()
+            self._restart_after = min(self._restart_after * 2, MAX_RESTART_SECONDS)
             log.error("maildir: cannot start the delivery process (%s); deliveries run in "
                       "threads of the server meanwhile", e.strerror or e)
             return False
@@ -245,6 +252,7 @@ class DeliveryProcess:
                 return
             message = pickle.loads(data)
             if message[0] == "r":
+                self._answered = True
                 future = self._pending.get(message[1])
                 if future is not None and not future.done():
                     future.set_result(message[2])
@@ -259,6 +267,9 @@ class DeliveryProcess:
             return
         self._proc = self._sock = None
         self._died_at = time.monotonic()
+        # one that never answered (it cannot even start) is not restarted every second
+        self._restart_after = (RESTART_SECONDS if self._answered
+                               else min(self._restart_after * 2, MAX_RESTART_SECONDS))
         sock.close()
         try:
             code = proc.wait(1)
@@ -268,7 +279,8 @@ class DeliveryProcess:
         if not self.closed:
             log.error("maildir: the delivery process %d exited (status %s) with %d deliveries "
                       "in flight; they are retried, and deliveries run in threads of the "
-                      "server until it is started again", proc.pid, code, len(self._pending))
+                      "server until it is started again in %g s", proc.pid, code,
+                      len(self._pending), self._restart_after)
         self._fail_pending(f"the delivery process exited (status {code})")
 
     def _unwatch(self, sock: socket.socket) -> None:

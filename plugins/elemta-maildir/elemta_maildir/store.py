@@ -436,13 +436,18 @@ class Writer:
             if self.fsync:
                 self._sync_names([p for p in live if p.error is None])
         finally:
-            for p in batch:
-                if p.fd >= 0:
-                    os.close(p.fd)
-                    p.fd = -1
-                if p.error is not None and p.tmp is not None:
-                    with contextlib.suppress(OSError):
-                        os.unlink(p.tmp)
+            self.discard(batch)
+
+    def discard(self, batch: list[Pending]) -> None:
+        """Close what :meth:`complete` left open; remove ``tmp/<name>`` files not renamed."""
+        for p in batch:
+            if p.fd >= 0:
+                os.close(p.fd)
+                p.fd = -1
+            if p.tmp is not None:
+                with contextlib.suppress(OSError):
+                    os.unlink(p.tmp)
+                p.tmp = None
 
     def _sync_files(self, batch: list[Pending]) -> None:
         """Each written file on disk: one syncfs per file system, or an fsync each."""
