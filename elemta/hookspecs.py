@@ -477,6 +477,8 @@ def deliver(envelope: Envelope, route: Route, recipients: list[RecipientState],
     The built-in SMTP transport answers for ``"smtp"``. A recipient without an
     outcome, a transport that raises or times out, or a route no transport
     claims is a temporary failure (``451 4.3.0``): the message stays queued.
+    ``content_path`` may be a memory file of this process (``/proc/self/fd/N``):
+    open it here and pass another process the descriptor, not the path.
 
     Dispatch: first answer wins.
     """
