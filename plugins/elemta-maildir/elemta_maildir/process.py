@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import array
 import asyncio
+import errno
 import json
 import logging
 import os
@@ -107,6 +108,9 @@ class DeliveryProcess:
 
     def start(self) -> None:
         """Start a helper with the settings; ``OSError`` when none can be started."""
+        if not (hasattr(os, "memfd_create") and hasattr(socket, "SOCK_SEQPACKET")):
+            raise OSError(errno.ENOSYS, "this system has no memory files or SOCK_SEQPACKET "
+                          "sockets")
         level = log.getEffectiveLevel()
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         settings = os.memfd_create("elemta-maildir-settings", os.MFD_CLOEXEC)
