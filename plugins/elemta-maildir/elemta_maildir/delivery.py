@@ -20,7 +20,7 @@ from typing import Any
 
 from elemta import Envelope, Outcome, RecipientState
 
-from . import store
+from . import store, writer
 from .layout import Layout, Mailbox, UnsafeAddress, folder_dir, folder_of
 from .settings import MaildirSettings, resolve_owner
 
@@ -39,7 +39,7 @@ class _Step:
     folder: Path
     size: int
     sized: bool               # the mailbox has a maildirsize to add the message to
-    write: store.Pending
+    write: writer.Pending
 
 
 class Maildirs:
@@ -51,8 +51,8 @@ class Maildirs:
         self.hostname = hostname
         self.layout = Layout(settings.path, resolve, settings.recipient_delimiter, hostname)
         self.owner = resolve_owner(settings.owner) if settings.owner else None
-        self.dir_syncer = store.DirSyncer()
-        self.writer = store.Writer(file_mode=settings.file_mode, fsync=settings.fsync,
+        self.dir_syncer = writer.DirSyncer()
+        self.writer = writer.Writer(file_mode=settings.file_mode, fsync=settings.fsync,
                                    owner=self.owner, dir_syncer=self.dir_syncer)
         # one folder creation at a time: two details differing only by case
         # (bob+Work, bob+work) must not make two folders

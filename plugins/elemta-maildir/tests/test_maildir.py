@@ -556,10 +556,10 @@ def test_directory_fsyncs_are_shared_by_concurrent_deliveries(tmp_path, monkeypa
     import threading
     import time as _time
 
-    from elemta_maildir import store
+    from elemta_maildir import writer
 
     calls: list[tuple[float, float]] = []
-    real = store.fsync_dir
+    real = writer.fsync_dir
 
     def slow_fsync(path):
         start = _time.monotonic()
@@ -567,8 +567,8 @@ def test_directory_fsyncs_are_shared_by_concurrent_deliveries(tmp_path, monkeypa
         real(path)
         calls.append((start, _time.monotonic()))
 
-    monkeypatch.setattr(store, "fsync_dir", slow_fsync)
-    syncer = store.DirSyncer()
+    monkeypatch.setattr(writer, "fsync_dir", slow_fsync)
+    syncer = writer.DirSyncer()
     asked: list[tuple[float, float]] = []
 
     def worker():
@@ -633,12 +633,12 @@ def test_a_failed_group_sync_fails_everybody_it_was_meant_to_cover(tmp_path):
     that caller too, not only the thread that ran it; the next sync serves later callers."""
     import threading
 
-    from elemta_maildir import store
+    from elemta_maildir import writer
 
     started = threading.Event()
     release = threading.Event()
 
-    class Failing(store.FsSyncer):
+    class Failing(writer.FsSyncer):
         calls = 0
 
         def _flush(self, path):
