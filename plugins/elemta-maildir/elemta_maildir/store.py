@@ -113,7 +113,7 @@ def make_maildir(path: Path, dir_mode: int, fsync: bool, folder: bool = False,
             fd = os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW,
                          file_mode)
             try:
-                _own(fd, file_mode, owner)
+                own_file(fd, file_mode, owner)
             finally:
                 os.close(fd)
     if fsync:
@@ -135,7 +135,7 @@ def _mkdir(path: Path, mode: int, owner: Owner) -> bool:
     return True
 
 
-def _own(fd: int, mode: int, owner: Owner) -> None:
+def own_file(fd: int, mode: int, owner: Owner) -> None:
     """Give a file this plugin created its owner, then exactly ``mode``."""
     if owner is not None:
         os.fchown(fd, *owner)
@@ -341,9 +341,9 @@ def replace_maildirsize(root: Path, quota: Quota, usage: Usage, *, file_mode: in
     if quota.limit_count:
         head += ("," if head else "") + f"{quota.limit_count}C"
     fd, tmp = tempfile.mkstemp(prefix=MAILDIRSIZE + ".", dir=root)
-    with _unlinked_if_failed(tmp):
+    with unlinked_if_failed(tmp):
         try:
-            _own(fd, file_mode, owner)
+            own_file(fd, file_mode, owner)
             write_all(fd, f"{head}\n{usage.used_bytes} {usage.used_count}\n".encode())
             if fsync:
                 os.fsync(fd)
@@ -357,7 +357,7 @@ def replace_maildirsize(root: Path, quota: Quota, usage: Usage, *, file_mode: in
 
 
 @contextlib.contextmanager
-def _unlinked_if_failed(path: str) -> Iterator[None]:
+def unlinked_if_failed(path: str) -> Iterator[None]:
     """Remove the temporary file ``path`` if the block raises, then re-raise."""
     try:
         yield

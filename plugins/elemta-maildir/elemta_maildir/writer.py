@@ -21,7 +21,7 @@ from pathlib import Path
 
 from elemta import fsync_dir, have_syncfs, syncfs, write_all
 
-from .store import Owner, _own, _unlinked_if_failed
+from .store import Owner, own_file, unlinked_if_failed
 
 CHUNK = 1 << 20
 
@@ -238,7 +238,7 @@ class Writer:
         except FileExistsError:
             os.unlink(tmp)  # a crash left it half-written
             fd = os.open(tmp, flags, self.file_mode)
-        with _unlinked_if_failed(tmp):
+        with unlinked_if_failed(tmp):
             try:
                 self._fill(fd, pending.src, pending.head, pending.size)
             except BaseException:
@@ -355,7 +355,7 @@ class Writer:
 
     def _fill(self, fd: int, src: int, head: bytes, size: int) -> None:
         """Owner and mode, ``head``, then the content, copied by the kernel."""
-        _own(fd, self.file_mode, self.owner)
+        own_file(fd, self.file_mode, self.owner)
         write_all(fd, head)
         length = size - len(head)
         copied = _copy(src, fd, length)
