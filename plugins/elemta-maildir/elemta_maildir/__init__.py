@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from elemta import Envelope, Outcome, Recipient, RecipientState, Reject, Route, hookimpl
 
@@ -32,7 +32,8 @@ log = logging.getLogger("elemta.maildir")
 
 
 class MaildirPlugin:
-    """The ``maildir`` plugin: ``register_config``, ``startup``, ``rcpt`` and ``deliver``."""
+    """The ``maildir`` plugin: ``register_config``, ``register_metrics``, ``startup``,
+    ``rcpt``, ``deliver`` and ``shutdown``."""
 
     def __init__(self) -> None:
         self.settings = MaildirSettings()
@@ -40,10 +41,24 @@ class MaildirPlugin:
         self.local_domains: frozenset[str] = frozenset()
         self.workers: Workers | None = None
         self.process: DeliveryProcess | None = None
+        self._helper_failures: Any = None
 
     @hookimpl
     def register_config(self) -> Mapping[str, type[MaildirSettings]]:
         return {"maildir": MaildirSettings}
+
+    @hookimpl
+    def register_metrics(self, registry: Any) -> None:
+        from prometheus_client import Counter
+
+        self._helper_failures = Counter(
+            "smtp_maildir_helper_failures", "Times the maildir delivery process exited while "
+            "the server ran, or could not be started (deliveries then run in threads), by "
+            "what happened (exited, not_started).", ["what"], registry=registry)
+
+    def _helper_failed(self, what: str) -> None:
+        if self._helper_failures is not None:
+            self._helper_failures.labels(what=what).inc()
 
     @hookimpl
     def startup(self, app: App) -> None:
@@ -58,7 +73,8 @@ class MaildirPlugin:
             # the helper has no config file to resolve the path against
             absolute = self.settings.model_copy(
                 update={"path": str(app.settings.resolve(Path(self.settings.path)))})
-            self.process = DeliveryProcess(absolute, app.settings.server.hostname)
+            self.process = DeliveryProcess(absolute, app.settings.server.hostname,
+                                           on_failure=self._helper_failed)
             self.process.running()  # started now, so that it is ready for the first delivery
         log.info("maildir: delivering transport %r to %s (mailboxes under %s)",
                  self.settings.transport, self.settings.path, self.maildirs.layout.base)

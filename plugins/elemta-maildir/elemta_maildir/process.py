@@ -48,6 +48,7 @@ import subprocess
 import sys
 import time
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 from elemta import Envelope, Outcome, RecipientState, write_all
@@ -85,9 +86,12 @@ class HelperGone(Exception):
 class DeliveryProcess:
     """The server's side of the helper: requests out, outcomes and log records in."""
 
-    def __init__(self, settings: MaildirSettings, hostname: str) -> None:
+    def __init__(self, settings: MaildirSettings, hostname: str,
+                 on_failure: Callable[[str], None] | None = None) -> None:
         self.settings = settings
         self.hostname = hostname
+        # told "exited" or "not_started" (the plugin counts them in a metric)
+        self.on_failure = on_failure
         self.closed = False
         self._proc: subprocess.Popen[bytes] | None = None
         self._sock: socket.socket | None = None
@@ -146,6 +150,7 @@ class DeliveryProcess:
             self._restart_after = min(self._restart_after * 2, MAX_RESTART_SECONDS)
             log.error("maildir: cannot start the delivery process (%s); deliveries run in "
                       "threads of the server meanwhile", e.strerror or e)
+            self._failed("not_started")
             return False
         return True
 
@@ -285,7 +290,15 @@ class DeliveryProcess:
                       "in flight; they are retried, and deliveries run in threads of the "
                       "server until it is started again in %g s", proc.pid, code,
                       len(self._pending), self._restart_after)
+            self._failed("exited")
         self._fail_pending(f"the delivery process exited (status {code})")
+
+    def _failed(self, what: str) -> None:
+        if self.on_failure is not None:
+            try:
+                self.on_failure(what)
+            except Exception:  # a metric must not stop delivery
+                log.exception("maildir: recording a delivery process failure failed")
 
     def _unwatch(self, sock: socket.socket) -> None:
         if self._watched is sock and self._loop is not None and not self._loop.is_closed():

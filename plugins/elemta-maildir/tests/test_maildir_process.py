@@ -111,6 +111,8 @@ async def test_a_killed_helper_defers_its_deliveries_and_they_arrive_once(elemta
     errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
     assert any(f"delivery process {first} exited" in e and "1 deliveries in flight" in e
                and "started again in 1 s" in e for e in errors), errors
+    text = server.app.metrics.render().decode()
+    assert 'smtp_maildir_helper_failures_total{what="exited"} 1.0' in text
 
     # a second helper is started for later deliveries
     await asyncio.sleep(1.1)
@@ -157,6 +159,8 @@ async def test_a_helper_that_cannot_start_leaves_delivery_to_threads(elemta_serv
     assert plugin.process.pid is None
     assert any("cannot start the delivery process" in r.getMessage()
                for r in caplog.records if r.levelno == logging.ERROR)
+    text = server.app.metrics.render().decode()
+    assert 'smtp_maildir_helper_failures_total{what="not_started"} 1.0' in text
     queue_id = await submit(server, "alice@example.test", ["bob@example.test"],
                             on_the_wire(message("threads")))
     await wait_gone(server, queue_id)
