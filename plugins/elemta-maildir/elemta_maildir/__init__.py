@@ -126,10 +126,13 @@ class MaildirPlugin:
         process = self.process
         if process is not None and process.running():
             try:
-                return await process.deliver_all(envelope, recipients, content_path)
+                outcomes = await process.deliver_all(envelope, recipients, content_path)
             except HelperGone as e:
                 return [Outcome(r.address, 451, "4.3.0", f"local delivery was interrupted: {e}")
                         for r in recipients]
+            if outcomes is not None:
+                return outcomes
+            # too many recipients for one request to the helper: delivered in a thread
         # One hop to a thread of the plugin's own for the whole group: each hop
         # costs a hand-over of the GIL, which on a busy server is most of a
         # small message's delivery time.

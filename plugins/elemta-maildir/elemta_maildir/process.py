@@ -68,10 +68,16 @@ STOP_SECONDS = 10.0
 #: deliveries written and synced together, at most
 MAX_BATCH = 100
 
-#: a log record's text is cut here (a message on the socket must fit its buffer)
-MAX_LOG_TEXT = 32_768
+#: the largest message either side sends: a ``SOCK_SEQPACKET`` message must fit the
+#: socket's send buffer (208 KiB by default on Linux). A request larger than this (a
+#: message to thousands of recipients) is delivered in the plugin's threads instead;
+#: outcomes larger than this come back in parts.
+MAX_MESSAGE = 128 * 1024
 
-_RECV = 1 << 16
+#: a log record's text is cut here (at most 4 bytes a character: within MAX_MESSAGE)
+MAX_LOG_TEXT = 16_384
+
+_RECV = 2 * MAX_MESSAGE
 _FD_SPACE = socket.CMSG_SPACE(array.array("i", [0]).itemsize)
 
 _BOOT = ("import json, sys; sys.path[:] = json.loads(sys.argv[1]); "
@@ -99,6 +105,7 @@ class DeliveryProcess:
         self._watched: socket.socket | None = None   # the socket add_reader watches
         self._out: deque[tuple[bytes, int]] = deque()  # requests the socket had no room for
         self._pending: dict[int, asyncio.Future[list[Outcome]]] = {}
+        self._parts: dict[int, list[Outcome]] = {}   # outcomes of a request, in parts so far
         self._next_id = 0
         self._died_at = float("-inf")
         self._restart_after = RESTART_SECONDS
@@ -155,14 +162,29 @@ class DeliveryProcess:
         return True
 
     async def deliver_all(self, envelope: Envelope, recipients: list[RecipientState],
-                          content_path: str) -> list[Outcome]:
-        """The outcomes of :meth:`Maildirs.deliver_all`, run in the helper.
+                          content_path: str) -> list[Outcome] | None:
+        """The outcomes of :meth:`Maildirs.deliver_all`, run in the helper; ``None`` when
+        the request is larger than :data:`MAX_MESSAGE` (deliver it elsewhere).
 
         :raises HelperGone: the helper exited before it answered.
         """
         sock = self._sock
         if sock is None:
             raise HelperGone("the delivery process is not running")
+        # only what a mailbox delivery reads: the envelope's trace and TLS details stay here
+        slim = Envelope(envelope.id, envelope.sender, [], envelope.received_at, envelope.size,
+                        attempts=envelope.attempts)
+        rcpts = [RecipientState(r.address, attempts=r.attempts, original=r.original)
+                 for r in recipients]
+        request_id = self._next_id
+        # the server's log level now (it changes with a reload), when the helper's differs
+        level = log.getEffectiveLevel()
+        request: tuple[Any, ...] = (request_id, slim, rcpts)
+        if level != self._level:
+            request += (level,)
+        data = pickle.dumps(request, pickle.HIGHEST_PROTOCOL)
+        if len(data) > MAX_MESSAGE:
+            return None
         try:
             src = os.open(content_path, os.O_RDONLY | os.O_CLOEXEC)
         except OSError as e:
@@ -174,26 +196,16 @@ class DeliveryProcess:
         if self._watched is not sock:
             loop.add_reader(sock.fileno(), self._readable, sock)
             self._loop, self._watched = loop, sock
-        request_id = self._next_id
         self._next_id += 1
+        self._level = level
         future: asyncio.Future[list[Outcome]] = loop.create_future()
         self._pending[request_id] = future
-        # only what a mailbox delivery reads: the envelope's trace and TLS details stay here
-        slim = Envelope(envelope.id, envelope.sender, [], envelope.received_at, envelope.size,
-                        attempts=envelope.attempts)
-        rcpts = [RecipientState(r.address, attempts=r.attempts, original=r.original)
-                 for r in recipients]
-        # the server's log level now (it changes with a reload), when the helper's differs
-        level = log.getEffectiveLevel()
-        if level == self._level:
-            request: tuple[Any, ...] = (request_id, slim, rcpts)
-        else:
-            request, self._level = (request_id, slim, rcpts, level), level
         try:
-            self._send(sock, pickle.dumps(request, pickle.HIGHEST_PROTOCOL), src)
+            self._send(sock, data, src)
             return await future
         finally:
             self._pending.pop(request_id, None)
+            self._parts.pop(request_id, None)
 
     def close(self) -> None:
         """End the helper's input, wait for it to finish what it is writing, reap it."""
@@ -259,14 +271,27 @@ class DeliveryProcess:
             if not data:
                 self._gone(sock)
                 return
-            message = pickle.loads(data)
-            if message[0] == "r":
+            try:
+                kind, *rest = pickle.loads(data)
+            except Exception:  # a bug: a helper that garbles its answers is replaced
+                log.exception("maildir: the delivery process sent an unreadable message; "
+                              "stopping it")
+                if self._proc is not None:
+                    self._proc.kill()
+                self._gone(sock)
+                return
+            if kind == "r" or kind == "p":
                 self._answered = True
-                future = self._pending.get(message[1])
+                request_id, outcomes = rest
+                if kind == "p":  # a part of the outcomes; the rest follows
+                    self._parts.setdefault(request_id, []).extend(outcomes)
+                    continue
+                outcomes = self._parts.pop(request_id, []) + outcomes
+                future = self._pending.get(request_id)
                 if future is not None and not future.done():
-                    future.set_result(message[2])
-            elif message[0] == "l":
-                _, level, name, text = message
+                    future.set_result(outcomes)
+            elif kind == "l":
+                level, name, text = rest
                 logging.getLogger(name).log(level, "%s", text)
 
     def _gone(self, sock: socket.socket) -> None:
@@ -357,7 +382,20 @@ def child_main(channel: int, settings_fd: int) -> None:
             for job in batch:
                 os.close(job[3])
         for job, outcomes in zip(batch, results):
-            send(("r", job[0], outcomes))
+            _send_outcomes(send, job[0], outcomes)
+
+
+def _send_outcomes(send: Callable[[object], None], request_id: int, outcomes: list[Outcome],
+                   last: bool = True) -> None:
+    """``("r", id, outcomes)``; halves ``("p", id, some)`` first, then ``("r", id, the
+    rest)``, while one message would be larger than :data:`MAX_MESSAGE`."""
+    message = ("r" if last else "p", request_id, outcomes)
+    if len(outcomes) > 1 and len(pickle.dumps(message, pickle.HIGHEST_PROTOCOL)) > MAX_MESSAGE:
+        half = len(outcomes) // 2
+        _send_outcomes(send, request_id, outcomes[:half], last=False)
+        _send_outcomes(send, request_id, outcomes[half:], last=last)
+        return
+    send(message)
 
 
 def _receive(sock: socket.socket) -> list[tuple[int, Envelope, list[RecipientState], int]]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import pickle
 import signal
 import sys
 import time
@@ -30,7 +31,7 @@ from test_maildir import (
     wait_gone,
 )
 
-from elemta import Envelope, RecipientState, Route, new_id
+from elemta import Envelope, Outcome, RecipientState, Route, new_id
 
 
 def alive(pid: int) -> bool:
@@ -302,3 +303,65 @@ def test_a_bug_in_the_middle_of_a_batch_leaves_no_file_open_or_behind(tmp_path: 
     assert calls == 1
     assert len(os.listdir("/proc/self/fd")) == before
     assert files(box, "tmp") == [] and files(box) == []
+
+
+async def test_many_recipients_outcomes_in_parts_and_a_request_too_large_for_the_helper(
+        elemta_server, monkeypatch):
+    """1,000 recipients: the helper's outcomes are larger than one message on the socket and
+    come back in parts; 2,000: the request itself is too large and a thread delivers it."""
+    from elemta_maildir import process
+
+    kinds: list[str] = []
+    loads = pickle.loads
+
+    def recording(data):
+        message = loads(data)
+        kinds.append(message[0])
+        return message
+
+    monkeypatch.setattr(process.pickle, "loads", recording)
+    server = await start(elemta_server)
+    plugin = server.app.pm.get_plugin("maildir")
+    content = server.root / "content.eml"
+    content.write_bytes(message("crowd"))
+    route = Route("local", DOMAIN)
+    for count in (1000, 2000):
+        rcpts = [RecipientState(f"user{n:05d}.with.a.rather.long.local.part@{DOMAIN}")
+                 for n in range(count)]
+        env = Envelope(new_id(), "alice@example.test", rcpts, time.time(),
+                       content.stat().st_size, attempts=1)
+        sent: list[int] = []
+        real = plugin.process._send
+
+        def counting(sock, data, fd, real=real, sent=sent):
+            sent.append(len(data))
+            real(sock, data, fd)
+
+        plugin.process._send = counting
+        outcomes = await plugin.deliver(env, route, rcpts, str(content))
+        plugin.process._send = real
+        assert [o.recipient for o in outcomes] == [r.address for r in rcpts]
+        assert all(o.code == 250 for o in outcomes), {o.text for o in outcomes}
+        if count == 1000:
+            assert len(sent) == 1 and sent[0] <= process.MAX_MESSAGE, "not sent to the helper"
+            assert kinds.count("p") >= 1 and kinds.count("r") == 1, kinds
+        else:
+            assert sent == [], "a request too large for the socket went to the helper"
+    assert len(files(maildir(server, "user00000.with.a.rather.long.local.part"))) == 2
+    assert len(files(maildir(server, "user01999.with.a.rather.long.local.part"))) == 1
+
+
+def test_outcomes_are_cut_into_parts_that_fit(monkeypatch):
+    from elemta_maildir import process
+
+    monkeypatch.setattr(process, "MAX_MESSAGE", 2000)
+    outcomes = [Outcome(f"u{n}@example.test", 250, "2.0.0", "x" * (n % 50)) for n in range(77)]
+    messages: list[tuple] = []
+    process._send_outcomes(messages.append, 7, outcomes)
+    assert [m[0] for m in messages] == ["p"] * (len(messages) - 1) + ["r"]
+    assert all(m[1] == 7 for m in messages) and len(messages) > 2
+    assert [o for m in messages for o in m[2]] == outcomes
+    assert all(len(pickle.dumps(m, pickle.HIGHEST_PROTOCOL)) <= 2000 for m in messages)
+    messages.clear()
+    process._send_outcomes(messages.append, 8, [])
+    assert messages == [("r", 8, [])]
