@@ -381,8 +381,11 @@ def child_main(channel: int, settings_fd: int) -> None:
         finally:
             for job in batch:
                 os.close(job[3])
-        for job, outcomes in zip(batch, results):
-            _send_outcomes(send, job[0], outcomes)
+        try:
+            for job, outcomes in zip(batch, results):
+                _send_outcomes(send, job[0], outcomes)
+        except OSError:  # the server is gone: what was written stays, the spool repeats it
+            return
 
 
 def _send_outcomes(send: Callable[[object], None], request_id: int, outcomes: list[Outcome],
@@ -411,8 +414,8 @@ def _receive(sock: socket.socket) -> list[tuple[int, Envelope, list[RecipientSta
         if not data:
             break
         fds = array.array("i")
-        for level, kind, payload in ancillary:
-            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+        for cmsg_level, cmsg_type, payload in ancillary:
+            if cmsg_level == socket.SOL_SOCKET and cmsg_type == socket.SCM_RIGHTS:
                 fds.frombytes(payload[:len(payload) - len(payload) % fds.itemsize])
         request_id, envelope, rcpts, *level = pickle.loads(data)
         if level:
