@@ -228,6 +228,29 @@ async def test_queue_size_is_counted_from_the_spool_at_start_up(elemta_server):
     agrees_with_spool(second, got)
 
 
+async def test_without_the_metrics_endpoint_the_queue_is_not_read_again_at_start_up(
+        elemta_server, monkeypatch):
+    from elemta.spool.store import Spool
+
+    first = await elemta_server(CONFIG)
+    await send(first, ["u@example.test"])
+    spool = first.spool_path
+    await first.app.stop(grace=1)
+
+    read: list[str] = []
+    real = Spool.iter_envelopes
+
+    def spying(self, *args, **kwargs):
+        read.append("scan")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Spool, "iter_envelopes", spying)
+    second = await elemta_server({**CONFIG, "spool": {"path": str(spool)},
+                                  "metrics": {"enabled": False}})
+    assert second.app.queue_counted is None and read == []
+    assert second.app.spool.counts()["ready"] == 1, "recovery still found the message"
+
+
 async def test_domain_label_values_are_bounded_whatever_clients_send(elemta_server):
     server = await elemta_server(CONFIG)
     for i in range(30):
