@@ -113,8 +113,10 @@ class MaildirPlugin:
                       content_path: str) -> list[Outcome] | None:
         """One outcome per recipient for this plugin's transport; ``None`` for other routes.
 
-        The recipients are delivered one after the other in one of the plugin's
-        threads (as many as ``[delivery] workers``, the runner's concurrent attempts).
+        The recipients are delivered in the helper process, in a batch with
+        the other deliveries in flight; without a helper (or for a request too
+        large for it), one after the other in one of the plugin's threads (as
+        many as ``[delivery] workers``, the runner's concurrent attempts).
         """
         if route.transport != self.settings.transport:
             return None

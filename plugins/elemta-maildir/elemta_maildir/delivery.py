@@ -1,7 +1,7 @@
 """One recipient, one mailbox: the rules of a Maildir delivery and their reply codes.
 
-:meth:`Maildirs.deliver` blocks (file I/O); the plugin runs it in a thread.
-It never raises for a delivery problem: every result is an
+:meth:`Maildirs.deliver_many` blocks (file I/O); the plugin runs it in its
+helper process or a thread. It never raises for a delivery problem: every result is an
 :class:`~elemta.models.Outcome`, and a failure is never a loss (4xx keeps the
 message queued).
 """
@@ -84,6 +84,11 @@ class Maildirs:
         Every message of the batch is written first, then all are synced,
         named in ``new/`` and synced again together: two syncs for the batch,
         however many messages it holds. Never raises.
+
+        Each outcome is 250 delivered (or found already delivered), 552 5.2.2
+        larger than the quota, 550 5.1.3 unsafe address, 452 4.2.2 mailbox full,
+        452 4.3.1 disk full, 450 4.2.1 mailbox missing (``create_mailboxes =
+        false``), or 451 4.3.0 for any other file system error.
         """
         opened: list[int] = []
         steps: list[list[Outcome | _Step]] = []
@@ -120,21 +125,6 @@ class Maildirs:
             for src in opened:
                 os.close(src)
 
-    def deliver(self, envelope: Envelope, recipient: RecipientState, src: int,
-                content_size: int) -> Outcome:
-        """Deliver the spooled message (open as ``src``) to one recipient's mailbox; its outcome.
-
-        250 delivered (or found already delivered), 552 5.2.2 larger than the
-        quota, 550 5.1.3 unsafe address, 452 4.2.2 mailbox full, 452 4.3.1 disk
-        full, 450 4.2.1 mailbox missing (``create_mailboxes = false``), 451 4.3.0
-        any other file system error.
-        """
-        step = self._start(envelope, recipient, src, content_size)
-        if isinstance(step, Outcome):
-            return step
-        self.writer.complete([step.write])
-        return self._finish(step)
-
     def _guarded(self, envelope: Envelope, recipient: RecipientState,
                  fn: Callable[..., Outcome | _Step], *args: Any) -> Outcome | _Step:
         try:
@@ -147,8 +137,7 @@ class Maildirs:
                            "see the server log")
 
     def _start(self, envelope: Envelope, recipient: RecipientState, src: int,
-               content_size: int, reserved: dict[Path, list[int]] | None = None,
-               ) -> Outcome | _Step:
+               content_size: int, reserved: dict[Path, list[int]]) -> Outcome | _Step:
         """The outcome, when it is known before writing; else the message written, unnamed."""
         address = recipient.address
         box = self._mailboxes.get(address)
@@ -186,7 +175,7 @@ class Maildirs:
                        f"<{box.address}>: {reason}")
 
     def _prepare(self, envelope: Envelope, recipient: RecipientState, box: Mailbox,
-                 src: int, content_size: int, reserved: dict[Path, list[int]] | None,
+                 src: int, content_size: int, reserved: dict[Path, list[int]],
                  ) -> Outcome | _Step:
         settings = self.settings
         address = recipient.address
@@ -272,7 +261,7 @@ class Maildirs:
         return found
 
     def _check_quota(self, envelope: Envelope, box: Mailbox, address: str, size: int,
-                     reserved: dict[Path, list[int]] | None) -> tuple[Outcome | None, bool]:
+                     reserved: dict[Path, list[int]]) -> tuple[Outcome | None, bool]:
         """A refusal (or ``None``), and whether the mailbox has a ``maildirsize`` to add to.
 
         ``reserved`` holds what earlier messages of the batch will add to each mailbox.
@@ -280,7 +269,7 @@ class Maildirs:
         quota, sized = self._quota(envelope, box)
         if quota is None:
             return None, sized
-        held = reserved.setdefault(box.root, [0, 0]) if reserved is not None else [0, 0]
+        held = reserved.setdefault(box.root, [0, 0])
         quota = dataclasses.replace(quota, used_bytes=quota.used_bytes + held[0],
                                     used_count=quota.used_count + held[1])
         refusal = self._over_quota(envelope, box, address, size, quota)

@@ -104,6 +104,7 @@ class DeliveryProcess:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._watched: socket.socket | None = None   # the socket add_reader watches
         self._out: deque[tuple[bytes, int]] = deque()  # requests the socket had no room for
+        self._waiting_room = False   # add_writer waits for room on the socket
         self._pending: dict[int, asyncio.Future[list[Outcome]]] = {}
         self._parts: dict[int, list[Outcome]] = {}   # outcomes of a request, in parts so far
         self._next_id = 0
@@ -229,36 +230,32 @@ class DeliveryProcess:
     # ---------------------------------------------------------------- the socket
 
     def _send(self, sock: socket.socket, data: bytes, fd: int) -> None:
-        """Send a request and the descriptor it carries (closed here once sent)."""
-        if self._out:
-            self._out.append((data, fd))
-            return
-        try:
-            sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
-                                   array.array("i", [fd]))])
-        except BlockingIOError:
-            self._out.append((data, fd))
-            assert self._loop is not None
-            self._loop.add_writer(sock.fileno(), self._writable, sock)
-            return
-        except OSError:
-            pass  # it died: the end of its output fails what is pending
-        os.close(fd)
+        """Send a request and the descriptor it carries (closed once sent), after any that
+        wait for room on the socket."""
+        self._out.append((data, fd))
+        if len(self._out) == 1:
+            self._writable(sock)
 
     def _writable(self, sock: socket.socket) -> None:
+        """Send what waits; what the socket has no room for waits for it to be writable."""
+        assert self._loop is not None
         while self._out:
             data, fd = self._out[0]
             try:
                 sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
                                        array.array("i", [fd]))])
             except BlockingIOError:
+                if not self._waiting_room:
+                    self._loop.add_writer(sock.fileno(), self._writable, sock)
+                    self._waiting_room = True
                 return
             except OSError:
-                pass
+                pass  # it died: the end of its output fails what is pending
             self._out.popleft()
             os.close(fd)
-        if self._loop is not None:
+        if self._waiting_room:  # (removing a writer never added would cost an epoll_ctl)
             self._loop.remove_writer(sock.fileno())
+            self._waiting_room = False
 
     def _readable(self, sock: socket.socket) -> None:
         while True:
@@ -330,6 +327,7 @@ class DeliveryProcess:
             self._loop.remove_reader(sock.fileno())
             self._loop.remove_writer(sock.fileno())
             self._watched = None
+        self._waiting_room = False
         while self._out:
             os.close(self._out.popleft()[1])
 

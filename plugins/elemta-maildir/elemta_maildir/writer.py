@@ -169,8 +169,9 @@ class Writer:
     :class:`DirSyncer`).
 
     :meth:`begin` writes one message; :meth:`complete` names a batch of them
-    with two syncs in all, however many there are. :meth:`write` is both for
-    one message.
+    with two syncs in all, however many there are. A file of the same name
+    already in ``new/`` (an earlier attempt that got as far as the link, or
+    the rename) is kept and the new copy discarded (``Pending.already``).
     """
 
     def __init__(self, *, file_mode: int, fsync: bool, owner: Owner = None,
@@ -187,19 +188,6 @@ class Writer:
         self.group = FsSyncer() if fsync and have_syncfs() else None
         self._fs: dict[str, str] = {}       # folder → the folder that names its file system
         self._devices: dict[int, str] = {}  # file system → that folder
-
-    def write(self, src: int, folder: str, name: str, head: bytes, size: int) -> tuple[str, bool]:
-        """Deliver ``head`` + the content of ``src`` as ``folder/new/name``.
-
-        Returns the path, and whether a file of that name was already there
-        (an earlier attempt that got as far as the link, or the rename: it is
-        kept, and the new copy discarded). On an error nothing is left behind.
-        """
-        pending = self.begin(src, folder, name, head, size)
-        self.complete([pending])
-        if pending.error is not None:
-            raise pending.error
-        return pending.path, pending.already
 
     def begin(self, src: int, folder: str, name: str, head: bytes, size: int) -> Pending:
         """Write ``head`` + the content of ``src`` to a file not yet in ``new/``.

@@ -365,3 +365,31 @@ def test_outcomes_are_cut_into_parts_that_fit(monkeypatch):
     messages.clear()
     process._send_outcomes(messages.append, 8, [])
     assert messages == [("r", 8, [])]
+
+
+async def test_requests_wait_for_room_on_the_socket_while_the_helper_is_stopped(tmp_path):
+    """A stopped helper: the socket fills, later requests wait in order for room (the loop
+    watches for it), and every delivery is answered once the helper runs again."""
+    from elemta_maildir import process
+
+    helper = process.DeliveryProcess(
+        MaildirSettings(path=str(tmp_path / "{user}"), create_mailboxes=True),
+        "mx.example.test")
+    assert helper.running()
+    content = tmp_path / "content.eml"
+    content.write_bytes(message("room"))
+    rcpt = RecipientState("bob@example.test")
+    os.kill(helper.pid, signal.SIGSTOP)
+    try:
+        tasks = [asyncio.ensure_future(helper.deliver_all(
+            Envelope(new_id(), "alice@example.test", [rcpt], time.time(), 10, attempts=1),
+            [rcpt], str(content))) for _ in range(1500)]
+        await wait_for(lambda: helper._waiting_room, what="a full socket")
+        assert len(helper._out) > 1
+    finally:
+        os.kill(helper.pid, signal.SIGCONT)
+    results = await asyncio.wait_for(asyncio.gather(*tasks), 60)
+    assert [o.code for [o] in results] == [250] * 1500
+    assert not helper._waiting_room and not helper._out
+    assert len(files(tmp_path / "bob")) == 1500
+    helper.close()
