@@ -41,8 +41,9 @@ are made before the server starts, as they would exist in production). A run
 counts only if the sink received exactly ``--messages`` messages (maildir:
 every mailbox holds exactly its share in ``new/`` and nothing in ``tmp/``) and
 ``ready/``, ``deferred/`` and ``failed/`` are empty. CPU is the server's user+sys per
-message, its helper process's included (it deletes delivered messages' files), split into
-the event-loop thread and the others (where maildir's file I/O runs);
+message, its helper processes' included (the spool's, which deletes delivered messages'
+files, and elemta-maildir's, which writes the mailboxes), split into the event-loop thread
+and the others (the spool's threads; maildir's threads where no helper runs);
 "others" is the CPU every other process used meanwhile, in cores (this
 benchmark's own polling is left out of it).
 
@@ -389,7 +390,7 @@ class Bench:
                 time.sleep(POLL_SECONDS)
             elapsed = time.perf_counter() - t0
             thr = thread_cpu(proc.pid)
-            cpu = proc_tree_cpu(proc.pid)  # with the spool's helper process
+            cpu = proc_tree_cpu(proc.pid)  # with the spool's and maildir's helper processes
             box1, me1 = box_times(), time.process_time()
             sink_cpu = (proc_cpu(sink.proc.pid) - sink_cpu0  # type: ignore[union-attr]
                         if sink is not None else 0.0)
