@@ -9,9 +9,10 @@ from __future__ import annotations
 import base64
 import binascii
 import os
+import threading
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable, Iterable
+from typing import TYPE_CHECKING, Iterable
 
 # the message of a transaction has a module of its own; its names stay importable here
 from .message import Message, check_header, parse_header_block, split_header_fields  # noqa: F401
@@ -294,28 +295,52 @@ def new_id() -> str:
 
 
 _ALPHABET = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+_PAIRS = tuple(a + b for a in _ALPHABET for b in _ALPHABET)  # 10 bits -> two characters
+_RANDOM_POOL = 5 * 256  # random bytes read at once: 256 identifiers
 
 
-def _id_factory() -> Callable[[], str]:
-    last = [0, 0]
+class _IdFactory:
+    """20 characters of Crockford base 32: microseconds since the epoch, then 40 random bits.
 
-    def make() -> str:
-        t = time.time_ns() // 1000
-        if t <= last[0]:
-            t = last[0] + 1
-        last[0] = t
-        rnd = int.from_bytes(os.urandom(5), "big")
+    Its random bits are read 256 identifiers at a time: ``os.urandom`` is a
+    system call that gives the interpreter lock away, and a session id and a
+    queue id are made on the event loop for every message. The pool is
+    forgotten in a forked child, which must not repeat its parent's bits.
+    """
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        # a new lock too: in a child forked while a thread held it, it stays held
+        self._lock = threading.Lock()
+        self._last = 0
+        self._pool = b""
+        self._at = 0
+
+    def __call__(self) -> str:
+        with self._lock:
+            t = time.time_ns() // 1000
+            if t <= self._last:
+                t = self._last + 1
+            self._last = t
+            at = self._at
+            if at >= len(self._pool):
+                self._pool = os.urandom(_RANDOM_POOL)
+                at = 0
+            rnd = int.from_bytes(self._pool[at:at + 5], "big")
+            self._at = at + 5
         n = (t << 40) | rnd
-        chars = []
-        for _ in range(20):
-            chars.append(_ALPHABET[n & 31])
-            n >>= 5
-        return "".join(reversed(chars))
-
-    return make
+        p = _PAIRS
+        return "".join((p[n >> 90 & 1023], p[n >> 80 & 1023], p[n >> 70 & 1023],
+                        p[n >> 60 & 1023], p[n >> 50 & 1023], p[n >> 40 & 1023],
+                        p[n >> 30 & 1023], p[n >> 20 & 1023], p[n >> 10 & 1023],
+                        p[n & 1023]))
 
 
-_ID_FACTORY = _id_factory()
+_ID_FACTORY = _IdFactory()
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_ID_FACTORY.reset)
 
 
 @dataclass(frozen=True, slots=True)

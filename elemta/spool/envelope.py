@@ -55,8 +55,7 @@ class Envelope:
         d["recipients"] = [{name: getattr(r, name) for name in _RECIPIENT_FIELDS}
                            for r in self.recipients]
         d["version"] = FORMAT_VERSION
-        return json.dumps(d, separators=(",", ":"), ensure_ascii=False).encode("utf-8",
-                                                                              "surrogateescape")
+        return _ENCODE(d).encode("utf-8", "surrogateescape")
 
     @classmethod
     def from_json(cls, raw: bytes | str) -> "Envelope":
@@ -73,6 +72,8 @@ class Envelope:
 
 _ENVELOPE_FIELDS = tuple(f.name for f in fields(Envelope))
 _RECIPIENT_FIELDS = tuple(f.name for f in fields(RecipientState))
+# one encoder: json.dumps with options builds a new JSONEncoder on every call
+_ENCODE = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
 
 
 _READ_CHUNK = 1 << 16
