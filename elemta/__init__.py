@@ -38,8 +38,8 @@ if TYPE_CHECKING:
                                 Timeouts, TLSPolicy, default_enhanced, lmtp_remote)
     from .dns import (MX, DNSError, InvalidName, NoData, NotFound, NullMX, NXDomain, Resolver,
                       TempError)
-    from .durable import (fsync_dir, have_syncfs, sync_data, syncfs, write_all,
-                          write_file_durably)
+    from .durable import (check_write_back, fsync_dir, have_syncfs, sync_data, syncfs,
+                          write_all, write_file_durably)
     from .hookcall import HookFailure
     from .metrics import BoundedLabels
     from .state import Rate, StateEntry, StateStore, StateUnavailable, state_store
@@ -47,7 +47,7 @@ if TYPE_CHECKING:
                              plain_http_host, service_origin, service_tls_context, sign_body)
 
 __version__ = "0.1.0"
-__api_version__ = "1.4"
+__api_version__ = "1.5"
 
 # name → the private module it comes from, imported on first use
 _LAZY = {
@@ -64,7 +64,7 @@ _LAZY = {
     "MX": "dns", "DNSError": "dns", "InvalidName": "dns", "NoData": "dns", "NotFound": "dns",
     "NullMX": "dns", "NXDomain": "dns", "Resolver": "dns", "TempError": "dns",
     "fsync_dir": "durable", "sync_data": "durable", "write_all": "durable",
-    "syncfs": "durable", "have_syncfs": "durable",
+    "syncfs": "durable", "have_syncfs": "durable", "check_write_back": "durable",
     "write_file_durably": "durable",
     "HookFailure": "hookcall",
     "BoundedLabels": "metrics",

@@ -19,7 +19,7 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-from elemta import fsync_dir, have_syncfs, syncfs, write_all
+from elemta import check_write_back, fsync_dir, have_syncfs, syncfs, write_all
 
 from .store import Owner, own_file, unlinked_if_failed
 
@@ -271,14 +271,22 @@ class Writer:
 
     def _sync_files(self, batch: list[Pending]) -> None:
         """Each written file on disk: one syncfs per file system, or an fsync each."""
-        if self.group is not None:
-            self._sync_groups([p for p in batch if p.fd >= 0])
+        if self.group is None:
+            for p in batch:
+                if p.fd >= 0 and p.error is None:
+                    try:
+                        os.fsync(p.fd)
+                    except OSError as e:
+                        p.error = e
+            return
+        self._sync_groups([p for p in batch if p.fd >= 0])
         for p in batch:
             if p.fd >= 0 and p.error is None:
                 try:
-                    # after a syncfs nothing is left to write: this only reports an
-                    # error in writing this file back that the syncfs told another caller
-                    os.fsync(p.fd)
+                    # after the syncfs: an error in writing this file back that the
+                    # syncfs told another caller (no fsync: it would flush the disk's
+                    # cache once per file)
+                    check_write_back(p.fd)
                 except OSError as e:
                     p.error = e
 

@@ -247,6 +247,43 @@ def test_a_failed_sync_fails_its_batch_and_leaves_no_name(tmp_path: Path):
     assert files(tmp_path / "example.test" / "bob", "tmp") == []
 
 
+def test_a_files_own_write_back_error_fails_that_message_only(tmp_path: Path, monkeypatch):
+    """After the batch's syncfs, each file's own write-back error is read (not an fsync per
+    file): the message whose file failed is deferred and not named; the others are."""
+    from elemta_maildir import writer
+
+    settings = MaildirSettings(path=str(tmp_path / "{domain}" / "{user}"),
+                               create_mailboxes=True)
+    maildirs = Maildirs(settings, Path, "mx.example.test")
+    assert maildirs.writer.group is not None, "syncfs is available on Linux"
+    content = tmp_path / "content.eml"
+    content.write_bytes(message("own error"))
+    store.make_maildir(tmp_path / "example.test" / "bob", 0o700, True)
+    checked: list[int] = []
+    real = writer.check_write_back
+
+    def failing_second(fd: int) -> None:
+        checked.append(fd)
+        if len(checked) == 2:
+            raise OSError(5, "Input/output error")
+        real(fd)
+
+    monkeypatch.setattr(writer, "check_write_back", failing_second)
+    fsyncs: list[int] = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(writer.os, "fsync", lambda fd: (fsyncs.append(fd), real_fsync(fd)))
+    rcpts = [RecipientState("bob@example.test")]
+    jobs = [(Envelope(new_id(), "alice@example.test", rcpts, time.time(),
+                      content.stat().st_size, attempts=1), rcpts, str(content))
+            for _ in range(3)]
+    results = maildirs.deliver_many(jobs)
+    assert [o.code for [o] in results] == [250, 451, 250]
+    assert "Input/output error" in results[1][0].text
+    assert len(checked) == 3 and fsyncs == []
+    assert len(files(tmp_path / "example.test" / "bob")) == 2
+    assert files(tmp_path / "example.test" / "bob", "tmp") == []
+
+
 def test_a_batch_counts_its_own_messages_against_the_quota(tmp_path: Path):
     """Five messages to one mailbox in one batch, room for two: two delivered, three deferred
     (maildirsize is appended to only after the batch is named)."""
