@@ -2,7 +2,7 @@
 
     PATH="$PATH:/usr/sbin" .venv/bin/python bench/local_delivery.py [--messages 3000]
         [--rounds 3] [--mailboxes 10] [--modes smtp,maildir,maildir-nofsync,lmtp]
-        [--log-level info] [--dir /var/tmp] [--profile DIR] [--json FILE]
+        [--workers N] [--log-level info] [--dir /var/tmp] [--profile DIR] [--json FILE]
     PATH="$PATH:/usr/sbin" .venv/bin/python bench/local_delivery.py --accept [--messages 3000]
         [--rounds 3] [--mailboxes 10] [--json FILE]
 
@@ -255,6 +255,7 @@ class Bench:
     log_level: str
     templates: dict[str, Path]
     shown: set[str]
+    workers: int | None = None   # [delivery] workers of the delivering server; None: default
 
     def config(self, workdir: Path, spool: Path, enabled: bool,
                extra: str = "") -> tuple[Path, int]:
@@ -263,7 +264,9 @@ class Bench:
         path.write_text(CONFIG.format(
             loop="asyncio", port=port, spool=spool,
             log_level=self.log_level if enabled else "warning",
-            enabled="true" if enabled else "false", delivery_extra="") + extra)
+            enabled="true" if enabled else "false",
+            delivery_extra=f"\nworkers = {self.workers}" if enabled and self.workers else "")
+            + extra)
         return path, port
 
     def fill(self, domain: str) -> Path:
@@ -596,6 +599,9 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--messages", type=int, default=3000, help="queued messages per run")
     ap.add_argument("--rounds", type=int, default=3, help="timed runs of every mode")
+    ap.add_argument("--workers", type=int, default=None,
+                    help="Elemta's [delivery] workers for every mode (default: Elemta's "
+                         "default)")
     ap.add_argument("--mailboxes", type=int, default=10,
                     help="recipients user0..userN-1 the messages are spread over")
     ap.add_argument("--modes", default=",".join(MODES),
@@ -651,7 +657,7 @@ def main() -> int:
                         f"datasource {b:.0f} msg/s, ratio {summary['ratio']:.2f}")
             else:
                 bench = Bench(Path(tmp), args.messages, args.mailboxes, args.log_level, {},
-                              set())
+                              set(), args.workers)
                 if "smtp" in modes:
                     bench.templates["remote"] = bench.fill(REMOTE_DOMAIN)
                 if any(m != "smtp" for m in modes):
