@@ -187,15 +187,21 @@ async def test_stopping_the_server_stops_the_helper(elemta_server):
     assert plugin.process.pid is None and not plugin.process.running()
 
 
-def test_a_batch_is_named_with_two_syncs(tmp_path: Path):
-    """deliver_many: every message written, then one syncfs before the links and one after,
-    however many messages and mailboxes the batch holds."""
+def batch_maildirs(tmp_path: Path, subject: str) -> tuple[Maildirs, Path]:
+    """Maildirs under ``tmp_path`` (mailboxes made as needed) and a spooled message."""
     settings = MaildirSettings(path=str(tmp_path / "{domain}" / "{user}"),
                                create_mailboxes=True)
     maildirs = Maildirs(settings, Path, "mx.example.test")
     assert maildirs.writer.group is not None, "syncfs is available on Linux"
     content = tmp_path / "content.eml"
-    content.write_bytes(message("batch"))
+    content.write_bytes(message(subject))
+    return maildirs, content
+
+
+def test_a_batch_is_named_with_two_syncs(tmp_path: Path):
+    """deliver_many: every message written, then one syncfs before the links and one after,
+    however many messages and mailboxes the batch holds."""
+    maildirs, content = batch_maildirs(tmp_path, "batch")
     jobs = []
     for n in range(30):
         rcpts = [RecipientState(f"user{n % 5}@example.test"),
@@ -225,11 +231,7 @@ def test_a_batch_is_named_with_two_syncs(tmp_path: Path):
 
 def test_a_failed_sync_fails_its_batch_and_leaves_no_name(tmp_path: Path):
     """The syncfs before the links fails: no message is named in new/, each gets a 451."""
-    settings = MaildirSettings(path=str(tmp_path / "{domain}" / "{user}"),
-                               create_mailboxes=True)
-    maildirs = Maildirs(settings, Path, "mx.example.test")
-    content = tmp_path / "content.eml"
-    content.write_bytes(message("eio"))
+    maildirs, content = batch_maildirs(tmp_path, "eio")
     rcpts = [RecipientState("bob@example.test")]
     store.make_maildir(tmp_path / "example.test" / "bob", 0o700, True)
 
@@ -252,12 +254,7 @@ def test_a_files_own_write_back_error_fails_that_message_only(tmp_path: Path, mo
     file): the message whose file failed is deferred and not named; the others are."""
     from elemta_maildir import writer
 
-    settings = MaildirSettings(path=str(tmp_path / "{domain}" / "{user}"),
-                               create_mailboxes=True)
-    maildirs = Maildirs(settings, Path, "mx.example.test")
-    assert maildirs.writer.group is not None, "syncfs is available on Linux"
-    content = tmp_path / "content.eml"
-    content.write_bytes(message("own error"))
+    maildirs, content = batch_maildirs(tmp_path, "own error")
     store.make_maildir(tmp_path / "example.test" / "bob", 0o700, True)
     checked: list[int] = []
     real = writer.check_write_back
