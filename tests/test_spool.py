@@ -736,6 +736,39 @@ async def test_a_failed_checkpoint_keeps_the_segment_and_rewrites_the_files_befo
     assert spool.stats.checkpoint_errors >= 1
 
 
+async def test_a_files_own_write_back_error_fails_the_checkpoint_the_syncfs_passed(
+        spool: Spool, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """The syncfs succeeds (its error went to an earlier checkpoint), but one file's own
+    write-back failed: the segment is kept and its files are written again."""
+    checked: list[str] = []
+    real = durable_io.check_write_back
+    broken = True
+
+    def check_write_back(fd: int) -> None:
+        path = fd_path(fd)
+        checked.append(path)
+        if broken and path == str(spool.message_path(qid)):
+            raise OSError(errno.EIO, "write-back: Input/output error")
+        real(fd)
+
+    monkeypatch.setattr(durable_io, "check_write_back", check_write_back)
+    qid = await commit_message(spool)
+    with pytest.raises(OSError):
+        await spool.checkpoint()
+    assert journal_ids(spool) == [qid] and spool.awaiting_checkpoint(qid)
+    assert "checkpoint failed" in caplog.text
+    spool.message_path(qid).write_bytes(b"lost in write-back")
+    broken = False
+    checked.clear()
+
+    await spool.checkpoint()
+
+    assert spool.message_path(qid).read_bytes() == RECEIVED + HEADERS + BODY
+    assert journal_ids(spool) == [] and not spool.awaiting_checkpoint(qid)
+    assert sorted(checked) == sorted([str(spool.message_path(qid)),
+                                      str(spool.root / "ready" / f"{qid}.json")])
+
+
 async def test_segments_are_checkpointed_by_age_without_being_asked(tmp_path: Path) -> None:
     spool = journal_only_spool(tmp_path, checkpoint_interval=0.05)
     durable: list[tuple[str, str]] = []
