@@ -12,7 +12,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -709,25 +709,17 @@ async def test_checkpoint_syncs_the_files_then_deletes_the_segment(
     assert spool.stats.checkpoints == 1 and spool.stats.checkpointed == 2
 
 
-async def test_a_failed_checkpoint_keeps_the_segment_and_rewrites_the_files_before_retrying(
-        spool: Spool, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
-    real = durable_io.syncfs
-    broken = True
-
-    def syncfs(fd: int) -> None:
-        if broken:
-            raise OSError(errno.EIO, "syncfs: Input/output error")
-        real(fd)
-
-    monkeypatch.setattr(durable_io, "syncfs", syncfs)
-    qid = await commit_message(spool)
+async def fails_then_recovers(spool: Spool, caplog: pytest.LogCaptureFixture, qid: str,
+                              repair: Callable[[], None]) -> None:
+    """The first checkpoint fails and keeps the segment; after ``repair`` the next one
+    writes the files again from it and retires it."""
     with pytest.raises(OSError):
         await spool.checkpoint()
     assert journal_ids(spool) == [qid] and spool.awaiting_checkpoint(qid)
     assert "checkpoint failed" in caplog.text
     # write-back errors are reported once: the retry must not trust what is on disk
     spool.message_path(qid).write_bytes(b"lost in write-back")
-    broken = False
+    repair()
 
     await spool.checkpoint()
 
@@ -736,35 +728,46 @@ async def test_a_failed_checkpoint_keeps_the_segment_and_rewrites_the_files_befo
     assert spool.stats.checkpoint_errors >= 1
 
 
+async def test_a_failed_checkpoint_keeps_the_segment_and_rewrites_the_files_before_retrying(
+        spool: Spool, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    real = durable_io.syncfs
+    broken = [True]
+
+    def syncfs(fd: int) -> None:
+        if broken[0]:
+            raise OSError(errno.EIO, "syncfs: Input/output error")
+        real(fd)
+
+    def repair() -> None:
+        broken[0] = False
+
+    monkeypatch.setattr(durable_io, "syncfs", syncfs)
+    qid = await commit_message(spool)
+    await fails_then_recovers(spool, caplog, qid, repair)
+
+
 async def test_a_files_own_write_back_error_fails_the_checkpoint_the_syncfs_passed(
         spool: Spool, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     """The syncfs succeeds (its error went to an earlier checkpoint), but one file's own
     write-back failed: the segment is kept and its files are written again."""
     checked: list[str] = []
     real = durable_io.check_write_back
-    broken = True
+    broken = [True]
 
     def check_write_back(fd: int) -> None:
         path = fd_path(fd)
         checked.append(path)
-        if broken and path == str(spool.message_path(qid)):
+        if broken[0] and path == str(spool.message_path(qid)):
             raise OSError(errno.EIO, "write-back: Input/output error")
         real(fd)
 
+    def repair() -> None:
+        broken[0] = False
+        checked.clear()
+
     monkeypatch.setattr(durable_io, "check_write_back", check_write_back)
     qid = await commit_message(spool)
-    with pytest.raises(OSError):
-        await spool.checkpoint()
-    assert journal_ids(spool) == [qid] and spool.awaiting_checkpoint(qid)
-    assert "checkpoint failed" in caplog.text
-    spool.message_path(qid).write_bytes(b"lost in write-back")
-    broken = False
-    checked.clear()
-
-    await spool.checkpoint()
-
-    assert spool.message_path(qid).read_bytes() == RECEIVED + HEADERS + BODY
-    assert journal_ids(spool) == [] and not spool.awaiting_checkpoint(qid)
+    await fails_then_recovers(spool, caplog, qid, repair)
     assert sorted(checked) == sorted([str(spool.message_path(qid)),
                                       str(spool.root / "ready" / f"{qid}.json")])
 
