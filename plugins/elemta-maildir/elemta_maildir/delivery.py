@@ -42,6 +42,11 @@ class _Step:
     write: writer.Pending
 
 
+def _writes(steps: list[list[Outcome | _Step]]) -> list[writer.Pending]:
+    """The files a batch's steps wrote."""
+    return [step.write for group in steps for step in group if isinstance(step, _Step)]
+
+
 class Maildirs:
     """Every mailbox of one server, as ``[plugins.maildir]`` lays them out."""
 
@@ -111,8 +116,7 @@ class Maildirs:
                     continue
                 steps.append([self._guarded(envelope, r, self._start, envelope, r, src, size,
                                             reserved) for r in recipients])
-            writes = [step.write for group in steps for step in group
-                      if isinstance(step, _Step)]
+            writes = _writes(steps)
             if writes:
                 self.writer.complete(writes)
             return [[step if isinstance(step, Outcome) else self._guarded(
@@ -120,8 +124,7 @@ class Maildirs:
                      for step in group] for group in steps]
         finally:
             # after a bug above: no file of the batch stays open or in tmp/
-            self.writer.discard([step.write for group in steps for step in group
-                                 if isinstance(step, _Step)])
+            self.writer.discard(_writes(steps))
             for src in opened:
                 os.close(src)
 

@@ -381,22 +381,23 @@ def child_main(channel: int, settings_fd: int) -> None:
                 os.close(job[3])
         try:
             for job, outcomes in zip(batch, results):
-                _send_outcomes(send, job[0], outcomes)
+                _send_outcomes(sock.sendall, job[0], outcomes)
         except OSError:  # the server is gone: what was written stays, the spool repeats it
             return
 
 
-def _send_outcomes(send: Callable[[object], None], request_id: int, outcomes: list[Outcome],
+def _send_outcomes(send: Callable[[bytes], None], request_id: int, outcomes: list[Outcome],
                    last: bool = True) -> None:
     """``("r", id, outcomes)``; halves ``("p", id, some)`` first, then ``("r", id, the
-    rest)``, while one message would be larger than :data:`MAX_MESSAGE`."""
-    message = ("r" if last else "p", request_id, outcomes)
-    if len(outcomes) > 1 and len(pickle.dumps(message, pickle.HIGHEST_PROTOCOL)) > MAX_MESSAGE:
+    rest)``, while one message would be larger than :data:`MAX_MESSAGE`. ``send`` sends
+    the pickled bytes."""
+    data = pickle.dumps(("r" if last else "p", request_id, outcomes), pickle.HIGHEST_PROTOCOL)
+    if len(outcomes) > 1 and len(data) > MAX_MESSAGE:
         half = len(outcomes) // 2
         _send_outcomes(send, request_id, outcomes[:half], last=False)
         _send_outcomes(send, request_id, outcomes[half:], last=last)
         return
-    send(message)
+    send(data)
 
 
 def _receive(sock: socket.socket) -> list[tuple[int, Envelope, list[RecipientState], int]]:
@@ -421,7 +422,7 @@ def _receive(sock: socket.socket) -> list[tuple[int, Envelope, list[RecipientSta
         if not fds:  # cannot happen: the server sends every request with its content
             send_back = [Outcome(r.address, 451, "4.3.0", "the spooled message was not "
                                  "passed") for r in rcpts]
-            sock.sendall(pickle.dumps(("r", request_id, send_back)))
+            _send_outcomes(sock.sendall, request_id, send_back)
             continue
         for extra in fds[1:]:
             os.close(extra)
