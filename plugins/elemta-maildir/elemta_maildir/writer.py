@@ -272,21 +272,16 @@ class Writer:
     def _sync_files(self, batch: list[Pending]) -> None:
         """Each written file on disk: one syncfs per file system, or an fsync each."""
         if self.group is None:
-            for p in batch:
-                if p.fd >= 0 and p.error is None:
-                    try:
-                        os.fsync(p.fd)
-                    except OSError as e:
-                        p.error = e
-            return
-        self._sync_groups([p for p in batch if p.fd >= 0])
+            check = os.fsync
+        else:
+            self._sync_groups([p for p in batch if p.fd >= 0])
+            # after the syncfs: an error in writing this file back that the syncfs
+            # told another caller (no fsync: it would flush the disk's cache per file)
+            check = check_write_back
         for p in batch:
             if p.fd >= 0 and p.error is None:
                 try:
-                    # after the syncfs: an error in writing this file back that the
-                    # syncfs told another caller (no fsync: it would flush the disk's
-                    # cache once per file)
-                    check_write_back(p.fd)
+                    check(p.fd)
                 except OSError as e:
                     p.error = e
 
