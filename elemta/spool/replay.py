@@ -133,19 +133,15 @@ class Syncer:
             self._check_files(entries)
             return
         layout = self.layout
-        paths: list[str] = []
-        dirs = {layout.messages}
-        for queue_id, state in entries:
-            paths.append(layout.content(queue_id))
-            paths.append(layout.envelope(state, queue_id))
-            dirs.add(layout.state_dir(state))
+        paths = self._paths(entries)
+        dirs = {layout.messages} | {layout.state_dir(state) for _, state in entries}
         n = max(1, min(self.threads, len(paths) // 16))
         if n == 1:
-            journal.fdatasync_paths(paths)
+            journal.sync_files(paths)
         else:
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="spool-sync")
-            for f in [self._pool.submit(journal.fdatasync_paths, paths[i::n])
+            for f in [self._pool.submit(journal.sync_files, paths[i::n])
                       for i in range(n)]:
                 f.result()
         for d in dirs:
@@ -161,17 +157,14 @@ class Syncer:
         file's own error stays with it until read (``check_write_back``, which
         flushes nothing: a few microseconds per file).
         """
+        # a file delivered from memory and removed meanwhile is skipped
+        journal.sync_files(self._paths(entries), sync=durable.check_write_back)
+
+    def _paths(self, entries: list[tuple[str, str]]) -> list[str]:
+        """The content and envelope file of each message."""
         layout = self.layout
-        for queue_id, state in entries:
-            for path in (layout.content(queue_id), layout.envelope(state, queue_id)):
-                try:
-                    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-                except FileNotFoundError:
-                    continue  # delivered from memory and removed meanwhile
-                try:
-                    durable.check_write_back(fd)
-                finally:
-                    os.close(fd)
+        return [path for queue_id, state in entries
+                for path in (layout.content(queue_id), layout.envelope(state, queue_id))]
 
     def close(self) -> None:
         if self._pool is not None:
