@@ -29,7 +29,7 @@ from elemta.spool import replay, threads
 from elemta.spool.envelope import STATES, Envelope, RecipientState
 from elemta.spool.incoming import IncomingMessage
 from elemta.spool.journal import SegmentReader
-from elemta.spool.layout import segment_seq
+from elemta.spool.layout import FreshIds, segment_seq
 from elemta.spool.store import Spool, SpoolError
 
 HEADERS = b"From: alice@example.org\r\nTo: bob@example.com\r\nSubject: hello\r\n\r\n"
@@ -296,6 +296,90 @@ async def test_a_queue_id_already_in_the_spool_is_not_overwritten(spool: Spool) 
     assert spool.message_path(qid).read_bytes() == RECEIVED + HEADERS + b"first\r\n"
     assert spool.load(qid)[0] == "ready"
     assert spool.counts()["ready"] == 1
+
+
+async def test_a_queue_id_from_before_a_restart_is_not_overwritten(tmp_path: Path) -> None:
+    first = Spool(tmp_path / "queue", commit_threads=4, memory_bytes=1024)
+    first.recover()
+    qid = await commit_message(first, HEADERS + b"first\r\n")
+    await first.close()
+
+    again = Spool(tmp_path / "queue", commit_threads=4, memory_bytes=1024)
+    again.recover()
+    try:
+        with pytest.raises(FileExistsError):
+            await commit_message(again, HEADERS + b"second\r\n", queue_id=qid)
+        assert again.message_path(qid).read_bytes() == RECEIVED + HEADERS + b"first\r\n"
+    finally:
+        await again.close()
+
+
+@pytest.fixture
+def lookups(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The queue ids whose content file the journal looked for."""
+    seen: list[str] = []
+    lexists = os.path.lexists
+
+    def recording(path):
+        if f"{os.sep}messages{os.sep}" in os.fspath(path):
+            seen.append(os.path.basename(path))
+        return lexists(path)
+
+    monkeypatch.setattr(os.path, "lexists", recording)
+    return seen
+
+
+async def test_a_new_queue_id_is_journaled_without_looking_for_its_files(
+        spool: Spool, lookups: list[str]) -> None:
+    fresh = await commit_message(spool)
+    custom = await commit_message(spool, queue_id="not-made-by-new_id")
+
+    assert lookups == [custom]  # another form of id is looked up, as is any id ...
+    with pytest.raises(FileExistsError):
+        await commit_message(spool, queue_id=fresh)
+    await spool.checkpoint()
+    with pytest.raises(FileExistsError):  # ... journaled before
+        await commit_message(spool, queue_id=fresh)
+    assert lookups == [custom, fresh]
+    assert spool.counts()["ready"] == 2
+
+
+async def test_ids_below_the_newest_in_the_spool_at_start_up_are_looked_up(
+        tmp_path: Path, lookups: list[str]) -> None:
+    # a message from a run whose clock was ahead: new ids sort below its id
+    ahead = "Z" * 20
+    first = Spool(tmp_path / "queue", commit_threads=4, memory_bytes=1024)
+    first.recover()
+    await commit_message(first, queue_id=ahead)
+    await first.close()
+
+    again = Spool(tmp_path / "queue", commit_threads=4, memory_bytes=1024)
+    again.recover()
+    lookups.clear()
+    try:
+        qid = await commit_message(again)
+        with pytest.raises(FileExistsError):
+            await commit_message(again, queue_id=ahead)
+        assert lookups == [qid, ahead]
+        assert again.counts()["ready"] == 2
+    finally:
+        await again.close()
+
+
+def test_fresh_ids_stay_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(FreshIds, "LIMIT", 3)
+    fresh = FreshIds(["00000000000000000001", "custom-id", "ZZZZZZZZZZZZZZZZZZZZ-"])
+    assert fresh.newest == "00000000000000000001"  # only ids new_id makes count
+    ids = sorted(new_id() for _ in range(5))
+    assert all(fresh.surely_new(i) for i in ids)
+    for i in ids[:3]:
+        fresh.journaled(i)
+    assert not any(fresh.surely_new(i) for i in ids[:3])
+    fresh.journaled(ids[3])  # full: the newest moves up to the highest journaled id
+    assert fresh.newest == ids[2] and fresh.recent == {ids[3]}
+    assert not fresh.surely_new(ids[0]) and not fresh.surely_new(ids[3])
+    assert fresh.surely_new(ids[4])
+    assert not fresh.surely_new("custom-id") and not fresh.surely_new(ids[4].lower())
 
 
 async def test_commit_refuses_an_envelope_of_another_message(spool: Spool) -> None:

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import itertools
 import logging
 import os
 import shutil
@@ -36,7 +37,7 @@ from dataclasses import dataclass, field
 from ..durable import fsync_dir, write_file_durably
 from . import journal
 from .envelope import STATES, parse_envelope, read_envelope_file
-from .layout import CORRUPT_SUFFIX, Layout, is_queue_id, queue_id_of
+from .layout import CORRUPT_SUFFIX, FreshIds, Layout, is_queue_id, queue_id_of
 from .replay import Syncer, replay_segment
 from .threads import Residents, SpoolStats
 
@@ -58,6 +59,7 @@ class Recovered:
     pending: list[tuple[int, str]] = field(default_factory=list)  # (seq, path), in order
     pending_ids: set[str] = field(default_factory=set)
     uncounted: set[str] = field(default_factory=set)  # pending, and no envelope on disk yet
+    fresh: FreshIds = field(default_factory=FreshIds)  # ids above all those in the spool
 
 
 def recover(layout: Layout, syncer: Syncer, stats: SpoolStats) -> Recovered:
@@ -100,7 +102,8 @@ def recover(layout: Layout, syncer: Syncer, stats: SpoolStats) -> Recovered:
     if removed_tmp or orphans:
         log.info("spool: removed %d unfinished file(s) from tmp/ and %d orphan content "
                  "file(s) from messages/", removed_tmp, len(orphans))
-    return Recovered(counts, last_seq, pending, pending_ids, pending_ids - referenced)
+    fresh = FreshIds(itertools.chain(contents, referenced, pending_ids))
+    return Recovered(counts, last_seq, pending, pending_ids, pending_ids - referenced, fresh)
 
 
 def count_envelopes(layout: Layout, contents: set[str],

@@ -50,7 +50,7 @@ from . import journal
 from .checkpoint import Checkpointer, Entries
 from .envelope import STATES, Envelope, parse_envelope, read_envelope_file
 from .incoming import IncomingMessage
-from .layout import InvalidQueueId, Layout, check_id, is_queue_id
+from .layout import FreshIds, InvalidQueueId, Layout, check_id, is_queue_id
 from .recovery import recover, replay_segments
 from .remover import Remover
 from .replay import Syncer
@@ -109,6 +109,7 @@ class Spool:
         self.stats = SpoolStats()
         self._flags = Flags()
         self._counts: dict[str, int] | None = None
+        self._fresh = FreshIds()  # recover() sets what the spool holds
         self._closed = False
         # Queue ids in the journal and not yet checkpointed: the journal
         # thread adds, the checkpoint thread removes, one set operation at a time.
@@ -161,6 +162,7 @@ class Spool:
         found = recover(self.layout, self._syncer, self.stats)
         self._segments.start_after(found.last_seq)
         self._pending, self._uncounted = found.pending, found.uncounted
+        self._fresh = found.fresh
         # not deliverable before they are written out
         self._undurable.update(found.pending_ids)
         self._counts = found.counts
@@ -298,7 +300,8 @@ class Spool:
             self._undurable, self._answer, self.space, residents,
             checkpoint_interval=self.checkpoint_interval,
             checkpoint_idle=self.checkpoint_idle, segment_bytes=self.segment_bytes,
-            visible_on_commit=self.visible_on_commit, retire=self._resident.append_retire)
+            visible_on_commit=self.visible_on_commit, retire=self._resident.append_retire,
+            fresh=self._fresh)
         self._checkpointer, self._writeout, self._writer = checkpointer, writeout, writer
         writeout.thread.start()
         writer.thread.start()

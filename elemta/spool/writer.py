@@ -39,7 +39,7 @@ from collections.abc import Callable
 
 from ..durable import sync_data
 from . import journal, threads
-from .layout import Layout
+from .layout import FreshIds, Layout
 from .segments import Segment, Segments, discard
 from .space import SpaceMonitor
 from .threads import (Backlog, Checkpoint, Flags, Job, Residents, Sealed, SpoolError, SpoolStats,
@@ -62,7 +62,8 @@ class JournalWriter:
                  space: SpaceMonitor, residents: Residents, *,
                  checkpoint_interval: float, checkpoint_idle: float, segment_bytes: int,
                  visible_on_commit: bool,
-                 retire: Callable[[int, str], None] | None = None) -> None:
+                 retire: Callable[[int, str], None] | None = None,
+                 fresh: FreshIds | None = None) -> None:
         self.layout = layout
         self.segments = segments
         self.flags = flags
@@ -80,6 +81,8 @@ class JournalWriter:
         # appends a retire record to a segment's retire file (residents' lock held);
         # without it nothing is carried
         self.retire = retire
+        # ids known to be new to the spool without a look at messages/
+        self.fresh = fresh if fresh is not None else FreshIds()
         # Shared with the event loop, under the condition.
         self._cond = threading.Condition(threading.Lock())
         self._pending: list[Job] = []
@@ -204,11 +207,12 @@ class JournalWriter:
                 threads.answer_later(batch, self.answer)
                 return
         live: list[Job] = []
-        layout, undurable = self.layout, self.undurable
+        layout, undurable, fresh = self.layout, self.undurable, self.fresh
         for job in batch:
             queue_id = job.queue_id
             # a committed message is never replaced by another with its queue id
-            if queue_id in undurable or os.path.lexists(layout.content(queue_id)):
+            if queue_id in undurable or (not fresh.surely_new(queue_id)
+                                         and os.path.lexists(layout.content(queue_id))):
                 job.error = FileExistsError(errno.EEXIST, "queue id already in the spool",
                                             queue_id)
                 continue
@@ -248,6 +252,8 @@ class JournalWriter:
             self._abandon(seg, start)
         else:
             if live:
+                for job in live:
+                    fresh.journaled(job.queue_id)
                 seg.size = end
                 seg.last_write = now = time.monotonic()
                 seg.carried_only = False
