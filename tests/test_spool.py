@@ -29,7 +29,7 @@ from elemta.spool import replay, threads
 from elemta.spool.envelope import STATES, Envelope, RecipientState
 from elemta.spool.incoming import IncomingMessage
 from elemta.spool.journal import SegmentReader
-from elemta.spool.layout import FreshIds, segment_seq
+from elemta.spool.layout import FreshIds, Layout, segment_seq
 from elemta.spool.store import Spool, SpoolError
 
 HEADERS = b"From: alice@example.org\r\nTo: bob@example.com\r\nSubject: hello\r\n\r\n"
@@ -830,30 +830,61 @@ async def test_a_failed_checkpoint_keeps_the_segment_and_rewrites_the_files_befo
     await fails_then_recovers(spool, caplog, qid, repair)
 
 
-async def test_a_files_own_write_back_error_fails_the_checkpoint_the_syncfs_passed(
-        spool: Spool, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
-    """The syncfs succeeds (its error went to an earlier checkpoint), but one file's own
-    write-back failed: the segment is kept and its files are written again."""
-    checked: list[str] = []
-    real = durable_io.check_write_back
-    broken = [True]
+async def test_files_written_out_while_a_sync_failed_are_written_again_before_their_checkpoint(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """A sync's error may be a file's of the next segment, written out while it ran:
+    that segment is written out again from the journal before its own sync, which passes."""
+    spool = journal_only_spool(tmp_path)
+    real = durable_io.syncfs
+    syncing, release = threading.Event(), threading.Event()
+    calls = [0]
 
-    def check_write_back(fd: int) -> None:
-        path = fd_path(fd)
-        checked.append(path)
-        if broken[0] and path == str(spool.message_path(qid)):
-            raise OSError(errno.EIO, "write-back: Input/output error")
+    def syncfs(fd: int) -> None:
+        calls[0] += 1
+        if calls[0] == 1:
+            syncing.set()
+            release.wait(10)
+            raise OSError(errno.EIO, "syncfs: Input/output error")
         real(fd)
 
-    def repair() -> None:
-        broken[0] = False
-        checked.clear()
+    monkeypatch.setattr(durable_io, "syncfs", syncfs)
+    first = await commit_message(spool, HEADERS + b"first\r\n")
+    checkpoint = asyncio.ensure_future(spool.checkpoint())
+    await asyncio.to_thread(syncing.wait, 10)
+    # journaled in the next segment and written out while the sync runs
+    second = await commit_message(spool, HEADERS + b"second\r\n")
+    for _ in range(500):
+        if spool.message_path(second).exists() and (spool.root / "ready" / f"{second}.json").exists():
+            break
+        await asyncio.sleep(0.01)
+    release.set()
+    await checkpoint  # the first segment's sync failed; it was written again, then synced
+    assert "checkpoint failed" in caplog.text
+    assert journal_ids(spool) == [second]
+    # what the failed sync may not have written back of the second message
+    spool.message_path(second).write_bytes(b"lost in write-back")
 
-    monkeypatch.setattr(durable_io, "check_write_back", check_write_back)
-    qid = await commit_message(spool)
-    await fails_then_recovers(spool, caplog, qid, repair)
-    assert sorted(checked) == sorted([str(spool.message_path(qid)),
-                                      str(spool.root / "ready" / f"{qid}.json")])
+    await spool.checkpoint()  # its own sync passes
+
+    assert spool.message_path(first).read_bytes() == RECEIVED + HEADERS + b"first\r\n"
+    assert spool.message_path(second).read_bytes() == RECEIVED + HEADERS + b"second\r\n"
+    assert journal_ids(spool) == [] and not spool.awaiting_checkpoint(second)
+    await spool.close()
+
+
+def test_a_sync_fails_when_another_failed_after_its_files_were_chosen(tmp_path: Path) -> None:
+    syncer = replay.Syncer(Layout(tmp_path), threads=1)
+    syncer.open()
+    try:
+        checked = time.monotonic()
+        assert not syncer.suspect(checked)
+        syncer.failed_at = time.monotonic()  # another caller's sync failed since
+        with pytest.raises(OSError, match="failed meanwhile"):
+            syncer.make_durable([], checked)
+        assert syncer.suspect(checked)
+        syncer.make_durable([], time.monotonic())  # chosen after that failure: trusted
+    finally:
+        syncer.close()
 
 
 async def test_segments_are_checkpointed_by_age_without_being_asked(tmp_path: Path) -> None:

@@ -17,6 +17,9 @@ written out, and replay skips them.
 A segment whose files could not be written, or a sync that failed, keeps the
 segment: the next attempt first writes its files again from the journal
 (write-back errors are reported only once), and so does the next start-up.
+A sync's error may also belong to a file of a segment written out while it
+ran, so every segment with files written before a sync failed is written out
+again before its own checkpoint trusts a sync (``Syncer.suspect``).
 """
 
 from __future__ import annotations
@@ -126,8 +129,15 @@ class Checkpointer:
         started = time.perf_counter()
         error: Exception | None = None
         ready: list[Segment] = []
+        # a sync that fails from here on may have been told an error of these files
+        checked = time.monotonic()
         for seg in self.sealed:
+            if not seg.replay and self.syncer.suspect(seg.files_since):
+                # a sync failed after some of its files were written: its error
+                # may have been one of theirs, reported to that sync alone
+                seg.replay = True
             if seg.replay:
+                rewriting = time.monotonic()
                 try:
                     replay_segment(self.layout, seg.fd, seg.seq, seg.path, self.residents)
                 except OSError as e:
@@ -136,6 +146,7 @@ class Checkpointer:
                               seg.path, e)
                     continue
                 seg.replay = False
+                seg.rewritten_at = rewriting
                 self.space.placed(seg.unwritten_bytes, seg.unwritten_messages)
                 seg.unwritten_bytes = seg.unwritten_messages = 0
             ready.append(seg)
@@ -146,7 +157,7 @@ class Checkpointer:
                 retired = self.residents.retired
                 files = [e for e in entries if e[0] not in retired] if retired else entries
             try:
-                self.syncer.make_durable(files)
+                self.syncer.make_durable(files, checked)
             except OSError as e:
                 error = e
                 # Write-back errors are reported once: data lost now would not

@@ -33,7 +33,7 @@ import errno
 import os
 import struct
 import zlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 from ..durable import sync_data
@@ -235,15 +235,14 @@ def copy_range(src: int, dst: int, src_offset: int, length: int) -> None:
         length -= written
 
 
-def sync_files(paths: Sequence[str], sync: Callable[[int], None] = sync_data) -> None:
-    """Flush each existing file (or apply ``sync`` to a descriptor open on it); one that
-    was moved or deleted meanwhile is skipped."""
+def sync_files(paths: Sequence[str]) -> None:
+    """Flush each existing file; one that was moved or deleted meanwhile is skipped."""
     for path in paths:
         try:
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
             continue
         try:
-            sync(fd)
+            sync_data(fd)
         finally:
             os.close(fd)

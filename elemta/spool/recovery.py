@@ -32,6 +32,7 @@ import itertools
 import logging
 import os
 import shutil
+import time
 from dataclasses import dataclass, field
 
 from ..durable import fsync_dir, write_file_durably
@@ -206,6 +207,7 @@ def replay_segments(layout: Layout, syncer: Syncer, segments: list[tuple[int, st
     """
     if residents is None:
         residents = Residents(retired_in(layout, segments))
+    checked = time.monotonic()  # a checkpoint's sync failing from now on may hold our error
     entries: list[tuple[str, str]] = []
     replayed: list[tuple[int, str]] = []
     pending: list[tuple[int, str]] = []
@@ -223,7 +225,7 @@ def replay_segments(layout: Layout, syncer: Syncer, segments: list[tuple[int, st
             os.close(fd)
         replayed.append((seq, path))
     if entries:
-        syncer.make_durable(entries)
+        syncer.make_durable(entries, checked)
     for seq, path in replayed:
         os.unlink(path)
     if replayed:

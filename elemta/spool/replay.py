@@ -9,8 +9,10 @@ overwriting whatever partial files exist: replaying twice gives the same spool.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 from .. import durable
@@ -112,6 +114,15 @@ class Syncer:
     kept open for the life of the spool so that it reports every write-back
     error from then on (Linux 5.8 and later). Elsewhere, an fdatasync of each
     file on ``threads`` threads and an fsync of each directory.
+
+    A ``syncfs`` reports a write-back error once, to one caller, whichever
+    file it came from; and the next segment's files are written out while one
+    checkpoint syncs. So a failed sync records when it failed
+    (:attr:`failed_at`): every file written before then is suspect, whatever
+    segment it belongs to, and the checkpointer writes those segments out
+    again from the journal (:meth:`suspect`) before it trusts a sync; a sync
+    that overlapped another's failure fails too (:meth:`make_durable`'s
+    ``checked``). Nothing is read back per file.
     """
 
     def __init__(self, layout: Layout, threads: int) -> None:
@@ -119,6 +130,8 @@ class Syncer:
         self.threads = threads
         self.fd: int | None = None
         self._pool: ThreadPoolExecutor | None = None
+        #: monotonic time at which a sync last failed; -inf: never
+        self.failed_at = float("-inf")
 
     def open(self) -> None:
         # opened before anything is written, so that syncfs reports every
@@ -126,11 +139,31 @@ class Syncer:
         if self.fd is None:
             self.fd = os.open(self.layout.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
 
-    def make_durable(self, entries: list[tuple[str, str]]) -> None:
-        """Make the files of these messages, and their directory entries, durable."""
+    def make_durable(self, entries: list[tuple[str, str]],
+                     checked: float | None = None) -> None:
+        """Make the files of these messages, and their directory entries, durable.
+
+        ``checked``: when the caller last looked at :attr:`failed_at` to decide
+        which files to write again; a sync of another caller that has failed
+        since then may have been told this one's error, so this one fails too.
+        """
+        try:
+            self._sync(entries)
+        except OSError:
+            self.failed_at = time.monotonic()
+            raise
+        if checked is not None and self.failed_at >= checked:
+            raise OSError(errno.EIO, "a sync of the spool's file system failed meanwhile: "
+                                     "its write-back error may belong to these files")
+
+    def suspect(self, written_since: float) -> bool:
+        """Whether files written since ``written_since`` (monotonic) may have lost a
+        write-back error to a sync that failed."""
+        return self.failed_at >= written_since
+
+    def _sync(self, entries: list[tuple[str, str]]) -> None:
         if USE_SYNCFS and self.fd is not None and durable.have_syncfs():
             durable.syncfs(self.fd)
-            self._check_files(entries)
             return
         layout = self.layout
         paths = self._paths(entries)
@@ -146,19 +179,6 @@ class Syncer:
                 f.result()
         for d in dirs:
             fsync_dir(d)
-
-    def _check_files(self, entries: list[tuple[str, str]]) -> None:
-        """Each file's own write-back error, after the ``syncfs``.
-
-        A ``syncfs`` reports a write-back error once, to one caller, and the
-        next segment's files are written out while this one syncs: a file of
-        theirs that failed may have been told to an earlier checkpoint, whose
-        segment is kept and rewritten, while this sync reports nothing. Each
-        file's own error stays with it until read (``check_write_back``, which
-        flushes nothing: a few microseconds per file).
-        """
-        # a file delivered from memory and removed meanwhile is skipped
-        journal.sync_files(self._paths(entries), sync=durable.check_write_back)
 
     def _paths(self, entries: list[tuple[str, str]]) -> list[str]:
         """The content and envelope file of each message."""

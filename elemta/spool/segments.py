@@ -30,7 +30,7 @@ class Segment:
 
     __slots__ = ("seq", "path", "fd", "size", "capacity", "first_write", "last_write",
                  "entries", "replay", "unwritten_bytes", "unwritten_messages", "resident",
-                 "carried_only")
+                 "carried_only", "rewritten_at")
 
     def __init__(self, seq: int, path: str, fd: int, capacity: int = 0) -> None:
         self.seq = seq
@@ -50,6 +50,15 @@ class Segment:
         self.resident: list = []
         # it holds only records carried from an older segment, no commit yet
         self.carried_only = False
+        self.rewritten_at: float | None = None  # monotonic time its files were last replayed
+
+    @property
+    def files_since(self) -> float:
+        """Monotonic time from which its files were written: after its first
+        acknowledged batch, or since it was last written out again from itself."""
+        if self.rewritten_at is not None:
+            return self.rewritten_at
+        return self.first_write if self.first_write is not None else float("-inf")
 
 
 class Segments:
