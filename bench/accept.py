@@ -267,6 +267,23 @@ def code_version() -> str:
     return head + (" +changes in elemta/" if dirty else "")
 
 
+def compile_bytecode() -> None:
+    """Byte-compile Elemta and the plugins in this checkout, as installing a wheel does.
+
+    A development shell often sets ``PYTHONDONTWRITEBYTECODE`` (and an editable
+    install compiles nothing), so every server start would compile Elemta's
+    modules from source again: about 0.15 s of a 0.6 s start on this machine,
+    which an installed server does not pay. Done once, before anything is timed.
+    """
+    import compileall
+
+    import elemta
+    repo = Path(__file__).resolve().parent.parent
+    for folder in {Path(elemta.__file__).resolve().parent, repo / "elemta", repo / "plugins"}:
+        if folder.is_dir():
+            compileall.compile_dir(str(folder), quiet=1)
+
+
 def default_dir() -> Path | None:
     # /tmp is often tmpfs (fsync is free there) or, on a shared build box, the most
     # churned part of the disk; /var/tmp is on the disk a spool would use.
@@ -836,6 +853,7 @@ def main() -> int:
                     help="timed messages of a profiled run")
     ap.add_argument("--json", type=Path, default=None, help="write every run here")
     args = ap.parse_args()
+    compile_bytecode()
 
     smtp_source = shutil.which("smtp-source") or "/usr/sbin/smtp-source"
     if not os.access(smtp_source, os.X_OK):

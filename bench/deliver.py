@@ -60,9 +60,9 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from accept import (CLK_TCK, BenchError, PerMessage, box_times, code_version, count_files,
-                    default_dir, fmt_range, free_port, probe_disk, proc_cpu, proc_tree_cpu,
-                    py_spy, summarize_profile, thread_cpu)
+from accept import (CLK_TCK, BenchError, PerMessage, box_times, code_version, compile_bytecode,
+                    count_files, default_dir, fmt_range, free_port, probe_disk, proc_cpu,
+                    proc_tree_cpu, py_spy, summarize_profile, thread_cpu)
 
 SENDER = "sender@example.org"
 RECIPIENT = "user@remote.example"
@@ -437,6 +437,7 @@ def main() -> int:
                     help="after the rounds, profile one run with py-spy into this folder")
     ap.add_argument("--json", type=Path, default=None, help="write every run here")
     args = ap.parse_args()
+    compile_bytecode()
 
     for tool in ("smtp-source", *(["smtp-sink"] if args.sink == "smtp-sink" else [])):
         if not (shutil.which(tool) or os.access(f"/usr/sbin/{tool}", os.X_OK)):

@@ -84,7 +84,7 @@ from typing import Callable
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import accept  # noqa: E402
-from accept import (CLK_TCK, BenchError, box_times, code_version, count_files,  # noqa: E402
+from accept import (CLK_TCK, BenchError, box_times, code_version, compile_bytecode, count_files,  # noqa: E402
                     default_dir, free_port, probe_disk, proc_cpu, proc_tree_cpu, py_spy,
                     summarize_profile, thread_cpu)
 from deliver import (CONFIG, FILL_SESSIONS, MESSAGE_BYTES, ROUTE_TO_SINK, SENDER, Run, Sink,  # noqa: E402
@@ -616,6 +616,7 @@ def main() -> int:
                     help="after the rounds, profile one run per mode with py-spy into DIR")
     ap.add_argument("--json", type=Path, default=None, help="write every run here")
     args = ap.parse_args()
+    compile_bytecode()
 
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     for m in modes:

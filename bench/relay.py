@@ -111,9 +111,9 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from accept import (CLK_TCK, BenchError, children_cpu, code_version, count_files, default_dir,
-                    descendants, fmt_range, free_port, probe_disk, proc_table, py_spy, send,
-                    summarize_profile, tree_cpu)
+from accept import (CLK_TCK, BenchError, children_cpu, code_version, compile_bytecode,
+                    count_files, default_dir, descendants, fmt_range, free_port, probe_disk,
+                    proc_table, py_spy, send, summarize_profile, tree_cpu)
 from deliver import Sink, elemta_command, elemta_env, listening, stop, tail
 from postfix_instance import PostfixError, PostfixInstance
 from postfix_instance import version as postfix_version
@@ -894,6 +894,7 @@ def main() -> int:
                     help="after the rounds: one Elemta run of b (s=10) under py-spy, into DIR")
     ap.add_argument("--json", type=Path, default=None, help="write every run here")
     o = ap.parse_args()
+    compile_bytecode()
     o.loop = "uvloop" if o.uvloop else "asyncio"
     o.postconf = [x.replace("=", " = ", 1) for x in o.postconf]
     sessions = [int(x) for x in o.sessions.split(",") if x.strip()]

@@ -51,7 +51,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import local_delivery  # noqa: E402
-from accept import (CLK_TCK, BenchError, box_times, code_version, count_files,  # noqa: E402
+from accept import (CLK_TCK, BenchError, box_times, code_version, compile_bytecode, count_files,  # noqa: E402
                     default_dir, proc_cpu, thread_cpu)
 from deliver import MESSAGE_BYTES, elemta_command, elemta_env, fmt_range, queued, stop, tail  # noqa: E402
 from local_delivery import LOCAL_DOMAIN, POLL_SECONDS, ModeRun  # noqa: E402
@@ -258,6 +258,7 @@ def main() -> int:
     ap.add_argument("--dir", type=Path, default=default_dir())
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
+    compile_bytecode()
     if args.messages < 10 or args.rounds < 1 or args.mailboxes < 1:
         ap.error("--messages must be at least 10, --rounds and --mailboxes at least 1")
     if not args.api:
