@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import aiosmtplib
+import pytest
 
 from elemta.testing.fixtures import write_config
 
@@ -260,3 +261,25 @@ def test_serve_metrics_port_in_use(tmp_path: Path) -> None:
     assert "Traceback" not in result.stderr
     assert "metrics" in result.stderr
     assert f"127.0.0.1:{port}" in result.stderr
+
+
+# ------------------------------------------------------------------ the event loop
+
+
+def test_the_server_hands_the_interpreter_lock_round_every_millisecond(tmp_path: Path) -> None:
+    """In process: ``serve`` runs its loop with the spool threads' switch interval."""
+    from elemta.cli.main import SWITCH_INTERVAL, run_event_loop
+    from elemta.config import load_settings
+
+    async def interval() -> float:
+        return sys.getswitchinterval()
+
+    before = sys.getswitchinterval()
+    try:
+        for loop in ("asyncio", "uvloop"):
+            if loop == "uvloop":
+                pytest.importorskip("uvloop")
+            path = write_config(tmp_path / loop, {"server": {"event_loop": loop}})
+            assert run_event_loop(load_settings(path), interval()) == SWITCH_INTERVAL
+    finally:
+        sys.setswitchinterval(before)

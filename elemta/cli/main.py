@@ -8,7 +8,8 @@ import os
 import signal
 import sys
 from pathlib import Path
-from typing import Any
+from collections.abc import Coroutine
+from typing import Any, TypeVar
 
 import click
 
@@ -18,6 +19,13 @@ from .context import config_option, config_problems, fail
 from .context import state as cli_state
 
 log = logging.getLogger("elemta")
+T = TypeVar("T")
+
+#: How long a thread waits for the interpreter lock before it asks the holder to let go
+#: (Python's default: 5 ms). The spool's journal thread must win the lock back from the
+#: busy event loop after each system call of a commit; at 1 ms, acceptance at ten
+#: sessions ran 4-10% faster with 6-10% less CPU on the loop (docs/architecture.md).
+SWITCH_INTERVAL = 0.001
 
 
 @click.group()
@@ -50,15 +58,21 @@ def serve() -> None:
              "folder, writable by the user elemta runs as")
     for warning in report.warnings:
         log.warning("%s", warning)
+    run_event_loop(settings, _serve(settings, handler))
+
+
+def run_event_loop(settings: Settings, main: Coroutine[Any, Any, T]) -> T:
+    """Run the server's ``main`` on the event loop ``[server] event_loop`` names."""
+    sys.setswitchinterval(SWITCH_INTERVAL)
     if settings.server.event_loop == "uvloop":
         try:
             import uvloop
         except ImportError:
+            main.close()
             fail('[server] event_loop = "uvloop" but uvloop is not installed '
                  "(pip install uvloop, or set event_loop = \"asyncio\")")
-        uvloop.run(_serve(settings, handler))
-    else:
-        asyncio.run(_serve(settings, handler))
+        return uvloop.run(main)
+    return asyncio.run(main)
 
 
 async def _serve(settings: Settings, log_handler: logging.Handler) -> None:
