@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import errno
 import hashlib
 import json
@@ -380,6 +381,77 @@ def test_fresh_ids_stay_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
     assert not fresh.surely_new(ids[0]) and not fresh.surely_new(ids[3])
     assert fresh.surely_new(ids[4])
     assert not fresh.surely_new("custom-id") and not fresh.surely_new(ids[4].lower())
+
+
+def waiter_behaviour() -> list:
+    """How tasks wait on a CommitWaiter, on the running loop (see the test below)."""
+    async def run() -> list:
+        loop = asyncio.get_running_loop()
+        seen: list = []
+
+        async def wait(w: threads.CommitWaiter, tag: str) -> str:
+            var.set(tag)
+            try:
+                await w
+            except OSError as e:
+                return f"{var.get()}: {e.strerror}"
+            return var.get()
+
+        answered, failed, cancelled, inside = (threads.CommitWaiter(loop) for _ in range(4))
+        handled: list[dict] = []
+        loop.set_exception_handler(lambda _loop, context: handled.append(context))
+        answered.add_done_callback(lambda w: 1 / 0)  # a failing callback: the task still runs
+        tasks = [loop.create_task(wait(w, tag)) for w, tag in
+                 ((answered, "answered"), (failed, "failed"), (cancelled, "cancelled"),
+                  (inside, "inside"))]
+        await asyncio.sleep(0)  # each task now waits
+
+        def answer() -> None:
+            answered.set_result(None)
+            seen.append(("same turn", tasks[0].done()))
+            failed.set_exception(OSError(errno.EIO, "journal write failed"))
+
+        loop.call_soon(answer)
+        await asyncio.sleep(0)
+        tasks[2].cancel()
+        inside.set_result(None)  # from a running task: the waiter resumes in a later turn
+        seen.append(("inside, at once", tasks[3].done()))
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+        seen += [r if isinstance(r, str) else type(r).__name__ for r in results]
+        seen.append(cancelled.cancelled())
+        seen.append([type(c["exception"]).__name__ for c in handled])
+        return seen
+
+    var: contextvars.ContextVar[str] = contextvars.ContextVar("var", default="")
+    return asyncio.run(run())
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_a_commit_resumes_its_session_in_the_turn_that_answers_it(loop: str) -> None:
+    if loop == "uvloop":
+        uvloop = pytest.importorskip("uvloop")
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    try:
+        seen = waiter_behaviour()
+    finally:
+        asyncio.set_event_loop_policy(None)
+    assert seen == [("same turn", True), ("inside, at once", False), "answered",
+                    "failed: journal write failed", "CancelledError", "inside", True,
+                    ["ZeroDivisionError"]]
+
+
+async def test_a_commit_whose_caller_is_cancelled_still_counts(spool: Spool) -> None:
+    qid = new_id()
+    incoming = spool.incoming(qid)
+    incoming.write(HEADERS + BODY)
+    task = asyncio.ensure_future(spool.commit(incoming, envelope_for(qid), prepend=RECEIVED))
+    await asyncio.sleep(0)  # submitted to the journal, waiting for its answer
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await spool.checkpoint()
+    assert spool.counts()["ready"] == 1
+    assert spool.message_path(qid).read_bytes() == RECEIVED + HEADERS + BODY
 
 
 async def test_commit_refuses_an_envelope_of_another_message(spool: Spool) -> None:

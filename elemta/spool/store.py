@@ -57,7 +57,8 @@ from .replay import Syncer
 from .segments import Segments, close_quietly
 from .space import SpaceMonitor
 from .resident import JournaledCallback, ResidentMessages
-from .threads import Backlog, Barrier, Checkpoint, Flags, Job, SpoolError, SpoolStats, Stop
+from .threads import (Backlog, Barrier, Checkpoint, CommitWaiter, Flags, Job, SpoolError, SpoolStats,
+                      Stop)
 from .writeout import WriteOutThread
 from .writer import JournalWriter
 
@@ -237,7 +238,7 @@ class Spool:
         try:
             parts = incoming.parts()
             loop = asyncio.get_running_loop()
-            fut: asyncio.Future[None] = loop.create_future()
+            fut = CommitWaiter(loop)  # the session resumes in the turn that answers it
             content, body_path = ((parts.body, parts.body_path) if body is None else body)
             job = Job(incoming.queue_id, state,
                       prepend + (parts.header_block if header_block is None else header_block),
@@ -321,15 +322,17 @@ class Spool:
                     resident.append(job.queue_id)
             else:
                 self.stats.failed += 1
+        if resident:  # the runner has them before any session goes on to its 250
+            self._resident.journaled(resident)
+        for job in jobs:
             fut = job.future
             if fut.done():  # the caller was cancelled; the message still counts
                 continue
+            # a CommitWaiter resumes the waiting session right here
             if job.error is None:
                 fut.set_result(None)
             else:
                 fut.set_exception(job.error)
-        if resident:
-            self._resident.journaled(resident)
 
     async def checkpoint(self) -> None:
         """Write out every acknowledged message, make its files durable and empty the journal.

@@ -71,7 +71,7 @@ class Job:
     body: bytes | None      # body in memory…
     body_path: str | None   # …or spilled to tmp/
     envelope: bytes
-    future: asyncio.Future[None]
+    future: CommitWaiter | asyncio.Future[None]
     loop: asyncio.AbstractEventLoop
     body_fd: int = -1
     segment: Segment | None = None
@@ -195,3 +195,113 @@ def answer_later(batch: list[Job], answer: Callable[[list[Job]], None]) -> None:
             jobs[0].loop.call_soon_threadsafe(answer, jobs)
         except RuntimeError:
             pass  # that event loop is closed: nobody waits for these commits
+
+
+_PENDING, _CANCELLED, _FINISHED = 0, 1, 2
+
+
+class CommitWaiter:
+    """What a commit awaits: an asyncio future whose task resumes at once when answered.
+
+    ``asyncio.Future`` schedules the task that awaits it for the next turn of
+    the event loop. A commit is answered in a loop callback already (handed
+    over from the journal thread), so that was a second turn before the
+    session could send its ``250``: 0.25-0.45 ms at ten sessions, a tenth of a
+    commit. Answered from a callback, this one runs the waiting task's step
+    right there; answered from inside a task (no two tasks may run at once),
+    or cancelled, it schedules it as a future does. It speaks the protocol
+    asyncio's tasks accept from any future (``_asyncio_future_blocking``,
+    ``add_done_callback``, ``cancel``…), on asyncio's loop and on uvloop.
+    """
+
+    __slots__ = ("_loop", "_state", "_error", "_callbacks", "_asyncio_future_blocking")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._state = _PENDING
+        self._error: BaseException | None = None
+        self._callbacks: list[tuple[Callable[[CommitWaiter], object], object]] = []
+        self._asyncio_future_blocking = False
+
+    def get_loop(self) -> asyncio.AbstractEventLoop:
+        return self._loop
+
+    def done(self) -> bool:
+        return self._state != _PENDING
+
+    def cancelled(self) -> bool:
+        return self._state == _CANCELLED
+
+    def result(self) -> None:
+        if self._state == _CANCELLED:
+            raise asyncio.CancelledError
+        if self._state == _PENDING:
+            raise asyncio.InvalidStateError("the commit has not been answered")
+        if self._error is not None:
+            raise self._error
+
+    def exception(self) -> BaseException | None:
+        if self._state == _CANCELLED:
+            raise asyncio.CancelledError
+        if self._state == _PENDING:
+            raise asyncio.InvalidStateError("the commit has not been answered")
+        return self._error
+
+    def add_done_callback(self, fn: Callable[[CommitWaiter], object], *,
+                          context: object = None) -> None:
+        if self._state == _PENDING:
+            self._callbacks.append((fn, context))
+        else:
+            self._loop.call_soon(fn, self, context=context)  # type: ignore[arg-type]
+
+    def remove_done_callback(self, fn: Callable[[CommitWaiter], object]) -> int:
+        kept = [(f, c) for f, c in self._callbacks if f != fn]
+        removed, self._callbacks = len(self._callbacks) - len(kept), kept
+        return removed
+
+    def cancel(self, msg: object = None) -> bool:
+        if self._state != _PENDING:
+            return False
+        self._state = _CANCELLED
+        self._schedule()
+        return True
+
+    def set_result(self, result: None = None) -> None:
+        self._finish(None)
+
+    def set_exception(self, error: BaseException) -> None:
+        self._finish(error)
+
+    def _finish(self, error: BaseException | None) -> None:
+        if self._state != _PENDING:
+            raise asyncio.InvalidStateError("the commit was answered already")
+        self._state, self._error = _FINISHED, error
+        if asyncio.current_task(self._loop) is not None:
+            self._schedule()
+            return
+        callbacks, self._callbacks = self._callbacks, []
+        for fn, context in callbacks:
+            try:
+                if context is None:
+                    fn(self)
+                else:
+                    context.run(fn, self)  # type: ignore[attr-defined]
+            except Exception as e:  # as the loop treats a failing callback; the next still run
+                self._loop.call_exception_handler({
+                    "message": f"exception in the callback of a spool commit: {fn!r}",
+                    "exception": e, "future": self})
+
+    def _schedule(self) -> None:
+        callbacks, self._callbacks = self._callbacks, []
+        for fn, context in callbacks:
+            self._loop.call_soon(fn, self, context=context)  # type: ignore[arg-type]
+
+    def __await__(self):  # type: ignore[no-untyped-def]
+        if self._state == _PENDING:
+            self._asyncio_future_blocking = True
+            yield self
+        if self._state == _PENDING:
+            raise RuntimeError("await wasn't used with future")
+        return self.result()
+
+    __iter__ = __await__
