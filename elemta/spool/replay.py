@@ -139,8 +139,7 @@ class Syncer:
         if self.fd is None:
             self.fd = os.open(self.layout.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
 
-    def make_durable(self, entries: list[tuple[str, str]],
-                     checked: float | None = None) -> None:
+    def make_durable(self, entries: list[tuple[str, str]], checked: float) -> None:
         """Make the files of these messages, and their directory entries, durable.
 
         ``checked``: when the caller last looked at :attr:`failed_at` to decide
@@ -152,7 +151,7 @@ class Syncer:
         except OSError:
             self.failed_at = time.monotonic()
             raise
-        if checked is not None and self.failed_at >= checked:
+        if self.failed_at >= checked:
             raise OSError(errno.EIO, "a sync of the spool's file system failed meanwhile: "
                                      "its write-back error may belong to these files")
 

@@ -71,7 +71,7 @@ class Job:
     body: bytes | None      # body in memory…
     body_path: str | None   # …or spilled to tmp/
     envelope: bytes
-    future: CommitWaiter | asyncio.Future[None]
+    future: CommitWaiter
     loop: asyncio.AbstractEventLoop
     body_fd: int = -1
     segment: Segment | None = None
