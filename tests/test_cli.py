@@ -283,3 +283,57 @@ def test_the_server_hands_the_interpreter_lock_round_every_millisecond(tmp_path:
             assert run_event_loop(load_settings(path), interval()) == SWITCH_INTERVAL
     finally:
         sys.setswitchinterval(before)
+
+
+# ------------------------------------------------------------------ the garbage collector
+
+_SERVE_AND_REPORT_GC = """
+import gc, os, signal, sys, threading, time
+import elemta.cli
+
+config, ready, report = sys.argv[1:]
+os.environ["ELEMTA_READY_FILE"] = ready
+
+def watch():
+    for _ in range(30000):  # bounded: 30 s; elemta.cli.run turns it off before this import
+        if "elemta.cli.main" in sys.modules:
+            break
+        time.sleep(0.001)
+    during = gc.isenabled()
+    for _ in range(3000):  # bounded: 30 s
+        if os.path.exists(ready):
+            break
+        time.sleep(0.01)
+    with open(report, "w") as f:
+        f.write(f"{during} {gc.isenabled()} {gc.get_freeze_count()}")
+    os.kill(os.getpid(), signal.SIGTERM)
+
+threading.Thread(target=watch, daemon=True).start()
+elemta.cli.run(["serve", "--config", config])
+"""
+
+
+def test_serve_collects_garbage_once_started_with_start_up_frozen(tmp_path: Path) -> None:
+    """Off through the imports and the start; on, with what start-up made frozen, once ready."""
+    path = write_config(tmp_path, {"listeners": [
+        {"name": "mx", "address": f"127.0.0.1:{free_port()}", "mode": "smtp", "tls": "none"}]})
+    report = tmp_path / "gc"
+    env = {k: v for k, v in os.environ.items() if k != "ELEMTA_LOAD_PLUGINS"}
+    result = subprocess.run([sys.executable, "-c", _SERVE_AND_REPORT_GC, str(path),
+                             str(tmp_path / "ready"), str(report)], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+    assert result.returncode == 0, result.stdout + result.stderr
+    during, after, frozen = report.read_text().split()
+    assert (during, after) == ("False", "True")
+    assert int(frozen) > 10_000  # modules, classes, settings: what lives as long as the server
+
+
+def test_other_commands_collect_garbage(tmp_path: Path) -> None:
+    path = write_config(tmp_path, {})
+    code = ("import gc, sys, elemta.cli\n"
+            "try:\n    elemta.cli.run(['check-config', sys.argv[1]])\n"
+            "except SystemExit:\n    pass\n"
+            "print('collecting', gc.isenabled(), gc.get_freeze_count())")
+    result = subprocess.run([sys.executable, "-c", code, str(path)], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=60)
+    assert "collecting True 0" in result.stdout, result.stdout + result.stderr

@@ -8,6 +8,10 @@ going from an ECDSA to an RSA certificate the old ECDSA one would still be
 served to every client that prefers ECDSA (most do), and a failed in-place load
 leaves the live context without a usable certificate. Established connections
 keep the context they were made with.
+
+``cryptography`` is imported by the functions that read or make certificates,
+not with the module: a server whose listeners have no TLS never loads it
+(about 25 ms of start-up).
 """
 
 from __future__ import annotations
@@ -19,16 +23,14 @@ import os
 import ssl
 import tempfile
 from pathlib import Path
-
-from cryptography import x509
-from cryptography.exceptions import UnsupportedAlgorithm
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from typing import TYPE_CHECKING
 
 from ..config import ConfigError
 from ..models import TLSInfo
+
+if TYPE_CHECKING:
+    from cryptography import x509
+    from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 
 log = logging.getLogger("elemta.tls")
 
@@ -115,6 +117,8 @@ def _read(path: Path, what: str) -> bytes:
 
 
 def _read_certificates(cert_file: Path) -> list[x509.Certificate]:
+    from cryptography import x509
+
     data = _read(cert_file, "certificate")
     try:
         return x509.load_pem_x509_certificates(data)
@@ -126,6 +130,9 @@ def _read_certificates(cert_file: Path) -> list[x509.Certificate]:
 
 
 def _read_key(key_file: Path) -> PrivateKeyTypes:
+    from cryptography.exceptions import UnsupportedAlgorithm
+    from cryptography.hazmat.primitives import serialization
+
     data = _read(key_file, "private key")
     try:
         return serialization.load_pem_private_key(data, password=None)
@@ -146,6 +153,8 @@ def check_pair(cert_file: Path, key_file: Path) -> x509.Certificate:
 
     Returns the leaf certificate; raises :class:`TLSConfigError` naming the file.
     """
+    from cryptography.hazmat.primitives import serialization
+
     certificate = _read_certificates(cert_file)[0]
     key = _read_key(key_file)
     spki = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
@@ -169,6 +178,8 @@ def _name_of(hostname: str) -> str:
 
 
 def _names_in(certificate: x509.Certificate) -> set[str]:
+    from cryptography import x509
+
     try:
         san = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     except x509.ExtensionNotFound:
@@ -195,6 +206,11 @@ def _reusable(cert_file: Path, key_file: Path, hostname: str) -> x509.Certificat
 
 
 def _self_signed(hostname: str) -> tuple[bytes, bytes]:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
     key = ec.generate_private_key(ec.SECP256R1())
     names: list[x509.GeneralName] = []
     for name in (_name_of(hostname), "localhost", "127.0.0.1", "::1"):
