@@ -564,13 +564,18 @@ class SMTPConnection:
     async def _stream(self, stream: BinaryIO, encoder: DataEncoder) -> None:
         # Reads are synchronous: the content is a spool file on a local disk,
         # normally still in the page cache; a 128 KiB read costs less than
-        # handing it to a thread.
+        # handing it to a thread. Each encoded chunk is held back until the next
+        # read says whether it is the last, so that the last goes out with the
+        # final dot: a message of one chunk is one send, not two.
+        held = b""
         while chunk := stream.read(_FILE_CHUNK_BYTES):
             encoded = encoder.feed(chunk)
             if encoded:
-                self.wire.write(encoded)
-                await self.wire.drain(self.timeouts.data_block_seconds)
-        self.wire.write(encoder.finish())
+                if held:
+                    self.wire.write(held)
+                    await self.wire.drain(self.timeouts.data_block_seconds)
+                held = encoded
+        self.wire.write(held + encoder.finish())
         await self.wire.drain(self.timeouts.data_block_seconds)
 
     async def reset(self) -> None:
