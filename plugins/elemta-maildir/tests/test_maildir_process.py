@@ -304,6 +304,166 @@ def test_a_batch_counts_its_own_messages_against_the_quota(tmp_path: Path):
     assert (box / "maildirsize").read_text().count(" 1\n") == 2
 
 
+def counted_syncs(maildirs: Maildirs, fail_at: int | None = None) -> list[int]:
+    """Count the writer's syncfs calls (one list entry each); the ``fail_at``-th one fails."""
+    calls: list[int] = []
+    real = maildirs.writer.group._flush
+
+    def counting(path):
+        calls.append(1)
+        if len(calls) == fail_at:
+            raise OSError(5, "Input/output error")
+        real(path)
+
+    maildirs.writer.group._flush = counting
+    return calls
+
+
+def jobs_to(content: Path, *addresses: str) -> list[tuple[Envelope, list[RecipientState], str]]:
+    out = []
+    for address in addresses:
+        rcpts = [RecipientState(address)]
+        out.append((Envelope(new_id(), "alice@example.test", rcpts, time.time(),
+                             content.stat().st_size, attempts=1), rcpts, str(content)))
+    return out
+
+
+def test_overlapped_batches_take_one_sync_each(tmp_path: Path):
+    """The helper's order: each batch written while the one before waits for its names'
+    sync, one syncfs for both; the last batch's names get a sync of their own. Nothing of
+    a batch is named before its files are synced, and its outcomes come after the sync of
+    its names."""
+    maildirs, content = batch_maildirs(tmp_path, "overlap")
+    box = tmp_path / "example.test" / "bob"
+    store.make_maildir(box, 0o700, True)
+    syncs = counted_syncs(maildirs)
+    writer, reserved = maildirs.writer, {}
+    first = maildirs.begin_many(jobs_to(content, *["bob@example.test"] * 3), reserved)
+    assert files(box) == []
+    writer.overlap([], first.writes)
+    assert len(syncs) == 1 and len(files(box)) == 3   # synced, then linked
+    second = maildirs.begin_many(jobs_to(content, *["bob@example.test"] * 4), reserved)
+    writer.overlap(first.writes, second.writes)
+    assert len(syncs) == 2 and len(files(box)) == 7
+    assert [o.code for [o] in maildirs.end_many(first, reserved)] == [250] * 3
+    maildirs.close_batch(first)
+    writer.sync_named(second.writes)
+    assert len(syncs) == 3
+    assert [o.code for [o] in maildirs.end_many(second, reserved)] == [250] * 4
+    maildirs.close_batch(second)
+    assert files(box, "tmp") == [] and reserved == {}
+
+
+def test_a_failed_overlapped_sync_defers_both_batches(tmp_path: Path):
+    """The shared syncfs fails: the batch waiting for its names is deferred (its files,
+    already in new/, are found there at the retry), the new batch is deferred unnamed."""
+    maildirs, content = batch_maildirs(tmp_path, "overlap eio")
+    box = tmp_path / "example.test" / "bob"
+    store.make_maildir(box, 0o700, True)
+    counted_syncs(maildirs, fail_at=2)
+    writer, reserved = maildirs.writer, {}
+    first_jobs = jobs_to(content, "bob@example.test", "bob@example.test")
+    first = maildirs.begin_many(first_jobs, reserved)
+    writer.overlap([], first.writes)
+    second = maildirs.begin_many(jobs_to(content, "bob@example.test"), reserved)
+    writer.overlap(first.writes, second.writes)
+    assert [o.code for [o] in maildirs.end_many(first, reserved)] == [451, 451]
+    writer.sync_named(second.writes)
+    [[outcome]] = maildirs.end_many(second, reserved)
+    assert (outcome.code, outcome.enhanced) == (451, "4.3.0")
+    assert "Input/output error" in outcome.text
+    for batch in (first, second):
+        maildirs.close_batch(batch)
+    assert len(files(box)) == 2 and files(box, "tmp") == []
+    # the retry of the first batch finds its messages in new/ and writes nothing again
+    for envelope, _, _ in first_jobs:
+        envelope.attempts = 2
+    again = maildirs.deliver_many(first_jobs)
+    assert [(o.code, o.text) for [o] in again] == [
+        (250, "already delivered to the mailbox")] * 2
+    assert len(files(box)) == 2
+
+
+def test_a_batch_counts_the_waiting_batch_against_the_quota(tmp_path: Path):
+    """Room for two messages: one in the batch waiting for its names' sync (not in
+    maildirsize yet), two in the next batch: one of those is refused."""
+    maildirs, content = batch_maildirs(tmp_path, "overlap quota")
+    head = len(b"Return-Path: <alice@example.test>\r\nDelivered-To: bob@example.test\r\n")
+    box = tmp_path / "example.test" / "bob"
+    store.make_maildir(box, 0o700, True)
+    (box / "maildirsize").write_text(f"{2 * (head + content.stat().st_size) + 10}S\n0 0\n")
+    writer, reserved = maildirs.writer, {}
+    first = maildirs.begin_many(jobs_to(content, "bob@example.test"), reserved)
+    writer.overlap([], first.writes)
+    second = maildirs.begin_many(jobs_to(content, "bob@example.test", "bob@example.test"),
+                                 reserved)
+    writer.overlap(first.writes, second.writes)
+    assert [o.code for [o] in maildirs.end_many(first, reserved)] == [250]
+    writer.sync_named(second.writes)
+    assert [o.code for [o] in maildirs.end_many(second, reserved)] == [250, 452]
+    for batch in (first, second):
+        maildirs.close_batch(batch)
+    assert len(files(box)) == 2 and reserved == {}
+    assert (box / "maildirsize").read_text().count(" 1\n") == 2
+
+
+def test_the_helper_loop_answers_every_request_with_one_sync_per_batch(tmp_path: Path):
+    """The helper's own loop over a socket pair: a second burst of requests arrives while
+    the first burst's files are being synced, then the input ends. Every request is
+    answered once, after its message is named and synced: three syncs for the two
+    batches (the second's files share one with the first's names), four without the
+    overlap."""
+    import socket
+    import threading
+
+    from elemta_maildir.process import _overlapped
+
+    maildirs, content = batch_maildirs(tmp_path, "loop")
+    box = tmp_path / "example.test" / "bob"
+    store.make_maildir(box, 0o700, True)
+    syncs = counted_syncs(maildirs)
+    counting = maildirs.writer.group._flush
+
+    def second_burst_during_the_first_sync(path):
+        if not syncs:  # the first burst is received and written: the second comes now
+            for n in range(5, 12):
+                send(n)
+            ours.shutdown(socket.SHUT_WR)
+        counting(path)
+
+    maildirs.writer.group._flush = second_burst_during_the_first_sync
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    answers: dict[int, list[Outcome]] = {}
+
+    def send(request_id: int) -> None:
+        [(envelope, rcpts, path)] = jobs_to(content, "bob@example.test")
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            socket.send_fds(ours, [pickle.dumps((request_id, envelope, rcpts))], [fd])
+        finally:
+            os.close(fd)
+
+    def receive(count: int) -> None:
+        while len(answers) < count:
+            kind, request_id, outcomes = pickle.loads(ours.recv(1 << 17))
+            assert kind == "r" and request_id not in answers
+            answers[request_id] = outcomes
+
+    for n in range(5):
+        send(n)
+    helper = threading.Thread(target=_overlapped, args=(theirs, maildirs), daemon=True)
+    helper.start()
+    receive(12)
+    helper.join(10)
+    assert not helper.is_alive()
+    assert sorted(answers) == list(range(12))
+    assert all([o.code for o in outcomes] == [250] for outcomes in answers.values())
+    assert len(files(box)) == 12 and files(box, "tmp") == []
+    assert len(syncs) == 3
+    ours.close()
+    theirs.close()
+
+
 def test_a_bug_in_the_middle_of_a_batch_leaves_no_file_open_or_behind(tmp_path: Path):
     """Written through tmp/ and a rename; the names' sync raises something unexpected: the
     exception goes up, no descriptor of the batch stays open, nothing is left in tmp/."""
