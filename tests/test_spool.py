@@ -1383,6 +1383,51 @@ def test_the_reserve_refuses_new_mail_and_says_why(small_filesystem) -> None:
     assert "below the reserve of 1.0 MiB ([spool] min_free_bytes)" in spool.refusal()
 
 
+def test_a_batch_reads_the_free_space_again_unless_a_recent_reading_shows_room_to_spare(
+        monkeypatch) -> None:
+    """The journal's check that a batch's files will fit: a reading younger than 50 ms
+    answers while it shows a gigabyte and 65,536 inodes to spare; nearer the floor, or
+    older, every batch reads the file system again."""
+    from elemta.spool import space as space_module
+
+    free = {"bytes": 8 << 30, "inodes": 1 << 20}
+    calls = []
+
+    def statvfs(path):
+        calls.append(path)
+        return os.statvfs_result((4096, 4096, 4 << 20, 0, free["bytes"] // 4096, 0, 0,
+                                  free["inodes"], 0, 255))
+
+    clock = [1000.0]
+    monkeypatch.setattr(space_module.time, "monotonic", lambda: clock[0])
+    monitor = space_module.SpaceMonitor("/spool", statvfs=statvfs)
+    assert all(monitor.fits(100 << 10, 10) for _ in range(20))
+    assert len(calls) == 1  # room to spare: one reading for the lot
+    clock[0] += 0.06
+    assert monitor.fits(100 << 10, 10)
+    assert len(calls) == 2  # older than 50 ms: read again
+
+    free["bytes"] = 1 << 30  # within a gigabyte of the need
+    clock[0] += 0.06
+    assert monitor.fits(100 << 10, 10)
+    calls.clear()
+    for _ in range(5):
+        clock[0] += 0.001
+        assert monitor.fits(100 << 10, 10)
+    assert len(calls) == 5  # every batch reads afresh
+
+    free["bytes"] = 1 << 20  # and a batch that no longer fits is refused at once
+    clock[0] += 0.001
+    assert not monitor.fits(1 << 20, 10)
+    free.update(bytes=8 << 30, inodes=(1 << 16) + 100)  # few inodes to spare: afresh too
+    clock[0] += 0.06
+    calls.clear()
+    assert monitor.fits(100 << 10, 1)
+    clock[0] += 0.001
+    assert monitor.fits(100 << 10, 1)
+    assert len(calls) == 2
+
+
 def test_removals_past_the_waiting_limit_are_unlinked_at_once(tmp_path: Path,
                                                               monkeypatch) -> None:
     """A disk whose unlinks stall must not make the remover's list grow without bound."""
