@@ -40,25 +40,11 @@ class _Step:
     size: int
     sized: bool               # the mailbox has a maildirsize to add the message to
     write: writer.Pending
-    reserved: bool = False    # counted in the batch's ``reserved`` against the quota
 
 
 def _writes(steps: list[list[Outcome | _Step]]) -> list[writer.Pending]:
     """The files a batch's steps wrote."""
     return [step.write for group in steps for step in group if isinstance(step, _Step)]
-
-
-@dataclass(slots=True, eq=False)
-class Batch:
-    """Deliveries begun together (:meth:`Maildirs.begin_many`): per job, each recipient's
-    outcome, or its message written and waiting for its name in ``new/``."""
-
-    steps: list[list[Outcome | _Step]]
-    opened: list[int]         # spooled messages this batch opened by path
-
-    @property
-    def writes(self) -> list[writer.Pending]:
-        return _writes(self.steps)
 
 
 class Maildirs:
@@ -109,27 +95,10 @@ class Maildirs:
         452 4.3.1 disk full, 450 4.2.1 mailbox missing (``create_mailboxes =
         false``), or 451 4.3.0 for any other file system error.
         """
-        batch = self.begin_many(jobs, {})
-        try:
-            writes = batch.writes
-            if writes:
-                self.writer.complete(writes)
-            return self.end_many(batch)
-        finally:
-            self.close_batch(batch)
-
-    def begin_many(self, jobs: list[tuple[Envelope, list[RecipientState], str | int]],
-                   reserved: dict[Path, list[int]]) -> Batch:
-        """The first half of :meth:`deliver_many`: each outcome known before writing, and
-        every other message written to a file not yet in ``new/``.
-
-        ``reserved`` holds, per mailbox, the bytes and messages of deliveries begun
-        and not yet ended (not in ``maildirsize`` yet); this batch's are added to it
-        and :meth:`end_many` takes them out. The caller names the writes
-        (:class:`~elemta_maildir.writer.Writer`), then calls :meth:`end_many`, and
-        :meth:`close_batch` in any case. Never raises for a delivery problem.
-        """
-        batch = Batch([], [])
+        opened: list[int] = []
+        steps: list[list[Outcome | _Step]] = []
+        # bytes and messages of the batch so far, per mailbox: not in maildirsize yet
+        reserved: dict[Path, list[int]] = {}
         try:
             for envelope, recipients, content in jobs:
                 try:
@@ -137,46 +106,27 @@ class Maildirs:
                         src = content
                     else:
                         src = os.open(content, os.O_RDONLY | os.O_CLOEXEC)
-                        batch.opened.append(src)
+                        opened.append(src)
                     size = os.fstat(src).st_size
                 except OSError as e:
                     log.warning("%s: cannot read the spooled message %s: %s", envelope.id,
                                 content, e.strerror or e)
-                    batch.steps.append([Outcome(r.address, 451, "4.3.0", "the spooled "
-                                                "message cannot be read") for r in recipients])
+                    steps.append([Outcome(r.address, 451, "4.3.0", "the spooled message "
+                                          "cannot be read") for r in recipients])
                     continue
-                batch.steps.append([self._guarded(envelope, r, self._start, envelope, r, src,
-                                                  size, reserved) for r in recipients])
-        except BaseException:
-            self.close_batch(batch)
-            raise
-        return batch
-
-    def end_many(self, batch: Batch, reserved: dict[Path, list[int]] | None = None,
-                 ) -> list[list[Outcome]]:
-        """The outcomes of a batch whose writes are named (or failed to be); its
-        reservations leave ``reserved``, now that ``maildirsize`` has them."""
-        outcomes = [[step if isinstance(step, Outcome) else self._guarded(
+                steps.append([self._guarded(envelope, r, self._start, envelope, r, src, size,
+                                            reserved) for r in recipients])
+            writes = _writes(steps)
+            if writes:
+                self.writer.complete(writes)
+            return [[step if isinstance(step, Outcome) else self._guarded(
                         step.envelope, step.recipient, self._finish, step)
-                     for step in group] for group in batch.steps]
-        if reserved is not None:
-            for group in batch.steps:
-                for step in group:
-                    if isinstance(step, _Step) and step.reserved:
-                        held = reserved[step.box.root]
-                        held[0] -= step.size
-                        held[1] -= 1
-                        if not held[1]:
-                            del reserved[step.box.root]
-        return outcomes
-
-    def close_batch(self, batch: Batch) -> None:
-        """Close what the batch left open, and remove its ``tmp/`` files never named
-        (after a bug too: nothing of the batch stays open or in ``tmp/``)."""
-        self.writer.discard(batch.writes)
-        opened, batch.opened = batch.opened, []
-        for src in opened:
-            os.close(src)
+                     for step in group] for group in steps]
+        finally:
+            # after a bug above: no file of the batch stays open or in tmp/
+            self.writer.discard(_writes(steps))
+            for src in opened:
+                os.close(src)
 
     def _guarded(self, envelope: Envelope, recipient: RecipientState,
                  fn: Callable[..., Outcome | _Step], *args: Any) -> Outcome | _Step:
@@ -257,18 +207,11 @@ class Maildirs:
                     store.fsync_dir(found.parent)  # a crash may have beaten the first fsync
                 return self._already(envelope, address, found)
 
-        refusal, sized, reserving = self._check_quota(envelope, box, address, size, reserved)
+        refusal, sized = self._check_quota(envelope, box, address, size, reserved)
         if refusal is not None:
             return refusal
-        try:
-            write = self.writer.begin(src, str(folder), name, head, size)
-        except BaseException:
-            if reserving:
-                held = reserved[box.root]
-                held[0] -= size
-                held[1] -= 1
-            raise
-        return _Step(envelope, recipient, box, folder, size, sized, write, reserving)
+        write = self.writer.begin(src, str(folder), name, head, size)
+        return _Step(envelope, recipient, box, folder, size, sized, write)
 
     def _finish(self, step: _Step) -> Outcome:
         """The outcome of a message :meth:`Writer.complete` has named (or failed to)."""
@@ -321,26 +264,22 @@ class Maildirs:
         return found
 
     def _check_quota(self, envelope: Envelope, box: Mailbox, address: str, size: int,
-                     reserved: dict[Path, list[int]]) -> tuple[Outcome | None, bool, bool]:
-        """A refusal (or ``None``), whether the mailbox has a ``maildirsize`` to add to,
-        and whether the message was added to ``reserved``.
+                     reserved: dict[Path, list[int]]) -> tuple[Outcome | None, bool]:
+        """A refusal (or ``None``), and whether the mailbox has a ``maildirsize`` to add to.
 
-        ``reserved`` holds what messages begun earlier (this batch's, and the
-        batch still being named) will add to each mailbox.
+        ``reserved`` holds what earlier messages of the batch will add to each mailbox.
         """
         quota, sized = self._quota(envelope, box)
         if quota is None:
-            return None, sized, False
-        held = reserved.get(box.root, (0, 0))
+            return None, sized
+        held = reserved.setdefault(box.root, [0, 0])
         quota = dataclasses.replace(quota, used_bytes=quota.used_bytes + held[0],
                                     used_count=quota.used_count + held[1])
         refusal = self._over_quota(envelope, box, address, size, quota)
-        if refusal is not None:
-            return refusal, sized, False
-        held = reserved.setdefault(box.root, [0, 0])
-        held[0] += size
-        held[1] += 1
-        return None, sized, True
+        if refusal is None:
+            held[0] += size
+            held[1] += 1
+        return refusal, sized
 
     def _over_quota(self, envelope: Envelope, box: Mailbox, address: str, size: int,
                     quota: store.Quota) -> Outcome | None:

@@ -9,8 +9,7 @@ waiting for the loop. Here the deliveries run in a second interpreter
 (``sys.executable -I`` with the server's ``sys.path``) that builds its own
 :class:`~elemta_maildir.delivery.Maildirs` from the same settings, and
 writes every request that arrived meanwhile as one batch: two syncs for the
-batch (:meth:`Maildirs.deliver_many`), or, with ``syncfs``, one shared with the
-batch before it (:func:`_overlapped`). The event loop only sends one request
+batch (:meth:`Maildirs.deliver_many`). The event loop only sends one request
 per delivery and reads the outcomes back (``add_reader``: no thread of the
 server's is involved).
 
@@ -50,14 +49,11 @@ import sys
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from elemta import Envelope, Outcome, RecipientState, write_all
 
 from .settings import MaildirSettings
-
-if TYPE_CHECKING:
-    from .delivery import Batch, Maildirs
 
 log = logging.getLogger("elemta.maildir")
 
@@ -349,8 +345,7 @@ def child_main(channel: int, settings_fd: int) -> None:
     """The helper: deliveries from ``channel`` in batches; outcomes and log records back.
 
     One thread: every request that arrived while a batch was written forms
-    the next batch, answered as soon as its names are on disk (two syncs in
-    all, or one shared with the next batch: :func:`_overlapped`).
+    the next batch (two syncs in all), answered as soon as it is named.
     Threads, each with a batch of its own, made it slower: two ran at 0.63 of
     SMTP delivery's rate where one ran at 0.90 (docs/performance.md).
     """
@@ -370,9 +365,6 @@ def child_main(channel: int, settings_fd: int) -> None:
 
     from .delivery import Maildirs  # the settings' path is absolute: nothing left to resolve
     maildirs = Maildirs(settings, _same, hostname)
-    if maildirs.writer.overlaps:
-        _overlapped(sock, maildirs)
-        return
     while True:
         batch = _receive(sock)
         if not batch:
@@ -394,69 +386,6 @@ def child_main(channel: int, settings_fd: int) -> None:
             return
 
 
-Requests = list[tuple[int, Envelope, list[RecipientState], int]]
-
-
-def _overlapped(sock: socket.socket, maildirs: Maildirs) -> None:
-    """The helper's loop with ``fsync`` through ``syncfs``: one sync per batch, not two.
-
-    Each batch is written while the batch before it waits for the sync of its
-    names in ``new/``; one ``syncfs`` then covers both (``Writer.overlap``):
-    the earlier batch is answered and the new one linked, to wait in turn.
-    When no request came meanwhile, the waiting batch gets a sync of its own.
-    A message still waits for two syncs, as in ``deliver_many``, and nothing
-    is answered before its name is on disk.
-    """
-    writer = maildirs.writer
-    reserved: dict[Any, list[int]] = {}   # quota: begun, not yet in maildirsize
-    held: tuple[Requests, Batch] | None = None
-    while True:
-        requests = _receive(sock, wait=held is None)
-        batch: Batch | None = None
-        try:
-            if requests:
-                batch = maildirs.begin_many([(envelope, rcpts, src)
-                                             for _, envelope, rcpts, src in requests], reserved)
-                writer.overlap(held[1].writes if held is not None else [], batch.writes)
-            elif held is not None:
-                writer.sync_named(held[1].writes)
-            if held is not None:
-                results = maildirs.end_many(held[1], reserved)
-                maildirs.close_batch(held[1])
-                answered, held = held[0], None
-                if not _answer(sock, answered, results):
-                    return
-            if requests and batch is not None:
-                held, batch = (requests, batch), None
-        except BaseException:  # a bug: these messages stay in the spool
-            log.exception("maildir: a batch of deliveries failed unexpectedly")
-            reserved.clear()
-            for pending, begun in (held or ([], None), (requests or [], batch)):
-                if begun is not None:
-                    maildirs.close_batch(begun)
-                failed = [[Outcome(r.address, 451, "4.3.0", "local delivery failed; see the "
-                                   "server log") for r in job[2]] for job in pending]
-                if not _answer(sock, pending, failed):
-                    return
-            held = None
-        finally:
-            for job in requests or ():
-                os.close(job[3])
-        if requests is None and held is None:
-            return
-
-
-def _answer(sock: socket.socket, requests: Requests, results: list[list[Outcome]]) -> bool:
-    """Send each request's outcomes; ``False`` when the server is gone (what was written
-    stays, and the spool repeats it)."""
-    try:
-        for job, outcomes in zip(requests, results):
-            _send_outcomes(sock.sendall, job[0], outcomes)
-    except OSError:
-        return False
-    return True
-
-
 def _send_outcomes(send: Callable[[bytes], None], request_id: int, outcomes: list[Outcome],
                    last: bool = True) -> None:
     """``("r", id, outcomes)``; halves ``("p", id, some)`` first, then ``("r", id, the
@@ -471,18 +400,18 @@ def _send_outcomes(send: Callable[[bytes], None], request_id: int, outcomes: lis
     send(data)
 
 
-def _receive(sock: socket.socket, wait: bool = True) -> Requests | None:
-    """The requests waiting, at most :data:`MAX_BATCH`; with ``wait``, at least one
-    (blocking for it). ``None`` at the end of the input, when no request came before it."""
-    batch: Requests = []
-    flags = 0 if wait else socket.MSG_DONTWAIT
+def _receive(sock: socket.socket) -> list[tuple[int, Envelope, list[RecipientState], int]]:
+    """The requests waiting, at least one (blocking for it), at most :data:`MAX_BATCH`;
+    none at the end of the input."""
+    batch: list[tuple[int, Envelope, list[RecipientState], int]] = []
+    flags = 0
     while len(batch) < MAX_BATCH:
         try:
             data, ancillary, _, _ = sock.recvmsg(_RECV, _FD_SPACE, flags)
         except BlockingIOError:
             break
         if not data:
-            return batch or None
+            break
         fds = array.array("i")
         for cmsg_level, cmsg_type, payload in ancillary:
             if cmsg_level == socket.SOL_SOCKET and cmsg_type == socket.SCM_RIGHTS:

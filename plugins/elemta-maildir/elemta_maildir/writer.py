@@ -16,7 +16,6 @@ import errno
 import logging
 import os
 import threading
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -259,43 +258,6 @@ class Writer:
         finally:
             self.discard(batch)
 
-    @property
-    def overlaps(self) -> bool:
-        """Whether :meth:`overlap` can be used: with ``fsync``, through ``syncfs``."""
-        return self.group is not None
-
-    def overlap(self, named: list[Pending], batch: list[Pending]) -> None:
-        """One sync for two batches: ``named``'s names and ``batch``'s files; then name ``batch``.
-
-        ``named`` is a batch this method named before: after the sync its names
-        are on disk (or its ``error`` is set), as after :meth:`complete`.
-        ``batch`` is written and not named yet: after the sync its files are on
-        disk and they are linked (or renamed) into ``new/``, but their names are
-        not synced: by the next call, with the batch after it, or by
-        :meth:`sync_named`. A crash in between leaves a complete file in
-        ``new/`` or none, as :meth:`complete` does, and the caller answers
-        nothing of ``batch`` before that next sync. Where deliveries come
-        without pause this is one sync per batch instead of two. Never raises
-        for a file system error; ``batch``'s files are closed.
-        """
-        assert self.group is not None
-        try:
-            named_live = [p for p in named if p.error is None]
-            live = [p for p in batch if p.error is None]
-            self._sync_files(live, also=named_live)
-            for p in live:
-                if p.error is None and not p.already:
-                    try:
-                        self._name(p)
-                    except OSError as e:
-                        p.error = e
-        finally:
-            self.discard(batch)
-
-    def sync_named(self, named: list[Pending]) -> None:
-        """Sync the names :meth:`overlap` made in ``new/`` (no batch after them to share it)."""
-        self._sync_names([p for p in named if p.error is None])
-
     def discard(self, batch: list[Pending]) -> None:
         """Close what :meth:`complete` left open; remove ``tmp/<name>`` files not renamed."""
         for p in batch:
@@ -307,15 +269,12 @@ class Writer:
                     os.unlink(p.tmp)
                 p.tmp = None
 
-    def _sync_files(self, batch: list[Pending], also: Sequence[Pending] = ()) -> None:
-        """Each written file on disk: one syncfs per file system, or an fsync each.
-
-        ``also``: names in ``new/`` that the same syncfs puts on disk (:meth:`overlap`).
-        """
+    def _sync_files(self, batch: list[Pending]) -> None:
+        """Each written file on disk: one syncfs per file system, or an fsync each."""
         if self.group is None:
             check = os.fsync
         else:
-            self._sync_groups([*also, *(p for p in batch if p.fd >= 0)])
+            self._sync_groups([p for p in batch if p.fd >= 0])
             # after the syncfs: an error in writing this file back that the syncfs
             # told another caller (no fsync: it would flush the disk's cache per file)
             check = check_write_back
