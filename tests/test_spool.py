@@ -1383,8 +1383,7 @@ def test_the_reserve_refuses_new_mail_and_says_why(small_filesystem) -> None:
     assert "below the reserve of 1.0 MiB ([spool] min_free_bytes)" in spool.refusal()
 
 
-def test_a_batch_reads_the_free_space_again_unless_a_recent_reading_shows_room_to_spare(
-        monkeypatch) -> None:
+def test_a_batch_reads_the_free_space_again_unless_a_recent_reading_shows_room_to_spare() -> None:
     """The journal's check that a batch's files will fit: a reading younger than 50 ms
     answers while it shows a gigabyte and 65,536 inodes to spare; nearer the floor, or
     older, every batch reads the file system again."""
@@ -1399,8 +1398,7 @@ def test_a_batch_reads_the_free_space_again_unless_a_recent_reading_shows_room_t
                                   free["inodes"], 0, 255))
 
     clock = [1000.0]
-    monkeypatch.setattr(space_module.time, "monotonic", lambda: clock[0])
-    monitor = space_module.SpaceMonitor("/spool", statvfs=statvfs)
+    monitor = space_module.SpaceMonitor("/spool", statvfs=statvfs, clock=lambda: clock[0])
     assert all(monitor.fits(100 << 10, 10) for _ in range(20))
     assert len(calls) == 1  # room to spare: one reading for the lot
     clock[0] += 0.06

@@ -54,12 +54,14 @@ class SpaceMonitor:
 
     def __init__(self, path: str, *, min_free_bytes: int = 0, min_free_inodes: int = 0,
                  interval: float = 0.5,
-                 statvfs: Callable[[str], os.statvfs_result] = os.statvfs) -> None:
+                 statvfs: Callable[[str], os.statvfs_result] = os.statvfs,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.path = path
         self.min_free_bytes = min_free_bytes
         self.min_free_inodes = min_free_inodes
         self.interval = interval
         self._statvfs = statvfs
+        self._clock = clock
         self._lock = threading.Lock()
         self._last: Space | None = None
         #: Bytes acknowledged by the journal whose files are not written yet.
@@ -69,7 +71,7 @@ class SpaceMonitor:
     def read(self, max_age: float | None = None) -> Space:
         """A reading no older than ``max_age`` (default: the interval); ``0`` for a fresh one."""
         max_age = self.interval if max_age is None else max_age
-        now = time.monotonic()
+        now = self._clock()
         last = self._last
         if last is not None and now - last.at <= max_age:
             return last
@@ -111,7 +113,7 @@ class SpaceMonitor:
             need = 2 * batch_bytes + self.unplaced_bytes + SLACK_BYTES
             inodes = 2 * (batch_messages + self.unplaced_messages) + SLACK_INODES
             space = self._last
-            if (space is None or time.monotonic() - space.at > FITS_REUSE_SECONDS
+            if (space is None or self._clock() - space.at > FITS_REUSE_SECONDS
                     or space.free_bytes < need + HEADROOM_BYTES
                     or space.free_inodes < inodes + HEADROOM_INODES):
                 space = self.read(max_age=0)
