@@ -233,12 +233,9 @@ class CommitWaiter:
         return self._state == _CANCELLED
 
     def result(self) -> None:
-        if self._state == _CANCELLED:
-            raise asyncio.CancelledError
-        if self._state == _PENDING:
-            raise asyncio.InvalidStateError("the commit has not been answered")
-        if self._error is not None:
-            raise self._error
+        error = self.exception()
+        if error is not None:
+            raise error
 
     def exception(self) -> BaseException | None:
         if self._state == _CANCELLED:
