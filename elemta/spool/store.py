@@ -57,8 +57,8 @@ from .replay import Syncer
 from .segments import Segments, close_quietly
 from .space import SpaceMonitor
 from .resident import JournaledCallback, ResidentMessages
-from .threads import (Backlog, Barrier, Checkpoint, CommitWaiter, Flags, Job, SpoolError, SpoolStats,
-                      Stop)
+from .threads import (Backlog, Barrier, Checkpoint, CommitWaiter, Flags, Job, SpoolError,
+                      SpoolStats, Stop)
 from .writeout import WriteOutThread
 from .writer import JournalWriter
 
