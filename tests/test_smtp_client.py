@@ -348,6 +348,16 @@ def test_encoding_does_not_depend_on_where_chunks_are_cut(pieces, cuts):
                 == normalised(content).replace(b"\r\n", b"").replace(b" ", b""))
 
 
+@pytest.mark.parametrize("length", [997, 998, 999, 1000, 2500])
+@pytest.mark.parametrize("before", [0, 1, 996, 5000])
+def test_a_line_is_wrapped_only_past_998_octets(length, before):
+    content = b"a" * before + b"\r\n" + b"x" * length + b"\r\nb\r\n"
+    encoder = DataEncoder()
+    wire = encoder.feed(content) + encoder.finish()
+    assert (wire == content + b".\r\n") == (length <= 998 and before <= 998)
+    assert all(len(line) <= 998 for line in wire.split(b"\r\n"))
+
+
 def test_a_line_without_any_break_is_wrapped_as_it_arrives():
     encoder = DataEncoder()
     emitted = [encoder.feed(b"." + b"q" * 65_535) for _ in range(4)]

@@ -616,6 +616,58 @@ async def test_recover_quarantines_a_corrupt_envelope_and_keeps_its_content(
     assert files_in(spool.root / "failed") == [f"{bad}.json.corrupt"]
 
 
+async def test_recover_counts_ready_envelopes_unread_and_set_aside_moves_a_corrupt_one(
+        spool: Spool, caplog: pytest.LogCaptureFixture) -> None:
+    good = await commit_message(spool)
+    bad = await commit_message(spool)
+    await spool.close()
+    (spool.root / "ready" / f"{bad}.json").write_bytes(b'{"id": "trunc')
+
+    # ready/ is counted from its listing: the runner reads (and checks) each at once
+    again = Spool(spool.root)
+    assert again.recover() == {"ready": 2, "deferred": 0, "hold": 0, "failed": 0}
+    assert files_in(spool.root / "failed") == []
+    with pytest.raises(ValueError) as unreadable:
+        again.load(bad)
+
+    target = again.set_aside(bad, unreadable.value)
+
+    assert target == str(spool.root / "failed" / f"{bad}.json.corrupt")
+    assert files_in(spool.root / "ready") == [f"{good}.json"]
+    assert files_in(spool.root / "failed") == [f"{bad}.json.corrupt"]
+    assert files_in(spool.messages_dir) == sorted([good, bad])  # kept for the operator
+    assert again.counts() == {"ready": 1, "deferred": 0, "hold": 0, "failed": 0}
+    assert "unreadable envelope" in caplog.text
+    with pytest.raises(KeyError):
+        again.load(bad)
+    assert again.set_aside(bad, unreadable.value) is None  # nothing left to move
+    assert Spool(spool.root).recover() == {"ready": 1, "deferred": 0, "hold": 0, "failed": 0}
+
+
+async def test_the_runner_sets_aside_an_unreadable_ready_envelope_and_delivers_the_rest(
+        tmp_path: Path, elemta_server, elemta_outbox, caplog: pytest.LogCaptureFixture) -> None:
+    root = tmp_path / "queue"
+    first = Spool(root)
+    first.recover()
+    good = await commit_message(first)
+    bad = await commit_message(first)
+    await first.close()
+    (root / "ready" / f"{bad}.json").write_bytes(b"{not json")
+
+    server = await elemta_server({"spool": {"path": str(root)}}, outbox=elemta_outbox)
+
+    [got] = await elemta_outbox.wait(1)
+    assert got.envelope.id == good
+    async with asyncio.timeout(10):
+        while files_in(root / "ready") or not (root / "failed" / f"{bad}.json.corrupt").exists():
+            await asyncio.sleep(0.02)
+    assert (root / "messages" / bad).exists()
+    assert server.app.spool.counts()["ready"] == 0
+    assert f"unreadable envelope {root / 'ready' / bad}.json" in caplog.text
+    await asyncio.sleep(0.2)
+    assert len(elemta_outbox.messages) == 1  # tried once, never again
+
+
 def test_recover_creates_a_private_layout(tmp_path: Path) -> None:
     root = tmp_path / "queue"
     assert Spool(root).recover() == dict.fromkeys(STATES, 0)

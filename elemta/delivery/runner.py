@@ -176,6 +176,11 @@ class Runner:
             state, env = self.spool.load(queue_id)
         except KeyError:
             return  # deleted meanwhile
+        except ValueError as e:
+            # unreadable (start-up reads no envelope in ready/: this is where it is checked)
+            self.spool.set_aside(queue_id, e)
+            self.metrics.queue_size.remove(queue_id)
+            return
         if state not in ("ready", "deferred"):
             return  # held or failed: not ours
         pending = env.pending()

@@ -51,7 +51,7 @@ from .checkpoint import Checkpointer, Entries
 from .envelope import STATES, Envelope, parse_envelope, read_envelope_file
 from .incoming import IncomingMessage
 from .layout import FreshIds, InvalidQueueId, Layout, check_id, is_queue_id
-from .recovery import recover, replay_segments
+from .recovery import recover, replay_segments, set_aside
 from .remover import Remover
 from .replay import Syncer
 from .segments import Segments, close_quietly
@@ -158,7 +158,9 @@ class Spool:
         empties the journal. Then it deletes whatever is in ``tmp/`` and content
         files without an envelope, and moves an envelope whose content is
         missing, or that cannot be parsed, to ``failed/`` with an error logged,
-        so that nothing is dropped silently. Interrupted, it can simply run again.
+        so that nothing is dropped silently. Envelopes in ``ready/`` are only
+        counted: whoever reads one and finds it unreadable (the runner, at once)
+        moves it aside with :meth:`set_aside`. Interrupted, it can simply run again.
         """
         found = recover(self.layout, self._syncer, self.stats)
         self._segments.start_after(found.last_seq)
@@ -487,6 +489,24 @@ class Spool:
                     continue
                 return state, parse_envelope(raw, queue_id)
         raise KeyError(queue_id)
+
+    def set_aside(self, queue_id: str, error: Exception) -> str | None:
+        """Move a message's envelope that :meth:`load` could not parse to
+        ``failed/<ID>.json.corrupt``, durably, with an error logged; its new path,
+        or ``None`` if the message has no envelope on disk (any more).
+
+        The content stays, for the operator to rebuild the envelope from; the
+        message no longer counts in its state, and no reader sees it again."""
+        if not is_queue_id(queue_id):
+            return None
+        for state in STATES:
+            try:
+                target = set_aside(self.layout, state, queue_id, error)
+            except FileNotFoundError:
+                continue
+            self._count(state, -1)
+            return target
+        return None
 
     def iter_envelopes(self, state: str | None = None) -> Iterator[tuple[str, Envelope]]:
         """Every envelope in ``state`` (all states if ``None``), in no particular order.
