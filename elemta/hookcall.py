@@ -293,7 +293,8 @@ class _Limit:
 
 
 class Deadlines:
-    """The time limits of hook calls under way, enforced by one timer for all of them.
+    """The time limits of hook calls (and of the SMTP client's reads) under way, enforced
+    by one timer for all of them.
 
     ``asyncio.timeout`` schedules and cancels a timer per call, about 10 µs
     each, several times a message; most calls answer at once. Here a call

@@ -230,8 +230,11 @@ class Runner:
         with self.spool.content(queue_id) as content:
             # read now: a message delivered to everyone leaves the spool within the attempt
             notice_headers = notices.headers_if_wanted(env, pending, content)
-            await asyncio.gather(*(deliver_group(route, rcpts)
-                                   for route, rcpts in groups.items()))
+            attempts = [deliver_group(route, rcpts) for route, rcpts in groups.items()]
+            if len(attempts) == 1:  # most messages: no task and gathering future (9 µs)
+                await attempts[0]
+            else:
+                await asyncio.gather(*attempts)
         await self._apply(state, env, pending, outcomes, removed)
         await notices.send_success(self, env, pending, outcomes, notice_headers)
 

@@ -12,11 +12,16 @@ from __future__ import annotations
 import asyncio
 import ssl
 
+from ...hookcall import Deadlines
 from .results import Lost, Reply, SMTPError, Stage, parse_reply
 
 READ_BYTES = 65_536
 _MAX_REPLY_LINE_OCTETS = 8_192
 _MAX_REPLY_LINES = 200
+# The time limit of every read, on one timer for all connections: a read
+# under ``asyncio.timeout`` schedules and cancels a timer of its own (3.4 µs
+# against 0.7), two or three times a message.
+_READS = Deadlines()
 
 # When the server hung up: what it had been sent last
 _AFTER = {
@@ -118,15 +123,19 @@ class Wire:
         reader = self.reader
         if reader is None or self.broken:
             raise Lost(what)
+        limit = _READS.start(timeout)
         try:
-            async with asyncio.timeout(timeout):
-                data = await reader.read(READ_BYTES)
-        except TimeoutError:
+            data = await reader.read(READ_BYTES)
+        except asyncio.CancelledError:
+            if not _READS.expired(limit):
+                raise
             self.abort()
             raise Lost(what, timed_out=True) from None
         except (OSError, EOFError):
             self.abort()
             raise Lost(what) from None
+        finally:
+            _READS.end(limit)
         if not data:
             self.abort()
             raise Lost(what, closed=True)
