@@ -314,7 +314,7 @@ class RouteSettings(_Settings):
 
 class DeliverySettings(_Settings):
     enabled: bool = True
-    workers: int = Field(50, ge=1, le=1000)
+    workers: int = Field(200, ge=1, le=1000)
     max_per_destination: int = Field(20, ge=1)
     helo_name: str | None = None
     port: int = Field(25, ge=1, le=65535)

@@ -15,6 +15,7 @@ is never delivered again.
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import heapq
 import itertools
@@ -56,7 +57,11 @@ class Runner:
         self._heap: list[tuple[float, int, str]] = []
         self._due: dict[str, float] = {}
         self._seq = itertools.count()
-        self._wakeup = asyncio.Event()
+        # idle workers, each waiting on a future of its own: a message that comes
+        # due wakes one of them, not all (one timer stands for the schedule's head)
+        self._idle: collections.deque[asyncio.Future[None]] = collections.deque()
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = 0.0
         self._busy: set[str] = set()
         self._workers: list[asyncio.Task[None]] = []
         self._unsubscribe: Any = None
@@ -72,7 +77,36 @@ class Runner:
             return
         self._due[queue_id] = at
         heapq.heappush(self._heap, (at, next(self._seq), queue_id))
-        self._wakeup.set()
+        if self._idle:  # busy workers look at the schedule when they are done
+            self._poke()
+
+    def _poke(self) -> None:
+        """Wake one idle worker if the schedule's head is due, else time the head."""
+        if not self._heap:
+            return
+        at = self._heap[0][0]
+        if at <= time.time():
+            while self._idle:
+                waiter = self._idle.popleft()
+                if not waiter.done():
+                    waiter.set_result(None)
+                    return
+        elif self._timer is None or at < self._timer_at:
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer_at = at
+            self._timer = asyncio.get_running_loop().call_later(
+                max(at - time.time(), 0.001), self._timer_fired)
+
+    def _timer_fired(self) -> None:
+        self._timer = None
+        self._poke()
+
+    def _wake_all(self) -> None:
+        for waiter in self._idle:
+            if not waiter.done():
+                waiter.set_result(None)
+        self._idle.clear()
 
     def unschedule(self, queue_id: str) -> None:
         self._due.pop(queue_id, None)  # its heap entry is skipped when popped
@@ -115,7 +149,10 @@ class Runner:
 
     async def stop(self, grace: float = 10.0) -> None:
         self._stopping = True
-        self._wakeup.set()
+        self._wake_all()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         if self._unsubscribe is not None:
             self._unsubscribe()
         if self._unsubscribe_journaled is not None:
@@ -143,16 +180,13 @@ class Runner:
                     break
                 heapq.heappop(self._heap)
                 del self._due[queue_id]
+                if self._idle:
+                    self._poke()  # the next one, for another worker
                 return queue_id
-            timeout = (self._heap[0][0] - now) if self._heap else None
-            self._wakeup.clear()
-            try:
-                if timeout is None:
-                    await self._wakeup.wait()
-                else:
-                    await asyncio.wait_for(self._wakeup.wait(), max(timeout, 0.001))
-            except TimeoutError:
-                pass
+            waiter = asyncio.get_running_loop().create_future()
+            self._idle.append(waiter)
+            self._poke()  # the head is not due: its timer
+            await waiter
         return None
 
     async def _worker(self, n: int) -> None:

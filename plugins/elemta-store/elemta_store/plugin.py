@@ -58,6 +58,9 @@ class StorePlugin:
         self.local_domains: frozenset[str] = frozenset()
         self.domains: frozenset[str] = frozenset()
         self._pruned_seen = 0
+        # each write holds its message in memory: at most writes_in_flight at once,
+        # whatever [delivery] workers lets the runner have in flight
+        self._slots = asyncio.Semaphore(self.settings.writes_in_flight)
 
     @hookimpl
     def register_config(self) -> Mapping[str, type[StoreSettings]]:
@@ -71,6 +74,7 @@ class StorePlugin:
     async def startup(self, app: App) -> None:
         """Open the store (created the first time); it becomes :func:`current_store`."""
         self.settings = app.plugin_settings("store")
+        self._slots = asyncio.Semaphore(self.settings.writes_in_flight)
         self.local_domains = app.settings.local_domains
         self.domains = frozenset(self.settings.domains)
         base = app.settings.resolve(Path("."))
@@ -122,7 +126,9 @@ class StorePlugin:
             auth=envelope.auth, content_path=content_path)
         started = time.monotonic()
         try:
-            id = await asyncio.wait_for(store.put(item), self.settings.timeout_seconds)
+            async with asyncio.timeout(self.settings.timeout_seconds):  # the wait for a slot too
+                async with self._slots:
+                    id = await store.put(item)
         except (TimeoutError, asyncio.TimeoutError):
             if m is not None:
                 m.failures.labels("timeout").inc()

@@ -34,6 +34,8 @@ class StoreSettings(BaseModel):
     index_bytes: int = Field(1_048_576, ge=0)
     # the longest a store write may take before the delivery is deferred
     timeout_seconds: float = Field(30.0, gt=0, le=3600)
+    # messages read into memory and written at once; further deliveries wait their turn
+    writes_in_flight: int = Field(50, ge=1, le=1000)
 
     @model_validator(mode="after")
     def _dsn_needed(self) -> "StoreSettings":

@@ -238,3 +238,38 @@ async def test_two_servers_in_one_process_each_find_their_own_store(elemta_serve
 
 async def _count(store, n: int) -> bool:
     return await store.count() == n
+
+
+async def test_writes_in_flight_bounds_the_messages_held_in_memory(elemta_server, request):
+    server = await start(elemta_server, "sqlite", request, writes_in_flight=2)
+    store = current_store()
+    real_put, inside, most = store.put, 0, 0
+    release = asyncio.Event()
+
+    async def counted_put(item):
+        nonlocal inside, most
+        inside += 1
+        most = max(most, inside)
+        try:
+            await release.wait()  # every write waits here until all six are delivered
+            return await real_put(item)
+        finally:
+            inside -= 1
+
+    store.put = counted_put
+    await asyncio.gather(*(asyncio.to_thread(
+        smtplib_send, server.port("mx"), "alice@example.org", [f"user{n}@example.test"],
+        MESSAGE) for n in range(6)))
+    await server.app.spool.checkpoint()
+
+    async def two_writing():
+        return inside == 2
+    await wait_for(two_writing, what="two writes under way")
+    await asyncio.sleep(0.3)  # the runner's four workers have all reached the store by now
+    assert (inside, most) == (2, 2)
+    release.set()
+
+    async def all_stored():
+        return await store.count() == 6
+    await wait_for(all_stored, what="six messages stored")
+    assert most == 2
