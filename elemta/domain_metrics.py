@@ -47,9 +47,19 @@ class FoldedDomain:
     def __init__(self, metric: Any, fold: Callable[[str | None], str]) -> None:
         self.metric = metric
         self._fold = fold
+        # children by their label values: ``labels()`` of prometheus_client hashes
+        # and locks on every call; the folded domains make this a bounded set
+        self._children: dict[tuple[Any, ...], Any] = {}
 
     def labels(self, *, domain: str, **labels: str) -> Any:
-        return self.metric.labels(domain=self._fold(domain), **labels)
+        folded = self._fold(domain)
+        key = (folded, *labels.items())
+        child = self._children.get(key)
+        if child is None:
+            if len(self._children) >= 10_000:  # other labels of open-ended values
+                self._children.clear()
+            child = self._children[key] = self.metric.labels(domain=folded, **labels)
+        return child
 
 
 class DeliveryDuration:
@@ -61,9 +71,16 @@ class DeliveryDuration:
 
     def __init__(self, histogram: Histogram) -> None:
         self.histogram = histogram
+        self._children: dict[tuple[str, str], Any] = {}  # (folded domain, transport)
 
     def labels(self, *, domain: str, type: str) -> Any:
-        return self.histogram.labels(domain=domain, type=type)
+        child = self._children.get((domain, type))
+        if child is None:
+            if len(self._children) >= 10_000:  # transports are few; bounded all the same
+                self._children.clear()
+            child = self._children[(domain, type)] = self.histogram.labels(domain=domain,
+                                                                           type=type)
+        return child
 
 
 class QueueSize:

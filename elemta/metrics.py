@@ -177,9 +177,9 @@ class Metrics:
 
     def observe_delivery(self, route: Any, recipients: Iterable[Any], seconds: float) -> None:
         """One ``deliver`` call: ``seconds`` for ``recipients`` along ``route``."""
-        histogram = self.delivery_duration.histogram
+        labels = self.delivery_duration.labels
         for domain in self.domains_of(r.address for r in recipients):
-            histogram.labels(domain=domain, type=route.transport).observe(seconds)
+            labels(domain=domain, type=route.transport).observe(seconds)
 
     def bind_spool(self, counts: SpoolCounts) -> None:
         """Read ``elemta_spool_messages{state}`` from ``counts()`` at every scrape.

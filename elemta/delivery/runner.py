@@ -63,6 +63,8 @@ class Runner:
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = 0.0
         self._busy: set[str] = set()
+        self._attempts = {result: metrics.delivery_attempts.labels(result=result)
+                          for result in ("delivered", "failed", "deferred")}
         self._workers: list[asyncio.Task[None]] = []
         self._unsubscribe: Any = None
         self._unsubscribe_journaled: Any = None
@@ -304,19 +306,19 @@ class Runner:
             rcpt.last_error = None if outcome.delivered else outcome.reply()
             if outcome.delivered:
                 rcpt.state = DELIVERED
-                metrics.delivery_attempts.labels(result="delivered").inc()
+                self._attempts["delivered"].inc()
                 metrics.messages_sent.labels(domain=_domain(rcpt.address)).inc()
                 log.info("%s: delivered to <%s> via %s: %s", env.id, rcpt.address,
                          outcome.remote or "-", outcome.reply())
             elif outcome.permanent:
                 rcpt.state = FAILED
                 failed.append((rcpt, outcome))
-                metrics.delivery_attempts.labels(result="failed").inc()
+                self._attempts["failed"].inc()
                 log.info("%s: failed for <%s> via %s: %s", env.id, rcpt.address,
                          outcome.remote or "-", outcome.reply())
             else:
                 retry.append((rcpt, outcome))
-                metrics.delivery_attempts.labels(result="deferred").inc()
+                self._attempts["deferred"].inc()
                 log.info("%s: deferred for <%s> via %s: %s", env.id, rcpt.address,
                          outcome.remote or "-", outcome.reply())
         deadline = env.received_at + self.settings.bounce_after_seconds
