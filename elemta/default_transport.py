@@ -17,6 +17,7 @@ concurrent connections.
 from __future__ import annotations
 
 import asyncio
+import functools
 import ipaddress
 import logging
 import time
@@ -174,11 +175,8 @@ class SMTPTransport:
         return self.resolver
 
     async def _addresses(self, host: str) -> list[str]:
-        try:
-            ipaddress.ip_address(host)
+        if _ip_literal(host):
             return [host]
-        except ValueError:
-            pass
         try:
             return await self._resolver().addresses(host)
         except (NXDomain, NoData):
@@ -268,3 +266,13 @@ def _needs_smtputf8(envelope: Envelope, content_path: str) -> bool:
 
 def make_plugin(settings: Settings) -> SMTPTransport:
     return SMTPTransport(settings)
+
+
+@functools.lru_cache(maxsize=1024)
+def _ip_literal(host: str) -> bool:
+    """Whether a route's host is an address; asked for every delivery to a relay host."""
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
