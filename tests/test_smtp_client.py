@@ -800,6 +800,29 @@ async def test_a_missing_greeting_times_out(scripted):
     assert error.temporary and "timed out while receiving the initial server greeting" in error.text
 
 
+async def test_reads_time_out_on_event_loops_in_other_threads_at_once(scripted):
+    async def script(reader, writer):
+        await asyncio.sleep(3600)
+
+    port = await scripted(script)
+
+    def in_a_thread() -> str:
+        async def attempt() -> str:
+            async with asyncio.timeout(5):  # a read whose deadline was lost fails, not hangs
+                with pytest.raises(SMTPError) as caught:
+                    await connect(port, timeouts=short("greeting"))
+            return caught.value.text
+        return asyncio.run(attempt())
+
+    started = time.monotonic()
+    texts = await asyncio.gather(*(asyncio.to_thread(in_a_thread) for _ in range(3)),
+                                 connect(port, timeouts=short("greeting")),
+                                 return_exceptions=True)
+    assert all("timed out while receiving the initial server greeting" in str(t)
+               for t in texts), texts
+    assert time.monotonic() - started < 3  # every loop's own read deadlines fired
+
+
 async def test_a_cancelled_send_leaves_the_connection_unusable(sink):
     recorder, port = await sink()
     recorder.stall = "RCPT"

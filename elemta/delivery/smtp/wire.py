@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import ssl
+import weakref
 
 from ...hookcall import Deadlines
 from .results import Lost, Reply, SMTPError, Stage, parse_reply
@@ -18,10 +19,20 @@ from .results import Lost, Reply, SMTPError, Stage, parse_reply
 READ_BYTES = 65_536
 _MAX_REPLY_LINE_OCTETS = 8_192
 _MAX_REPLY_LINES = 200
-# The time limit of every read, on one timer for all connections: a read
-# under ``asyncio.timeout`` schedules and cancels a timer of its own (3.4 µs
-# against 0.7), two or three times a message.
-_READS = Deadlines()
+# The time limit of every read, on one timer for all connections of an event
+# loop: a read under ``asyncio.timeout`` schedules and cancels a timer of its
+# own (3.4 µs against 0.7), two or three times a message.
+_READS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Deadlines] = \
+    weakref.WeakKeyDictionary()
+
+
+def _reads() -> Deadlines:
+    """The read deadlines of the running loop (programs may run several, in threads)."""
+    loop = asyncio.get_running_loop()
+    reads = _READS.get(loop)
+    if reads is None:
+        reads = _READS[loop] = Deadlines()
+    return reads
 
 # When the server hung up: what it had been sent last
 _AFTER = {
@@ -123,11 +134,12 @@ class Wire:
         reader = self.reader
         if reader is None or self.broken:
             raise Lost(what)
-        limit = _READS.start(timeout)
+        reads = _reads()
+        limit = reads.start(timeout)
         try:
             data = await reader.read(READ_BYTES)
         except asyncio.CancelledError:
-            if not _READS.expired(limit):
+            if not reads.expired(limit):
                 raise
             self.abort()
             raise Lost(what, timed_out=True) from None
@@ -135,7 +147,7 @@ class Wire:
             self.abort()
             raise Lost(what) from None
         finally:
-            _READS.end(limit)
+            reads.end(limit)
         if not data:
             self.abort()
             raise Lost(what, closed=True)
