@@ -647,9 +647,8 @@ def main() -> int:
         print(f"work under {tmp}: creating a file takes {create_us:.0f} µs, creating, "
               f"writing {MESSAGE_BYTES} B and fdatasync {durable_us:.0f} µs (medians)")
         if create_us > 100:
-            print("  warning: creating a file is slow on this file system right now (recent "
-                  "deletes; see docs/performance.md); the spool and maildir create files "
-                  "per message")
+            print("  warning: creating a file is slow on this file system right now (see "
+                  "docs/performance.md); the spool and maildir create files per message")
         try:
             if args.accept:
                 runs, summary = run_accept(args, Path(tmp))
