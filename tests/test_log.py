@@ -214,7 +214,11 @@ def test_the_fast_path_misses_nothing_the_pattern_catches():
     from elemta.log import redact_text
 
     for text in ("AUTH PLAIN AGFsaWNlAHNlY3JldA==", "Password: hunter2", "api_token=abc",
-                 "\u017fecret=abc", "to\u212aen=abc", "credentials: 'x y'"):
+                 "\u017fecret=abc", "to\u212aen=abc", "credentials: 'x y'",
+                 "auth\tlogin dXNlcg==", "C: AUTH\u00a0PLAIN AGFsaWNl", "AUTH\nXOAUTH2 dG9r"):
         assert "***" in redact_text(text), text
-    plain = "01K0T1A63RQHYJVXH6F0: delivered to <u@remote.example> via mx: 250 2.0.0 Ok"
-    assert redact_text(plain) is plain
+    for plain in ("01K0T1A63RQHYJVXH6F0: delivered to <u@remote.example> via mx: 250 2.0.0 Ok",
+                  "01K0T1A63RQHYJVXH6F0: queued from=<a@b.example> nrcpt=1 size=4225 "
+                  "session=01K0T1A63RQHYJVXH6F1 client=192.0.2.1 helo=mx tls=no auth=-",
+                  "authenticated as alice", "AUTH=<>"):
+        assert redact_text(plain) is plain
