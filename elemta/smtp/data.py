@@ -113,7 +113,8 @@ async def receive(proto: ElemtaSMTP, incoming: IncomingMessage) -> Reply | None:
         if first:
             chunk = chunk[2:]
             first = False
-        if chunk.count(b"\n") != chunk.count(b"\r\n") or chunk.count(b"\r") != chunk.count(b"\r\n"):
+        crlf = chunk.count(b"\r\n")  # once: a two-octet count is the slow one (3.4 µs a 4 KiB)
+        if chunk.count(b"\n") != crlf or chunk.count(b"\r") != crlf:
             if normalize:
                 chunk = _BARE_CR.sub(b"\r\n", _BARE_LF.sub(b"\r\n", chunk))
             else:

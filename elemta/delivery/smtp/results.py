@@ -109,7 +109,11 @@ class SMTPError(Exception):
 
 
 class Reply:
-    """A server reply: its code, enhanced status (RFC 3463) and text lines."""
+    """A server reply: its code, enhanced status (RFC 3463) and text lines.
+
+    The client reuses the one it made for a line it reads again (``wire.py``):
+    never change one.
+    """
 
     __slots__ = ("code", "enhanced", "lines")
 

@@ -26,6 +26,11 @@ _READS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Deadlines] = \
     weakref.WeakKeyDictionary()
 
 
+# One-line replies already parsed, by their bytes ("250 2.1.5 Ok" for every RCPT);
+# a Reply is never changed once made, so connections share them.
+_SEEN: dict[bytes, Reply] = {}
+
+
 def _reads() -> Deadlines:
     """The read deadlines of the running loop (programs may run several, in threads)."""
     loop = asyncio.get_running_loop()
@@ -122,7 +127,14 @@ class Wire:
                 self.abort()
                 raise Lost(what + ": reply too long")
         try:
-            reply = parse_reply(raw)
+            if len(raw) == 1:  # most replies: one line, and the same text again and again
+                reply = _SEEN.get(raw[0])
+                if reply is None:
+                    if len(_SEEN) >= 1024:
+                        _SEEN.clear()
+                    reply = _SEEN[raw[0]] = parse_reply(raw)
+            else:
+                reply = parse_reply(raw)
         except Lost:
             self.abort()
             raise Lost(what + ": malformed reply") from None
