@@ -73,13 +73,14 @@ are shown separately.
 
 **Interference.** Before starting, the machine is watched for ``--preflight``
 seconds: if processes other than this benchmark use more than ``--max-load`` cores
-(counted as below), it refuses to run and names the busiest
-ones, unless ``--allow-load``. During every timed window, "foreign" is the CPU used
-by every process outside this benchmark's tree (everything it started) and the
-kernel's threads, with the children they reaped meanwhile, plus steal, in cores. A run above ``--max-load`` is re-run up to ``--retries`` times
-(the least disturbed attempt is kept); if it is still above, the benchmark stops
-unless ``--allow-load``, in which case the figure is kept and flagged. The summary
-reports the interference of every scenario.
+(counted as below), it refuses to run and names the busiest ones, unless
+``--allow-load``. During every timed window, "foreign" is the CPU used by every
+process outside this benchmark's tree (everything it started) and the kernel's
+threads, with the children they reaped meanwhile, plus steal, in cores. A run above
+``--max-load`` is re-run up to ``--retries`` times (the least disturbed attempt is
+kept); if it is still above, the benchmark stops unless ``--allow-load``, in which
+case the figure is kept and flagged. The summary reports the interference of every
+scenario.
 
 **Checks.** A run whose count or queue check fails, or whose smtp-source exits
 non-zero or prints anything, stops the benchmark with what was found: a failed
@@ -199,40 +200,43 @@ def window(s0: Snap, s1: Snap) -> dict[str, float]:
     d = [(b - a) / CLK_TCK for a, b in zip(s0.stat, s1.stat)]
     total = sum(d)
     busy = total - d[3] - d[4]
+    kern, others = _outside(s0, s1)
+    foreign = sum(used for _, used in others) / CLK_TCK + d[7]
+    return {"busy": busy / total if total else 0.0, "foreign_cores": foreign / wall,
+            "kthread_cores": kern / CLK_TCK / wall, "steal_cores": d[7] / wall,
+            "others": _busiest(others, s1.t - s0.t, 3)}
+
+
+def _outside(s0: Snap, s1: Snap) -> tuple[int, list[tuple[int, int]]]:
+    """Ticks used between the snapshots outside this benchmark's tree: by the kernel's
+    threads, and by every other process (pid, ticks with the children it reaped)."""
     mine = descendants(s1.table, [os.getpid()]) | descendants(s0.table, [os.getpid()])
     kthreads = descendants(s1.table, [2])
-    kern = others = 0
+    kern, others = 0, []
     for pid, (_ppid, ticks, start, reaped) in s1.table.items():
         if pid in mine:
             continue
         old = s0.table.get(pid)
         same = old is not None and old[2] == start
-        own = ticks - (old[1] if same else 0)
         if pid in kthreads:
-            kern += own
-        else:  # with what its children that exited meanwhile used
-            others += own + reaped - (old[3] if same else 0)
-    foreign = others / CLK_TCK + d[7]
-    return {"busy": busy / total if total else 0.0, "foreign_cores": foreign / wall,
-            "kthread_cores": kern / CLK_TCK / wall, "steal_cores": d[7] / wall,
-            "others": busiest_others(s0, s1, 3)}
+            kern += ticks - (old[1] if same else 0)
+        else:
+            used = ticks + reaped - ((old[1] + old[3]) if same else 0)
+            if used > 0:
+                others.append((pid, used))
+    return kern, others
+
+
+def _busiest(others: list[tuple[int, int]], wall: float,
+             n: int) -> list[tuple[str, int, float]]:
+    top = sorted(others, key=lambda x: -x[1])[:n]
+    return [(comm(pid), pid, used / CLK_TCK / wall) for pid, used in top]
 
 
 def busiest_others(s0: Snap, s1: Snap, n: int = 5) -> list[tuple[str, int, float]]:
     """The processes outside this benchmark that used the most CPU between the snapshots
     (with their children reaped meanwhile)."""
-    mine = descendants(s1.table, [os.getpid()]) | descendants(s0.table, [os.getpid()])
-    kthreads = descendants(s1.table, [2])
-    out = []
-    for pid, (_ppid, ticks, start, reaped) in s1.table.items():
-        if pid in mine or pid in kthreads:
-            continue
-        old = s0.table.get(pid)
-        same = old is not None and old[2] == start
-        used = ticks + reaped - ((old[1] + old[3]) if same else 0)
-        if used > 0:
-            out.append((comm(pid), pid, used / CLK_TCK / (s1.t - s0.t)))
-    return sorted(out, key=lambda x: -x[2])[:n]
+    return _busiest(_outside(s0, s1)[1], s1.t - s0.t, n)
 
 
 def fmt_others(others: list) -> str:
