@@ -133,10 +133,9 @@ def count_envelopes(layout: Layout, contents: set[str],
                 continue
             has_content = queue_id in contents or queue_id in pending_ids
             if has_content and state == "ready":
-                seen_in[queue_id] = state  # read (and checked) by the runner, at once
-                counts[state] += 1
-                continue
-            final_state = _check_envelope(layout, state, queue_id, has_content)
+                final_state: str | None = state  # read (and checked) by the runner, at once
+            else:
+                final_state = _check_envelope(layout, state, queue_id, has_content)
             if final_state is None:
                 continue
             if queue_id in seen_in:
