@@ -47,19 +47,12 @@ class FoldedDomain:
     def __init__(self, metric: Any, fold: Callable[[str | None], str]) -> None:
         self.metric = metric
         self._fold = fold
-        # children by their label values: ``labels()`` of prometheus_client hashes
-        # and locks on every call; the folded domains make this a bounded set
-        self._children: dict[tuple[Any, ...], Any] = {}
+        self._children: dict[tuple[Any, ...], Any] = {}  # by label values (_child)
 
     def labels(self, *, domain: str, **labels: str) -> Any:
         folded = self._fold(domain)
-        key = (folded, *labels.items())
-        child = self._children.get(key)
-        if child is None:
-            if len(self._children) >= 10_000:  # other labels of open-ended values
-                self._children.clear()
-            child = self._children[key] = self.metric.labels(domain=folded, **labels)
-        return child
+        return _child(self._children, (folded, *labels.items()), self.metric,
+                      domain=folded, **labels)
 
 
 class DeliveryDuration:
@@ -74,13 +67,20 @@ class DeliveryDuration:
         self._children: dict[tuple[str, str], Any] = {}  # (folded domain, transport)
 
     def labels(self, *, domain: str, type: str) -> Any:
-        child = self._children.get((domain, type))
-        if child is None:
-            if len(self._children) >= 10_000:  # transports are few; bounded all the same
-                self._children.clear()
-            child = self._children[(domain, type)] = self.histogram.labels(domain=domain,
-                                                                           type=type)
-        return child
+        return _child(self._children, (domain, type), self.histogram, domain=domain,
+                      type=type)
+
+
+def _child(children: dict[Any, Any], key: tuple[Any, ...], metric: Any, **labels: str) -> Any:
+    """``metric.labels(**labels)``, kept in ``children`` under ``key``: prometheus_client's
+    ``labels()`` hashes and locks on every call. At most 10,000 are kept (a label of
+    open-ended values would otherwise grow the cache without bound)."""
+    child = children.get(key)
+    if child is None:
+        if len(children) >= 10_000:
+            children.clear()
+        child = children[key] = metric.labels(**labels)
+    return child
 
 
 class QueueSize:
