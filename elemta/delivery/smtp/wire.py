@@ -25,7 +25,6 @@ _MAX_REPLY_LINES = 200
 _READS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Deadlines] = \
     weakref.WeakKeyDictionary()
 
-
 # One-line replies already parsed, by their bytes ("250 2.1.5 Ok" for every RCPT);
 # a Reply is never changed once made, so connections share them.
 _SEEN: dict[bytes, Reply] = {}
@@ -38,6 +37,7 @@ def _reads() -> Deadlines:
     if reads is None:
         reads = _READS[loop] = Deadlines()
     return reads
+
 
 # When the server hung up: what it had been sent last
 _AFTER = {

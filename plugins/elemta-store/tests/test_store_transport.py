@@ -269,7 +269,5 @@ async def test_writes_in_flight_bounds_the_messages_held_in_memory(elemta_server
     assert (inside, most) == (2, 2)
     release.set()
 
-    async def all_stored():
-        return await store.count() == 6
-    await wait_for(all_stored, what="six messages stored")
+    await wait_for(lambda: _count(store, 6), what="six messages stored")
     assert most == 2
