@@ -35,7 +35,8 @@ transport) for the local modes. Each run delivers from a fresh copy.
 
 **Clock, verification, CPU**: as in ``bench/deliver.py``. The clock runs from
 the server's spawn to an empty ``ready/`` and ``deferred/``; "steady" is the
-rate between 10% and 90% of the messages delivered (the sink's counter, or the
+rate between 10% and 90% of the messages delivered, and "first delivery" the
+time from the spawn to the first (the sink's counter, or the
 files renamed into the maildirs' ``new/``, seen through inotify; the mailboxes
 are made before the server starts, as they would exist in production). A run
 counts only if the sink received exactly ``--messages`` messages (maildir:
@@ -240,6 +241,7 @@ def make_maildirs(folders: list[Path]) -> None:
 class ModeRun(Run):
     mode: str = ""
     bench_cpu_s: float = 0.0  # this script's own CPU over the run (polling), kept out of others
+    first_seconds: float = 0.0  # spawn → the first message delivered (at the sink or in new/)
 
     @property
     def others(self) -> float:
@@ -376,7 +378,7 @@ class Bench:
                 if "ready" not in marks and ready_file.exists():
                     marks["ready"] = now
                 n = delivered()
-                for key, at in (("lo", lo), ("hi", hi)):
+                for key, at in (("first", 1), ("lo", lo), ("hi", hi)):
                     if n >= at and key not in marks:
                         marks[key], counts[key] = now, n
                 # the queue is listed only once everything has arrived: a scan of a
@@ -415,7 +417,8 @@ class Bench:
             return ModeRun(rnd, self.messages, elapsed, marks.get("ready", t0 + elapsed) - t0,
                            (counts["hi"] - counts["lo"]) / max(1e-9, marks["hi"] - marks["lo"]),
                            cpu, sink_cpu, (box1[0] - box0[0]) / max(1, box1[1] - box0[1]),
-                           (box1[0] - box0[0]) / CLK_TCK, thr, got, mode, me1 - me0)
+                           (box1[0] - box0[0]) / CLK_TCK, thr, got, mode, me1 - me0,
+                           marks["first"] - t0)
         finally:
             if sampler is not None and sampler.poll() is None:
                 sampler.kill()
@@ -457,9 +460,9 @@ def report(runs: list[ModeRun], modes: list[str]) -> dict:
     summary: dict = {}
     print(f"\nLocal delivery, msgs/s from spawn to empty queue: median [min-max] over {rounds} "
           "rounds\n")
-    print("| mode | msgs/s | steady msgs/s | start-up s | server µs CPU/msg | loop u+s / other "
-          "threads u+s, µs (median run) | sink µs/msg | busy | others, cores |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| mode | msgs/s | steady msgs/s | start-up s | first delivery s | server µs CPU/msg | "
+          "loop u+s / other threads u+s, µs (median run) | sink µs/msg | busy | others, cores |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for m in modes:
         g = by[m]
         mid = sorted(g, key=lambda r: r.seconds)[len(g) // 2]
@@ -471,6 +474,7 @@ def report(runs: list[ModeRun], modes: list[str]) -> dict:
         print(f"| {m} | {fmt_range([r.rate for r in g])} | "
               f"{fmt_range([r.steady_rate for r in g])} | "
               f"{fmt_range([r.startup_seconds for r in g], 2)} | "
+              f"{fmt_range([r.first_seconds for r in g], 2)} | "
               f"{fmt_range([r.cpu_us for r in g])} | {mid.thread_us()} | "
               f"{statistics.median(r.sink_us for r in g):.0f} | "
               f"{statistics.median(r.box_busy for r in g) * 100:.0f}% | "
@@ -669,7 +673,8 @@ def main() -> int:
                         runs.append(run)
                         print(f"  round {rnd + 1} {mode:<15} {run.rate:6.0f} msgs/s "
                               f"({run.delivered} in {run.seconds:.2f} s, start-up "
-                              f"{run.startup_seconds:.2f} s, steady {run.steady_rate:.0f})  "
+                              f"{run.startup_seconds:.2f} s, first delivery "
+                              f"{run.first_seconds:.2f} s, steady {run.steady_rate:.0f})  "
                               f"server {run.cpu_us:.0f} µs CPU/msg (loop u+s / other threads "
                               f"u+s: {run.thread_us()}), sink {run.sink_us:.0f}, busy "
                               f"{run.box_busy * 100:.0f}%, others {run.others:.2f} cores",

@@ -19,11 +19,12 @@ from elemta import Envelope, Outcome, Recipient, RecipientState, Reject, Route, 
 from .delivery import Maildirs
 from .layout import UnsafeAddress
 from .process import DeliveryProcess, HelperGone
-from .settings import MaildirSettings
 from .workers import Workers
 
 if TYPE_CHECKING:
     from elemta import App
+
+    from .settings import MaildirSettings
 
 __all__ = ["MaildirPlugin", "MaildirSettings"]
 __version__ = "0.1.0"
@@ -31,11 +32,22 @@ __version__ = "0.1.0"
 log = logging.getLogger("elemta.maildir")
 
 
+def __getattr__(name: str) -> Any:
+    # The settings (pydantic) load when first asked for, not with the package: the helper
+    # process imports this package and has no use for them.
+    if name == "MaildirSettings":
+        from .settings import MaildirSettings
+        return MaildirSettings
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 class MaildirPlugin:
     """The ``maildir`` plugin: ``register_config``, ``register_metrics``, ``startup``,
     ``rcpt``, ``deliver`` and ``shutdown``."""
 
     def __init__(self) -> None:
+        from .settings import MaildirSettings
+
         self.settings = MaildirSettings()
         self.maildirs: Maildirs | None = None
         self.local_domains: frozenset[str] = frozenset()
@@ -45,6 +57,8 @@ class MaildirPlugin:
 
     @hookimpl
     def register_config(self) -> Mapping[str, type[MaildirSettings]]:
+        from .settings import MaildirSettings
+
         return {"maildir": MaildirSettings}
 
     @hookimpl

@@ -16,13 +16,15 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from elemta import Envelope, Outcome, RecipientState
 
 from . import store, writer
 from .layout import Layout, Mailbox, UnsafeAddress, folder_dir, folder_of
-from .settings import MaildirSettings, resolve_owner
+
+if TYPE_CHECKING:  # (pydantic stays out of the helper process: it gets plain settings)
+    from .settings import MaildirSettings
 
 log = logging.getLogger("elemta.maildir")
 
@@ -55,7 +57,7 @@ class Maildirs:
         self.settings = settings
         self.hostname = hostname
         self.layout = Layout(settings.path, resolve, settings.recipient_delimiter, hostname)
-        self.owner = resolve_owner(settings.owner) if settings.owner else None
+        self.owner = store.resolve_owner(settings.owner) if settings.owner else None
         self.dir_syncer = writer.DirSyncer()
         self.writer = writer.Writer(file_mode=settings.file_mode, fsync=settings.fsync,
                                    owner=self.owner, dir_syncer=self.dir_syncer)

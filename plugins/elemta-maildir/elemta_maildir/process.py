@@ -6,7 +6,7 @@ and takes it back, and the event loop, which feeds the deliveries, waits
 for it: with twenty deliveries in flight the loop thread spent 28% of its
 time waiting for the lock, and the delivery threads half of theirs idle,
 waiting for the loop. Here the deliveries run in a second interpreter
-(``sys.executable -I`` with the server's ``sys.path``) that builds its own
+(``sys.executable -I -S`` with the server's ``sys.path``) that builds its own
 :class:`~elemta_maildir.delivery.Maildirs` from the same settings, and
 writes every request that arrived meanwhile as one batch: two syncs for the
 batch (:meth:`Maildirs.deliver_many`). The event loop only sends one request
@@ -21,7 +21,10 @@ open descriptor (``SCM_RIGHTS``): the content path of a resident message,
 ``/proc/self/fd/N``, means nothing in another process. The helper answers
 ``("r", id, outcomes)`` and forwards its log records as ``("l", level,
 logger, text)``, which the server logs as its own, before the outcome they
-belong to. The settings reach it as a memory file, read at its start.
+belong to. The settings reach it as a memory file, read at its start, as
+plain values: the helper imports neither pydantic nor ``site``, and is
+ready 60 ms after it is started instead of 130 ms (the first local delivery
+waits for it).
 
 A helper that cannot be started, or that exits, is replaced by the plugin's
 threads; a dead one is started again on the first delivery
@@ -47,13 +50,16 @@ import socket
 import subprocess
 import sys
 import time
+import types
 from collections import deque
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import elemta
 from elemta import Envelope, Outcome, RecipientState, write_all
 
-from .settings import MaildirSettings
+if TYPE_CHECKING:
+    from .settings import MaildirSettings
 
 log = logging.getLogger("elemta.maildir")
 
@@ -80,9 +86,22 @@ MAX_LOG_TEXT = 16_384
 _RECV = 2 * MAX_MESSAGE
 _FD_SPACE = socket.CMSG_SPACE(array.array("i", [0]).itemsize)
 
+#: the helper's first line (run with ``-I -S``: no site, the server's path given)
 _BOOT = ("import json, sys; sys.path[:] = json.loads(sys.argv[1]); "
          "from elemta_maildir.process import child_main; child_main(int(sys.argv[2]), "
          "int(sys.argv[3]))")
+
+
+def _helper_path() -> list[str]:
+    """The server's ``sys.path``, after the folders that hold ``elemta`` and this plugin.
+
+    The helper runs without ``site`` (``-S``: 12 ms less to start), so an
+    editable install, which ``site`` would have hooked in, is found through
+    these folders instead.
+    """
+    first = [os.path.dirname(os.path.dirname(os.path.abspath(module.__file__ or "")))
+             for module in (elemta, sys.modules[__package__ or "elemta_maildir"])]
+    return list(dict.fromkeys([*first, *sys.path]))
 
 
 class HelperGone(Exception):
@@ -127,12 +146,13 @@ class DeliveryProcess:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         settings = os.memfd_create("elemta-maildir-settings", os.MFD_CLOEXEC)
         try:
-            write_all(settings, pickle.dumps((self.settings, self.hostname, level),
-                                             pickle.HIGHEST_PROTOCOL))
+            # plain values: the helper does not import pydantic (50 ms of its start)
+            write_all(settings, pickle.dumps((self.settings.model_dump(), self.hostname,
+                                              level), pickle.HIGHEST_PROTOCOL))
             os.lseek(settings, 0, os.SEEK_SET)
             proc = subprocess.Popen(
-                [sys.executable, "-I", "-c", _BOOT, json.dumps(sys.path), str(theirs.fileno()),
-                 str(settings)], stdin=subprocess.DEVNULL, close_fds=True,
+                [sys.executable, "-I", "-S", "-c", _BOOT, json.dumps(_helper_path()),
+                 str(theirs.fileno()), str(settings)], stdin=subprocess.DEVNULL, close_fds=True,
                 pass_fds=(theirs.fileno(), settings))
         except BaseException:
             ours.close()
@@ -353,7 +373,9 @@ def child_main(channel: int, settings_fd: int) -> None:
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     os.dup2(2, 1)  # a stray print goes to the server's stderr
     with open(settings_fd, "rb") as f:
-        settings, hostname, level = pickle.load(f)
+        fields, hostname, level = pickle.load(f)
+    # MaildirSettings' values, already validated by the server, as attributes
+    settings = types.SimpleNamespace(**fields)
     sock = socket.socket(fileno=channel)
 
     def send(message: object) -> None:
@@ -364,7 +386,7 @@ def child_main(channel: int, settings_fd: int) -> None:
     root.setLevel(level)
 
     from .delivery import Maildirs  # the settings' path is absolute: nothing left to resolve
-    maildirs = Maildirs(settings, _same, hostname)
+    maildirs = Maildirs(settings, _same, hostname)  # type: ignore[arg-type]
     while True:
         batch = _receive(sock)
         if not batch:

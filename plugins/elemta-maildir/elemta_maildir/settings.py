@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-import grp
-import pwd
 import string
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from .store import resolve_owner
+
+__all__ = ["MaildirSettings", "resolve_owner"]
 
 PLACEHOLDERS = ("domain", "user", "address")
 
@@ -80,27 +82,3 @@ class MaildirSettings(BaseModel):
                                  "bytes, 0 for unlimited")
             out[address.lower()] = limit
         return out
-
-
-def resolve_owner(owner: str) -> tuple[int, int]:
-    """The uid and gid of ``"vmail"``, ``"vmail:mail"`` or ``"5000:5000"``.
-
-    Without a group, the user's primary group. ``ValueError`` names what is missing.
-    """
-    user, sep, group = owner.partition(":")
-    try:
-        entry = pwd.getpwuid(int(user)) if user.isdigit() else pwd.getpwnam(user)
-    except KeyError:
-        if not user.isdigit():
-            raise ValueError(f"owner {owner!r}: there is no user {user!r}") from None
-        entry = None
-    uid = int(user) if entry is None else entry.pw_uid
-    if not sep:
-        if entry is None:
-            raise ValueError(f"owner {owner!r}: uid {uid} has no user entry to take the "
-                             f'group from; write "{uid}:GID"')
-        return uid, entry.pw_gid
-    try:
-        return uid, int(group) if group.isdigit() else grp.getgrnam(group).gr_gid
-    except KeyError:
-        raise ValueError(f"owner {owner!r}: there is no group {group!r}") from None

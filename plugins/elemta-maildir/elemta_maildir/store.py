@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import grp
 import hashlib
 import os
+import pwd
 import re
 import tempfile
 import time
@@ -32,6 +34,30 @@ MAILDIRSIZE_STALE_SECONDS = 15 * 60
 
 #: A uid and a gid, or ``None`` to leave ownership to the process.
 Owner = tuple[int, int] | None
+
+
+def resolve_owner(owner: str) -> tuple[int, int]:
+    """The uid and gid of ``"vmail"``, ``"vmail:mail"`` or ``"5000:5000"``.
+
+    Without a group, the user's primary group. ``ValueError`` names what is missing.
+    """
+    user, sep, group = owner.partition(":")
+    try:
+        entry = pwd.getpwuid(int(user)) if user.isdigit() else pwd.getpwnam(user)
+    except KeyError:
+        if not user.isdigit():
+            raise ValueError(f"owner {owner!r}: there is no user {user!r}") from None
+        entry = None
+    uid = int(user) if entry is None else entry.pw_uid
+    if not sep:
+        if entry is None:
+            raise ValueError(f"owner {owner!r}: uid {uid} has no user entry to take the "
+                             f'group from; write "{uid}:GID"')
+        return uid, entry.pw_gid
+    try:
+        return uid, int(group) if group.isdigit() else grp.getgrnam(group).gr_gid
+    except KeyError:
+        raise ValueError(f"owner {owner!r}: there is no group {group!r}") from None
 
 
 _SAFE_ID = re.compile(r"[A-Za-z0-9_-]{1,64}\Z")

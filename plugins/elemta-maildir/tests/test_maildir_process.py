@@ -7,6 +7,7 @@ the helper is a real second interpreter started by the plugin.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import pickle
@@ -428,3 +429,21 @@ async def test_requests_wait_for_room_on_the_socket_while_the_helper_is_stopped(
     assert not helper._waiting_room and not helper._out
     assert len(files(tmp_path / "bob")) == 1500
     helper.close()
+
+
+def test_the_helper_starts_without_site_and_without_pydantic():
+    """The helper's start is on the first local delivery's path: it runs with ``-I -S``
+    on the server's path, and imports neither pydantic nor the settings module."""
+    import subprocess
+
+    from elemta_maildir import process
+
+    probe = ("import json, sys; sys.path[:] = json.loads(sys.argv[1]); "
+             "from elemta_maildir.process import child_main; "
+             "from elemta_maildir.delivery import Maildirs; "
+             "print(json.dumps(sorted(m for m in sys.modules "
+             "if m.split('.')[0] in ('pydantic', 'site') or m == 'elemta_maildir.settings')))")
+    out = subprocess.run([sys.executable, "-I", "-S", "-c", probe,
+                          json.dumps(process._helper_path())],
+                         capture_output=True, text=True, timeout=60, check=True)
+    assert json.loads(out.stdout) == []
