@@ -22,9 +22,8 @@ open descriptor (``SCM_RIGHTS``): the content path of a resident message,
 ``("r", id, outcomes)`` and forwards its log records as ``("l", level,
 logger, text)``, which the server logs as its own, before the outcome they
 belong to. The settings reach it as a memory file, read at its start, as
-plain values: the helper imports neither pydantic nor ``site``, and is
-ready 60 ms after it is started instead of 130 ms (the first local delivery
-waits for it).
+plain values. The helper's side is :mod:`elemta_maildir.helper`, which
+imports only what a delivery needs.
 
 A helper that cannot be started, or that exits, is replaced by the plugin's
 threads; a dead one is started again on the first delivery
@@ -45,18 +44,18 @@ import json
 import logging
 import os
 import pickle
-import signal
 import socket
 import subprocess
 import sys
 import time
-import types
 from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import elemta
 from elemta import Envelope, Outcome, RecipientState, write_all
+
+from . import helper
 
 if TYPE_CHECKING:
     from .settings import MaildirSettings
@@ -71,24 +70,9 @@ MAX_RESTART_SECONDS = 300.0
 #: how long stopping the server waits for the helper to finish what it is writing
 STOP_SECONDS = 10.0
 
-#: deliveries written and synced together, at most
-MAX_BATCH = 100
-
-#: the largest message either side sends: a ``SOCK_SEQPACKET`` message must fit the
-#: socket's send buffer (208 KiB by default on Linux). A request larger than this (a
-#: message to thousands of recipients) is delivered in the plugin's threads instead;
-#: outcomes larger than this come back in parts.
-MAX_MESSAGE = 128 * 1024
-
-#: a log record's text is cut here (at most 4 bytes a character: within MAX_MESSAGE)
-MAX_LOG_TEXT = 16_384
-
-_RECV = 2 * MAX_MESSAGE
-_FD_SPACE = socket.CMSG_SPACE(array.array("i", [0]).itemsize)
-
 #: the helper's first line (run with ``-I -S``: no site, the server's path given)
 _BOOT = ("import json, sys; sys.path[:] = json.loads(sys.argv[1]); "
-         "from elemta_maildir.process import child_main; child_main(int(sys.argv[2]), "
+         "from elemta_maildir.helper import child_main; child_main(int(sys.argv[2]), "
          "int(sys.argv[3]))")
 
 
@@ -185,7 +169,7 @@ class DeliveryProcess:
     async def deliver_all(self, envelope: Envelope, recipients: list[RecipientState],
                           content_path: str) -> list[Outcome] | None:
         """The outcomes of :meth:`Maildirs.deliver_all`, run in the helper; ``None`` when
-        the request is larger than :data:`MAX_MESSAGE` (deliver it elsewhere).
+        the request is larger than :data:`~elemta_maildir.helper.MAX_MESSAGE` (deliver it elsewhere).
 
         :raises HelperGone: the helper exited before it answered.
         """
@@ -204,7 +188,7 @@ class DeliveryProcess:
         if level != self._level:
             request += (level,)
         data = pickle.dumps(request, pickle.HIGHEST_PROTOCOL)
-        if len(data) > MAX_MESSAGE:
+        if len(data) > helper.MAX_MESSAGE:
             return None
         try:
             src = os.open(content_path, os.O_RDONLY | os.O_CLOEXEC)
@@ -280,7 +264,7 @@ class DeliveryProcess:
     def _readable(self, sock: socket.socket) -> None:
         while True:
             try:
-                data = sock.recv(_RECV)
+                data = sock.recv(helper.RECV)
             except BlockingIOError:
                 return
             except OSError:
@@ -356,119 +340,3 @@ class DeliveryProcess:
         for future in pending.values():
             if not future.done():
                 future.set_exception(HelperGone(why))
-
-
-# ------------------------------------------------------------------ the helper
-
-
-def child_main(channel: int, settings_fd: int) -> None:
-    """The helper: deliveries from ``channel`` in batches; outcomes and log records back.
-
-    One thread: every request that arrived while a batch was written forms
-    the next batch (two syncs in all), answered as soon as it is named.
-    Threads, each with a batch of its own, made it slower: two ran at 0.63 of
-    SMTP delivery's rate where one ran at 0.90 (docs/performance.md).
-    """
-    signal.signal(signal.SIGINT, signal.SIG_IGN)   # it stops at the end of its input
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)
-    os.dup2(2, 1)  # a stray print goes to the server's stderr
-    with open(settings_fd, "rb") as f:
-        fields, hostname, level = pickle.load(f)
-    # MaildirSettings' values, already validated by the server, as attributes
-    settings = types.SimpleNamespace(**fields)
-    sock = socket.socket(fileno=channel)
-
-    def send(message: object) -> None:
-        sock.sendall(pickle.dumps(message, pickle.HIGHEST_PROTOCOL))
-
-    root = logging.getLogger()
-    root.handlers[:] = [_Forward(send)]
-    root.setLevel(level)
-
-    from .delivery import Maildirs  # the settings' path is absolute: nothing left to resolve
-    maildirs = Maildirs(settings, _same, hostname)  # type: ignore[arg-type]
-    while True:
-        batch = _receive(sock)
-        if not batch:
-            return
-        try:
-            results = maildirs.deliver_many([(envelope, rcpts, src)
-                                             for _, envelope, rcpts, src in batch])
-        except BaseException:  # deliver_many does not raise: a bug, and the messages stay
-            log.exception("maildir: a batch of %d deliveries failed unexpectedly", len(batch))
-            results = [[Outcome(r.address, 451, "4.3.0", "local delivery failed; see the "
-                                "server log") for r in job[2]] for job in batch]
-        finally:
-            for job in batch:
-                os.close(job[3])
-        try:
-            for job, outcomes in zip(batch, results):
-                _send_outcomes(sock.sendall, job[0], outcomes)
-        except OSError:  # the server is gone: what was written stays, the spool repeats it
-            return
-
-
-def _send_outcomes(send: Callable[[bytes], None], request_id: int, outcomes: list[Outcome],
-                   last: bool = True) -> None:
-    """``("r", id, outcomes)``; halves ``("p", id, some)`` first, then ``("r", id, the
-    rest)``, while one message would be larger than :data:`MAX_MESSAGE`. ``send`` sends
-    the pickled bytes."""
-    data = pickle.dumps(("r" if last else "p", request_id, outcomes), pickle.HIGHEST_PROTOCOL)
-    if len(outcomes) > 1 and len(data) > MAX_MESSAGE:
-        half = len(outcomes) // 2
-        _send_outcomes(send, request_id, outcomes[:half], last=False)
-        _send_outcomes(send, request_id, outcomes[half:], last=last)
-        return
-    send(data)
-
-
-def _receive(sock: socket.socket) -> list[tuple[int, Envelope, list[RecipientState], int]]:
-    """The requests waiting, at least one (blocking for it), at most :data:`MAX_BATCH`;
-    none at the end of the input."""
-    batch: list[tuple[int, Envelope, list[RecipientState], int]] = []
-    flags = 0
-    while len(batch) < MAX_BATCH:
-        try:
-            data, ancillary, _, _ = sock.recvmsg(_RECV, _FD_SPACE, flags)
-        except BlockingIOError:
-            break
-        if not data:
-            break
-        fds = array.array("i")
-        for cmsg_level, cmsg_type, payload in ancillary:
-            if cmsg_level == socket.SOL_SOCKET and cmsg_type == socket.SCM_RIGHTS:
-                fds.frombytes(payload[:len(payload) - len(payload) % fds.itemsize])
-        request_id, envelope, rcpts, *level = pickle.loads(data)
-        if level:
-            logging.getLogger().setLevel(level[0])
-        if not fds:  # cannot happen: the server sends every request with its content
-            send_back = [Outcome(r.address, 451, "4.3.0", "the spooled message was not "
-                                 "passed") for r in rcpts]
-            _send_outcomes(sock.sendall, request_id, send_back)
-            continue
-        for extra in fds[1:]:
-            os.close(extra)
-        batch.append((request_id, envelope, rcpts, fds[0]))
-        flags = socket.MSG_DONTWAIT
-    return batch
-
-
-def _same(path: Any) -> Any:
-    return path
-
-
-class _Forward(logging.Handler):
-    """Log records to the server, which logs them as its own."""
-
-    def __init__(self, send: Any) -> None:
-        super().__init__()
-        self.send = send
-
-    def emit(self, record: logging.LogRecord) -> None:
-        try:
-            text = record.getMessage()
-            if record.exc_info:
-                text += "\n" + logging.Formatter().formatException(record.exc_info)
-            self.send(("l", record.levelno, record.name, text[:MAX_LOG_TEXT]))
-        except Exception:
-            self.handleError(record)

@@ -51,7 +51,7 @@ async def test_deliveries_run_in_the_helper_and_its_log_lines_reach_the_server(
     pid = plugin.process.pid
     assert pid is not None and pid != os.getpid() and alive(pid)
     with open(f"/proc/{pid}/cmdline", "rb") as f:
-        assert b"elemta_maildir.process" in f.read()
+        assert b"elemta_maildir.helper" in f.read()
 
     # by SMTP: a resident message, whose content path is a memory file of this process
     queue_id = await submit(server, "alice@example.test", ["bob@example.test"],
@@ -344,7 +344,7 @@ async def test_many_recipients_outcomes_in_parts_and_a_request_too_large_for_the
         elemta_server, monkeypatch):
     """1,000 recipients: the helper's outcomes are larger than one message on the socket and
     come back in parts; 2,000: the request itself is too large and a thread delivers it."""
-    from elemta_maildir import process
+    from elemta_maildir import helper, process
 
     kinds: list[str] = []
     loads = pickle.loads
@@ -378,7 +378,7 @@ async def test_many_recipients_outcomes_in_parts_and_a_request_too_large_for_the
         assert [o.recipient for o in outcomes] == [r.address for r in rcpts]
         assert all(o.code == 250 for o in outcomes), {o.text for o in outcomes}
         if count == 1000:
-            assert len(sent) == 1 and sent[0] <= process.MAX_MESSAGE, "not sent to the helper"
+            assert len(sent) == 1 and sent[0] <= helper.MAX_MESSAGE, "not sent to the helper"
             assert kinds.count("p") >= 1 and kinds.count("r") == 1, kinds
         else:
             assert sent == [], "a request too large for the socket went to the helper"
@@ -387,19 +387,19 @@ async def test_many_recipients_outcomes_in_parts_and_a_request_too_large_for_the
 
 
 def test_outcomes_are_cut_into_parts_that_fit(monkeypatch):
-    from elemta_maildir import process
+    from elemta_maildir import helper
 
-    monkeypatch.setattr(process, "MAX_MESSAGE", 2000)
+    monkeypatch.setattr(helper, "MAX_MESSAGE", 2000)
     outcomes = [Outcome(f"u{n}@example.test", 250, "2.0.0", "x" * (n % 50)) for n in range(77)]
     sent: list[bytes] = []
-    process._send_outcomes(sent.append, 7, outcomes)
+    helper._send_outcomes(sent.append, 7, outcomes)
     messages = [pickle.loads(data) for data in sent]
     assert [m[0] for m in messages] == ["p"] * (len(messages) - 1) + ["r"]
     assert all(m[1] == 7 for m in messages) and len(messages) > 2
     assert [o for m in messages for o in m[2]] == outcomes
     assert all(len(data) <= 2000 for data in sent)
     sent.clear()
-    process._send_outcomes(sent.append, 8, [])
+    helper._send_outcomes(sent.append, 8, [])
     assert [pickle.loads(data) for data in sent] == [("r", 8, [])]
 
 
@@ -431,18 +431,18 @@ async def test_requests_wait_for_room_on_the_socket_while_the_helper_is_stopped(
     helper.close()
 
 
-def test_the_helper_starts_without_site_and_without_pydantic():
-    """The helper's start is on the first local delivery's path: it runs with ``-I -S``
-    on the server's path, and imports neither pydantic nor the settings module."""
+def test_the_helper_imports_only_what_a_delivery_needs():
+    """The helper's start is on the first local delivery's path: it runs with ``-I -S`` on
+    the server's path and imports neither ``site``, pydantic, asyncio nor the plugin's
+    hooks and settings."""
     import subprocess
 
     from elemta_maildir import process
 
-    probe = ("import json, sys; sys.path[:] = json.loads(sys.argv[1]); "
-             "from elemta_maildir.process import child_main; "
-             "from elemta_maildir.delivery import Maildirs; "
-             "print(json.dumps(sorted(m for m in sys.modules "
-             "if m.split('.')[0] in ('pydantic', 'site') or m == 'elemta_maildir.settings')))")
+    boot = process._BOOT.split("child_main(")[0]   # its imports, without starting it
+    probe = boot + ("print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in "
+                    "('site', 'pydantic', 'asyncio') or m in ('elemta_maildir.plugin', "
+                    "'elemta_maildir.settings', 'elemta_maildir.process'))))")
     out = subprocess.run([sys.executable, "-I", "-S", "-c", probe,
                           json.dumps(process._helper_path())],
                          capture_output=True, text=True, timeout=60, check=True)
