@@ -3,7 +3,8 @@
     PATH="$PATH:/usr/sbin" .venv/bin/python bench/relay.py [--rounds 3] [--messages 5000]
         [--sessions 10,100] [--scenarios accept,relay,queue] [--warmup 500]
         [--allow-load] [--max-load 0.15] [--retries 1] [--syscalls] [--profile DIR]
-        [--postconf NAME=VALUE] [--workers N] [--max-per-destination N] [--json FILE]
+        [--postconf NAME=VALUE] [--workers N] [--max-per-destination N]
+        [--transport-process] [--json FILE]
 
 Needs root (Postfix's master daemon runs as root; its daemons run as ``postfix``),
 Debian's ``postfix`` package (``postfix``, ``smtp-source``, ``smtp-sink``), and for
@@ -290,6 +291,8 @@ class ElemtaServer:
             extra += f"\nworkers = {self.opts.workers}"
         if self.opts.max_per_destination is not None:
             extra += f"\nmax_per_destination = {self.opts.max_per_destination}"
+        if self.opts.transport_process:
+            extra += "\ntransport_process = true"
         self.config.write_text(ELEMTA_CONFIG.format(
             loop=self.opts.loop, port=self.port, log_level=self.opts.log_level,
             enabled="true" if delivery else "false", delivery_extra=extra,
@@ -904,6 +907,8 @@ def main() -> int:
     ap.add_argument("--workers", type=int, default=None, help="Elemta [delivery] workers")
     ap.add_argument("--max-per-destination", type=int, default=None,
                     help="Elemta [delivery] max_per_destination")
+    ap.add_argument("--transport-process", action="store_true",
+                    help="Elemta [delivery] transport_process = true")
     ap.add_argument("--postconf", action="append", default=[], metavar="NAME=VALUE",
                     help="extra main.cf line for Postfix, e.g. "
                          "default_destination_concurrency_limit=10 (repeatable)")

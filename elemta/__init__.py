@@ -40,6 +40,8 @@ if TYPE_CHECKING:
                       TempError)
     from .durable import (check_write_back, fsync_dir, have_syncfs, sync_data, syncfs,
                           write_all, write_file_durably)
+    from .helper_process import (HELPER_READY, HelperGone, HelperProcess, helper_answers,
+                                 helper_start, receive_request)
     from .hookcall import HookFailure
     from .metrics import BoundedLabels
     from .state import Rate, StateEntry, StateStore, StateUnavailable, state_store
@@ -47,7 +49,7 @@ if TYPE_CHECKING:
                              plain_http_host, service_origin, service_tls_context, sign_body)
 
 __version__ = "0.1.0"
-__api_version__ = "1.5"
+__api_version__ = "1.6"
 
 # name → the private module it comes from, imported on first use
 _LAZY = {
@@ -67,6 +69,9 @@ _LAZY = {
     "syncfs": "durable", "have_syncfs": "durable", "check_write_back": "durable",
     "write_file_durably": "durable",
     "HookFailure": "hookcall",
+    "HelperProcess": "helper_process", "HelperGone": "helper_process",
+    "helper_start": "helper_process", "receive_request": "helper_process",
+    "helper_answers": "helper_process", "HELPER_READY": "helper_process",
     "BoundedLabels": "metrics",
     "check_secret": "webservice", "check_service_url": "webservice",
     "existing_ca_file": "webservice", "plain_http_host": "webservice",

@@ -22,12 +22,13 @@ import ipaddress
 import logging
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .config import Settings, parse_hostport
 from .dns import DNSError, NoData, NullMX, NXDomain, Resolver
 from .delivery.smtp import (DSNParams, SMTPConnection, SMTPError, Timeouts, TLSPolicy,
                                    default_enhanced)
+from .helper_process import HelperGone, HelperProcess
 from .hookspecs import hookimpl
 from .models import Outcome, Route
 from .spool.envelope import Envelope, RecipientState
@@ -67,10 +68,35 @@ class SMTPTransport:
                                         self.delivery.command_timeout_seconds)
         self._idle: dict[tuple[str, int, str, str | None], list[tuple[SMTPConnection, float]]] = {}
         self._limits: dict[tuple[str, int], asyncio.Semaphore] = {}
+        # [delivery] transport_process: the deliveries run in a helper process once it is
+        # ready (elemta.transport_helper)
+        self.process: HelperProcess | None = None
+        self._helper_failures: Any = None   # smtp_delivery_helper_failures, with the process
+
+    @hookimpl(trylast=True)
+    def register_metrics(self, registry: Any) -> None:
+        if self.delivery.enabled and self.delivery.transport_process:
+            from prometheus_client import Counter
+
+            self._helper_failures = Counter(
+                "smtp_delivery_helper_failures", "Times the SMTP transport process exited "
+                "while the server ran, or could not be started (deliveries then run in the "
+                "server's event loop), by what happened (exited, not_started).", ["what"],
+                registry=registry)
+
+    def _helper_failed(self, what: str) -> None:
+        if self._helper_failures is not None:
+            self._helper_failures.labels(what=what).inc()
 
     @hookimpl(trylast=True)
     def startup(self, app: App) -> None:
         self.resolver = app.resolver
+        if self.delivery.enabled and self.delivery.transport_process:
+            self.process = HelperProcess(
+                "elemta.transport_helper:child_main", self.settings,
+                name="SMTP transport process", logger=log, on_failure=self._helper_failed,
+                meanwhile="deliveries run in the server's event loop")
+            self.process.running()  # started now; until it is ready the loop delivers
 
     # ------------------------------------------------------------- routing
 
@@ -96,6 +122,21 @@ class SMTPTransport:
                       content_path: str) -> list[Outcome] | None:
         if route.transport != "smtp":
             return None
+        process = self.process
+        if process is not None and process.running() and process.ready:
+            try:
+                outcomes = await process.request((envelope, route, recipients), content_path)
+            except HelperGone as e:
+                return [Outcome(r.address, 451, "4.4.2", f"delivery was interrupted: {e}")
+                        for r in recipients]
+            except OSError as e:
+                log.warning("%s: cannot read the spooled message %s: %s", envelope.id,
+                            content_path, e.strerror or e)
+                return [Outcome(r.address, 451, "4.3.0", "the spooled message cannot be read")
+                        for r in recipients]
+            if outcomes is not None:
+                return outcomes
+            # a request too large for the helper's channel: delivered here
         addresses = [r.address for r in recipients]
         try:
             targets = await self.targets(route)
@@ -244,6 +285,9 @@ class SMTPTransport:
 
     @hookimpl(trylast=True)
     async def shutdown(self) -> None:
+        if self.process is not None:
+            # the helper finishes what it is delivering (10 s at most), then exits
+            await self.process.stop()
         conns = [c for idle in self._idle.values() for c, _ in idle]
         self._idle.clear()
         await asyncio.gather(*(c.close() for c in conns), return_exceptions=True)

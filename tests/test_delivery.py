@@ -116,22 +116,42 @@ async def test_the_smtp_transport_asks_the_servers_one_resolver(elemta_server, d
     assert dns_server.count("one.example", "MX") == 1
 
 
-async def hang_up_after_the_dot(reader, writer):
-    """A remote MX that takes the whole message, then closes without a reply."""
-    writer.write(b"220 mx.hangup.example ESMTP\r\n")
-    while line := await reader.readline():
-        verb = line[:4].upper()
-        if verb == b"EHLO":
-            writer.write(b"250-mx.hangup.example\r\n250 8BITMIME\r\n")
-        elif verb == b"DATA":
-            writer.write(b"354 go ahead\r\n")
+def scripted_mx(host: str, after_data):
+    """A remote MX that takes the whole message, then answers what ``await after_data()``
+    returns (bytes), or closes without a reply when it returns ``None``."""
+
+    async def serve(reader, writer):
+        writer.write(f"220 {host} ESMTP\r\n".encode())
+        while line := await reader.readline():
+            verb = line[:4].upper()
+            if verb == b"EHLO":
+                writer.write(f"250-{host}\r\n250 8BITMIME\r\n".encode())
+            elif verb == b"DATA":
+                writer.write(b"354 go ahead\r\n")
+                await writer.drain()
+                await reader.readuntil(b"\r\n.\r\n")
+                reply = await after_data()
+                if reply is None:
+                    break
+                writer.write(reply)
+            elif verb == b"QUIT":
+                writer.write(b"221 bye\r\n")
+                await writer.drain()
+                break
+            else:
+                writer.write(b"250 ok\r\n")
             await writer.drain()
-            await reader.readuntil(b"\r\n.\r\n")
-            break
-        else:
-            writer.write(b"250 ok\r\n")
-        await writer.drain()
-    writer.close()
+        writer.close()
+
+    return serve
+
+
+async def _no_reply():
+    return None
+
+
+#: a remote MX that takes the whole message, then closes without a reply
+hang_up_after_the_dot = scripted_mx("mx.hangup.example", _no_reply)
 
 
 async def test_a_connection_closed_after_data_is_reported_as_such(elemta_server, dns_server):

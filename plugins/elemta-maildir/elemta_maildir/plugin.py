@@ -7,11 +7,12 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from elemta import Envelope, Outcome, Recipient, RecipientState, Reject, Route, hookimpl
+from elemta import (Envelope, HelperGone, Outcome, Recipient, RecipientState, Reject, Route,
+                    hookimpl)
 
 from .delivery import Maildirs
 from .layout import UnsafeAddress
-from .process import DeliveryProcess, HelperGone
+from .process import DeliveryProcess
 from .settings import MaildirSettings
 from .workers import Workers
 
@@ -131,9 +132,9 @@ class MaildirPlugin:
         return await workers.run(maildirs.deliver_all, envelope, recipients, content_path)
 
     @hookimpl
-    def shutdown(self, app: App) -> None:
+    async def shutdown(self, app: App) -> None:
         """Stop the delivery process and threads once they finish what they are writing."""
         if self.process is not None:
-            self.process.close()
+            await self.process.stop()
         if self.workers is not None:
             self.workers.close()

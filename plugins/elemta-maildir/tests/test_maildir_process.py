@@ -32,7 +32,7 @@ from test_maildir import (
     wait_gone,
 )
 
-from elemta import Envelope, Outcome, RecipientState, Route, new_id
+from elemta import Envelope, HelperGone, RecipientState, Route, new_id
 
 
 def alive(pid: int) -> bool:
@@ -111,7 +111,7 @@ async def test_a_killed_helper_defers_its_deliveries_and_they_arrive_once(elemta
     await wait_gone(server, queue_id)
     assert len(files(maildir(server, "bob"))) == 2
     errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
-    assert any(f"delivery process {first} exited" in e and "1 deliveries in flight" in e
+    assert any(f"delivery process {first} exited" in e and "1 requests in flight" in e
                and "started again in 1 s" in e for e in errors), errors
     text = server.app.metrics.render().decode()
     assert 'smtp_maildir_helper_failures_total{what="exited"} 1.0' in text
@@ -129,9 +129,12 @@ async def test_a_helper_that_dies_before_answering_is_restarted_less_and_less_of
         tmp_path, monkeypatch, caplog):
     from elemta_maildir import process
 
-    monkeypatch.setattr(process, "_BOOT", "import sys; sys.exit(3)")
+    (tmp_path / "dies_at_once.py").write_text(
+        "def main(channel, init):\n    raise SystemExit(3)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
     helper = process.DeliveryProcess(MaildirSettings(path=str(tmp_path / "{user}")),
                                      "mx.example.test")
+    helper.target = "dies_at_once:main"
     content = tmp_path / "content.eml"
     content.write_bytes(message("dies"))
     rcpt = RecipientState("bob@example.test")
@@ -142,7 +145,7 @@ async def test_a_helper_that_dies_before_answering_is_restarted_less_and_less_of
         assert helper.running()
         try:
             await asyncio.wait_for(helper.deliver_all(env, [rcpt], str(content)), 10)
-        except process.HelperGone as e:
+        except HelperGone as e:
             assert "status 3" in str(e)
         else:
             raise AssertionError("the helper answered")
@@ -150,7 +153,7 @@ async def test_a_helper_that_dies_before_answering_is_restarted_less_and_less_of
         waits.append(helper._restart_after)
     assert waits == [2.0, 4.0, 8.0]
     assert "started again in 8 s" in caplog.records[-1].getMessage()
-    helper.close()
+    await helper.stop()
 
 
 async def test_a_helper_that_cannot_start_leaves_delivery_to_threads(elemta_server,
@@ -159,7 +162,7 @@ async def test_a_helper_that_cannot_start_leaves_delivery_to_threads(elemta_serv
     server = await start(elemta_server)
     plugin = server.app.pm.get_plugin("maildir")
     assert plugin.process.pid is None
-    assert any("cannot start the delivery process" in r.getMessage()
+    assert any("cannot start the maildir delivery process" in r.getMessage()
                for r in caplog.records if r.levelno == logging.ERROR)
     text = server.app.metrics.render().decode()
     assert 'smtp_maildir_helper_failures_total{what="not_started"} 1.0' in text
@@ -344,7 +347,6 @@ async def test_many_recipients_outcomes_in_parts_and_a_request_too_large_for_the
         elemta_server, monkeypatch):
     """1,000 recipients: the helper's outcomes are larger than one message on the socket and
     come back in parts; 2,000: the request itself is too large and a thread delivers it."""
-    from elemta_maildir import helper, process
 
     kinds: list[str] = []
     loads = pickle.loads
@@ -354,7 +356,7 @@ async def test_many_recipients_outcomes_in_parts_and_a_request_too_large_for_the
         kinds.append(message[0])
         return message
 
-    monkeypatch.setattr(process.pickle, "loads", recording)
+    monkeypatch.setattr(pickle, "loads", recording)
     server = await start(elemta_server)
     plugin = server.app.pm.get_plugin("maildir")
     content = server.root / "content.eml"
@@ -378,29 +380,12 @@ async def test_many_recipients_outcomes_in_parts_and_a_request_too_large_for_the
         assert [o.recipient for o in outcomes] == [r.address for r in rcpts]
         assert all(o.code == 250 for o in outcomes), {o.text for o in outcomes}
         if count == 1000:
-            assert len(sent) == 1 and sent[0] <= helper.MAX_MESSAGE, "not sent to the helper"
+            assert len(sent) == 1, "not sent to the helper"
             assert kinds.count("p") >= 1 and kinds.count("r") == 1, kinds
         else:
             assert sent == [], "a request too large for the socket went to the helper"
     assert len(files(maildir(server, "user00000.with.a.rather.long.local.part"))) == 2
     assert len(files(maildir(server, "user01999.with.a.rather.long.local.part"))) == 1
-
-
-def test_outcomes_are_cut_into_parts_that_fit(monkeypatch):
-    from elemta_maildir import helper
-
-    monkeypatch.setattr(helper, "MAX_MESSAGE", 2000)
-    outcomes = [Outcome(f"u{n}@example.test", 250, "2.0.0", "x" * (n % 50)) for n in range(77)]
-    sent: list[bytes] = []
-    helper._send_outcomes(sent.append, 7, outcomes)
-    messages = [pickle.loads(data) for data in sent]
-    assert [m[0] for m in messages] == ["p"] * (len(messages) - 1) + ["r"]
-    assert all(m[1] == 7 for m in messages) and len(messages) > 2
-    assert [o for m in messages for o in m[2]] == outcomes
-    assert all(len(data) <= 2000 for data in sent)
-    sent.clear()
-    helper._send_outcomes(sent.append, 8, [])
-    assert [pickle.loads(data) for data in sent] == [("r", 8, [])]
 
 
 async def test_requests_wait_for_room_on_the_socket_while_the_helper_is_stopped(tmp_path):
@@ -428,22 +413,25 @@ async def test_requests_wait_for_room_on_the_socket_while_the_helper_is_stopped(
     assert [o.code for [o] in results] == [250] * 1500
     assert not helper._waiting_room and not helper._out
     assert len(files(tmp_path / "bob")) == 1500
-    helper.close()
+    await helper.stop()
 
 
 def test_the_helper_imports_only_what_a_delivery_needs():
-    """The helper's start is on the first local delivery's path: it runs with ``-I -S`` on
-    the server's path and imports neither ``site``, pydantic, asyncio nor the plugin's
-    hooks and settings."""
+    """The helper's start is on the first local delivery's path: it imports neither
+    ``site``, pydantic nor the plugin's hooks, settings or server side."""
     import subprocess
 
-    from elemta_maildir import process
+    import elemta_maildir
 
-    boot = process._BOOT.split("child_main(")[0]   # its imports, without starting it
-    probe = boot + ("print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in "
-                    "('site', 'pydantic', 'asyncio') or m in ('elemta_maildir.plugin', "
-                    "'elemta_maildir.settings', 'elemta_maildir.process'))))")
-    out = subprocess.run([sys.executable, "-I", "-S", "-c", probe,
-                          json.dumps(process._helper_path())],
+    import elemta
+
+    path = [str(Path(elemta_maildir.__file__).parents[1]), str(Path(elemta.__file__).parents[1]),
+            *sys.path]
+    probe = ("import json, sys; sys.path[:] = json.loads(sys.argv[1]); "
+             "import elemta_maildir.helper; "
+             "print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in "
+             "('site', 'pydantic') or m in ('elemta_maildir.plugin', "
+             "'elemta_maildir.settings', 'elemta_maildir.process'))))")
+    out = subprocess.run([sys.executable, "-I", "-S", "-c", probe, json.dumps(path)],
                          capture_output=True, text=True, timeout=60, check=True)
     assert json.loads(out.stdout) == []
