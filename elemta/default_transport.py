@@ -95,7 +95,9 @@ class SMTPTransport:
             self.process = HelperProcess(
                 "elemta.transport_helper:child_main", self.settings,
                 name="SMTP transport process", logger=log, on_failure=self._helper_failed,
-                meanwhile="deliveries run in the server's event loop")
+                meanwhile="deliveries run in the server's event loop",
+                # a delivery it finished after the server died would be repeated
+                dies_with_server=True, acknowledge=True)
             self.process.running()  # started now; until it is ready the loop delivers
 
     # ------------------------------------------------------------- routing
@@ -238,7 +240,9 @@ class SMTPTransport:
         addresses = [r.address for r in recipients]
         dsn = DSNParams.of(params, [(r.params, r.original) for r in recipients])
         utf8 = "SMTPUTF8" in params and _needs_smtputf8(envelope, content_path)
-        async with limit:
+        await limit.acquire()
+        slot: asyncio.Semaphore | None = limit   # handed to _release with the connection
+        try:
             for _ in range(2):  # a pooled connection may have died while idle
                 conn = await self._connection(target, route)
                 result = await conn.send(envelope.sender, addresses, content_path,
@@ -250,7 +254,11 @@ class SMTPTransport:
                 if not result.stale:
                     break
                 await conn.close()
-            self._release(target, route, conn)
+            slot = None
+            self._release(target, route, conn, limit)
+        finally:
+            if slot is not None:
+                slot.release()
         if all(r.temporary and r.local for r in result.results):
             log.info("%s: %s[%s]:%d: %s", envelope.id, target.host, target.ip, target.port,
                      result.results[0].text if result.results else "no reply")
@@ -277,11 +285,15 @@ class SMTPTransport:
                                          helo=self.helo, tls=tls, auth=route.auth,
                                          timeouts=self.timeouts)
 
-    def _release(self, target: Target, route: Route, conn: SMTPConnection) -> None:
+    def _release(self, target: Target, route: Route, conn: SMTPConnection,
+                 limit: asyncio.Semaphore) -> None:
+        """A connection done with its message: kept for the next one, or closed; and its
+        place among the destination's ``max_per_destination``."""
         if conn.usable and self.delivery.idle_connection_seconds > 0:
             self._idle.setdefault(self._key(target, route), []).append((conn, time.monotonic()))
         else:
             asyncio.get_running_loop().create_task(conn.close())
+        limit.release()
 
     @hookimpl(trylast=True)
     async def shutdown(self) -> None:

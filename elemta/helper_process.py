@@ -106,13 +106,27 @@ class HelperProcess:
     ``name`` names it in log lines ("the maildir delivery process"), and
     ``meanwhile`` says what the caller does while none runs ("deliveries run in
     threads of the server"). ``on_failure`` is told ``"exited"`` or
-    ``"not_started"`` (for a metric). Used from the event loop only.
+    ``"not_started"`` (for a metric). Used from the event loop's thread only
+    (``dies_with_server`` watches the thread that started the helper).
+
+    At the end of its input a helper finishes what it has, whether the server
+    stopped it (:meth:`stop`) or died. ``dies_with_server=True`` kills it
+    with the server instead, for work that must not go on unrecorded: a
+    message the SMTP transport went on sending after the server died would be
+    sent again by the restarted server. ``acknowledge=True`` tells the helper,
+    once the caller has taken each answer (in the event loop's next callback:
+    the caller's step that records it has run), that it has: the SMTP
+    transport's helper keeps a connection from its next command (the next
+    message, or QUIT) until then, so that a crash repeats a message only while
+    it is in flight, as without a helper.
     """
 
     def __init__(self, target: str, init: object, *, name: str, meanwhile: str,
                  logger: logging.Logger, on_failure: Callable[[str], None] | None = None,
-                 stop_seconds: float = 10.0) -> None:
+                 stop_seconds: float = 10.0, dies_with_server: bool = False,
+                 acknowledge: bool = False) -> None:
         self.target, self.init, self.name, self.meanwhile = target, init, name, meanwhile
+        self.dies_with_server, self.acknowledge = dies_with_server, acknowledge
         self.log = logger
         self.on_failure = on_failure
         self.stop_seconds = stop_seconds
@@ -122,7 +136,7 @@ class HelperProcess:
         self._sock: socket.socket | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._watched: socket.socket | None = None   # the socket add_reader watches
-        self._out: deque[tuple[bytes, int]] = deque()  # requests waiting for room
+        self._out: deque[tuple[bytes, int | None]] = deque()  # requests waiting for room
         self._waiting_room = False     # add_writer waits for room on the socket
         self._pending: dict[int, asyncio.Future[list[Any]]] = {}
         self._parts: dict[int, list[Any]] = {}
@@ -145,7 +159,9 @@ class HelperProcess:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         init = os.memfd_create("elemta-helper-init", os.MFD_CLOEXEC)
         try:
-            write_all(init, pickle.dumps((self.init, level), pickle.HIGHEST_PROTOCOL))
+            write_all(init, pickle.dumps(
+                (self.init, level, os.getpid() if self.dies_with_server else None),
+                pickle.HIGHEST_PROTOCOL))
             os.lseek(init, 0, os.SEEK_SET)
             proc = subprocess.Popen(
                 [sys.executable, "-I", "-S", "-c", boot_code(self.target),
@@ -224,6 +240,13 @@ class HelperProcess:
         finally:
             self._pending.pop(request_id, None)
             self._parts.pop(request_id, None)
+            if self.acknowledge and self._sock is sock:
+                # after the caller's step that takes the answer (the runner records it)
+                self._loop.call_soon(self._acknowledged, sock, request_id)
+
+    def _acknowledged(self, sock: socket.socket, request_id: int) -> None:
+        if self._sock is sock:
+            self._send(sock, pickle.dumps(("a", request_id), pickle.HIGHEST_PROTOCOL), None)
 
     async def stop(self) -> None:
         """End the helper's input, let it finish what it has (``stop_seconds`` at most, then
@@ -255,7 +278,7 @@ class HelperProcess:
 
     # ---------------------------------------------------------------- the socket
 
-    def _send(self, sock: socket.socket, data: bytes, fd: int) -> None:
+    def _send(self, sock: socket.socket, data: bytes, fd: int | None) -> None:
         """Send a request and its descriptor (closed once sent), after any that wait."""
         self._out.append((data, fd))
         if len(self._out) == 1:
@@ -267,8 +290,8 @@ class HelperProcess:
         while self._out:
             data, fd = self._out[0]
             try:
-                sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
-                                       array.array("i", [fd]))])
+                sock.sendmsg([data], [] if fd is None else [
+                    (socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))])
             except BlockingIOError:
                 if not self._waiting_room:
                     self._loop.add_writer(sock.fileno(), self._writable, sock)
@@ -277,7 +300,8 @@ class HelperProcess:
             except OSError:
                 pass  # it died: the end of its output fails what is pending
             self._out.popleft()
-            os.close(fd)
+            if fd is not None:
+                os.close(fd)
         if self._waiting_room:  # (removing a writer never added would cost an epoll_ctl)
             self._loop.remove_writer(sock.fileno())
             self._waiting_room = False
@@ -357,7 +381,9 @@ class HelperProcess:
             self._watched = None
         self._waiting_room = False
         while self._out:
-            os.close(self._out.popleft()[1])
+            fd = self._out.popleft()[1]
+            if fd is not None:
+                os.close(fd)
 
     def _fail_pending(self, why: str) -> None:
         pending, self._pending = self._pending, {}
@@ -372,12 +398,16 @@ class HelperProcess:
 def helper_start(channel: int, init_fd: int) -> tuple[socket.socket, Any]:
     """In the helper: ``(socket, init)``. SIGINT, SIGHUP and SIGTERM are ignored (a helper
     stops at the end of its input), stray prints go to the server's stderr, and every log
-    record goes to the server at the server's log level."""
+    record goes to the server at the server's log level. A helper started with
+    ``dies_with_server`` is killed by the kernel when the server dies (and exits here if
+    the server is already gone)."""
     for sig in (signal.SIGINT, signal.SIGHUP, signal.SIGTERM):
         signal.signal(sig, signal.SIG_IGN)
     os.dup2(2, 1)
     with open(init_fd, "rb") as f:
-        init, level = pickle.load(f)
+        init, level, server_pid = pickle.load(f)
+    if server_pid is not None:
+        _die_with(server_pid)
     sock = socket.socket(fileno=channel)
     root = logging.getLogger()
     root.handlers[:] = [_Forward(sock)]
@@ -385,21 +415,38 @@ def helper_start(channel: int, init_fd: int) -> tuple[socket.socket, Any]:
     return sock, init
 
 
+def _die_with(server_pid: int) -> None:
+    """SIGKILL when the server's thread that started this process ends (Linux's
+    ``PR_SET_PDEATHSIG``); at once if the server died before this was set."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(1, signal.SIGKILL, 0, 0, 0) != 0:  # 1: PR_SET_PDEATHSIG
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+    if os.getppid() != server_pid:
+        os._exit(1)
+
+
 def receive_request(sock: socket.socket, flags: int = 0) -> tuple[int, Any, int | None] | None:
     """In the helper: the next request, ``(id, payload, descriptor)``; ``None`` at the end
-    of the input. The descriptor is ``None`` if none came (the server always sends one).
-    A new log level is applied here. ``BlockingIOError`` when a non-blocking socket (or
+    of the input. The descriptor is ``None`` if none came (the server always sends one
+    with a request). ``(id, None, None)`` is an acknowledgement: the server has taken the
+    answer to request ``id`` (``HelperProcess(acknowledge=True)``). A new log level is
+    applied here. ``BlockingIOError`` when a non-blocking socket (or
     ``socket.MSG_DONTWAIT``) has nothing yet."""
     data, ancillary, _, _ = sock.recvmsg(RECV, FD_SPACE, flags)
     if not data:
         return None
+    message = pickle.loads(data)
+    if message[0] == "a":
+        return message[1], None, None
     fds = array.array("i")
     for cmsg_level, cmsg_type, payload in ancillary:
         if cmsg_level == socket.SOL_SOCKET and cmsg_type == socket.SCM_RIGHTS:
             fds.frombytes(payload[:len(payload) - len(payload) % fds.itemsize])
     for extra in fds[1:]:
         os.close(extra)
-    request_id, request, *level = pickle.loads(data)
+    request_id, request, *level = message
     if level:
         logging.getLogger().setLevel(level[0])
     return request_id, request, fds[0] if fds else None

@@ -23,9 +23,10 @@ connections and exits.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import os
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .default_transport import SMTPTransport
 from .dns import Resolver
@@ -39,8 +40,34 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("elemta.delivery")
 
-#: the helper, for :class:`~elemta.helper_process.HelperProcess`
-TARGET = "elemta.transport_helper:child_main"
+#: the request a delivery task serves (each request is a task of its own)
+_REQUEST: contextvars.ContextVar[int] = contextvars.ContextVar("request")
+
+
+class _HoldingTransport(SMTPTransport):
+    """The SMTP transport, keeping each connection it is done with from its next command
+    (the next message, or QUIT) until the server has taken the outcomes of the request
+    it served. The server's runner records a delivery in the step that takes the
+    outcomes, as it does when it delivers itself; were the connection used at once, a
+    crash of the server before that could repeat a message whose ``250`` the next
+    command showed as read (outside RFC 1047's in-flight window)."""
+
+    def __init__(self, settings: Settings) -> None:
+        super().__init__(settings)
+        self.held: dict[int, list[tuple[Any, ...]]] = {}
+
+    def _release(self, target: Any, route: Route, conn: Any, limit: Any) -> None:
+        # the connection keeps its place among max_per_destination meanwhile: held, it is
+        # as busy as one in use, and no second connection is opened in its stead
+        request_id = _REQUEST.get(None)
+        if request_id is None:
+            super()._release(target, route, conn, limit)
+        else:
+            self.held.setdefault(request_id, []).append((target, route, conn, limit))
+
+    def acknowledged(self, request_id: int) -> None:
+        for held in self.held.pop(request_id, ()):
+            super()._release(*held)
 
 
 def child_main(channel: int, init_fd: int) -> None:
@@ -51,7 +78,7 @@ def child_main(channel: int, init_fd: int) -> None:
 
 
 async def _serve(sock, settings: Settings) -> None:  # type: ignore[no-untyped-def]
-    transport = SMTPTransport(settings)
+    transport = _HoldingTransport(settings)
     transport.resolver = Resolver(settings.dns)
     loop = asyncio.get_running_loop()
     ended = loop.create_future()
@@ -66,6 +93,7 @@ async def _serve(sock, settings: Settings) -> None:  # type: ignore[no-untyped-d
 
     async def deliver(request_id: int, envelope: Envelope, route: Route,
                       rcpts: list[RecipientState], fd: int) -> None:
+        _REQUEST.set(request_id)
         try:
             outcomes = await transport.deliver(envelope, route, rcpts, f"/proc/self/fd/{fd}")
         except Exception as e:  # a bug: the message stays queued
@@ -89,7 +117,11 @@ async def _serve(sock, settings: Settings) -> None:  # type: ignore[no-untyped-d
                 if not ended.done():
                     ended.set_result(None)
                 return
-            request_id, (envelope, route, rcpts), fd = request
+            request_id, payload, fd = request
+            if payload is None:  # the server took the outcomes of request_id
+                transport.acknowledged(request_id)
+                continue
+            envelope, route, rcpts = payload
             if fd is None:  # cannot happen: the server sends every request with its content
                 work = answer(request_id, [Outcome(r.address, 451, "4.3.0", "the spooled "
                                                    "message was not passed") for r in rcpts])
@@ -104,4 +136,6 @@ async def _serve(sock, settings: Settings) -> None:  # type: ignore[no-untyped-d
     await ended
     if running:
         await asyncio.wait(running)
+    for request_id in list(transport.held):  # the server is stopping: nothing more to wait for
+        transport.acknowledged(request_id)
     await transport.shutdown()

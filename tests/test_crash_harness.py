@@ -133,7 +133,8 @@ async def until(predicate: Callable[[], bool], timeout: float, what: Callable[[]
         await asyncio.sleep(0.005)
 
 
-def config_for(root: Path, port: int, sink_port: int, log_level: str = "warning") -> Path:
+def config_for(root: Path, port: int, sink_port: int, log_level: str = "warning",
+               transport_process: bool = False) -> Path:
     return write_config(root, {
         "server": {"relay_networks": ["127.0.0.0/8"], "shutdown_grace_seconds": 2.0},
         "listeners": [listener("mx", port)],
@@ -146,18 +147,24 @@ def config_for(root: Path, port: int, sink_port: int, log_level: str = "warning"
             "max_per_destination": MAX_PER_DESTINATION,
             "retry_intervals_seconds": [0.2, 0.5, 1.0],
             "routes": {"*": {"host": f"127.0.0.1:{sink_port}", "tls": "none"}},
+            "transport_process": transport_process,
         },
     })
 
 
-@pytest.mark.parametrize("next_hop", ["fast", "slow"])
+@pytest.mark.parametrize("next_hop", ["fast", "slow", "fast, transport process",
+                                      "slow, transport process"])
 async def test_repeated_sigkill_during_acceptance_and_delivery_loses_nothing(
         tmp_path: Path, start_server: Any, record_property: Any, next_hop: str) -> None:
-    slow = next_hop == "slow"
+    """The ``transport process`` runs use ``[delivery] transport_process``: the SMTP
+    transport's helper dies with the server, and keeps a connection from its next command
+    until the server has taken the outcome, so the same rules hold."""
+    slow = next_hop.startswith("slow")
     sink = await CountingSink(keep_content=True, delay=SLOW_DELAY if slow else 0.0).start()
     port = free_port()
     root = tmp_path / "srv"
-    config = config_for(root, port, sink.port, log_level="debug" if slow else "warning")
+    config = config_for(root, port, sink.port, log_level="debug" if slow else "warning",
+                        transport_process=next_hop.endswith("transport process"))
     traffic = Traffic(port, sink, SLOW_BACKLOG if slow else BACKLOG)
     carries = 0
     rng = random.Random(int(os.environ.get("ELEMTA_CRASH_SEED", "0")) or None)

@@ -209,3 +209,70 @@ def test_the_setting_is_off_by_default(tmp_path):
     from elemta.testing.fixtures import write_config
 
     assert load_settings(write_config(tmp_path)).delivery.transport_process is False
+
+
+def children(pid: int) -> list[int]:
+    out: list[int] = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{task}/children") as f:
+            out += [int(c) for c in f.read().split()]
+    return out
+
+
+def cmdline(pid: int) -> bytes:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read()
+    except FileNotFoundError:
+        return b""
+
+
+def running(pid: int) -> bool:
+    """Alive and not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
+def test_the_helper_dies_with_the_server(tmp_path, start_server):
+    """SIGKILL to the server while its transport helper waits on a remote host's greeting:
+    the helper is killed too, not left to finish a delivery the restarted server would
+    make again."""
+    import smtplib
+    import socket as socketlib
+
+    from elemta.testing.fixtures import write_config
+    from elemta.testing.process import free_port, listener
+
+    silent = socketlib.create_server(("127.0.0.1", 0))   # accepts, never greets
+    silent.settimeout(20)
+    port = free_port()
+    config = write_config(tmp_path / "srv", {
+        "server": {"relay_networks": ["127.0.0.0/8"]},
+        "listeners": [listener("mx", port)], "metrics": {"enabled": False},
+        "delivery": {"enabled": True, "transport_process": True,
+                     "connect_timeout_seconds": 60,
+                     "routes": {"*": {"host": f"127.0.0.1:{silent.getsockname()[1]}",
+                                      "tls": "none"}}}})
+    server = start_server(config)
+    deadline = time.monotonic() + 20
+    while not (helpers := [c for c in children(server.pid)
+                           if b"elemta.transport_helper" in cmdline(c)]):
+        assert time.monotonic() < deadline, "no transport helper started"
+        time.sleep(0.02)
+    [helper] = helpers
+    time.sleep(1)  # ready (it takes a fraction of that): the next delivery is the helper's
+    with smtplib.SMTP("127.0.0.1", port, timeout=10) as client:
+        client.sendmail("a@origin.example", ["b@remote.example"], MSG[:-3])
+    held, _ = silent.accept()   # the delivery, waiting for a greeting
+    try:
+        os.kill(server.pid, signal.SIGKILL)
+        deadline = time.monotonic() + 5
+        while running(helper):
+            assert time.monotonic() < deadline, "the helper outlived the server"
+            time.sleep(0.02)
+    finally:
+        held.close()
+        silent.close()
