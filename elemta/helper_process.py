@@ -15,7 +15,9 @@ The two talk over a ``SOCK_SEQPACKET`` socket pair, one pickle per message
 * the server sends ``(id, payload)``, followed by the server's log level
   when it changed since the last request, with one open descriptor
   (``SCM_RIGHTS``, the spooled message's content: a resident message's
-  content path, ``/proc/self/fd/N``, means nothing in another process);
+  content path, ``/proc/self/fd/N``, means nothing in another process); and,
+  for a helper started with ``acknowledge=True``, ``("a", id)`` once the
+  caller has taken the answer to request ``id``;
 * the helper sends ``("h",)`` once it is ready, ``("r", id, items)`` for
   each request (``("p", id, some)`` first, while the items would not fit
   one message), and its log records as ``("l", level, logger, text)``,
