@@ -69,6 +69,16 @@ class _HoldingTransport(SMTPTransport):
         for held in self.held.pop(request_id, ()):
             super()._release(*held)
 
+    def abort_held(self) -> None:
+        """Close the connections whose outcomes the server never took, without QUIT: at the
+        end of the input the server may be dead, its outcomes unrecorded, and a QUIT would
+        tell the remote server its 250 was read."""
+        for held in self.held.values():
+            for _target, _route, conn, limit in held:
+                conn.wire.abort()
+                limit.release()
+        self.held.clear()
+
 
 def child_main(channel: int, init_fd: int) -> None:
     """The helper: the SMTP transport on an event loop of its own."""
@@ -136,6 +146,5 @@ async def _serve(sock, settings: Settings) -> None:  # type: ignore[no-untyped-d
     await ended
     if running:
         await asyncio.wait(running)
-    for request_id in list(transport.held):  # the server is stopping: nothing more to wait for
-        transport.acknowledged(request_id)
+    transport.abort_held()
     await transport.shutdown()
