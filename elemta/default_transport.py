@@ -241,7 +241,6 @@ class SMTPTransport:
         dsn = DSNParams.of(params, [(r.params, r.original) for r in recipients])
         utf8 = "SMTPUTF8" in params and _needs_smtputf8(envelope, content_path)
         await limit.acquire()
-        slot: asyncio.Semaphore | None = limit   # handed to _release with the connection
         try:
             for _ in range(2):  # a pooled connection may have died while idle
                 conn = await self._connection(target, route)
@@ -254,11 +253,10 @@ class SMTPTransport:
                 if not result.stale:
                     break
                 await conn.close()
-            slot = None
-            self._release(target, route, conn, limit)
-        finally:
-            if slot is not None:
-                slot.release()
+        except BaseException:
+            limit.release()
+            raise
+        self._release(target, route, conn, limit)  # gives the place back, now or later
         if all(r.temporary and r.local for r in result.results):
             log.info("%s: %s[%s]:%d: %s", envelope.id, target.host, target.ip, target.port,
                      result.results[0].text if result.results else "no reply")

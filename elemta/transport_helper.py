@@ -26,6 +26,7 @@ import asyncio
 import contextvars
 import logging
 import os
+import socket
 from typing import TYPE_CHECKING, Any
 
 from .default_transport import SMTPTransport
@@ -87,7 +88,7 @@ def child_main(channel: int, init_fd: int) -> None:
     asyncio.run(_serve(sock, settings))
 
 
-async def _serve(sock, settings: Settings) -> None:  # type: ignore[no-untyped-def]
+async def _serve(sock: socket.socket, settings: Settings) -> None:
     transport = _HoldingTransport(settings)
     transport.resolver = Resolver(settings.dns)
     loop = asyncio.get_running_loop()
