@@ -145,7 +145,7 @@ class HookCaller:
             # inline: this is every SMTP stage, several times per message
             for impl in self._cache.get(hook) or self.impls(hook):
                 result = self._call_sync(hook, impl, kwargs)
-                if impl.is_async or inspect.isawaitable(result):
+                if impl.is_async or (result is not None and inspect.isawaitable(result)):
                     result = await self._await(hook, impl, result)
                 if result is None:
                     continue
@@ -237,7 +237,8 @@ class HookCaller:
         except Exception as e:
             raise self._raised(hook, impl, e) from e
         finally:
-            if impl.observe is not None and not inspect.isawaitable(result):
+            # (isawaitable(None) goes as far as an ABC check: most calls answer None)
+            if impl.observe is not None and (result is None or not inspect.isawaitable(result)):
                 impl.observe(time.perf_counter() - start)
 
     async def _await(self, hook: str, impl: Impl, awaitable: Any) -> Any:
@@ -261,7 +262,7 @@ class HookCaller:
 
     async def _call(self, hook: str, impl: Impl, kwargs: dict[str, Any]) -> Any:
         result = self._call_sync(hook, impl, kwargs)
-        if impl.is_async or inspect.isawaitable(result):
+        if impl.is_async or (result is not None and inspect.isawaitable(result)):
             return await self._await(hook, impl, result)
         return result
 

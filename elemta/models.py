@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import base64
 import binascii
+import operator
 import os
 import threading
 import time
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Iterable
+from dataclasses import dataclass, field, fields
+from typing import TYPE_CHECKING, Any, Iterable, TypeVar
 
 # the message of a transaction has a module of its own; its names stay importable here
 from .message import Message, check_header, parse_header_block, split_header_fields  # noqa: F401
@@ -20,6 +21,30 @@ from .stash import Stash
 
 if TYPE_CHECKING:
     from .config import ListenerSettings
+
+
+_T = TypeVar("_T")
+
+
+def pickled_by_position(cls: type[_T]) -> type[_T]:
+    """Pickle (and copy) a slotted dataclass as ``cls(*field values)``.
+
+    The ``__getstate__``/``__setstate__`` that ``dataclass(slots=True)`` writes
+    run a Python loop over the fields on both sides; this takes the values
+    with one C call and builds the object again through ``__init__``. A
+    delivery handed to the transport process pickles an envelope, its
+    recipients and a route, and its outcomes come back pickled. Only for
+    dataclasses whose fields are all ``__init__`` parameters, in order.
+    """
+    names = [f.name for f in fields(cls)]  # type: ignore[arg-type]
+    values = operator.attrgetter(*names)
+
+    def __reduce__(self: Any) -> tuple[Any, tuple[Any, ...]]:
+        got = values(self)
+        return cls, (got if len(names) > 1 else (got,))
+
+    cls.__reduce__ = __reduce__  # type: ignore[assignment,method-assign]
+    return cls
 
 
 @dataclass(frozen=True, slots=True)
@@ -343,6 +368,7 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_ID_FACTORY.reset)
 
 
+@pickled_by_position
 @dataclass(frozen=True, slots=True)
 class Route:
     """Where and how the runner delivers one recipient (the ``route`` hook's answer).
@@ -362,6 +388,7 @@ class Route:
     ca_file: str | None = None
 
 
+@pickled_by_position
 @dataclass(frozen=True, slots=True)
 class Outcome:
     """What became of one recipient in one delivery attempt (the ``deliver`` hook's answer).

@@ -11,6 +11,8 @@ import os
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from ..models import pickled_by_position
+
 FORMAT_VERSION = 1
 
 STATES = ("ready", "deferred", "hold", "failed")
@@ -19,6 +21,7 @@ STATES = ("ready", "deferred", "hold", "failed")
 PENDING, DELIVERED, FAILED = "pending", "delivered", "failed"
 
 
+@pickled_by_position
 @dataclass(slots=True)
 class RecipientState:
     address: str
@@ -30,6 +33,7 @@ class RecipientState:
     original: str | None = None     # the RCPT TO address this one was rewritten from
 
 
+@pickled_by_position
 @dataclass(slots=True)
 class Envelope:
     id: str
