@@ -327,7 +327,7 @@ class DeliverySettings(_Settings):
     attempt_timeout_seconds: float = Field(3600, gt=0)
     idle_connection_seconds: float = Field(10, ge=0)
     chunking: bool = False
-    transport_process: bool = False
+    transport_process: bool = True
     routes: dict[str, RouteSettings] = Field(default_factory=dict)
     mx_overrides: dict[str, str] = Field(default_factory=dict)
 

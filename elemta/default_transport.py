@@ -126,6 +126,10 @@ class SMTPTransport:
             return None
         process = self.process
         if process is not None and process.running() and process.ready:
+            if self._idle:
+                # the loop delivered while the helper started: its connections would only
+                # wait, each holding a place a remote server counts against us
+                self._close_idle()
             try:
                 outcomes = await process.request((envelope, route, recipients), content_path)
             except HelperGone as e:
@@ -293,14 +297,19 @@ class SMTPTransport:
             asyncio.get_running_loop().create_task(conn.close())
         limit.release()
 
+    def _close_idle(self) -> list[asyncio.Task[None]]:
+        """Close the connections kept for reuse (QUIT, then the socket)."""
+        loop = asyncio.get_running_loop()
+        conns = [c for idle in self._idle.values() for c, _ in idle]
+        self._idle.clear()
+        return [loop.create_task(c.close()) for c in conns]
+
     @hookimpl(trylast=True)
     async def shutdown(self) -> None:
         if self.process is not None:
             # the helper finishes what it is delivering (10 s at most), then exits
             await self.process.stop()
-        conns = [c for idle in self._idle.values() for c, _ in idle]
-        self._idle.clear()
-        await asyncio.gather(*(c.close() for c in conns), return_exceptions=True)
+        await asyncio.gather(*self._close_idle(), return_exceptions=True)
 
 
 def _needs_smtputf8(envelope: Envelope, content_path: str) -> bool:

@@ -102,12 +102,15 @@ async def test_mx_preference_order_and_failover_to_the_second_mx(elemta_server, 
 
 
 async def test_the_smtp_transport_asks_the_servers_one_resolver(elemta_server, dns_server):
+    """Delivering in the server's event loop (without the transport process, whose
+    resolver and cache are its own)."""
     async with Sink() as mx:
         dns_server.zone("one.example")
         dns_server.add("one.example", "MX", "10 mx.one.example.")
         dns_server.add("mx.one.example", "A", "127.0.0.1")
-        server = await elemta_server(delivery_config(dns_server, mx_overrides={
-            "mx.one.example": mx.address}))
+        server = await elemta_server(delivery_config(dns_server, transport_process=False,
+                                                     mx_overrides={
+                                                         "mx.one.example": mx.address}))
         # what a plugin asks through app.resolver is what the transport finds cached
         assert [m.host for m in await server.app.resolver.mx("one.example")] == ["mx.one.example"]
         queue_id = await submit(server, "a@origin.example", ["bob@one.example"])

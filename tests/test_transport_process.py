@@ -129,6 +129,48 @@ async def test_the_loop_delivers_until_the_helper_is_ready_and_after_it_dies(
     assert 'smtp_delivery_helper_failures_total{what="exited"}' in text
 
 
+async def test_the_loops_connections_are_closed_once_the_helper_delivers(
+        elemta_server, dns_server, monkeypatch, tmp_path):
+    """Connections the loop kept for reuse while the helper started are closed when the
+    helper takes over: a remote server never sees the loop's idle ones beside the
+    helper's (``max_per_destination`` holds for the two together)."""
+    flag = tmp_path / "go"
+    (tmp_path / "starts_late.py").write_text(
+        "import os, time\n"
+        "def main(channel, init):\n"
+        f"    while not os.path.exists({str(flag)!r}):\n"
+        "        time.sleep(0.01)\n"
+        "    from elemta.transport_helper import child_main\n"
+        "    child_main(channel, init)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    real = helper_process.HelperProcess.__init__
+
+    def late(self, target, *args, **kwargs):
+        real(self, "starts_late:main", *args, **kwargs)
+
+    monkeypatch.setattr(helper_process.HelperProcess, "__init__", late)
+    async with Sink() as sink:
+        server = await relay_server(elemta_server, dns_server, sink,
+                                    idle_connection_seconds=60)
+        transport = smtp_transport(server)
+        first = await submit(server, "a@origin.example", ["bob@remote.example"])
+        await sink.wait_for(1)
+        await wait_gone(server, first)
+        [[(kept, _)]] = transport._idle.values()  # the loop delivered, and kept it
+        assert not transport.process.ready and kept.usable
+        flag.touch()
+        await wait_ready(transport)
+        second = await submit(server, "a@origin.example", ["carol@remote.example"])
+        await sink.wait_for(2)
+        await wait_gone(server, second)
+        assert transport._idle == {}
+        deadline = time.monotonic() + 5
+        while kept.usable:
+            assert time.monotonic() < deadline, "the loop's idle connection was not closed"
+            await asyncio.sleep(0.02)
+        assert sink.connections == 2  # the loop's, then the helper's
+
+
 async def test_a_helper_killed_mid_delivery_leaves_the_message_queued_and_is_replaced(
         elemta_server, dns_server):
     """The remote host holds its reply to the DATA; the helper is killed meanwhile. The
@@ -204,11 +246,11 @@ def test_answers_are_cut_into_parts_that_fit(monkeypatch):
     assert [pickle.loads(d) for d in helper_process.helper_answers(8, [])] == [("r", 8, [])]
 
 
-def test_the_setting_is_off_by_default(tmp_path):
+def test_the_setting_is_on_by_default(tmp_path):
     from elemta.config import load_settings
     from elemta.testing.fixtures import write_config
 
-    assert load_settings(write_config(tmp_path)).delivery.transport_process is False
+    assert load_settings(write_config(tmp_path)).delivery.transport_process is True
 
 
 def children(pid: int) -> list[int]:
