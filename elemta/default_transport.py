@@ -72,6 +72,9 @@ class SMTPTransport:
         # ready (elemta.transport_helper)
         self.process: HelperProcess | None = None
         self._helper_failures: Any = None   # smtp_delivery_helper_failures, with the process
+        # deliveries on this loop under way (those waiting for a connection included: a
+        # full queue can have a hundred waiting when the helper gets ready)
+        self._here = 0
 
     @hookimpl(trylast=True)
     def register_metrics(self, registry: Any) -> None:
@@ -126,9 +129,9 @@ class SMTPTransport:
             return None
         process = self.process
         if process is not None and process.running() and process.ready:
-            if self._idle:
-                # the loop delivered while the helper started: its connections would only
-                # wait, each holding a place a remote server counts against us
+            if self._idle and not self._here:
+                # the loop delivered while the helper started, and is done: its connections
+                # would only wait, each holding a place a remote server counts against us
                 self._close_idle()
             try:
                 outcomes = await process.request((envelope, route, recipients), content_path)
@@ -143,6 +146,14 @@ class SMTPTransport:
             if outcomes is not None:
                 return outcomes
             # a request too large for the helper's channel: delivered here
+        self._here += 1
+        try:
+            return await self._deliver_here(envelope, route, recipients, content_path)
+        finally:
+            self._here -= 1
+
+    async def _deliver_here(self, envelope: Envelope, route: Route,
+                            recipients: list[RecipientState], content_path: str) -> list[Outcome]:
         addresses = [r.address for r in recipients]
         try:
             targets = await self.targets(route)
