@@ -4,7 +4,7 @@
         [--sessions 10,100] [--scenarios accept,relay,queue] [--warmup 500]
         [--allow-load] [--max-load 0.15] [--retries 1] [--syscalls] [--profile DIR]
         [--postconf NAME=VALUE] [--workers N] [--max-per-destination N]
-        [--transport-process] [--json FILE]
+        [--no-transport-process] [--json FILE]
 
 Needs root (Postfix's master daemon runs as root; its daemons run as ``postfix``),
 Debian's ``postfix`` package (``postfix``, ``smtp-source``, ``smtp-sink``), and for
@@ -27,7 +27,8 @@ there), sends ``--warmup`` unrecorded messages, then times ``--messages`` ones.
   ``[log] level = "info"``, metrics off, ``max_connections_per_ip = 2000`` (every
   session comes from 127.0.0.1), and for relaying ``[delivery.routes."*"] host =
   "127.0.0.1:SINK", tls = "none"``; everything else at its defaults (20 delivery
-  workers, 10 connections per destination, connections kept 10 s for reuse).
+  workers, 10 connections per destination, connections kept 10 s for reuse, the SMTP
+  transport in its helper process).
 * **Postfix**: ``master -d`` of Debian's Postfix with Debian's ``master.cf``
   (chroot off), ``relayhost = [127.0.0.1]:SINK``, DNS off, logging to a file
   through postlogd; everything else at Postfix's defaults (destination concurrency
@@ -291,8 +292,8 @@ class ElemtaServer:
             extra += f"\nworkers = {self.opts.workers}"
         if self.opts.max_per_destination is not None:
             extra += f"\nmax_per_destination = {self.opts.max_per_destination}"
-        if self.opts.transport_process:
-            extra += "\ntransport_process = true"
+        if not self.opts.transport_process:
+            extra += "\ntransport_process = false"
         self.config.write_text(ELEMTA_CONFIG.format(
             loop=self.opts.loop, port=self.port, log_level=self.opts.log_level,
             enabled="true" if delivery else "false", delivery_extra=extra,
@@ -907,8 +908,9 @@ def main() -> int:
     ap.add_argument("--workers", type=int, default=None, help="Elemta [delivery] workers")
     ap.add_argument("--max-per-destination", type=int, default=None,
                     help="Elemta [delivery] max_per_destination")
-    ap.add_argument("--transport-process", action="store_true",
-                    help="Elemta [delivery] transport_process = true")
+    ap.add_argument("--no-transport-process", dest="transport_process", action="store_false",
+                    help="Elemta [delivery] transport_process = false (the SMTP transport in "
+                         "the server's event loop)")
     ap.add_argument("--postconf", action="append", default=[], metavar="NAME=VALUE",
                     help="extra main.cf line for Postfix, e.g. "
                          "default_destination_concurrency_limit=10 (repeatable)")

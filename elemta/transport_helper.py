@@ -1,4 +1,5 @@
-"""``[delivery] transport_process``: the built-in SMTP transport in a helper process.
+"""``[delivery] transport_process`` (on by default): the built-in SMTP transport in a
+helper process.
 
 One event loop answers the SMTP sessions and runs the deliveries. At ten
 concurrent sessions it is idle a quarter of the time, yet each session
