@@ -98,19 +98,23 @@ async def test_deliveries_run_in_the_helper_and_its_log_lines_reach_the_server(
     assert not alive(pid) or open(f"/proc/{pid}/stat").read().split()[2] == "Z"
 
 
+def helper_instead(monkeypatch, tmp_path, source: str) -> None:
+    """Helper processes run ``main`` of this module source instead of their target."""
+    (tmp_path / "helper_instead.py").write_text(source)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    real = helper_process.HelperProcess.__init__
+
+    def instead(self, target, *args, **kwargs):
+        real(self, "helper_instead:main", *args, **kwargs)
+
+    monkeypatch.setattr(helper_process.HelperProcess, "__init__", instead)
+
+
 async def test_the_loop_delivers_until_the_helper_is_ready_and_after_it_dies(
         elemta_server, dns_server, caplog, monkeypatch, tmp_path):
     """A helper that never becomes ready (it exits at once) leaves the deliveries to the
     server's loop, and is started again less and less often."""
-    (tmp_path / "dies_at_once.py").write_text(
-        "def main(channel, init):\n    raise SystemExit(3)\n")
-    monkeypatch.syspath_prepend(str(tmp_path))
-    real = helper_process.HelperProcess.__init__
-
-    def dying(self, target, *args, **kwargs):
-        real(self, "dies_at_once:main", *args, **kwargs)
-
-    monkeypatch.setattr(helper_process.HelperProcess, "__init__", dying)
+    helper_instead(monkeypatch, tmp_path, "def main(channel, init):\n    raise SystemExit(3)\n")
     async with Sink() as sink:
         server = await relay_server(elemta_server, dns_server, sink)
         transport = smtp_transport(server)
@@ -135,20 +139,13 @@ async def test_the_loops_connections_are_closed_once_the_helper_delivers(
     helper takes over: a remote server never sees the loop's idle ones beside the
     helper's (``max_per_destination`` holds for the two together)."""
     flag = tmp_path / "go"
-    (tmp_path / "starts_late.py").write_text(
+    helper_instead(monkeypatch, tmp_path, (
         "import os, time\n"
         "def main(channel, init):\n"
         f"    while not os.path.exists({str(flag)!r}):\n"
         "        time.sleep(0.01)\n"
         "    from elemta.transport_helper import child_main\n"
-        "    child_main(channel, init)\n")
-    monkeypatch.syspath_prepend(str(tmp_path))
-    real = helper_process.HelperProcess.__init__
-
-    def late(self, target, *args, **kwargs):
-        real(self, "starts_late:main", *args, **kwargs)
-
-    monkeypatch.setattr(helper_process.HelperProcess, "__init__", late)
+        "    child_main(channel, init)\n"))
     async with Sink() as sink:
         server = await relay_server(elemta_server, dns_server, sink,
                                     idle_connection_seconds=60)
