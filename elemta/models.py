@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import copyreg
 import operator
 import os
 import threading
@@ -34,12 +35,16 @@ def pickled_by_position(cls: type[_T]) -> type[_T]:
     with one C call and builds the object again through ``__init__``. A
     delivery handed to the transport process pickles an envelope, its
     recipients and a route, and its outcomes come back pickled. Only for
-    dataclasses whose fields are all ``__init__`` parameters, in order.
+    dataclasses whose fields are all ``__init__`` parameters, in order; a
+    subclass (a plugin's, with fields of its own) pickles the usual way.
     """
     names = [f.name for f in fields(cls)]  # type: ignore[arg-type]
     values = operator.attrgetter(*names)
 
-    def __reduce__(self: Any) -> tuple[Any, tuple[Any, ...]]:
+    def __reduce__(self: Any) -> tuple[Any, ...]:
+        if type(self) is not cls:
+            # what object.__reduce_ex__ does for a class with __getstate__
+            return copyreg.__newobj__, (type(self),), self.__getstate__()
         got = values(self)
         return cls, (got if len(names) > 1 else (got,))
 

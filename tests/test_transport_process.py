@@ -8,6 +8,7 @@ the helper is a real second interpreter started by the server.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import signal
@@ -315,3 +316,35 @@ def test_the_helper_dies_with_the_server(tmp_path, start_server):
     finally:
         held.close()
         silent.close()
+
+
+def test_requests_and_outcomes_pickle_by_position_and_subclasses_keep_their_fields():
+    """What crosses the channel pickles as ``cls(*fields)``; a plugin's subclass, with a
+    field of its own, pickles whole and keeps its type; copies are equal."""
+    import copy
+    import pickle
+
+    from elemta import Outcome
+
+    env = Envelope(new_id(), "a@origin.example",
+                   [RecipientState("b@remote.example", {"NOTIFY": "NEVER"}, original="c@x")],
+                   1.5, 42, {"BODY": "8BITMIME"}, trace=[{"delay_notice": 1.0}])
+    route = Route("smtp", "remote.example", "mx.remote.example:2525", "verify", ("u", "p"))
+    outcome = Outcome("b@remote.example", 250, "2.0.0", "ok", "mx", relayed=True)
+    for obj in (env, env.recipients[0], route, outcome):
+        data = pickle.dumps(obj, pickle.HIGHEST_PROTOCOL)
+        assert obj.__reduce__()[0] is type(obj) and pickle.loads(data) == obj
+        assert copy.copy(obj) == obj and copy.deepcopy(obj) == obj
+    again = pickle.loads(pickle.dumps(env))
+    assert again.recipients[0] is not env.recipients[0] and again.trace == env.trace
+
+    tagged = TaggedRoute("smtp", "remote.example", tag="vip")
+    back = pickle.loads(pickle.dumps(tagged))
+    assert type(back) is TaggedRoute and back == tagged and back.tag == "vip"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class TaggedRoute(Route):
+    """A plugin's route with a field of its own."""
+
+    tag: str = ""
