@@ -526,6 +526,39 @@ async def test_load_and_iter_envelopes(spool: Spool) -> None:
         list(spool.iter_envelopes("active"))
 
 
+def test_envelopes_round_trip_what_plugins_put_in_them() -> None:
+    """orjson writes and reads envelopes; what it refuses goes through the standard
+    library, and reads back the same: a lone surrogate (octets a plugin decoded with
+    surrogateescape), ints past 64 bits; keys that are not strings come back as strings,
+    NaN as null."""
+    plain = Envelope(new_id(), "a@origin.example",
+                     [RecipientState("b@remote.example", {"NOTIFY": "SUCCESS,DELAY"})],
+                     1_765_000_000.25, 4096, {"BODY": "8BITMIME"},
+                     {"ip": "192.0.2.1", "port": 25}, "client.example", "mx",
+                     {"version": "TLSv1.3", "cipher": "TLS_AES_128_GCM_SHA256", "bits": 128,
+                      "implicit": False}, trace=[{"rbl": "clean"}])
+    raw = plain.to_json()
+    assert json.loads(raw)["version"] == 1 and b" " not in raw.replace(b"SUCCESS,DELAY", b"")
+    assert Envelope.from_json(raw) == plain == Envelope.from_json(raw.decode())
+
+    odd = Envelope(new_id(), "a@origin.example",
+                   [RecipientState("b@remote.example", last_error="451 Tempor\udce4r")],
+                   1.0, 10, hold_reason="held by \udcff", trace=[{"count": 2**70}])
+    raw = odd.to_json()
+    assert b"Tempor\xe4r" in raw  # the octet, as the server received it
+    assert Envelope.from_json(raw) == odd
+
+    keyed = Envelope(new_id(), "a@origin.example", [RecipientState("b@remote.example")],
+                     1.0, 10, trace=[{1: "one"}])
+    assert Envelope.from_json(keyed.to_json()).trace == [{"1": "one"}]
+    nan = Envelope(new_id(), "a@origin.example", [RecipientState("b@remote.example")],
+                   1.0, 10, trace=[{"ratio": float("nan")}])
+    assert Envelope.from_json(nan.to_json()).trace == [{"ratio": None}]  # JSON has no NaN
+
+    with pytest.raises(ValueError):
+        Envelope.from_json(b'{"id": "x", "recipients": [')
+
+
 # ------------------------------------------------------------------ recovery
 
 

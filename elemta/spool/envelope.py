@@ -11,6 +11,8 @@ import os
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from orjson import dumps as _dumps, loads as _loads
+
 from ..models import pickled_by_position
 
 FORMAT_VERSION = 1
@@ -59,11 +61,22 @@ class Envelope:
         d["recipients"] = [{name: getattr(r, name) for name in _RECIPIENT_FIELDS}
                            for r in self.recipients]
         d["version"] = FORMAT_VERSION
-        return _ENCODE(d).encode("utf-8", "surrogateescape")
+        try:
+            return _dumps(d)
+        except TypeError:
+            # orjson refuses a lone surrogate (octets a plugin decoded with
+            # surrogateescape), which is written back as those octets; and ints past 64 bits
+            return _ENCODE(d).encode("utf-8", "surrogateescape")
 
     @classmethod
     def from_json(cls, raw: bytes | str) -> "Envelope":
-        d = json.loads(raw)
+        try:
+            d = _loads(raw)
+        except ValueError:
+            # what orjson refuses and the standard library reads: octets that are not
+            # UTF-8 (written from a lone surrogate, as above), NaN, ints past 64 bits
+            d = json.loads(raw.decode("utf-8", "surrogateescape")
+                           if isinstance(raw, bytes) else raw)
         version = d.pop("version", None)
         if version != FORMAT_VERSION:
             raise ValueError(f"unsupported envelope format version {version!r}")
