@@ -64,8 +64,9 @@ class Envelope:
         try:
             return _dumps(d)
         except TypeError:
-            # orjson refuses a lone surrogate (octets a plugin decoded with
-            # surrogateescape), which is written back as those octets; and ints past 64 bits
+            # what orjson refuses: a lone surrogate (octets a plugin decoded with
+            # surrogateescape, written back as those octets), keys that are not strings,
+            # ints past 64 bits
             return _ENCODE(d).encode("utf-8", "surrogateescape")
 
     @classmethod
