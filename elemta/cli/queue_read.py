@@ -24,7 +24,7 @@ from rich.text import Text
 
 from .. import control
 from ..config import Settings
-from ..spool.envelope import PENDING, STATES
+from ..spool.envelope import PENDING, STATES, envelope_json
 from ..spool.incoming import HEADER_CAP_BYTES
 from ..spool.layout import Layout
 from . import output
@@ -47,7 +47,6 @@ def scan(root: Path, states: Iterable[str] = STATES,
     needs. With ``needle`` (lower-case ASCII), a file whose bytes do not
     contain it is not parsed at all.
     """
-    loads = json.loads
     layout = Layout(root)
     for state in states:
         for queue_id in layout.ids_in(state):
@@ -57,7 +56,7 @@ def scan(root: Path, states: Iterable[str] = STATES,
             if needle is not None and needle not in raw.lower():
                 continue
             try:
-                env = loads(raw.decode("utf-8", "surrogateescape"))
+                env = envelope_json(raw)
                 if not (type(env) is dict and "id" in env and "recipients" in env
                         and "received_at" in env):
                     continue
@@ -254,7 +253,7 @@ def show_message(queue_id: str, as_json: bool) -> None:
     except ValueError as e:
         raise click.ClickException(f"message {queue_id}: unreadable envelope: {e}") from None
     if as_json:
-        output.write(json.dumps({"state": state, "envelope": json.loads(env.to_json())},
+        output.write(json.dumps({"state": state, "envelope": envelope_json(env.to_json())},
                           ensure_ascii=False, indent=1) + "\n")
         return
     now = time.time()

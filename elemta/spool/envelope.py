@@ -71,13 +71,7 @@ class Envelope:
 
     @classmethod
     def from_json(cls, raw: bytes | str) -> "Envelope":
-        try:
-            d = _loads(raw)
-        except ValueError:
-            # what orjson refuses and the standard library reads: octets that are not
-            # UTF-8 (written from a lone surrogate, as above), NaN, ints past 64 bits
-            d = json.loads(raw.decode("utf-8", "surrogateescape")
-                           if isinstance(raw, bytes) else raw)
+        d = envelope_json(raw)
         version = d.pop("version", None)
         if version != FORMAT_VERSION:
             raise ValueError(f"unsupported envelope format version {version!r}")
@@ -92,6 +86,21 @@ _ENVELOPE_FIELDS = tuple(f.name for f in fields(Envelope))
 _RECIPIENT_FIELDS = tuple(f.name for f in fields(RecipientState))
 # one encoder: json.dumps with options builds a new JSONEncoder on every call
 _ENCODE = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+
+
+def envelope_json(raw: bytes | str) -> Any:
+    """The JSON value of an envelope file (a dict, unless the file is not an envelope);
+    ``ValueError`` when it is not JSON.
+
+    Read by orjson; what it refuses, by the standard library: octets that are not UTF-8
+    (:meth:`Envelope.to_json` writes a lone surrogate back as the octet it stood for; they
+    are decoded with ``surrogateescape`` again), NaN, ints past 64 bits.
+    """
+    try:
+        return _loads(raw)
+    except ValueError:
+        return json.loads(raw.decode("utf-8", "surrogateescape")
+                          if isinstance(raw, bytes) else raw)
 
 
 _READ_CHUNK = 1 << 16
