@@ -145,7 +145,7 @@ class HookCaller:
             # inline: this is every SMTP stage, several times per message
             for impl in self._cache.get(hook) or self.impls(hook):
                 result = self._call_sync(hook, impl, kwargs)
-                if impl.is_async or (result is not None and inspect.isawaitable(result)):
+                if impl.is_async or _awaitable(result):
                     result = await self._await(hook, impl, result)
                 if result is None:
                     continue
@@ -237,8 +237,7 @@ class HookCaller:
         except Exception as e:
             raise self._raised(hook, impl, e) from e
         finally:
-            # (isawaitable(None) goes as far as an ABC check: most calls answer None)
-            if impl.observe is not None and (result is None or not inspect.isawaitable(result)):
+            if impl.observe is not None and not _awaitable(result):
                 impl.observe(time.perf_counter() - start)
 
     async def _await(self, hook: str, impl: Impl, awaitable: Any) -> Any:
@@ -262,7 +261,7 @@ class HookCaller:
 
     async def _call(self, hook: str, impl: Impl, kwargs: dict[str, Any]) -> Any:
         result = self._call_sync(hook, impl, kwargs)
-        if impl.is_async or (result is not None and inspect.isawaitable(result)):
+        if impl.is_async or _awaitable(result):
             return await self._await(hook, impl, result)
         return result
 
@@ -344,3 +343,9 @@ class Deadlines:
             limit.fired = True
             limit.task.cancel()
         self._timer = self._loop.call_later(self.TICK, self._sweep) if self._limits else None
+
+
+def _awaitable(result: Any) -> bool:
+    """``inspect.isawaitable``, answered at once for ``None`` (most hook calls' answer),
+    for which it would go as far as an ABC check."""
+    return result is not None and inspect.isawaitable(result)
